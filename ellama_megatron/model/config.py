@@ -1,0 +1,76 @@
+"""The Llama 3.1 architecture as data: one dataclass, filled from conf/model/<preset>.yaml.
+
+Everything that needs a dimension (engine, converter, planner, exporter) reads it from here, so
+conf/model/*.yaml stay the single source of each number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ellama_megatron import CONF_DIR
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    name: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    rotary_base: float
+    rope_scaling_factor: float | None
+    norm_epsilon: float
+    tie_word_embeddings: bool
+    init_method_std: float
+    bos_token_id: int
+    eos_token_id: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "LlamaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        missing = sorted(names - set(d))
+        if unknown or missing:
+            raise ValueError(
+                f"{source}: model config does not match LlamaConfig: "
+                f"unknown keys {unknown}, missing keys {missing}; see conf/model/llama31_8b.yaml"
+            )
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def num_parameters(self) -> int:
+        """Exact parameter count (no vocab padding)."""
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.num_query_groups * self.kv_channels
+        per_layer = h * (q + kv) + q * h + 3 * h * f + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + h
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str | Path) -> LlamaConfig:
+    """A preset name from conf/model (``llama31_8b``) or a path to such a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONF_DIR / "model" / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ValueError(
+                f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}"
+            )
+    with open(path) as f:
+        return LlamaConfig.from_dict(yaml.safe_load(f), source=str(path))
