@@ -1,0 +1,211 @@
+"""The one place where our Hydra config becomes Megatron-LM command-line arguments.
+
+Everything Megatron's loop does (schedules, checkpoint format, logging) is driven by its own
+arguments; we only translate. Derived numbers (iterations from a token budget) are computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ellama_megatron.model.config import LlamaConfig
+
+# Megatron pads the vocab to a multiple of this x TP (Llama's 128256 = 1002 x 128).
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
+def train_iterations(cfg) -> int:
+    """Iterations that spend ``train.train_tokens`` (rounded up to whole steps)."""
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+    return max(1, math.ceil(float(cfg.train.train_tokens) / tokens_per_step))
+
+
+def world_size(cfg) -> int:
+    return int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
+
+
+def data_parallel_size(cfg) -> int:
+    p = cfg.parallel
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    return world_size(cfg) // mp
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(cfg.run_dir) / "checkpoints"
+
+
+def on_cpu(cfg) -> bool:
+    return cfg.cluster.accelerator == "cpu"
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    """``--name value``, a bare ``--name`` for True, nothing for False/None."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [f"--{name}"]
+    return [f"--{name}", str(value)]
+
+
+def model_args(m: LlamaConfig) -> list[str]:
+    args = [
+        "--num-layers", m.num_layers,
+        "--hidden-size", m.hidden_size,
+        "--ffn-hidden-size", m.ffn_hidden_size,
+        "--num-attention-heads", m.num_attention_heads,
+        "--group-query-attention",
+        "--num-query-groups", m.num_query_groups,
+        "--kv-channels", m.kv_channels,
+        "--max-position-embeddings", m.max_position_embeddings,
+        "--position-embedding-type", "rope",
+        "--rotary-base", int(m.rotary_base),
+        "--normalization", "RMSNorm",
+        "--norm-epsilon", m.norm_epsilon,
+        "--swiglu",
+        "--disable-bias-linear",
+        "--attention-dropout", 0.0,
+        "--hidden-dropout", 0.0,
+        "--init-method-std", m.init_method_std,
+        # The datasets already hold token ids: Megatron only needs the vocab size and the EOD id.
+        "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", m.vocab_size,
+        "--null-tokenizer-eod-id", m.eos_token_id,
+        "--make-vocab-size-divisible-by", MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+    ]
+    if m.rope_scaling_factor is not None:
+        args += ["--use-rope-scaling", "--rope-scaling-factor", m.rope_scaling_factor]
+    if not m.tie_word_embeddings:
+        args += ["--untie-embeddings-and-output-weights"]
+    return args
+
+
+def parallel_args(cfg) -> list[str]:
+    p = cfg.parallel
+    args = [
+        "--tensor-model-parallel-size", p.tensor_model_parallel_size,
+        "--pipeline-model-parallel-size", p.pipeline_model_parallel_size,
+        "--context-parallel-size", p.context_parallel_size,
+    ]
+    args += _flag("num-layers-per-virtual-pipeline-stage", _layers_per_virtual_stage(cfg))
+    args += _flag("sequence-parallel", bool(p.sequence_parallel) and p.tensor_model_parallel_size > 1)
+    args += _flag("use-distributed-optimizer", bool(p.use_distributed_optimizer))
+    if p.recompute_granularity:
+        args += ["--recompute-granularity", p.recompute_granularity]
+        if p.recompute_granularity == "full":
+            args += ["--recompute-method", "uniform", "--recompute-num-layers", p.recompute_num_layers or 1]
+    if not on_cpu(cfg) and p.use_distributed_optimizer:
+        args += ["--overlap-grad-reduce", "--overlap-param-gather"]
+    return args
+
+
+def _layers_per_virtual_stage(cfg) -> int | None:
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if not vp:
+        return None
+    return cfg.model.num_layers // (cfg.parallel.pipeline_model_parallel_size * vp)
+
+
+def train_args(cfg) -> list[str]:
+    t, o = cfg.train, cfg.optim
+    iters = train_iterations(cfg)
+    args = [
+        "--seq-length", t.seq_length,
+        "--micro-batch-size", t.micro_batch_size,
+        "--global-batch-size", t.global_batch_size,
+        "--train-iters", iters,
+        "--seed", t.seed,
+        "--lr", o.lr,
+        "--min-lr", o.min_lr,
+        "--lr-decay-style", o.lr_decay_style,
+        "--lr-decay-iters", iters,
+        "--lr-warmup-iters", int(round(float(o.lr_warmup_fraction) * iters)),
+        "--adam-beta1", o.adam_beta1,
+        "--adam-beta2", o.adam_beta2,
+        "--adam-eps", o.adam_eps,
+        "--weight-decay", o.weight_decay,
+        "--clip-grad", o.clip_grad,
+        # Per-domain validation: one full pass over each domain's held-out set, logged by name.
+        "--eval-interval", t.eval_interval,
+        "--eval-iters", t.eval_iters,
+        "--full-validation",
+        "--multiple-validation-sets",
+        "--log-interval", t.log_interval,
+    ]
+    args += _flag("exit-interval", t.exit_interval)
+    args += _flag("exit-duration-in-mins", t.exit_duration_in_mins)
+    if not on_cpu(cfg) and o.precision == "bf16":
+        args += ["--bf16"]
+    return args
+
+
+def checkpoint_args(cfg) -> list[str]:
+    c = cfg.checkpoint
+    ckpt = checkpoint_dir(cfg)
+    args = [
+        # Same folder for save and load: a relaunch resumes whatever the run saved last.
+        "--save", ckpt,
+        "--load", ckpt,
+        "--save-interval", c.save_interval,
+        "--ckpt-format", c.format,
+        # SIGTERM (Slurm preemption, scancel) -> save a checkpoint and exit cleanly.
+        "--exit-signal-handler",
+    ]
+    if c.init_from:
+        # Used only while ${run_dir}/checkpoints is empty: weights only, iteration 0.
+        args += ["--pretrained-checkpoint", c.init_from]
+    args += _flag("no-save-optim", not c.save_optim)
+    args += _flag("async-save", bool(c.async_save) and not on_cpu(cfg))
+    return args
+
+
+def logging_args(cfg) -> list[str]:
+    lg = cfg.logging
+    args = ["--log-validation-ppl-to-tensorboard", "--log-timers-to-tensorboard"]
+    if lg.tensorboard:
+        args += ["--tensorboard-dir", Path(cfg.run_dir) / "tensorboard"]
+    if lg.log_throughput:
+        args += ["--log-throughput"]
+    if lg.log_memory and not on_cpu(cfg):
+        args += ["--log-memory-to-tensorboard"]
+    if lg.wandb_project:
+        args += ["--wandb-project", lg.wandb_project, "--wandb-exp-name", cfg.run_name,
+                 "--wandb-save-dir", Path(cfg.run_dir) / "wandb"]
+        args += _flag("wandb-entity", lg.wandb_entity)
+    return args
+
+
+def runtime_args(cfg, transformer_impl: str) -> list[str]:
+    args = ["--transformer-impl", transformer_impl]
+    if on_cpu(cfg):
+        args += [
+            "--distributed-backend", "gloo",
+            "--use-cpu-initialization",
+            "--no-gradient-accumulation-fusion",
+            "--no-masked-softmax-fusion",
+            "--no-bias-swiglu-fusion",
+            "--no-bias-dropout-fusion",
+            "--no-rope-fusion",
+            "--no-persist-layer-norm",
+            # The CPU has no CUDA RNG: a plain tracker, and no CUDA RNG state to restore on resume.
+            "--inference-rng-tracker",
+            "--no-load-rng",
+            "--num-workers", 0,
+        ]
+    else:
+        args += ["--distributed-backend", "nccl", "--num-workers", 2]
+    return args
+
+
+def megatron_argv(cfg, model: LlamaConfig, transformer_impl: str) -> list[str]:
+    """The complete Megatron argument list for one resolved config."""
+    argv = (
+        model_args(model)
+        + parallel_args(cfg)
+        + train_args(cfg)
+        + checkpoint_args(cfg)
+        + logging_args(cfg)
+        + runtime_args(cfg, transformer_impl)
+    )
+    return [str(a) for a in argv]

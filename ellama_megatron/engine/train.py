@@ -1,0 +1,84 @@
+"""One training rank: ``python -m ellama_megatron.engine.train --config RUN_DIR/config.yaml``.
+
+torchrun (local) or srun (Slurm) starts one of these per GPU (per CPU process on a laptop). The
+resolved config was validated and written by recipes/cpt.py; this only translates it into
+Megatron's arguments and hands over to ``megatron.training.pretrain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+DONE_FILE = "done.json"  # in run_dir once the token budget is spent; Slurm must not requeue then
+
+
+def slurm_env_to_torch() -> None:
+    """Under srun each task is a rank: expose Slurm's ids under the names torch.distributed reads."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def run(cfg) -> None:
+    from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
+    from ellama_megatron.engine.forward_step import forward_step
+    from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu, train_iterations
+    from ellama_megatron.model.config import LlamaConfig
+    from ellama_megatron.model.provider import megatron_model_provider, resolve_impl
+    from ellama_megatron.runtime.cpu import apply_cpu_runtime, fix_compile_helpers
+
+    model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), "config.model")
+    transformer_impl, attention = resolve_impl(cfg.impl.transformer, cfg.impl.attention)
+    if on_cpu(cfg):
+        apply_cpu_runtime()
+    else:
+        fix_compile_helpers()
+
+    blend = resolve_blend(cfg.data, cfg.train.train_tokens, cfg.train.seq_length)
+    argv = megatron_argv(cfg, model, transformer_impl)
+    argv += ["--validation-set-names", *blend["valid"].keys()]
+    sys.argv = [sys.argv[0], *argv]
+
+    from megatron.core.enums import ModelType
+    from megatron.training import training
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args()
+    container = pretrain_cfg_container_from_args(args)
+    cache = Path(cfg.run_dir) / "dataset_cache"
+    training.pretrain(
+        container,
+        datasets_provider(blend, model.eos_token_id, model.vocab_size, cache),
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=megatron_model_provider(model, attention),
+    )
+    from megatron.training import get_args
+
+    args = get_args()
+    if args.rank == 0 and args.iteration >= train_iterations(cfg):
+        (Path(cfg.run_dir) / DONE_FILE).write_text(json.dumps({"iteration": args.iteration}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="One Megatron training rank of an ellama-megatron run. Started by torchrun "
+        "(recipes/cpt.py) or srun (slurm/launch.sh); not meant to be run by hand."
+    )
+    parser.add_argument("--config", required=True, help="resolved config written by recipes/cpt.py")
+    opts = parser.parse_args(argv)
+    slurm_env_to_torch()
+    run(OmegaConf.load(opts.config))
+
+
+if __name__ == "__main__":  # the checkpoint writer spawns processes: keep the guard (FACTS.md)
+    main()
