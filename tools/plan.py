@@ -1,0 +1,74 @@
+"""Estimate per-GPU memory and model FLOPs of a training layout, and refuse layouts that do not fit.
+
+    python tools/plan.py model=llama31_70b parallel=llama31_70b_480 optim=cpt_70b train=paper cluster=slurm_h100
+    python tools/plan.py --list-layouts model=llama31_70b train=paper cluster=slurm_h100 cluster.nodes=60
+    python tools/plan.py --json model=llama31_8b parallel=llama31_8b_node train=paper cluster=slurm_h100
+
+Arguments after the options are Hydra overrides of conf/config.yaml, as for recipes/cpt.py
+(`+plan.list_layouts=true` is the same as --list-layouts). Exit status: 0 the layout fits,
+1 it does not fit the GPU (cluster.gpu_memory_gb), 2 the config is invalid.
+Formulas: docs/planner.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ellama_megatron import CONF_DIR
+from ellama_megatron.plan import LayoutError, check_fits, enumerate_layouts
+from ellama_megatron.plan.check import model_from_cfg, report_for
+from ellama_megatron.plan.layouts import _get, layout_from_cfg
+
+
+def list_layouts(cfg) -> int:
+    model = model_from_cfg(cfg)
+    base = layout_from_cfg(cfg)
+    limit = _get(cfg, "cluster.gpu_memory_gb")
+    reports = sorted(
+        (report_for(model, layout, limit) for layout in enumerate_layouts(base, model)),
+        key=lambda r: (not r.fits, r.layout.tp * r.layout.pp * r.layout.cp, r.memory.total),
+    )
+    print(f"{model.name} on {base.nodes} nodes x {base.procs_per_node} = {base.world_size} GPUs, "
+          f"micro/global batch {base.micro_batch_size}/{base.global_batch_size}, seq {base.seq_length}, "
+          f"recompute {base.recompute}")
+    print(f"{'layout':<24} {'accum':>5} {'GiB/GPU':>8}  fits {limit or '-'} GB")
+    for r in reports:
+        print(f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  {'yes' if r.fits else 'no'}")
+    fitting = sum(r.fits for r in reports)
+    print(f"{fitting} of {len(reports)} valid layouts fit")
+    return 0 if fitting else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list-layouts", action="store_true", help="list every valid TP/PP/CP layout for the node count, with memory")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/config.yaml (model=..., parallel=..., cluster.nodes=...)")
+    args = parser.parse_args(argv)
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=args.overrides)
+    except Exception as exc:  # Hydra's own message names the override that failed
+        print(f"tools/plan.py: bad override: {exc}", file=sys.stderr)
+        return 2
+    if args.list_layouts or OmegaConf.select(cfg, "plan.list_layouts", default=False):
+        return list_layouts(cfg)
+    try:
+        report = check_fits(cfg)
+    except LayoutError as exc:
+        print(f"tools/plan.py: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    if not report.fits:
+        print(f"REFUSED: {report.refusal()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
