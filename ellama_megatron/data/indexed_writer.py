@@ -1,0 +1,207 @@
+"""One work unit -> raw token parts per split; parts -> the final Megatron indexed dataset.
+
+Workers write each part as the .bin payload (token ids in the dataset's dtype, each document
+followed by EOD) plus the documents' lengths. The main process hands the parts, in input order,
+to Megatron's own ``IndexedDatasetBuilder``, which writes the .idx: one sequence per document,
+exactly what Megatron-LM's tools/preprocess_data.py writes for the same ids (``--append-eod``,
+no sentence splitting). The result does not depend on the number of workers.
+
+Workers never import Megatron-Core (seconds of import time per process, for nothing).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy
+
+from ellama_megatron.data.readers import RawRecord, WorkUnit, read_unit
+from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
+from ellama_megatron.data.validation_split import is_validation
+
+SPLITS = ("train", "valid")
+MAX_EXAMPLES_PER_UNIT = 20
+
+
+class BadRecordError(ValueError):
+    """A bad record in --strict mode: names file, line and reason."""
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    tokens: int = 0  # including one EOD per document
+    text_bytes: int = 0  # UTF-8 bytes of the serialized text
+    languages: dict = field(default_factory=dict)  # language -> {"documents": n, "tokens": n}
+
+    def add(self, language: str, tokens: int, text_bytes: int) -> None:
+        self.documents += 1
+        self.tokens += tokens
+        self.text_bytes += text_bytes
+        entry = self.languages.setdefault(language, {"documents": 0, "tokens": 0})
+        entry["documents"] += 1
+        entry["tokens"] += tokens
+
+    def merge(self, other: "SplitStats") -> None:
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.text_bytes += other.text_bytes
+        for lang, e in other.languages.items():
+            mine = self.languages.setdefault(lang, {"documents": 0, "tokens": 0})
+            mine["documents"] += e["documents"]
+            mine["tokens"] += e["tokens"]
+
+    def to_dict(self) -> dict:
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "text_bytes": self.text_bytes,
+            "languages": dict(sorted(self.languages.items())),
+        }
+
+
+@dataclass
+class UnitResult:
+    unit: WorkUnit
+    records: int = 0  # records read, good and bad
+    splits: dict = field(default_factory=lambda: {s: SplitStats() for s in SPLITS})
+    skipped: Counter = field(default_factory=Counter)  # reason kind -> count
+    examples: list = field(default_factory=list)  # [{"file", "location", "reason"}], first few
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Everything a worker needs besides the unit; small and picklable (the tokenizer is sent once)."""
+
+    serializer: RecordSerializer
+    valid_fraction: float
+    eos_id: int
+    dtype: type
+    batch_docs: int = 1000
+    strict: bool = False
+
+
+_BACKENDS: dict = {}
+
+
+def install_tokenizer(backend_json: str) -> None:
+    """Build the Rust tokenizer once per process (pool initializer, or the main process)."""
+    from tokenizers import Tokenizer
+
+    _BACKENDS["tokenizer"] = Tokenizer.from_str(backend_json)
+
+
+def worker_init(backend_json: str, rayon_threads: int) -> None:
+    # Several worker processes each with a Rust thread per core would oversubscribe the CPU.
+    os.environ["RAYON_NUM_THREADS"] = str(rayon_threads)
+    install_tokenizer(backend_json)
+
+
+def _encode(texts: list[str]) -> list:
+    tok = _BACKENDS["tokenizer"]
+    fast = getattr(tok, "encode_batch_fast", None)  # skips offsets, which we do not need
+    return (fast or tok.encode_batch)(texts, add_special_tokens=True)
+
+
+def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
+    """Read, serialize, split and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
+    result = UnitResult(unit)
+    token_files = {s: open(f"{part_prefix}_{s}.tokens", "wb") for s in SPLITS}
+    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+    batch: list[tuple[RawRecord, str, str, str]] = []  # (raw, text, language, split)
+
+    def bad(raw: RawRecord, reason: str) -> None:
+        if job.strict:
+            raise BadRecordError(f"{raw.path}, {raw.location}: {reason} (--strict stops at the first bad record)")
+        result.skipped[reason.split(" (")[0]] += 1
+        if len(result.examples) < MAX_EXAMPLES_PER_UNIT:
+            result.examples.append({"file": raw.path, "location": raw.location, "reason": reason})
+
+    def write(items, encodings) -> None:
+        docs = {s: [] for s in SPLITS}
+        for (raw, text, language, split), enc in zip(items, encodings):
+            ids = enc.ids
+            if not ids:
+                bad(raw, "no tokens")
+                continue
+            docs[split].append(ids)
+            result.splits[split].add(language, len(ids) + 1, len(text.encode("utf-8")))
+        for split, id_lists in docs.items():
+            if not id_lists:
+                continue
+            sizes = [len(ids) + 1 for ids in id_lists]
+            buf = numpy.empty(sum(sizes), dtype=job.dtype)
+            pos = 0
+            for ids, size in zip(id_lists, sizes):
+                buf[pos : pos + size - 1] = ids
+                buf[pos + size - 1] = job.eos_id
+                pos += size
+            token_files[split].write(buf.tobytes(order="C"))
+            lengths[split].extend(sizes)
+
+    def flush() -> None:
+        if not batch:
+            return
+        try:
+            encodings = _encode([t for _, t, _, _ in batch])
+        except Exception:  # noqa: BLE001 - one untokenizable text (e.g. a lone surrogate) fails the batch
+            for item in batch:
+                try:
+                    encodings = _encode([item[1]])
+                except Exception as e:  # noqa: BLE001
+                    bad(item[0], f"cannot be tokenized ({e})")
+                else:
+                    write([item], encodings)
+        else:
+            write(batch, encodings)
+        batch.clear()
+
+    try:
+        for raw in read_unit(unit):
+            result.records += 1
+            if raw.error is not None:
+                bad(raw, raw.error)
+                continue
+            try:
+                text = serialize(raw.record, job.serializer.template)
+            except MissingField as e:
+                bad(raw, f"missing field '{e.args[0]}' (template {job.serializer.template.name})")
+                continue
+            if not text.strip():
+                bad(raw, "empty document")
+                continue
+            key = job.serializer.split_key(raw.record, text)
+            split = "valid" if is_validation(key, job.valid_fraction) else "train"
+            batch.append((raw, text, job.serializer.language(raw.record), split))
+            if len(batch) >= job.batch_docs:
+                flush()
+        flush()
+    finally:
+        for f in token_files.values():
+            f.close()
+    for s in SPLITS:
+        numpy.save(f"{part_prefix}_{s}.lengths.npy", numpy.asarray(lengths[s], dtype=numpy.int64))
+    return result
+
+
+def merge_parts(part_prefixes: list[str], out_prefix: str, dtype: type) -> None:
+    """Write ``out_prefix``.bin/.idx with Megatron's IndexedDatasetBuilder from raw parts, in order.
+
+    Equivalent to ``builder.add_document(doc, [len(doc)])`` for every document (what Megatron-LM's
+    preprocess_data does), with the payload copied a part at a time instead of a document at a time.
+    """
+    import shutil
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    builder = IndexedDatasetBuilder(get_bin_path(out_prefix), dtype=dtype)
+    for prefix in part_prefixes:
+        with open(f"{prefix}.tokens", "rb") as f:
+            shutil.copyfileobj(f, builder.data_file, 16 << 20)
+        sizes = numpy.load(f"{prefix}.lengths.npy").tolist()
+        base = len(builder.sequence_lengths)
+        builder.sequence_lengths.extend(sizes)
+        builder.document_indices.extend(range(base + 1, base + len(sizes) + 1))
+    builder.finalize(get_idx_path(out_prefix))

@@ -1,0 +1,82 @@
+"""The manifest written beside every preprocessed source: what is in its datasets and how they
+were made. tools/plan_blend.py plans from manifests alone (no dataset is opened).
+
+Layout for ``--output-prefix data/listings``::
+
+    data/listings_train.bin / .idx     training documents
+    data/listings_valid.bin / .idx     held-out documents (when --valid-fraction > 0)
+    data/listings.manifest.json        this file, written last: its presence means "complete"
+
+Prefixes inside the manifest are relative to the manifest's folder, so the folder can be moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST_FORMAT = "ellama-megatron/manifest/v1"
+
+
+class ManifestError(ValueError):
+    """A missing or unusable manifest; the message says which file and what to do."""
+
+
+def manifest_path(output_prefix: str | Path) -> Path:
+    return Path(f"{output_prefix}.manifest.json")
+
+
+def split_prefix(output_prefix: str | Path, split: str) -> str:
+    return f"{output_prefix}_{split}"
+
+
+def output_files(output_prefix: str | Path) -> list[Path]:
+    """Every file a preprocessing run creates for ``output_prefix``."""
+    files = [manifest_path(output_prefix)]
+    for split in ("train", "valid"):
+        files += [Path(split_prefix(output_prefix, split) + ext) for ext in (".bin", ".idx")]
+    return files
+
+
+def file_sha256(path: str | Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write under a temporary name and rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Load and check a manifest. Raises ManifestError naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(
+            f"manifest {path} not found: preprocess that source first "
+            f"(python tools/preprocess_data.py --output-prefix {str(path).removesuffix('.manifest.json')} ...)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"manifest {path} is unreadable ({e}); re-run tools/preprocess_data.py for it") from e
+    if manifest.get("format") != MANIFEST_FORMAT or "splits" not in manifest:
+        raise ManifestError(f"{path} is not an ellama-megatron manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def dataset_prefix(path: str | Path, manifest: dict, split: str) -> str | None:
+    """The Megatron prefix of ``split`` (relative to the current folder when ``path`` is), or None
+    when the split is absent or empty."""
+    entry = manifest["splits"].get(split)
+    if not entry or entry.get("documents", 0) == 0:
+        return None
+    return os.path.join(os.path.dirname(str(path)), entry["prefix"])

@@ -1,0 +1,197 @@
+"""Corpus files -> Megatron indexed datasets (train and validation) plus a manifest.
+
+Order of work: every check that can fail cheaply (outputs, tokenizer, inputs readable, template
+fits the data) runs before any tokenization. Then work units are encoded in parallel, each into
+its own partial dataset inside a temporary folder beside the output; the parts are merged in
+input order, renamed into place, and the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ellama_megatron.data import indexed_writer
+from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, encode_unit, merge_parts
+from ellama_megatron.data.manifest import (
+    MANIFEST_FORMAT,
+    file_sha256,
+    manifest_path,
+    output_files,
+    split_prefix,
+    write_json_atomic,
+)
+from ellama_megatron.data.readers import InputError, check_readable, expand_inputs, plan_units, read_unit
+from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
+from ellama_megatron.data.tokenizer_folder import load_tokenizer_folder
+
+MAX_EXAMPLES = 100
+PREFLIGHT_RECORDS = 100
+
+
+@dataclass
+class PreprocessOptions:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer_dir: str
+    serializer: RecordSerializer
+    source: str | None = None  # name recorded in the manifest; default: the prefix's file name
+    valid_fraction: float = 0.0
+    workers: int = 1
+    shard_bytes: int = 64 << 20  # plain JSONL and Parquet inputs are cut into units of about this size
+    batch_docs: int = 1000
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _check_outputs(opts: PreprocessOptions) -> None:
+    out_dir = Path(opts.output_prefix).parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output-prefix {opts.output_prefix}: {out_dir} is not a folder")
+    existing = [str(p) for p in output_files(opts.output_prefix) if p.exists()]
+    if existing and not opts.overwrite:
+        raise InputError(
+            f"--output-prefix {opts.output_prefix}: output exists ({', '.join(existing)}). "
+            "Choose another prefix or pass --overwrite."
+        )
+
+
+def _preflight(units, serializer: RecordSerializer) -> None:
+    """Fail fast when the template fits none of the first records (wrong template or key names)."""
+    reasons: Counter = Counter()
+    keys: set = set()
+    seen = 0
+    for raw in read_unit(units[0]):
+        seen += 1
+        if raw.record is not None:
+            keys.update(raw.record)
+            try:
+                if serialize(raw.record, serializer.template).strip():
+                    return
+                reasons["empty document"] += 1
+            except MissingField as e:
+                reasons[f"missing field '{e.args[0]}'"] += 1
+        else:
+            reasons[raw.error.split(" (")[0]] += 1
+        if seen >= PREFLIGHT_RECORDS:
+            break
+    if seen == 0:
+        return  # an empty first file is reported by the summary, not an error
+    raise InputError(
+        f"{units[0].path}: none of the first {seen} records fits template '{serializer.template.name}' "
+        f"({dict(reasons)}); keys seen: {sorted(keys)}. Pick the right --template or --text-key."
+    )
+
+
+def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers: int, progress: bool):
+    parts = [os.path.join(tmp_dir, f"part{i:05d}") for i in range(len(units))]
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    results = []
+    if workers <= 1:
+        indexed_writer.install_tokenizer(tokenizer_json)
+        for unit, part in zip(units, parts):
+            results.append(encode_unit(job, unit, part))
+            bar.update(unit.size)
+    else:
+        # spawn: the Rust tokenizer's thread pool does not survive fork.
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ctx.Pool(workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads)) as pool:
+            pending = [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)]
+            for unit, res in zip(units, pending):
+                results.append(res.get())
+                bar.update(unit.size)
+    bar.close()
+    return parts, results
+
+
+def preprocess(opts: PreprocessOptions) -> dict:
+    """Run the whole pipeline; returns the manifest (also written to ``<prefix>.manifest.json``)."""
+    start = time.time()
+    if opts.shard_bytes < 1 or opts.workers < 1 or opts.batch_docs < 1:
+        raise InputError("--shard-mb, --workers and --batch-docs must be at least 1")
+    if not 0.0 <= opts.valid_fraction < 1.0:
+        raise InputError(f"--valid-fraction {opts.valid_fraction}: must be in [0, 1)")
+    _check_outputs(opts)
+    tok = load_tokenizer_folder(opts.tokenizer_dir)
+    files = expand_inputs(opts.inputs)
+    for f in files:
+        check_readable(f)
+    units = plan_units(files, shard_bytes=opts.shard_bytes)
+    _preflight(units, opts.serializer)
+
+    out_prefix = Path(opts.output_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    job = EncodeJob(opts.serializer, opts.valid_fraction, tok.eos_id, tok.dtype, opts.batch_docs, opts.strict)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
+    try:
+        with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
+            digests = hasher.map(file_sha256, files)
+            parts, results = _run_units(job, units, tmp_dir, tok.backend_json, opts.workers, opts.progress)
+            checksums = list(digests)
+        splits = {s: SplitStats() for s in SPLITS}
+        skipped: Counter = Counter()
+        examples: list = []
+        records_per_file: Counter = Counter()
+        for r in results:
+            for s in SPLITS:
+                splits[s].merge(r.splits[s])
+            skipped.update(r.skipped)
+            examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
+            records_per_file[r.unit.path] += r.records
+        written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
+        for s in written:
+            merge_parts([f"{p}_{s}" for p in parts], os.path.join(tmp_dir, s), tok.dtype)
+        # From here on the outputs change: old ones (when overwriting) go first, manifest first, so
+        # an interruption never leaves a manifest describing datasets it does not match.
+        for p in output_files(out_prefix):
+            p.unlink(missing_ok=True)
+        for s in written:
+            for ext in (".bin", ".idx"):
+                os.replace(os.path.join(tmp_dir, s + ext), split_prefix(out_prefix, s) + ext)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source": opts.source or out_prefix.name,
+            "splits": {
+                s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written
+            },
+            "valid_fraction": opts.valid_fraction,
+            "split_by": f"id:{opts.serializer.id_key}" if opts.serializer.id_key else "text",
+            "template": opts.serializer.template.to_dict(),
+            "language_key": opts.serializer.language_key,
+            "tokenizer": tok.identity(),
+            "inputs": [
+                {"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
+                for f, d in zip(files, checksums)
+            ],
+            "records": sum(records_per_file.values()),
+            "skipped": {"count": sum(skipped.values()), "by_reason": dict(skipped.most_common()), "examples": examples},
+            "seconds": round(time.time() - start, 2),
+            "workers": opts.workers,
+        }
+        write_json_atomic(manifest_path(out_prefix), manifest)
+        return manifest
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def summary_line(manifest: dict) -> str:
+    tr = manifest["splits"]["train"]
+    va = manifest["splits"].get("valid", {"documents": 0, "tokens": 0})
+    secs = max(manifest["seconds"], 1e-9)
+    total = tr["tokens"] + va["tokens"]
+    return (
+        f"{manifest['source']}: {tr['documents']:,} train docs / {tr['tokens']:,} tokens, "
+        f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, "
+        f"{manifest['skipped']['count']:,} skipped, {total / secs:,.0f} tokens/s ({manifest['seconds']} s)"
+    )

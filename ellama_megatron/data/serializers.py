@@ -1,0 +1,224 @@
+"""Structured records -> training text, through a configurable template.
+
+A template is text with ``{field}`` placeholders naming record keys, one statement per line.
+A line whose placeholders are all present is kept; a line with a missing *optional* field is
+dropped (a listing without a condition simply has no "Condition:" line); a missing *required*
+field makes the record bad (counted, reported, skipped). Values are rendered by type:
+lists of strings as a path ("Home > Kitchen > Knives"), name/value pairs (a list of
+{"name", "value"} objects or a mapping) as one "name: value" line each, numbers without a
+spurious ".0", and fields listed in ``html_fields`` with their HTML stripped.
+
+The built-in templates are a guess at a good serialization (the paper's format is not public);
+pass ``--template my_template.yaml`` to use your own (keys: text, required, html_fields).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import string
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+
+class MissingField(ValueError):
+    """A required template field is absent or empty in a record."""
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    text: str  # lines with {field} placeholders
+    required: tuple[str, ...] = ()  # fields a record must have
+    html_fields: tuple[str, ...] = ()  # fields whose HTML is stripped
+
+    def fields(self) -> list[str]:
+        return [f for _, f, _, _ in string.Formatter().parse(self.text) if f]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "text": self.text, "required": list(self.required), "html_fields": list(self.html_fields)}
+
+
+BUILTIN_TEMPLATES = {
+    "listing": Template(
+        name="listing",
+        text=(
+            "Title: {title}\n"
+            "Category: {category_path}\n"
+            "Condition: {condition}\n"
+            "{aspects}\n"
+            "Description: {description}"
+        ),
+        required=("title",),
+        html_fields=("description",),
+    ),
+    "review": Template(
+        name="review",
+        text=(
+            "Product: {product}\n"
+            "Rating: {rating} out of 5\n"
+            "Review title: {title}\n"
+            "{text}"
+        ),
+        required=("product", "text"),
+        html_fields=("text",),
+    ),
+    "plain": Template(name="plain", text="{text}", required=("text",)),
+}
+
+
+def plain_template(text_key: str) -> Template:
+    """General-domain text stored under ``text_key``, used as is."""
+    return Template(name="plain", text="{" + text_key + "}", required=(text_key,))
+
+
+def load_template(name_or_path: str, text_key: str = "text") -> Template:
+    """A built-in template by name (listing, review, plain) or a YAML/JSON file describing one."""
+    if name_or_path == "plain":
+        return plain_template(text_key)
+    if name_or_path in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"template {name_or_path!r}: neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a file"
+        )
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("text"), str):
+        raise ValueError(f"{path}: a template file needs a 'text' key holding the template string")
+    unknown = set(spec) - {"name", "text", "required", "html_fields"}
+    if unknown:
+        raise ValueError(f"{path}: unknown template keys {sorted(unknown)} (allowed: name, text, required, html_fields)")
+    return Template(
+        name=str(spec.get("name", path.stem)),
+        text=spec["text"],
+        required=tuple(spec.get("required", ()) or ()),
+        html_fields=tuple(spec.get("html_fields", ()) or ()),
+    )
+
+
+class _TextExtractor(HTMLParser):
+    # Tags that end a visual line: their text must not run into the next block's.
+    BLOCK = {"p", "br", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "table", "section"}
+    HIDDEN = {"script", "style", "head", "title", "noscript"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.hidden = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.HIDDEN:
+            self.hidden += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self.HIDDEN:
+            self.hidden = max(0, self.hidden - 1)
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.hidden:
+            self.parts.append(data)
+
+
+_SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
+_NEWLINES = re.compile(r"\n\s*\n+")
+_LOOKS_LIKE_HTML = re.compile(r"<[a-zA-Z/!]|&[#a-zA-Z0-9]+;")
+
+
+def strip_html(text: str) -> str:
+    """Visible text of an HTML fragment: tags, scripts and styles removed, entities decoded,
+    block elements on their own lines, runs of spaces collapsed."""
+    if not _LOOKS_LIKE_HTML.search(text):
+        return text.strip()
+    parser = _TextExtractor()
+    parser.feed(text)
+    parser.close()
+    out = html.unescape("".join(parser.parts))
+    lines = (_SPACES.sub(" ", line).strip() for line in out.split("\n"))
+    return _NEWLINES.sub("\n", "\n".join(line for line in lines if line)).strip()
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, (str, list, dict)) and len(value) == 0)
+
+
+def _render_scalar(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _render_pairs(pairs) -> str:
+    lines = []
+    for name, value in pairs:
+        if _is_empty(name) or _is_empty(value):
+            continue
+        if isinstance(value, list):
+            value = ", ".join(_render_scalar(v) for v in value if not _is_empty(v))
+        lines.append(f"{_render_scalar(name)}: {_render_scalar(value)}")
+    return "\n".join(lines)
+
+
+def render_value(value, strip: bool = False) -> str:
+    """A record value as text (see the module docstring for the rules)."""
+    if isinstance(value, dict):
+        return _render_pairs(value.items())
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            return _render_pairs(
+                (v.get("name", v.get("key")), v.get("value", v.get("values"))) for v in value
+            )
+        return " > ".join(_render_scalar(v) for v in value if not _is_empty(v))
+    text = _render_scalar(value)
+    return strip_html(text) if strip else text
+
+
+def serialize(record: dict, template: Template) -> str:
+    """The record's training text; raises MissingField when a required field is absent or empty."""
+    rendered: dict[str, str] = {}
+    for name in template.required:
+        if _is_empty(record.get(name)):
+            raise MissingField(name)
+    out_lines = []
+    for line in template.text.split("\n"):
+        names = [f for _, f, _, _ in string.Formatter().parse(line) if f]
+        keep = True
+        for name in names:
+            if name not in rendered:
+                value = record.get(name)
+                rendered[name] = "" if _is_empty(value) else render_value(value, name in template.html_fields)
+            if not rendered[name]:
+                if name in template.required:
+                    raise MissingField(name)
+                keep = False
+        if keep:
+            text = line.format_map(rendered)
+            if text.strip():
+                out_lines.append(text)
+    return "\n".join(out_lines).strip()
+
+
+@dataclass
+class RecordSerializer:
+    """Template plus the record keys that carry language and identity."""
+
+    template: Template
+    language_key: str = "language"  # record key holding a language code, when present
+    default_language: str = "und"  # language recorded when the key is absent ("und": undetermined)
+    id_key: str | None = None  # record key identifying a document (validation split); None: its text
+
+    def language(self, record: dict) -> str:
+        value = record.get(self.language_key)
+        return str(value).strip().lower() if not _is_empty(value) else self.default_language
+
+    def split_key(self, record: dict, text: str) -> str:
+        if self.id_key is not None and not _is_empty(record.get(self.id_key)):
+            return f"id:{record[self.id_key]}"
+        return text
