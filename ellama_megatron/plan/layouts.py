@@ -63,8 +63,8 @@ class Layout:
 
 
 def train_iterations(train_tokens: float, global_batch_size: int, seq_length: int) -> int:
-    """Optimizer steps for a token budget: whole steps only (1T tokens at 1440 x 8192 -> 84,771)."""
-    return int(train_tokens // (global_batch_size * seq_length))
+    """Optimizer steps for a token budget, as the engine counts them (ellama_megatron.engine.megatron_args)."""
+    return max(1, math.ceil(float(train_tokens) / (global_batch_size * seq_length)))
 
 
 def padded_vocab_size(model: LlamaConfig, tp: int) -> int:

@@ -1,0 +1,122 @@
+"""The planner against Megatron's own reference estimator and the paper's published figures."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ellama_megatron import CONF_DIR
+from ellama_megatron.plan import LayoutError, check_fits, enumerate_layouts
+from ellama_megatron.plan.flops import flops_per_token, matmul_params
+from ellama_megatron.plan.layouts import padded_vocab_size
+from ellama_megatron.plan.memory import GIB
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
+NODE_8B = ["model=llama31_8b", "parallel=llama31_8b_node", "train=paper", "cluster=slurm_h100", "cluster.nodes=8"]
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def megatron_reference_args(report):
+    m, L = report.model, report.layout
+    return argparse.Namespace(
+        kv_channels=m.kv_channels, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,
+        group_query_attention=True, num_query_groups=m.num_query_groups, num_experts=None, swiglu=True,
+        moe_shared_expert_intermediate_size=None, ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers,
+        mtp_num_layers=None, normalization="RMSNorm", add_bias_linear=False, qk_layernorm=False,
+        multi_latent_attention=False, moe_latent_size=None, expert_tensor_parallel_size=L.tp,
+        expert_model_parallel_size=1, pipeline_model_parallel_size=L.pp, tensor_model_parallel_size=L.tp,
+        world_size=L.world_size, untie_embeddings_and_output_weights=not m.tie_word_embeddings,
+        padded_vocab_size=padded_vocab_size(m, L.tp), vocab_size=m.vocab_size,
+        use_distributed_optimizer=L.distributed_optimizer, data_parallel_size=L.dp, seq_length=L.seq_length,
+        micro_batch_size=L.micro_batch_size, virtual_pipeline_model_parallel_size=L.vp,
+        sequence_parallel=L.sequence_parallel, recompute_granularity=L.recompute, context_parallel_size=L.cp,
+    )
+
+
+@pytest.mark.parametrize("overrides", [PAPER_70B, NODE_8B], ids=["70b_480", "8b_64"])
+def test_memory_matches_megatron_reference(overrides):
+    tmu = pytest.importorskip("megatron.training.theoretical_memory_usage")
+    report = check_fits(compose_cfg(overrides))
+    args = megatron_reference_args(report)
+    ref_states = tmu.compute_weight_and_optimizer_memory(args)
+    ref_act = tmu.compute_activation_memory(args, num_microbatches=report.layout.grad_accumulation)
+    m = report.memory
+    # Weights, fp32 grads and sharded optimizer state are exact arithmetic: identical.
+    assert m.weights + m.grads + m.optimizer == pytest.approx(ref_states, rel=1e-6)
+    # Activations: our Llama-specific count (SwiGLU, GQA) vs Korthikanti's GPT formula in Megatron.
+    assert m.activations == pytest.approx(ref_act, rel=0.15)
+
+
+def test_paper_70b_layout_fits_80gb_and_counts():
+    report = check_fits(compose_cfg(PAPER_70B))
+    d = report.as_dict()
+    assert (d["world_size"], d["tp"], d["pp"], d["vp"], d["dp"]) == (480, 8, 4, 5, 15)
+    assert d["grad_accumulation"] == 1440 // 15
+    assert d["tokens_per_step"] == 1440 * 8192
+    assert d["train_iterations"] == 84772  # ceil(1e12 / 11,796,480), as the engine counts
+    assert report.fits and report.memory.total < 80 * GIB
+    # Stage 0 of 4 holds 20 layers + the embedding: 70.55B / 32 model-parallel ranks, give or take the vocab.
+    assert report.memory.params == pytest.approx(report.model.num_parameters() / 32, rel=0.05)
+
+
+def test_flops_match_paper_throughput():
+    """The paper: ~817 tokens/s/GPU is ~345 TFLOP/s/GPU by 6*N*tokens (PAPER.md)."""
+    report = check_fits(compose_cfg(PAPER_70B))
+    six_n = 6 * matmul_params(report.model) * 817 / 1e12
+    assert six_n == pytest.approx(345, rel=0.15)
+    # With the attention term (PaLM's convention) the same throughput is more model FLOPs.
+    with_attention = flops_per_token(report.model, 8192) * 817 / 1e12
+    assert six_n < with_attention < 1.25 * six_n
+
+
+def test_oversized_layout_refused_with_numbers():
+    cfg = compose_cfg(PAPER_70B + ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+                                   "parallel.virtual_pipeline_model_parallel_size=null"])
+    report = check_fits(cfg)
+    assert not report.fits
+    msg = report.refusal()
+    assert "TP1 PP1" in msg and "80 GB" in msg
+    assert f"{report.memory.total / GIB:.1f} GiB" in msg
+
+
+def test_invalid_layout_names_the_field():
+    with pytest.raises(LayoutError, match="tensor_model_parallel_size=3"):
+        check_fits(compose_cfg(PAPER_70B + ["parallel.tensor_model_parallel_size=3"]))
+    with pytest.raises(LayoutError, match="global_batch_size"):
+        check_fits(compose_cfg(PAPER_70B + ["train.global_batch_size=1000"]))
+
+
+def test_recompute_and_sequence_parallel_lower_memory():
+    base = check_fits(compose_cfg(NODE_8B + ["cluster.accelerator=gpu"])).memory.activations
+    no_sp = check_fits(compose_cfg(NODE_8B + ["parallel.sequence_parallel=false"])).memory.activations
+    full = check_fits(compose_cfg(NODE_8B + ["parallel.recompute_granularity=full"])).memory.activations
+    assert full < base < no_sp
+
+
+def test_enumerate_layouts_includes_paper_layout():
+    report = check_fits(compose_cfg(PAPER_70B))
+    layouts = {(l.tp, l.pp, l.cp) for l in enumerate_layouts(report.layout, report.model)}
+    assert (8, 4, 1) in layouts and (4, 8, 1) in layouts
+    assert all(480 % (tp * pp * cp) == 0 for tp, pp, cp in layouts)
+
+
+def test_plan_cli_exit_codes():
+    ok = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "480 = 60 nodes x 8" in ok.stdout and "fits" in ok.stdout
+    bad = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B, "parallel.pipeline_model_parallel_size=1",
+                          "parallel.virtual_pipeline_model_parallel_size=null", "parallel.tensor_model_parallel_size=1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "REFUSED" in bad.stderr
+    listing = subprocess.run([sys.executable, "tools/plan.py", "--list-layouts", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
+    assert listing.returncode == 0 and "TP8 PP4 VP5 CP1 DP15" in listing.stdout
