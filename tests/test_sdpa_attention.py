@@ -23,13 +23,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ellama_megatron.model import sdpa_attention
-from ellama_megatron.model.sdpa_attention import (
-    SDPAttention,
-    local_layer_spec,
-    local_layer_spec_with_sdpa,
-    resolve_attention_impl,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+from ellama_megatron.model.sdpa_attention import SDPAttention, local_layer_spec_with_sdpa
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 HEAD_DIM = 16
@@ -193,11 +189,11 @@ def test_rejects_what_sdpa_cannot_express(megatron_tp1):
 
 def test_layer_spec_swaps_only_core_attention(megatron_tp1):
     ours = local_layer_spec_with_sdpa(normalization="RMSNorm")
-    stock = local_layer_spec("unfused", normalization="RMSNorm")
+    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
     assert ours.submodules.self_attention.submodules.core_attention is SDPAttention
     assert stock.submodules.self_attention.submodules.core_attention is DotProductAttention
     # A fresh spec each call: swapping must not leak into Megatron's own spec.
-    assert local_layer_spec("unfused").submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert get_gpt_layer_local_spec().submodules.self_attention.submodules.core_attention is DotProductAttention
 
 
 def test_gpt_model_with_sdpa_spec_matches_unfused_spec(megatron_tp1):
@@ -219,7 +215,7 @@ def test_gpt_model_with_sdpa_spec_matches_unfused_spec(megatron_tp1):
             share_embeddings_and_output_weights=False,
         )
 
-    ref, ours = build(local_layer_spec("unfused", normalization="RMSNorm")), build(local_layer_spec_with_sdpa(normalization="RMSNorm"))
+    ref, ours = build(get_gpt_layer_local_spec(normalization="RMSNorm")), build(local_layer_spec_with_sdpa(normalization="RMSNorm"))
     ours.load_state_dict(ref.state_dict())
     s, b = 20, 2
     tokens = torch.randint(0, 128, (b, s), generator=torch.Generator().manual_seed(1))
@@ -231,20 +227,6 @@ def test_gpt_model_with_sdpa_spec_matches_unfused_spec(megatron_tp1):
     grads_ref = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, grads_ref[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
-
-
-def test_resolve_attention_impl(monkeypatch):
-    monkeypatch.setattr(sdpa_attention, "transformer_engine_available", lambda: False)
-    assert resolve_attention_impl(None) == "sdpa"
-    assert resolve_attention_impl("auto") == "sdpa"
-    assert resolve_attention_impl("unfused") == "unfused"
-    with pytest.raises(ValueError, match="does not import"):
-        resolve_attention_impl("te")
-    with pytest.raises(ValueError, match="choose one of"):
-        resolve_attention_impl("flash")
-    monkeypatch.setattr(sdpa_attention, "transformer_engine_available", lambda: True)
-    assert resolve_attention_impl("auto") == "te"
-    assert resolve_attention_impl("sdpa") == "sdpa"
 
 
 # ---- TP=2: two gloo processes, each holding half the heads -------------------------------------
@@ -280,6 +262,7 @@ def _tp2_worker(rank: int, port: int, result_dir: str) -> None:
         _shutdown_megatron()
 
 
+@pytest.mark.slow
 def test_tp2_matches_unfused_and_single_process(megatron_tp1, tmp_path):
     mp.spawn(_tp2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     heads, groups, s, b = 8, 4, 16, 2

@@ -34,10 +34,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import is_layer_window_attention
 
-# Which implementations a config may name: TE's fused attention, ours, or Megatron's unfused one.
-ATTENTION_IMPLS = ("te", "sdpa", "unfused")
-
-
 class SDPAttention(DotProductAttention):
     """Megatron core attention computed by ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -54,12 +50,12 @@ class SDPAttention(DotProductAttention):
         if cfg.softmax_type != "vanilla":
             raise NotImplementedError(
                 f"SDPAttention: softmax_type={cfg.softmax_type!r} needs a softmax offset that "
-                "scaled_dot_product_attention cannot add; use model_impl.attention=unfused"
+                "scaled_dot_product_attention cannot add; use impl.attention=unfused"
             )
         if is_layer_window_attention(cfg.window_size, cfg.window_attn_skip_freq, self.layer_number):
             raise NotImplementedError(
                 "SDPAttention: sliding-window attention is not supported; "
-                "use model_impl.attention=unfused or te"
+                "use impl.attention=unfused or impl.transformer=te"
             )
         # The parent divides the scale by layer_number for apply_query_key_layer_scaling and
         # multiplies it back inside its fp32 softmax; the product is what the scores see.
@@ -153,7 +149,7 @@ class SDPAttention(DotProductAttention):
         if params.qkv_format != "thd":
             raise NotImplementedError(
                 f"SDPAttention: packed sequences in format {params.qkv_format!r}; only 'thd' is "
-                "supported (or use model_impl.attention=te)"
+                "supported (or use impl.transformer=te)"
             )
         for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
             padded = getattr(params, name)
@@ -200,39 +196,3 @@ def local_layer_spec_with_sdpa(**local_spec_kwargs) -> ModuleSpec:
         )
     attention.submodules.core_attention = SDPAttention
     return spec
-
-
-def transformer_engine_available() -> bool:
-    """Whether Transformer Engine imports (it is absent on CPU machines and plain PyTorch installs)."""
-    try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or OSError/RuntimeError when cuDNN or CUDA is missing
-        return False
-    return True
-
-
-def resolve_attention_impl(requested: Optional[str]) -> str:
-    """The attention implementation to build: ``requested`` or, for None/"auto", te when it imports
-    else sdpa."""
-    if requested in (None, "auto"):
-        return "te" if transformer_engine_available() else "sdpa"
-    if requested not in ATTENTION_IMPLS:
-        raise ValueError(
-            f"model_impl.attention={requested!r}: choose one of {', '.join(ATTENTION_IMPLS)} or auto"
-        )
-    if requested == "te" and not transformer_engine_available():
-        raise ValueError(
-            "model_impl.attention=te but transformer_engine does not import here; "
-            "use model_impl.attention=sdpa (flash attention through PyTorch)"
-        )
-    return requested
-
-
-def local_layer_spec(attention: str, **local_spec_kwargs) -> ModuleSpec:
-    """The local layer spec with the named core attention: "sdpa" (ours) or "unfused" (Megatron's)."""
-    if attention == "sdpa":
-        return local_layer_spec_with_sdpa(**local_spec_kwargs)
-    if attention == "unfused":
-        return get_gpt_layer_local_spec(**local_spec_kwargs)
-    raise ValueError(f"local_layer_spec: attention must be sdpa or unfused, got {attention!r}")
