@@ -133,8 +133,9 @@ def open_jsonl_writer(path: Path):
 
 
 def temporary_sibling(path: Path) -> Path:
-    """Where ``path`` is written before the rename (same folder, so the rename is atomic)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Where ``path`` is written before the rename (same folder, so the rename is atomic; same
+    suffix, so the compression chosen by the name is the same)."""
+    return path.with_name(f".tmp{os.getpid()}.{path.name}")
 
 
 def filter_documents(
