@@ -1,0 +1,148 @@
+"""Hugging Face Llama folder -> Megatron torch_dist checkpoint the engine starts from.
+
+Output layout (what Megatron's --pretrained-checkpoint loader expects, plus our records):
+  CKPT_DIR/latest_checkpointed_iteration.txt   "release": loaded as iteration 0, weights only
+  CKPT_DIR/release/                             torch_dist: global TP=1 PP=1 tensors, any TP/PP loads it
+  CKPT_DIR/ellama_config.yaml                   model: our LlamaConfig; convert: how it was made
+  CKPT_DIR/hf/                                  the source config.json and tokenizer files (export reuses them)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ellama_megatron.convert import mapping as M
+from ellama_megatron.convert.hf_checkpoint import CARRIED_FILES, ConversionError, HFCheckpoint
+from ellama_megatron.convert.output_folder import refuse_existing, staged_output
+from ellama_megatron.convert.summary import Summary
+from ellama_megatron.convert.torch_dist import CHECKPOINT_VERSION, TensorChunk, megatron_layout, write_checkpoint
+from ellama_megatron.model.config import LlamaConfig
+
+CONFIG_FILE = "ellama_config.yaml"  # same name the engine writes beside its checkpoints
+HF_FILES_DIR = "hf"
+
+
+def check_parallel(cfg: LlamaConfig, tp: int, pp: int, source: str) -> None:
+    for what, value, divides in (
+        ("num_key_value_heads (query groups)", cfg.num_query_groups, tp),
+        ("num_attention_heads", cfg.num_attention_heads, tp),
+        ("intermediate_size", cfg.ffn_hidden_size, tp),
+        ("num_hidden_layers", cfg.num_layers, pp),
+    ):
+        if tp < 1 or pp < 1 or value % divides:
+            flag = "--target-pp" if what == "num_hidden_layers" else "--target-tp"
+            raise ConversionError(f"{source}: {what}={value} is not divisible by {flag} {divides}; "
+                                  f"pick a {flag} that divides it")
+
+
+def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
+    """One chunk per table row and layer, produced from the Hugging Face tensors when written."""
+    cfg = hf.config
+    chunks = []
+    for m in M.mappings(cfg):
+        for layer in M.layers_of(m, cfg):
+            names = m.hf_names(layer)
+            dtypes = {hf.dtype(n) for n in names}
+            if len(dtypes) != 1:
+                raise ConversionError(f"{hf.folder}: {names} have different dtypes {dtypes}")
+            shape = tuple(m.kind.megatron_shape(cfg, padded_vocab, [hf.shape(n) for n in names]))
+
+            def produce(m=m, names=names):
+                return m.kind.to_megatron(cfg, padded_vocab, [hf.read(n) for n in names])
+
+            if m.per_layer:
+                chunks.append(TensorChunk(m.megatron, (cfg.num_layers,) + shape, (layer,) + (0,) * len(shape),
+                                          (1,) + shape, dtypes.pop(), lambda p=produce: p().unsqueeze(0)))
+            else:
+                chunks.append(TensorChunk(m.megatron, shape, (0,) * len(shape), shape, dtypes.pop(), produce))
+    return chunks
+
+
+def extra_state_objects(cfg: LlamaConfig) -> dict[str, None]:
+    n = cfg.num_layers
+    return {f"decoder.layers.{mod}._extra_state/shard_{layer}_{n}": None
+            for layer in range(n) for mod in M.EXTRA_STATE_MODULES}
+
+
+def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, overwrite: bool = False,
+              verify: bool = False, tolerance: float = 1e-4, quiet: bool = False) -> dict:
+    refuse_existing(out, overwrite)
+    hf = HFCheckpoint.open(hf_dir)
+    cfg = hf.config
+    hf.check(M.hf_shapes(cfg))
+    check_parallel(cfg, target_tp, target_pp, str(hf_dir / "config.json"))
+    padded = M.padded_vocab_size(cfg.vocab_size, target_tp)
+    chunks = plan_chunks(hf, padded)
+    total = sum(hf.tensors[n][1].nbytes for n in M.hf_shapes(cfg))
+    with staged_output(out, overwrite) as tmp:
+        summary = Summary("import", total, quiet=quiet)
+        dist_dir = megatron_layout(tmp)
+        dist_dir.mkdir()
+        hf_bytes = {id(c): sum(hf.tensors[n][1].nbytes for n in _names_of(c, cfg)) for c in chunks}
+        chunks = [TensorChunk(c.key, c.global_shape, c.offset, c.shape, c.dtype,
+                              _counted(c.produce, summary, hf_bytes[id(c)], len(_names_of(c, cfg))))
+                  for c in chunks]
+        write_checkpoint(dist_dir, chunks, extra_state_objects(cfg),
+                         {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION})
+        record = {
+            "model": cfg.to_dict(),
+            "convert": {
+                "source": hf_dir.name,
+                "target_tp": target_tp,
+                "target_pp": target_pp,
+                "padded_vocab_size": padded,
+                "dtype": str(next(iter(hf.tensors.values()))[1].dtype).removeprefix("torch."),
+            },
+        }
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+        carry_hf_files(hf_dir, tmp / HF_FILES_DIR, extra=("config.json",))
+        stats = summary.close()
+        if verify:
+            from ellama_megatron.convert.verify import verify_conversion
+
+            stats["verify"] = verify_conversion(hf_dir, tmp, tolerance)
+    return stats
+
+
+def _names_of(chunk: TensorChunk, cfg: LlamaConfig) -> list[str]:
+    m = next(m for m in M.mappings(cfg) if m.megatron == chunk.key)
+    return m.hf_names(chunk.offset[0] if m.per_layer else None)
+
+
+def _counted(produce, summary: Summary, nbytes: int, tensors: int):
+    def run():
+        t = produce()
+        summary.add(nbytes, tensors)
+        return t
+
+    return run
+
+
+def carry_hf_files(src: Path, dst: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """Copy the tokenizer and generation files (and ``extra``) that exist in ``src``."""
+    carried = []
+    for name in (*extra, *CARRIED_FILES):
+        if (src / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            carried.append(name)
+    return carried
+
+
+def read_record(root: Path) -> dict:
+    path = root / CONFIG_FILE
+    if not path.exists():
+        raise ConversionError(f"{path}: missing; the checkpoint folder must hold the ellama_config.yaml "
+                              "that recipes/cpt.py or tools/convert_hf.py import writes")
+    record = yaml.safe_load(path.read_text())
+    if not isinstance(record, dict) or "model" not in record:
+        raise ConversionError(f"{path}: has no 'model' section")
+    return record
+
+
+def json_dump(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,128 @@
+"""Read and write safetensors files one tensor at a time, with plain file I/O.
+
+The safetensors library maps whole files into memory; the pages it touches count as resident memory
+while the file stays open, so streaming a 5 GB shard through it can hold 5 GB. Reading each tensor
+with ``readinto`` and writing each one with ``write`` keeps only the tensor in hand in memory.
+Format: 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets
+relative to the end of the header), then the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+class SafetensorsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse and check a file's header; a truncated or corrupt file raises SafetensorsError."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SafetensorsError(f"{path}: {size} bytes, too short for a safetensors header (truncated?)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise SafetensorsError(f"{path}: header length {n} does not fit a {size}-byte file (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
+    entries: dict[str, TensorEntry] = {}
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected:
+            raise SafetensorsError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape {shape} needs {expected}")
+        entries[name] = TensorEntry(name, dtype, shape, 8 + n + begin, 8 + n + end)
+        data_end = max(data_end, end)
+    if 8 + n + data_end != size:
+        raise SafetensorsError(
+            f"{path}: header describes {8 + n + data_end} bytes but the file has {size} (truncated or corrupt); "
+            "download the shard again"
+        )
+    return entries
+
+
+def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
+    buf = bytearray(entry.nbytes)
+    with open(path, "rb") as f:
+        f.seek(entry.start)
+        if f.readinto(buf) != entry.nbytes:
+            raise SafetensorsError(f"{path}: short read of tensor {entry.name!r} (file changed while reading?)")
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(buf, dtype=entry.dtype).view(entry.shape)
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose tensor names, dtypes and shapes are known up front; the
+    bytes then arrive one tensor at a time, in the planned order."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self.path = path
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._order = []
+        for name, dtype, shape in plan:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, dtype, tuple(shape)))
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != expected:
+            raise AssertionError(f"writing {name} {tensor.dtype} {tuple(tensor.shape)}, planned {expected}")
+        data = tensor.contiguous()
+        self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else b"")
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self) -> None:
+        self._file.close()
