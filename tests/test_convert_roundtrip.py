@@ -1,0 +1,176 @@
+"""tools/convert_hf.py on tiny random Llama checkpoints: keys as Megatron builds them, logits as
+transformers computes them, export bit-identical, memory bounded by a tensor, not by the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ellama_megatron.convert import mapping as M
+from ellama_megatron.convert.exporter import export_hf
+from ellama_megatron.convert.importer import import_hf
+from ellama_megatron.convert.safetensors_file import read_header, read_tensor
+from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
+from ellama_megatron.model.config import load_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Untied, GQA (4 heads, 2 groups), Llama 3.1 RoPE scaling: the tiny preset. Tied: Llama 3.2's tied
+# embeddings with Llama 3's unscaled RoPE.
+VARIANTS = {
+    "untied_llama31": {},
+    "tied_llama3": {"tie_word_embeddings": True, "rope_scaling_factor": None},
+}
+
+
+def make_hf(out: Path, seed: int = 0, shard: str = "100KB", **changes) -> Path:
+    """A tiny random Hugging Face Llama folder with a tiny tokenizer, in several shards."""
+    from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+
+    cfg = dataclasses.replace(load_model_config("tiny"), **changes)
+    tok = train_tiny_tokenizer(sample_texts(100), out.parent / f"{out.name}_tokenizer", 512)
+    return write_random_hf_llama(out, cfg, seed=seed, tokenizer_dir=tok, max_shard_size=shard)
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, entry in read_header(f).items():
+            tensors[name] = read_tensor(f, entry)
+    return tensors
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def imported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    hf = make_hf(root / "hf", **VARIANTS[request.param])
+    stats = import_hf(hf, root / "ckpt", verify=True, quiet=True)
+    return hf, root / "ckpt", stats
+
+
+def test_import_reproduces_transformers_logits(imported):
+    _, _, stats = imported
+    v = stats["verify"]
+    assert v["max_abs_logit_diff"] < 1e-4
+    assert v["top1_agreement"] == 1.0
+    assert stats["tensors"] == len(hf_tensors(imported[0]))
+
+
+def test_checkpoint_has_exactly_megatrons_keys(imported):
+    """The keys, global shapes and objects of GPTModel.sharded_state_dict() at TP=1 PP=1."""
+    from ellama_megatron.convert.importer import read_record
+    from ellama_megatron.convert.verify import init_single_process_group
+    from ellama_megatron.model.config import LlamaConfig
+    from ellama_megatron.model.provider import build_gpt_model, layer_spec, transformer_config
+    from ellama_megatron.runtime.cpu import apply_cpu_runtime
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    _, ckpt, _ = imported
+    cfg = LlamaConfig.from_dict(read_record(ckpt)["model"])
+    apply_cpu_runtime()
+    init_single_process_group()
+    model = build_gpt_model(cfg, transformer_config(cfg), layer_spec("local", "sdpa"), 512)
+    expected_tensors, expected_objects = {}, set()
+    for sh in model.sharded_state_dict().values():
+        if isinstance(sh, ShardedTensorFactory):
+            sh = sh.build()
+            sh = sh[0] if isinstance(sh, list) else sh
+        if isinstance(sh, ShardedTensor):
+            expected_tensors[sh.key] = tuple(sh.global_shape)
+        elif isinstance(sh, ShardedObject):
+            expected_objects.add(sh.unique_key)
+    md = CheckpointReader(find_checkpoint(ckpt)).metadata.state_dict_metadata
+    tensors = {k: tuple(v.size) for k, v in md.items() if hasattr(v, "size")}
+    objects = set(md) - set(tensors) - {"common_state/shard_0_1"}
+    assert tensors == expected_tensors
+    assert objects == expected_objects
+    # The table's state-dict names (local spec) are the model's parameter names.
+    names = set(model.state_dict())
+    for m in M.mappings(cfg):
+        for layer in M.layers_of(m, cfg):
+            assert m.state_dict_name(layer, "local") in names
+
+
+def test_export_gives_back_every_tensor_bit_identical(imported, tmp_path):
+    hf, ckpt, _ = imported
+    stats = export_hf(ckpt, tmp_path / "out", max_shard_bytes=150_000, quiet=True)
+    out = tmp_path / "out"
+    src, back = hf_tensors(hf), hf_tensors(out)
+    assert set(src) == set(back)
+    for name, t in src.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(src) and stats["shards"] > 1
+    for f in set(index["weight_map"].values()):
+        assert (out / f).stat().st_size <= 150_000 + 4096  # tensors + header
+    assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    assert (out / "generation_config.json").exists()
+
+
+def test_exported_config_reads_the_same_in_transformers_4_and_5(imported, tmp_path):
+    from transformers import AutoConfig
+
+    hf, ckpt, _ = imported
+    export_hf(ckpt, tmp_path / "out", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = AutoConfig.from_pretrained(hf)
+    assert written["rope_theta"] == source.rope_parameters["rope_theta"]  # what transformers 4 reads
+    if source.rope_parameters["rope_type"] == "llama3":
+        assert written["rope_scaling"]["rope_type"] == "llama3"
+        assert written["rope_scaling"]["factor"] == source.rope_parameters["factor"]
+    else:
+        assert written["rope_scaling"] is None
+    again = AutoConfig.from_pretrained(tmp_path / "out")
+    assert again.rope_parameters == source.rope_parameters
+    assert again.tie_word_embeddings == source.tie_word_embeddings
+
+
+def test_fused_qkv_layout_is_per_query_group():
+    cfg = load_model_config("tiny")  # 4 heads, 2 groups, head dim 16
+    d, h = cfg.kv_channels, cfg.hidden_size
+    q = torch.arange(4 * d).repeat_interleave(h).view(4 * d, h).float()
+    k = 1000 + torch.arange(2 * d).repeat_interleave(h).view(2 * d, h).float()
+    v = 2000 + torch.arange(2 * d).repeat_interleave(h).view(2 * d, h).float()
+    fused = M.FUSED_QKV.to_megatron(cfg, 512, [q, k, v])
+    # group 0: query heads 0-1, k head 0, v head 0; group 1: query heads 2-3, k head 1, v head 1
+    expected = torch.cat([q[: 2 * d], k[:d], v[:d], q[2 * d:], k[d:], v[d:]])
+    assert torch.equal(fused, expected)
+    assert all(torch.equal(a, b) for a, b in zip(M.FUSED_QKV.to_hf(cfg, fused), (q, k, v)))
+
+
+def test_vocab_padding_for_target_tp(tmp_path):
+    hf = make_hf(tmp_path / "hf", vocab_size=500)
+    import_hf(hf, tmp_path / "ckpt", target_tp=2, quiet=True)
+    reader = CheckpointReader(find_checkpoint(tmp_path / "ckpt"))
+    emb = reader.read("embedding.word_embeddings.weight")
+    assert emb.shape[0] == M.padded_vocab_size(500, 2) == 512
+    assert torch.equal(emb[:500], hf_tensors(hf)["model.embed_tokens.weight"]) and not emb[500:].any()
+    export_hf(tmp_path / "ckpt", tmp_path / "back", quiet=True)
+    assert hf_tensors(tmp_path / "back")["lm_head.weight"].shape[0] == 500
+
+
+def _peak_rss_of_import(hf: Path, out: Path) -> int:
+    proc = subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(hf), "--out", str(out),
+                           "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+@pytest.mark.slow
+def test_import_memory_is_bounded_by_a_tensor_not_the_model(tmp_path):
+    """Peak RSS above the same tool's on a tiny model stays well under the modest model's size."""
+    tiny = make_hf(tmp_path / "tiny")
+    modest = make_hf(tmp_path / "modest", shard="60MB", num_layers=8, hidden_size=512, ffn_hidden_size=2048,
+                     num_attention_heads=8, num_query_groups=2, kv_channels=64, vocab_size=8192)
+    model_bytes = sum(f.stat().st_size for f in modest.glob("*.safetensors"))
+    largest_group = 2 * 8192 * 512 * 4  # the embedding and its padded copy
+    baseline = _peak_rss_of_import(tiny, tmp_path / "tiny_ckpt")
+    peak = _peak_rss_of_import(modest, tmp_path / "modest_ckpt")
+    assert model_bytes > 140e6
+    assert peak - baseline < max(3 * largest_group, model_bytes // 4), (peak - baseline, model_bytes)
