@@ -193,3 +193,36 @@ def test_bad_input_fails_before_work(tmp_path):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "tokenizer.json" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_extended_checkpoint_converts_to_megatron_and_trains(extended, tmp_path):
+    """The extended HF folder imports with tools/convert_hf.py (logits checked by --verify) and
+    recipes/cpt.py continues training from it on data tokenized with the new tokenizer."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from conftest import run_cpt
+
+    ckpt = tmp_path / "ckpt"
+    r = subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(extended["out"]),
+                        "--out", str(ckpt), "--verify", "--quiet"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    new_tok = _tok(extended["out"])
+    data = {}
+    for name, texts in (("ecommerce", extended["listings"]), ("general", extended["general"])):
+        for split, part in (("train", texts[:250]), ("valid", texts[250:])):
+            prefix = tmp_path / f"{name}_{split}"
+            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            for enc in new_tok.encode_batch(part, add_special_tokens=False):
+                doc = enc.ids + [2]
+                builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
+            builder.finalize(f"{prefix}.idx")
+            data.setdefault(name, {})[split] = str(prefix)
+    assert any(i >= 512 for i in new_tok.encode(extended["listings"][0]).ids)
+    proc, log = run_cpt(tmp_path / "run", data, "model.vocab_size=640", f"checkpoint.init_from={ckpt}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert log.last_iteration == 20
+    assert log.train_loss[20] < log.train_loss[1]
+    assert set(log.valid_loss) == {"ecommerce", "general"}

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                   f"({100 * r['reduction']:.1f}% fewer) over {r['docs']} docs", file=sys.stderr)
     model = report.get("model")
     size = f"; model vocab {model['old_vocab_size']} -> {model['vocab_size']}" if model else "; tokenizer only"
-    print(f"done: {report['new_tokens']} new tokens (ids {report['first_new_id']}..."
+    print(f"done: {report['new_tokens']} new tokens (ids {report['first_new_id']}.."
           f"{(report['first_new_id'] or 0) + report['new_tokens'] - 1}){size}; wrote {args.out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
