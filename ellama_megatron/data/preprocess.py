@@ -105,7 +105,7 @@ def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers
     else:
         # spawn: the Rust tokenizer's thread pool does not survive fork.
         ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
         with ctx.Pool(workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads)) as pool:
             pending = [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)]
             for unit, res in zip(units, pending):

@@ -1,0 +1,132 @@
+"""Tokens per second of tools/preprocess_data.py on a >= 200 MB corpus with a full-size (128k)
+byte-level BPE tokenizer, at 1 and 2 worker processes. Run by hand; results go to docs/benchmarks.md.
+
+    python benchmarks/preprocess_throughput.py --work-dir /tmp/ellama_bench --mb 220
+
+Everything is made locally: the corpus is the demo generator's listings, reviews and general text
+(ellama_megatron/data/demo_corpora.py) serialized to {"text": ...} JSON Lines (the input Megatron-LM's
+own tools/preprocess_data.py reads, for a like-for-like comparison), each document followed by a
+long tail of made-up words so a byte-level BPE can learn a full 128,256-entry vocabulary (trained
+on the first --tokenizer-mb of the corpus). Each run is the whole tool as a subprocess (interpreter
+start, checks, checksums, merge and manifest included); the outputs of all runs must be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ellama_megatron.data.demo_corpora import make_general, make_listing, make_review  # noqa: E402
+from ellama_megatron.data.serializers import load_template, serialize  # noqa: E402
+
+_SYL = "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo ch st th".split()
+
+
+def _rare_word(rank: int) -> str:
+    out = []
+    rank += len(_SYL)  # at least two syllables
+    while rank:
+        rank, r = divmod(rank, len(_SYL))
+        out.append(_SYL[r])
+    return "".join(out)
+
+
+def write_corpus(path: Path, target_bytes: int, seed: int = 0) -> int:
+    rng = random.Random(seed)
+    nrng = numpy.random.default_rng(seed)
+    listing, review = load_template("listing"), load_template("review")
+    langs = ("en", "de", "fr")
+    docs = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        while f.tell() < target_bytes:
+            kind = rng.random()
+            lang = langs[docs % 3]
+            if kind < 0.4:
+                text = serialize(make_listing(rng, lang, docs), listing)
+            elif kind < 0.6:
+                text = serialize(make_review(rng, lang, docs), review)
+            else:
+                text = make_general(rng, "en", docs)["text"]
+            ranks = numpy.minimum(nrng.zipf(1.15, rng.randint(10, 60)), 3_000_000)
+            text += "\n" + " ".join(_rare_word(int(r)) for r in ranks)
+            f.write(json.dumps({"text": text, "language": lang}, ensure_ascii=False) + "\n")
+            docs += 1
+    tmp.replace(path)
+    return docs
+
+
+def train_tokenizer(corpus: Path, out: Path, mb: int) -> None:
+    from ellama_megatron.tiny_llama import train_tiny_tokenizer
+
+    texts, size = [], 0
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size > mb << 20:
+                break
+    train_tiny_tokenizer(texts, out, vocab_size=128_256)
+
+
+def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int) -> dict:
+    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--tokenizer", str(tok),
+           "--output-prefix", str(prefix), "--workers", str(workers), "--quiet", "--overwrite"]
+    start = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    wall = time.time() - start
+    manifest = json.loads(Path(f"{prefix}.manifest.json").read_text())
+    tokens = manifest["splits"]["train"]["tokens"]
+    return {"workers": workers, "wall_s": round(wall, 1), "tool_s": manifest["seconds"], "tokens": tokens,
+            "documents": manifest["splits"]["train"]["documents"], "tokens_per_s": round(tokens / wall)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", default="/tmp/ellama_bench", help="corpus, tokenizer and outputs (reused when present)")
+    p.add_argument("--mb", type=int, default=220, help="corpus size in MB (at least 200 for the issue's figure)")
+    p.add_argument("--tokenizer-mb", type=int, default=40, help="MB of the corpus the 128k BPE is trained on")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    p.add_argument("--repeats", type=int, default=1, help="runs per worker count (the best is reported)")
+    args = p.parse_args()
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, tok = work / "corpus.jsonl", work / "bpe128k"
+    if not corpus.exists():
+        t = time.time()
+        docs = write_corpus(corpus, args.mb << 20)
+        print(f"corpus: {docs:,} documents, {corpus.stat().st_size / 2**20:.0f} MB in {time.time() - t:.0f} s", flush=True)
+    if not (tok / "tokenizer.json").exists():
+        t = time.time()
+        train_tokenizer(corpus, tok, args.tokenizer_mb)
+        print(f"tokenizer trained in {time.time() - t:.0f} s", flush=True)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size()
+    print(f"corpus {corpus.stat().st_size / 2**20:.0f} MB, vocabulary {vocab:,}, cores {len(os.sched_getaffinity(0))}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = []
+    for w in args.workers:
+        best = max((run_tool(corpus, tok, work / f"out_w{w}", w) for _ in range(args.repeats)), key=lambda r: r["tokens_per_s"])
+        results.append(best)
+        print(json.dumps(best), flush=True)
+    first = work / f"out_w{args.workers[0]}_train"
+    same = all(filecmp.cmp(f"{first}{e}", f"{work / f'out_w{w}_train'}{e}", shallow=False) for w in args.workers for e in (".bin", ".idx"))
+    print(f"outputs identical across worker counts: {same}")
+
+
+if __name__ == "__main__":
+    main()
