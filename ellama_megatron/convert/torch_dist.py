@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -92,7 +93,12 @@ def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str,
     objects = {**objects, COMMON_STATE_KEY: common}
     writer = FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=True)
     planner = _OnDemandSavePlanner(chunks, objects, on_written)
-    torch.distributed.checkpoint.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    try:
+        torch.distributed.checkpoint.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as e:
+        # torch wraps the reading/converting error with its traceback text; raise the error itself.
+        failure = next(iter(e.failures.values()))
+        raise getattr(failure, "exc", failure) from None
     (folder / "metadata.json").write_text(json.dumps(BACKEND_METADATA))
 
 
