@@ -25,7 +25,8 @@ with L layers, h hidden, q = heads*head_dim, kv = groups*head_dim, f FFN width, 
 Which parts are the engine's and which are stand-ins: the model comes from the engine's provider
 (ellama_megatron.model.provider: TransformerConfig, layer spec with SDPAttention or TE's, GPTModel);
 the optimizer is, by default, the engine's too (Megatron DDP with an fp32 gradient buffer and the
-distributed optimizer: 18 bytes/param in bf16), or plain torch AdamW on the bf16 parameters
+distributed optimizer: 18 bytes/param in bf16; bf16 weights in Megatron's Float16Module as
+megatron.training wraps them), or plain torch AdamW on the bf16 parameters
 (--optimizer torch). "--layers auto" takes the most layers the project's planner
 (ellama_megatron.plan.memory) fits in the GPU's memory; its estimate is printed next to the
 measured peak.
@@ -187,7 +188,13 @@ def build_model(model_cfg, shape: StepShape, args: argparse.Namespace, device: t
         **recompute,
     )
     spec = provider.layer_spec(transformer_impl, attention)
-    return provider.build_gpt_model(model_cfg, config, spec, shape.vocab).to(device), config
+    model = provider.build_gpt_model(model_cfg, config, spec, shape.vocab).to(device)
+    if config.bf16:
+        # As megatron.training's get_model: bf16 weights, fp32 logits/loss out of the wrapper.
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    return model, config
 
 
 class TorchAdamW:

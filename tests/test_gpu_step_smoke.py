@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.model.config import load_model_config
 from ellama_megatron.plan.flops import flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +62,8 @@ def test_peak_lookup_and_auto_layers():
 def test_tiny_step_runs_on_cpu_and_writes_json(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--json", str(out)],
+        # bf16: the GPU path (Float16Module, Megatron's bf16 optimizer with fp32 main params).
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--dtype", "bf16", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_tiny_step_runs_on_cpu_and_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert not (tmp_path / "result.json.tmp").exists()
     assert result["shape"]["layers"] == 2 and result["shape"]["seq"] == 64
-    assert result["attention"] == "sdpa" and result["optimizer"] == "megatron"
+    assert result["attention"] == "sdpa" and result["optimizer"] == "megatron" and result["dtype"] == "bf16"
     assert len(result["step_s_all"]) == 2 and result["tokens_per_s"] > 0
     # log(512) = 6.24: random weights predict random tokens at chance.
     assert result["final_loss"] == pytest.approx(6.24, abs=0.1)

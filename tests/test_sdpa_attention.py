@@ -8,7 +8,6 @@ would pass), while SDPAttention gets None and must take the causal kernel.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
