@@ -491,7 +491,8 @@ def main(argv=None) -> dict:
     }
     if args.json:
         write_atomically(args.json, json.dumps(result, indent=2) + "\n")
-    mfu = f"{100 * result['mfu']:.1f}% MFU" if result["mfu"] is not None else "MFU n/a (no GPU peak)"
+    mfu = (f"{100 * result['mfu']:.1f}% MFU ({100 * result['mfu_palm_convention']:.1f}% by the PaLM count)"
+           if result["mfu"] is not None else "MFU n/a (no GPU peak)")
     print(
         f"gpu_step: {shape.layers} x {shape.preset} layers, step {step_s * 1e3:.1f} ms, "
         f"{tokens_s:,.0f} tokens/s, {model_tflops:.4g} model TFLOP/s ({tflops['dense']:.4g} without "
