@@ -97,8 +97,8 @@ def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str,
         torch.distributed.checkpoint.save({}, storage_writer=writer, planner=planner, no_dist=True)
     except CheckpointException as e:
         # torch wraps the reading/converting error with its traceback text; raise the error itself.
-        failure = next(iter(e.failures.values()))
-        raise getattr(failure, "exc", failure) from None
+        exc, _trace = next(iter(e.failures.values()))
+        raise exc from None
     (folder / "metadata.json").write_text(json.dumps(BACKEND_METADATA))
 
 
