@@ -26,6 +26,7 @@ def get_batch(data_iterator):
     if tp_rank == 0:
         raw = next(data_iterator)
         batch = {k: (raw[k].cuda(non_blocking=True) if raw.get(k) is not None else None) for k in BATCH_KEYS}
+    micro_batch_size = _micro_batch_size_from_tp_rank_0(batch, args.micro_batch_size)
     batch = get_batch_on_this_tp_rank(
         batch,
         has_cu_seqlens=False,
@@ -35,7 +36,7 @@ def get_batch(data_iterator):
         broadcast_group=mpu.get_tensor_model_parallel_group(),
         cp_size=args.context_parallel_size,
         tp_rank=tp_rank,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=micro_batch_size,
         seq_length=args.seq_length,
         mtp_on_this_rank=False,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -43,6 +44,19 @@ def get_batch(data_iterator):
         is_pipeline_last_stage=last,
     )
     return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
+
+
+def _micro_batch_size_from_tp_rank_0(batch: dict, default: int) -> int:
+    """Full validation feeds micro-batches of 1 (MegatronFullValidationSampler), training feeds
+    --micro-batch-size: TP peers must size their receive buffers for the batch actually sent."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_tensor_model_parallel_world_size() == 1:
+        return default
+    size = torch.tensor([batch["tokens"].shape[0] if batch else 0], dtype=torch.long, device="cuda")
+    torch.distributed.broadcast(size, mpu.get_tensor_model_parallel_src_rank(),
+                                group=mpu.get_tensor_model_parallel_group())
+    return int(size.item())
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -81,7 +81,7 @@ def model_args(m: LlamaConfig) -> list[str]:
     return args
 
 
-def parallel_args(cfg) -> list[str]:
+def parallel_args(cfg, transformer_impl: str) -> list[str]:
     p = cfg.parallel
     args = [
         "--tensor-model-parallel-size", p.tensor_model_parallel_size,
@@ -89,7 +89,9 @@ def parallel_args(cfg) -> list[str]:
         "--context-parallel-size", p.context_parallel_size,
     ]
     args += _flag("num-layers-per-virtual-pipeline-stage", _layers_per_virtual_stage(cfg))
-    args += _flag("sequence-parallel", bool(p.sequence_parallel) and p.tensor_model_parallel_size > 1)
+    # Megatron's local spec norms (torch RMSNorm, no apex) cannot shard over the sequence: only TE can.
+    sp = bool(p.sequence_parallel) and p.tensor_model_parallel_size > 1 and transformer_impl == "transformer_engine"
+    args += _flag("sequence-parallel", sp)
     args += _flag("use-distributed-optimizer", bool(p.use_distributed_optimizer))
     if p.recompute_granularity:
         args += ["--recompute-granularity", p.recompute_granularity]
@@ -202,7 +204,7 @@ def megatron_argv(cfg, model: LlamaConfig, transformer_impl: str) -> list[str]:
     """The complete Megatron argument list for one resolved config."""
     argv = (
         model_args(model)
-        + parallel_args(cfg)
+        + parallel_args(cfg, transformer_impl)
         + train_args(cfg)
         + checkpoint_args(cfg)
         + logging_args(cfg)

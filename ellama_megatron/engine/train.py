@@ -62,11 +62,13 @@ def run(cfg) -> None:
         forward_step,
         model_provider=megatron_model_provider(model, attention),
     )
-    from megatron.training import get_args
+    # pretrain returns only when the budget is spent (early exits call sys.exit after saving).
+    import torch.distributed as dist
 
-    args = get_args()
-    if args.rank == 0 and args.iteration >= train_iterations(cfg):
-        (Path(cfg.run_dir) / DONE_FILE).write_text(json.dumps({"iteration": args.iteration}) + "\n")
+    if dist.get_rank() == 0:
+        latest = (Path(cfg.run_dir) / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
+        done = {"iteration": int(latest), "train_iters": train_iterations(cfg)}
+        (Path(cfg.run_dir) / DONE_FILE).write_text(json.dumps(done) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

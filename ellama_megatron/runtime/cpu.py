@@ -14,6 +14,8 @@ its code, this module adapts those calls in one place, and only when no GPU is p
   9. ~100 ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` in Megatron        -> a TorchFunctionMode
  10. ``param.grad.type() == 'torch.cuda.FloatTensor'`` asserts                -> CPU float types report
      their CUDA name
+ 11. ``jit_fuser`` = torch.compile: inductor builds C++ kernels for every fused op at start-up
+     (about 20 s of a tiny run, no gain on CPU)                                -> dynamo disabled
 
 ``PATCHED_ATTRIBUTES`` names every attribute replaced; tests/test_cpu_runtime.py fails when one of
 them no longer exists in the pinned Megatron, so an upgrade cannot silently turn a patch into a no-op.
@@ -44,6 +46,7 @@ PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
     ("torch.cuda", "set_device"),
     ("torch.cuda", "get_device_capability"),
     ("torch.Tensor", "type"),
+    ("megatron.training.arguments", "get_device_arch_version"),
 ]
 
 # Megatron source lines whose presence makes a patch necessary; if one disappears, the test tells
@@ -166,6 +169,9 @@ def apply_cpu_runtime(force: bool = False) -> bool:
         return False
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.disable = True
     fix_compile_helpers()
 
     cuda = torch.cuda
@@ -180,6 +186,8 @@ def apply_cpu_runtime(force: bool = False) -> bool:
     # Read by argument validation and TP set-up to pick kernels; Hopper answers are harmless here.
     cuda.get_device_capability = lambda *a, **k: (9, 0)
     torch.Tensor.type = _cpu_tensor_type(torch.Tensor.type)
+    arguments = importlib.import_module("megatron.training.arguments")
+    arguments.get_device_arch_version = lambda: 9  # TP/CP validation asks for the GPU generation
 
     training = importlib.import_module("megatron.training.training")
     initialize = importlib.import_module("megatron.training.initialize")

@@ -1,0 +1,36 @@
+"""Reads Megatron's training log: losses per iteration and per-domain validation losses.
+
+Tests, the Slurm sweep table and the report's curves read runs through this, not through regexes
+of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_TRAIN = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.Ee+-]+) \|")
+# " validation-general loss at iteration 20 | lm loss value: 5.85E+00 | ..." (periodic) and
+# " validation-general loss at iteration 20 on validation set | ..." (the final pass)
+_VALID = re.compile(r"validation-(\S+) loss at iteration (\d+)( on validation set)? \| lm loss value: ([0-9.Ee+-]+)")
+
+
+@dataclass
+class TrainLog:
+    train_loss: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
+    valid_loss: dict[str, dict[int, float]] = field(default_factory=dict)  # domain -> iteration -> loss
+    train_iters: int | None = None
+
+    @property
+    def last_iteration(self) -> int:
+        return max(self.train_loss, default=0)
+
+
+def parse_train_log(text: str) -> TrainLog:
+    log = TrainLog()
+    for m in _TRAIN.finditer(text):
+        log.train_loss[int(m.group(1))] = float(m.group(3))
+        log.train_iters = int(m.group(2))
+    for m in _VALID.finditer(text):
+        log.valid_loss.setdefault(m.group(1), {})[int(m.group(2))] = float(m.group(4))
+    return log

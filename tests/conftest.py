@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny indexed datasets of two domains, and a runner for real training runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ellama_megatron.engine.train_log import parse_train_log
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Two domains over disjoint token ranges with a learnable pattern each, so that each validation
+# loss responds to its own training data.
+DOMAINS = {"general": (4, 200), "ecommerce": (200, 500)}
+
+
+def write_domain_datasets(out: Path, seed: int = 0) -> dict[str, dict[str, str]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    prefixes: dict[str, dict[str, str]] = {}
+    for name, (lo, hi) in DOMAINS.items():
+        for split, docs in (("train", 300), ("valid", 20)):
+            prefix = out / f"{name}_{split}"
+            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            for _ in range(docs):
+                start = int(rng.integers(lo, hi - 10))
+                doc = [start + i % 7 for i in range(int(rng.integers(20, 200)))] + [2]
+                builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
+            builder.finalize(f"{prefix}.idx")
+            prefixes.setdefault(name, {})[split] = str(prefix)
+    return prefixes
+
+
+@pytest.fixture(scope="session")
+def domain_data(tmp_path_factory) -> dict[str, dict[str, str]]:
+    return write_domain_datasets(tmp_path_factory.mktemp("domains"))
+
+
+def data_overrides(data: dict[str, dict[str, str]]) -> list[str]:
+    train = ",".join(f"{{prefix:{d['train']},weight:1}}" for d in data.values())
+    valid = ",".join(f"{name}:[{d['valid']}]" for name, d in data.items())
+    return [f"data.train=[{train}]", f"data.valid={{{valid}}}"]
+
+
+# A tiny run that learns within 20 iterations (the paper's LR is far too small for that).
+TINY_RUN = ["optim.lr=2e-3", "optim.min_lr=2e-4", "checkpoint.save_interval=10"]
+
+
+def run_cpt(run_dir: Path, data, *overrides: str, timeout: int = 600, env: dict | None = None):
+    """Run recipes/cpt.py as a user would; returns (CompletedProcess, TrainLog)."""
+    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}",
+           *data_overrides(data), *TINY_RUN, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    (Path(run_dir).parent / f"{Path(run_dir).name}.log").write_text(proc.stdout + proc.stderr)
+    return proc, parse_train_log(proc.stdout + proc.stderr)

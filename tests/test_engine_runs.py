@@ -1,0 +1,131 @@
+"""The training engine end to end: real torchrun subprocesses of recipes/cpt.py on CPU (gloo)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, TINY_RUN, data_overrides, run_cpt
+from ellama_megatron.engine.train_log import parse_train_log
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dp2(domain_data, tmp_path_factory):
+    """The reference: 20 uninterrupted iterations at DP=2."""
+    return run_cpt(tmp_path_factory.mktemp("dp2") / "run", domain_data)
+
+
+def assert_trained(proc, log, iters=20):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert log.last_iteration == iters, f"reached iteration {log.last_iteration}, expected {iters}"
+    first = log.train_loss[1]
+    last = sum(log.train_loss[i] for i in range(iters - 2, iters + 1)) / 3
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert set(log.valid_loss) == {"general", "ecommerce"}
+    for domain, losses in log.valid_loss.items():
+        assert losses[20] < losses[10], f"{domain} validation loss did not fall: {losses}"
+
+
+def test_dp2_trains_and_logs_each_domain(dp2):
+    proc, log = dp2
+    assert_trained(proc, log)
+    run_dir = Path(proc.args[2].split("=", 1)[1])
+    assert (run_dir / "done.json").exists()
+    assert (run_dir / "checkpoints" / "ellama_config.yaml").exists()
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
+
+
+def test_tp2_gives_the_losses_of_dp2(dp2, domain_data, tmp_path):
+    proc, log = run_cpt(tmp_path / "run", domain_data, "parallel=tp2")
+    assert_trained(proc, log)
+    _, ref = dp2
+    for it, loss in ref.train_loss.items():
+        assert log.train_loss[it] == pytest.approx(loss, abs=1e-5), f"iteration {it}"
+
+
+def test_pp2_trains(dp2, domain_data, tmp_path):
+    proc, log = run_cpt(tmp_path / "run", domain_data, "parallel=pp2")
+    assert_trained(proc, log)
+    _, ref = dp2
+    # Same model, data and global batch; only the micro-batch accumulation order differs.
+    assert log.train_loss[20] == pytest.approx(ref.train_loss[20], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_10(domain_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    proc, log = run_cpt(run_dir, domain_data, "train.exit_interval=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log.last_iteration == 10
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
+    assert not (run_dir / "done.json").exists()
+    return run_dir
+
+
+def test_resume_is_bit_identical(dp2, domain_data, stopped_at_10, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_10, run_dir)
+    proc, log = run_cpt(run_dir, domain_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert min(log.train_loss) == 11, "the relaunch must resume after the saved iteration"
+    assert log.last_iteration == 20
+    _, ref = dp2
+    for it in range(11, 21):
+        assert log.train_loss[it] == ref.train_loss[it], f"iteration {it} differs after resume"
+    assert log.valid_loss["general"][20] == ref.valid_loss["general"][20]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_resume_at_another_layout(layout, dp2, domain_data, stopped_at_10, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_10, run_dir)
+    proc, log = run_cpt(run_dir, domain_data, f"parallel={layout}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert min(log.train_loss) == 11 and log.last_iteration == 20
+    _, ref = dp2
+    for it in range(11, 21):
+        assert log.train_loss[it] == pytest.approx(ref.train_loss[it], abs=1e-4), f"iteration {it}"
+
+
+def _rank_processes(parent: psutil.Process) -> list[psutil.Process]:
+    return [p for p in parent.children(recursive=True)
+            if "ellama_megatron.engine.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+
+
+def test_sigterm_saves_then_relaunch_resumes(domain_data, tmp_path):
+    run_dir = tmp_path / "run"
+    # Long enough to be caught mid-run: 400 iterations.
+    args = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}", *data_overrides(domain_data),
+            *TINY_RUN, "train.train_tokens=409600", "checkpoint.save_interval=1000"]
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        parent = psutil.Process(proc.pid)
+        deadline = time.time() + 300
+        while parse_train_log(log_path.read_text()).last_iteration < 5:
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        ranks = _rank_processes(parent)
+        assert len(ranks) == 2
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    first = parse_train_log(log_path.read_text())
+    saved = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 5 <= saved < 400 and saved == first.last_iteration
+    assert not (run_dir / "done.json").exists()
+
+    # The next launch resumes there (stopped again soon after, to keep the test short).
+    proc2, second = run_cpt(run_dir, domain_data, "train.train_tokens=409600", "checkpoint.save_interval=1000",
+                            f"train.exit_interval={saved + 3}")
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert min(second.train_loss) == saved + 1 and second.last_iteration == saved + 3
