@@ -1,0 +1,158 @@
+"""slurm/*.sbatch on a real single-node Slurm (scripts/slurm_local.sh), with the real launcher and
+the real engine on the tiny CPU preset: a run, a preemption with requeue and resume, a finished
+job that does not requeue, a failing job that does not loop, the 70B dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# One node, two tasks, no GPU: command-line #SBATCH overrides of slurm/8b.sbatch's header.
+SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=UNLIMITED"]
+TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5"]
+ITERS = 30
+LOSS_AT = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?lm loss: ([0-9.E+-]+)")
+VALID = re.compile(r"validation-(\w+) loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
+
+
+def write_tiny_data(root: Path) -> Path:
+    """Two domains of random-ish token ids as Megatron indexed datasets, and their blend file."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    blend = {"train": [], "valid": {}}
+    for name, low in (("general", 4), ("ecommerce", 200)):
+        for split, docs in (("train", 300), ("valid", 20)):
+            prefix = root / f"{name}_{split}"
+            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            for _ in range(docs):
+                n = int(rng.integers(20, 200))
+                doc = np.append(low + (np.arange(n) * 7 + rng.integers(0, 5, n)) % 250, 2).astype(np.int32)
+                builder.add_document(torch.from_numpy(doc), [len(doc)])
+            builder.finalize(f"{prefix}.idx")
+            if split == "train":
+                blend["train"].append({"prefix": str(prefix), "weight": 1.0})
+            else:
+                blend["valid"][name] = [str(prefix)]
+    path = root / "blend.json"
+    path.write_text(json.dumps(blend))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_blend(tmp_path_factory) -> Path:
+    return write_tiny_data(tmp_path_factory.mktemp("slurm_data"))
+
+
+def submit(cluster, tmp: Path, name: str, overrides: list[str], blend: Path, env: dict | None = None) -> tuple[int, Path]:
+    run_dir = tmp / name
+    out = tmp / f"{name}.out"
+    job = cluster.sbatch(
+        *SBATCH_CPU, f"--job-name={name}", f"--output={out}", "slurm/8b.sbatch",
+        *TINY, f"train.train_tokens={ITERS * 8 * 128}", f"data.blend_file={blend}", f"run_dir={run_dir}", *overrides,
+        env={"ELLAMA_LOG_ROOT": str(tmp / "logs"), **(env or {})},
+    )
+    return job, out
+
+
+def final_losses(log: str) -> tuple[dict[int, str], dict[str, str]]:
+    train = {int(m[0]): m[2] for m in LOSS_AT.findall(log)}
+    valid = {m[0]: m[2] for m in VALID.findall(log)}  # last value per domain
+    return train, valid
+
+
+def wait_for_text(path: Path, pattern: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{pattern!r} not in {path} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tiny_blend, tmp_path_factory):
+    """An uninterrupted run: the preemption test must end with the same loss."""
+    tmp = tmp_path_factory.mktemp("slurm_ref")
+    job, out = submit(slurm_cluster, tmp, "ref", [], tiny_blend)
+    state = slurm_cluster.wait(job, timeout=400)
+    return job, state, out.read_text(), tmp
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_runs_engine_and_does_not_requeue_when_finished(reference_run):
+    job, state, log, tmp = reference_run
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["Restarts"] == "0"
+    train, valid = final_losses(log)
+    assert sorted(train) == list(range(1, ITERS + 1))
+    assert set(valid) == {"general", "ecommerce"}
+    assert "not requeueing" in log
+    # Per-job log folder with the resolved config.
+    configs = list((tmp / "logs").glob(f"ref-{job}/config.restart0.yaml"))
+    assert configs and "model:" in configs[0].read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster, tiny_blend, reference_run, tmp_path):
+    job, out = submit(slurm_cluster, tmp_path, "preempt", [], tiny_blend)
+    wait_for_text(out, r"iteration\s+3/", timeout=400)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    state = slurm_cluster.wait(job, timeout=400, until=lambda j: j.get("JobState") == "COMPLETED")
+    log = out.read_text()
+    assert state["Restarts"] == "1", log[-3000:]
+    assert "got SIGUSR1" in log
+    saved = re.search(r"requeueing job \d+ \(restart 1\) to resume from iteration (\d+)", log)
+    assert saved, log[-3000:]
+    iteration = int(saved.group(1))
+    assert 3 <= iteration < ITERS
+    second = log[log.index("restart 1:"):]
+    assert f"from checkpoint iteration {iteration}" in second
+    train_second, _ = final_losses(second)
+    assert min(train_second) == iteration + 1  # resumes where it saved: no step repeated or skipped
+    ref_train, ref_valid = final_losses(reference_run[2])
+    train, valid = final_losses(log)
+    assert float(train[ITERS]) == pytest.approx(float(ref_train[ITERS]), rel=1e-5)
+    assert {k: float(v) for k, v in valid.items()} == pytest.approx({k: float(v) for k, v in ref_valid.items()}, rel=1e-5)
+
+
+@pytest.mark.slurm
+def test_failing_job_does_not_loop(slurm_cluster, tiny_blend, tmp_path):
+    job, out = submit(slurm_cluster, tmp_path, "broken", ["parallel.tensor_model_parallel_size=3"], tiny_blend)
+    state = slurm_cluster.wait(job, timeout=200)
+    assert state["JobState"] == "FAILED"
+    assert state["Restarts"] == "0"
+    assert "not requeueing" in out.read_text()
+
+
+def test_dry_run_70b_plans_480_gpus_fitting_80gb():
+    proc = subprocess.run(["bash", "slurm/70b.sbatch"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "ELLAMA_DRY_RUN": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"world size\s+480 = 60 nodes x 8", proc.stdout)
+    assert re.search(r"TP / PP / CP / DP\s+8 / 4 \(VP 5\) / 1 / 15", proc.stdout)
+    gib = float(re.search(r"memory per GPU\s+([0-9.]+) GiB of 80 GB: fits", proc.stdout).group(1))
+    assert 20 < gib < 80
+    for field in ("micro / global batch", "gradient accumulation", "iterations for the token budget", "tokens per step"):
+        assert field in proc.stdout
+
+
+def test_dry_run_refuses_oversized_layout_with_numbers():
+    proc = subprocess.run(
+        ["bash", "slurm/70b.sbatch", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+         "parallel.virtual_pipeline_model_parallel_size=null"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "ELLAMA_DRY_RUN": "1"},
+    )
+    assert proc.returncode == 1
+    assert re.search(r"REFUSED: layout TP1 PP1 CP1 DP480 of llama31_70b needs [0-9.]+ GiB per GPU", proc.stderr)
