@@ -1,0 +1,109 @@
+"""The trade-off report: merge base and adapted at several alphas, evaluate every point on every
+held-out domain, and write a table (markdown + JSON) and a plot of general vs domain perplexity.
+
+alpha 0 is the base model and alpha 1 the adapted model: they are evaluated from the input
+folders directly (a linear merge at 0 or 1 is bit-identical to them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ellama_megatron.eval.heldout_data import DomainSource
+from ellama_megatron.eval.results_file import write_json_atomic, write_text_atomic
+
+
+def markdown_table(points: list[dict], domains: list[str]) -> str:
+    head = "| alpha | model | " + " | ".join(f"{d} ppl" for d in domains) + " |"
+    sep = "|---:|---|" + "---:|" * len(domains)
+    rows = [
+        f"| {p['alpha']:g} | {p['label']} | " + " | ".join(f"{p['domains'][d]['perplexity']:.4f}" for d in domains) + " |"
+        for p in points
+    ]
+    return "\n".join([head, sep, *rows]) + "\n"
+
+
+def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [p["alpha"] for p in points]
+    g = [p["domains"][general]["perplexity"] for p in points]
+    d = [p["domains"][domain]["perplexity"] for p in points]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.plot(alphas, g, "o-", label=general)
+    ax1.plot(alphas, d, "s-", label=domain)
+    ax1.set_xlabel("alpha (0 = base, 1 = adapted)")
+    ax1.set_ylabel("perplexity")
+    ax1.set_title("Perplexity along the merge")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(g, d, "o-", color="tab:purple")
+    for p, x, y in zip(points, g, d):
+        ax2.annotate(p["label"] if p["label"] in ("base", "adapted") else f"{p['alpha']:g}", (x, y),
+                     textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax2.set_xlabel(f"{general} perplexity")
+    ax2.set_ylabel(f"{domain} perplexity")
+    ax2.set_title("Trade-off (lower-left is better)")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def run_sweep(
+    base: str | Path,
+    adapted: str | Path,
+    alphas: list[float],
+    sources: list[DomainSource],
+    out_dir: str | Path,
+    general: str = "general",
+    domain: str = "ecommerce",
+    method: str = "linear",
+    seq_length: int = 2048,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_docs: int | None = None,
+    keep_merged: bool = False,
+    progress: bool = True,
+) -> dict:
+    from ellama_megatron.eval.perplexity import evaluate_model_dir
+    from ellama_megatron.merge.merge_hf import merge_hf_folders
+
+    names = [s.name for s in sources]
+    for role, name in (("--general-domain", general), ("--domain", domain)):
+        if name not in names:
+            raise ValueError(f"{role} {name!r} is not one of the --data domains {names}")
+    alphas = sorted(set([0.0, 1.0] + [float(a) for a in alphas]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inner = [a for a in alphas if a not in (0.0, 1.0)]
+    merged_root = out / "merged"
+    models = {0.0: Path(base), 1.0: Path(adapted)}
+    if inner:
+        # One pass over the inputs writes every intermediate alpha.
+        dirs = merge_hf_folders(base, [adapted], inner, merged_root / "sweep", method=method, overwrite=True,
+                                progress=progress).outputs
+        models.update(zip(inner, dirs))
+    points = []
+    try:
+        for a in alphas:
+            r = evaluate_model_dir(models[a], sources, seq_length, batch_size, device, dtype, max_docs=max_docs, progress=progress)
+            label = "base" if a == 0.0 else "adapted" if a == 1.0 else "merged"
+            points.append({"alpha": a, "label": label, "model": str(models[a]), "domains": r["domains"]})
+    finally:
+        if not keep_merged and merged_root.exists():
+            shutil.rmtree(merged_root)
+    report = {"method": method, "base": str(base), "adapted": str(adapted), "seq_length": seq_length,
+              "general_domain": general, "domain": domain, "points": points}
+    write_json_atomic(out / "sweep.json", report)
+    write_text_atomic(out / "sweep.md", markdown_table(points, names))
+    plot_tradeoff(points, general, domain, out / "sweep.png")
+    return report

@@ -1,0 +1,72 @@
+"""Training curves per domain: training loss and each validation domain's loss against iteration,
+from Megatron training logs (parsed by the engine's `parse_train_log`) or TensorBoard event files
+(Megatron's tags `lm loss` and `lm loss validation-<domain>`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ellama_megatron.engine.train_log import TrainLog, parse_train_log
+
+_VALID_TAG = "lm loss validation-"
+
+
+def read_tensorboard(path: str | Path) -> TrainLog:
+    """Scalars from an event file or a folder of them (e.g. ${run_dir}/tensorboard)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    log = TrainLog()
+    for tag in acc.Tags().get("scalars", []):
+        if tag == "lm loss":
+            log.train_loss.update({e.step: e.value for e in acc.Scalars(tag)})
+        elif tag.startswith(_VALID_TAG) and not tag.endswith((" vs samples", " ppl")):
+            log.valid_loss.setdefault(tag[len(_VALID_TAG):], {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return log
+
+
+def read_curves(path: str | Path) -> TrainLog:
+    """A training log (text) or TensorBoard event file/folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such log file or TensorBoard folder")
+    if p.is_dir() or p.name.startswith("events.out.tfevents"):
+        log = read_tensorboard(p)
+    else:
+        log = parse_train_log(p.read_text(errors="replace"))
+    if not log.train_loss and not log.valid_loss:
+        raise ValueError(
+            f"{p}: no losses found; give Megatron's training log (lines ' iteration N/M | ... lm loss: ...' and "
+            "' validation-<domain> loss at iteration N | lm loss value: ...') or its TensorBoard folder"
+        )
+    return log
+
+
+def plot_training_curves(log: TrainLog, out_png: str | Path, title: str = "Training curves") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_png)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if log.train_loss:
+        it = sorted(log.train_loss)
+        ax.plot(it, [log.train_loss[i] for i in it], color="0.6", lw=1, label="train")
+    for domain, losses in sorted(log.valid_loss.items()):
+        it = sorted(losses)
+        ax.plot(it, [losses[i] for i in it], "o-", ms=3, label=f"validation {domain}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("lm loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,67 @@
+"""Trade-off report: merge base and adapted models at several alphas (one pass), evaluate each on
+every held-out domain, write sweep.json, sweep.md (table) and sweep.png (perplexity along alpha
+and general-vs-domain trade-off; base = alpha 0 and adapted = alpha 1 are the end points).
+
+  python tools/merge_sweep.py --base BASE --adapted ADAPTED \
+      --data general=heldout/general.jsonl --data ecommerce=heldout/ecommerce.jsonl \
+      --alpha 0.25 --alpha 0.5 --alpha 0.75 --out reports/sweep
+
+Merged models go to OUT/merged/ and are deleted after evaluation unless --keep-merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ellama_megatron.eval.heldout_data import parse_domain_spec
+from ellama_megatron.merge.hf_folder import MergeInputError
+from ellama_megatron.merge.megatron_checkpoint import refuse_megatron_checkpoint
+from ellama_megatron.merge.methods import METHODS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="base model folder (Hugging Face)")
+    p.add_argument("--adapted", required=True, help="adapted model folder (Hugging Face)")
+    p.add_argument("--alpha", action="append", type=float, help="intermediate alphas (repeatable; default 0.25 0.5 0.75)")
+    p.add_argument("--data", required=True, action="append", help="DOMAIN=PATH held-out set (repeatable), as tools/evaluate.py")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--general-domain", default="general", help="domain on the plot's x axis (default %(default)s)")
+    p.add_argument("--domain", default="ecommerce", help="domain on the plot's y axis (default %(default)s)")
+    p.add_argument("--method", default="linear", choices=[m for m in METHODS if m != "task_arithmetic"], help="merge formula")
+    p.add_argument("--seq-length", type=int, default=2048, help="evaluation window in tokens (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="evaluation dtype")
+    p.add_argument("--max-docs", type=int, help="at most this many documents per domain")
+    p.add_argument("--keep-merged", action="store_true", help="keep the merged models under OUT/merged/")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    alphas = args.alpha or [0.25, 0.5, 0.75]
+    try:
+        refuse_megatron_checkpoint(args.base, "--base", "sweeping")
+        refuse_megatron_checkpoint(args.adapted, "--adapted", "sweeping")
+        if any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"--alpha {alphas}: the sweep interpolates, alphas must be in [0, 1]")
+        sources = [parse_domain_spec(s) for s in args.data]
+        from ellama_megatron.eval.merge_sweep import run_sweep
+
+        report = run_sweep(args.base, args.adapted, alphas, sources, args.out, args.general_domain, args.domain,
+                           args.method, args.seq_length, args.batch_size, args.device, args.dtype, args.max_docs,
+                           args.keep_merged)
+    except (MergeInputError, ValueError) as e:
+        print(f"merge_sweep.py: error: {e}", file=sys.stderr)
+        return 2
+    from ellama_megatron.eval.merge_sweep import markdown_table
+
+    print(markdown_table(report["points"], [s.name for s in sources]))
+    print(f"sweep over {len(report['points'])} alphas -> {args.out}/sweep.md, sweep.json, sweep.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
