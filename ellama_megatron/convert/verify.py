@@ -61,7 +61,8 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
     folder = find_checkpoint(ckpt_root)
     apply_cpu_runtime()
     init_single_process_group()
-    impl, attention = resolve_impl("auto", "auto")
+    # The local spec runs on CPU everywhere; checkpoint keys are the same for both specs.
+    impl, attention = resolve_impl("local", "sdpa")
     md_vocab = _stored_vocab(folder)
     model = build_gpt_model(cfg, transformer_config(cfg), layer_spec(impl, attention), md_vocab)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
