@@ -196,6 +196,7 @@ def test_template_that_fits_no_record_fails_before_work(tmp_path, tokenizer_dir,
         _run([corpora["general_en"]], tmp_path / "o", tokenizer_dir, template="review")
 
 
+@pytest.mark.slow
 def test_cli_summary_and_errors(tmp_path, tokenizer_dir, corpora):
     def cli(tokenizer, prefix):
         cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpora["general_en"]),
