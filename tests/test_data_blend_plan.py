@@ -212,3 +212,33 @@ def test_blended_dataset_draws_the_planned_token_shares(tmp_path):
     other = _blended(weights, seed=99, cache=d / "cache3")
     assert [numpy.asarray(other[i]["tokens"]).tolist() for i in range(50)] != first
     assert math.isclose(sum(w for _, w in weights), 1.0)
+
+
+def test_paper_mix_config_at_1t_tokens(tmp_path, capsys):
+    """conf/data/ellama.yaml with train=paper: the paper's shares, and the epochs they imply."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import plan_blend as tool
+
+    sizes = {"general_en": 500e9, "general_multilingual": 30e9, "listings": 60e9, "reviews": 30e9, "ecommerce_web": 150e9}
+    for name, tokens in sizes.items():
+        write_manifest(tmp_path, name, int(tokens), 1000)
+    out = tmp_path / "blend.json"
+    assert tool.main(["data=ellama", "train=paper", f"data.root={tmp_path}", f"data.blend_file={out}"]) == 0
+    weights = [round(e["weight"], 6) for e in json.loads(out.read_text())["train"]]
+    assert weights == [0.45, 0.05, 0.2, 0.1, 0.2]
+    table = capsys.readouterr().out
+    # 1T tokens of 8192: listings draw 200B of 60B = 3.33 epochs (cap 4); non-English 50B of 30B = 1.67 (cap 2).
+    assert "122,070,313 samples of 8192" in table
+    assert " 3.33 " in table and " 1.67 " in table
+    assert tool.main(["data=ellama", "train=paper", f"data.root={tmp_path}", f"data.blend_file={out}",
+                      "data.groups.ecommerce.sources.listings.share=0.6", "data.groups.ecommerce.sources.reviews.share=0.1"]) == 2
+
+
+def test_validation_per_source(tmp_path):
+    cfg = mix(tmp_path)
+    cfg["valid_by"] = "source"
+    valid = plan_blend(cfg, 100_000, 100).to_blend_dict()["valid"]
+    assert list(valid) == ["general-english", "general-non_english", "ecommerce-listings", "ecommerce-reviews"]

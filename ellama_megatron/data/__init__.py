@@ -1,0 +1,1 @@
+"""Corpus files -> serialized text -> Megatron indexed datasets with manifests -> a planned blend (docs/data.md)."""
