@@ -127,7 +127,10 @@ def preprocess(opts: PreprocessOptions) -> dict:
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
-    units = plan_units(files, shard_bytes=opts.shard_bytes)
+    # At least 4 units per worker where inputs can be cut, so no worker idles at the end.
+    total = sum(os.path.getsize(f) for f in files)
+    shard = opts.shard_bytes if opts.workers == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * opts.workers)))
+    units = plan_units(files, shard_bytes=shard)
     _preflight(units, opts.serializer)
 
     out_prefix = Path(opts.output_prefix)
