@@ -52,12 +52,22 @@ def test_tp2_gives_the_losses_of_dp2(dp2, domain_data, tmp_path):
         assert log.train_loss[it] == pytest.approx(loss, abs=1e-5), f"iteration {it}"
 
 
-def test_pp2_trains(dp2, domain_data, tmp_path):
+def test_pp2_trains(domain_data, tmp_path):
+    # Not compared with DP=2: Megatron seeds each pipeline stage differently (seed + 100 x PP rank),
+    # so a fresh PP=2 model starts from other weights. Resuming at PP=2 (below) is compared.
     proc, log = run_cpt(tmp_path / "run", domain_data, "parallel=pp2")
     assert_trained(proc, log)
-    _, ref = dp2
-    # Same model, data and global batch; only the micro-batch accumulation order differs.
-    assert log.train_loss[20] == pytest.approx(ref.train_loss[20], abs=1e-4)
+
+
+def assert_same_losses_after_resume(log, ref, resumed_at: int, tolerance: float):
+    """Megatron prints the first iteration of a launch without resetting its loss accumulator, so
+    the next printed loss is the mean of both iterations: compare that one as such."""
+    first, second = resumed_at + 1, resumed_at + 2
+    expected = {it: ref.train_loss[it] for it in range(first, ref.last_iteration + 1)}
+    expected[second] = (ref.train_loss[first] + ref.train_loss[second]) / 2
+    for it, loss in expected.items():
+        slack = max(tolerance, 1e-6) if it == second else tolerance  # the mean of two printed values
+        assert abs(log.train_loss[it] - loss) <= slack, f"iteration {it}: {log.train_loss[it]} vs {loss}"
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +89,7 @@ def test_resume_is_bit_identical(dp2, domain_data, stopped_at_10, tmp_path):
     assert min(log.train_loss) == 11, "the relaunch must resume after the saved iteration"
     assert log.last_iteration == 20
     _, ref = dp2
-    for it in range(11, 21):
-        assert log.train_loss[it] == ref.train_loss[it], f"iteration {it} differs after resume"
+    assert_same_losses_after_resume(log, ref, resumed_at=10, tolerance=0.0)
     assert log.valid_loss["general"][20] == ref.valid_loss["general"][20]
 
 
@@ -92,8 +101,7 @@ def test_resume_at_another_layout(layout, dp2, domain_data, stopped_at_10, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert min(log.train_loss) == 11 and log.last_iteration == 20
     _, ref = dp2
-    for it in range(11, 21):
-        assert log.train_loss[it] == pytest.approx(ref.train_loss[it], abs=1e-4), f"iteration {it}"
+    assert_same_losses_after_resume(log, ref, resumed_at=10, tolerance=1e-4)
 
 
 def _rank_processes(parent: psutil.Process) -> list[psutil.Process]:

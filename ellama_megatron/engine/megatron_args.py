@@ -133,6 +133,11 @@ def train_args(cfg) -> list[str]:
         "--eval-iters", t.eval_iters,
         "--full-validation",
         "--multiple-validation-sets",
+        # Full validation feeds one sample per DP rank per batch (MegatronFullValidationSampler):
+        # size the evaluation step to that, so each domain is passed over exactly once (and PP
+        # stages agree on the activation shape).
+        "--eval-micro-batch-size", 1,
+        "--eval-global-batch-size", data_parallel_size(cfg),
         "--log-interval", t.log_interval,
     ]
     args += _flag("exit-interval", t.exit_interval)
@@ -151,6 +156,8 @@ def checkpoint_args(cfg) -> list[str]:
         "--load", ckpt,
         "--save-interval", c.save_interval,
         "--ckpt-format", c.format,
+        # Optimizer state stored per parameter, not per DP bucket: a run can resume at another TP/PP.
+        "--dist-ckpt-optim-fully-reshardable",
         # SIGTERM (Slurm preemption, scancel) -> save a checkpoint and exit cleanly.
         "--exit-signal-handler",
     ]

@@ -33,14 +33,14 @@ def run(cfg) -> None:
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu, train_iterations
     from ellama_megatron.model.config import LlamaConfig
     from ellama_megatron.model.provider import megatron_model_provider, resolve_impl
-    from ellama_megatron.runtime.cpu import apply_cpu_runtime, fix_compile_helpers
+    from ellama_megatron.runtime.cpu import apply_cpu_runtime
+    from ellama_megatron.runtime.wheel_fixes import apply_wheel_fixes
 
     model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), "config.model")
     transformer_impl, attention = resolve_impl(cfg.impl.transformer, cfg.impl.attention)
     if on_cpu(cfg):
         apply_cpu_runtime()
-    else:
-        fix_compile_helpers()
+    apply_wheel_fixes()
 
     blend = resolve_blend(cfg.data, cfg.train.train_tokens, cfg.train.seq_length)
     argv = megatron_argv(cfg, model, transformer_impl)
@@ -52,6 +52,9 @@ def run(cfg) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
+    from ellama_megatron.engine.tokens_log import install_tokens_per_second_log
+
+    install_tokens_per_second_log()
     args = parse_and_validate_args()
     container = pretrain_cfg_container_from_args(args)
     cache = Path(cfg.run_dir) / "dataset_cache"

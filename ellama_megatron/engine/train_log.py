@@ -34,3 +34,15 @@ def parse_train_log(text: str) -> TrainLog:
     for m in _VALID.finditer(text):
         log.valid_loss.setdefault(m.group(1), {})[int(m.group(2))] = float(m.group(4))
     return log
+
+
+def compact_line(line: str) -> str | None:
+    """A short form of a training or validation log line for progress output; None for other lines."""
+    m = _TRAIN.search(line)
+    if m:
+        return f"iteration {int(m.group(1)):>6}/{m.group(2)}  lm loss {float(m.group(3)):.4f}"
+    m = _VALID.search(line)
+    if m:
+        final = " (final)" if m.group(3) else ""
+        return f"iteration {int(m.group(2)):>6}  validation {m.group(1):<12} {float(m.group(4)):.4f}{final}"
+    return None

@@ -5,7 +5,8 @@ its code, this module adapts those calls in one place, and only when no GPU is p
 
   1. ``initialize_megatron`` asserts CUDA unless ``allow_no_cuda=True``      -> wrapped
   2. with ``device_count() == 0`` it skips model-parallel initialisation     -> we initialise it
-  3. ``compile_helpers`` runs ``make`` on a Makefile the wheel lacks          -> ``fix_compile_helpers``
+  3. ``compile_helpers`` runs ``make`` on a Makefile the wheel lacks          -> runtime/wheel_fixes.py
+     (a GPU run needs that fix too, as it needs the distributed-optimizer resume fix there)
   4. ``torch.cuda.current_device()`` is used as a device                      -> returns the CPU device
   5. ``torch.cuda.synchronize()``                                             -> no-op
   6. ``torch.cuda.Stream/current_stream/stream``                              -> inert stand-ins
@@ -16,6 +17,12 @@ its code, this module adapts those calls in one place, and only when no GPU is p
      their CUDA name
  11. ``jit_fuser`` = torch.compile: inductor builds C++ kernels for every fused op at start-up
      (about 20 s of a tiny run, no gain on CPU)                                -> dynamo disabled
+ 12. ``_warmup_jit_function`` draws ``torch.rand(..., device="cuda")`` of TP-dependent sizes
+     (ffn_hidden_size // TP) between seeding and model construction. On a GPU that consumes the
+     CUDA generator; mapped to the CPU by (9) it consumed the CPU generator that
+     ``--use-cpu-initialization`` builds the weights from, so TP=2 started from other weights
+     than TP=1 (first loss 6.2155 vs 6.2438)                                  -> run with the CPU
+     generator's state saved and restored, as on a GPU
 
 ``PATCHED_ATTRIBUTES`` names every attribute replaced; tests/test_cpu_runtime.py fails when one of
 them no longer exists in the pinned Megatron, so an upgrade cannot silently turn a patch into a no-op.
@@ -35,7 +42,6 @@ from torch.overrides import TorchFunctionMode
 PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
     ("megatron.training.training", "initialize_megatron"),
     ("megatron.training.initialize", "_initialize_distributed"),
-    ("megatron.core.datasets.utils", "compile_helpers"),
     ("torch.cuda", "current_device"),
     ("torch.cuda", "synchronize"),
     ("torch.cuda", "Stream"),
@@ -47,6 +53,7 @@ PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
     ("torch.cuda", "get_device_capability"),
     ("torch.Tensor", "type"),
     ("megatron.training.arguments", "get_device_arch_version"),
+    ("megatron.training.initialize", "_warmup_jit_function"),
 ]
 
 # Megatron source lines whose presence makes a patch necessary; if one disappears, the test tells
@@ -54,8 +61,8 @@ PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
 PINNED_SOURCE_FACTS: list[tuple[str, str]] = [
     ("megatron.training.initialize", 'assert torch.cuda.is_available(), "Megatron requires CUDA."'),
     ("megatron.training.initialize", "if device_count > 0 and not skip_model_parallel_init:"),
-    ("megatron.core.datasets.utils", 'command = ["make", "-C"'),
     ("megatron.core.optimizer.clip_grads", "assert param.grad.type() == 'torch.cuda.FloatTensor'"),
+    ("megatron.training.initialize", 'args.ffn_hidden_size // args.tensor_model_parallel_size, dtype=dtype, device="cuda"'),
 ]
 
 _applied = False
@@ -110,22 +117,6 @@ class _InertStream:
         return False
 
 
-def fix_compile_helpers() -> None:
-    """The wheel ships the compiled dataset helpers but not their Makefile; Megatron's start-up
-    still runs ``make`` and exits on failure. Skip the build when the helpers import. Needed on GPU too.
-    """
-    utils = importlib.import_module("megatron.core.datasets.utils")
-    original = utils.compile_helpers
-
-    def compile_helpers():
-        try:
-            importlib.import_module("megatron.core.datasets.helpers_cpp")
-        except ImportError:
-            original()
-
-    utils.compile_helpers = compile_helpers
-
-
 def _cpu_tensor_type(original):
     cuda_names = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor"}
 
@@ -137,6 +128,19 @@ def _cpu_tensor_type(original):
         return original(self, dtype, non_blocking, **kwargs)
 
     return type_
+
+
+def _keep_cpu_rng(warmup):
+    """The JIT warm-up's random inputs must not advance the CPU generator (see 12 above): on a
+    GPU they come from the CUDA generator, and the CPU one must reach the model build untouched
+    so that every TP size cuts its shards from the same master weights."""
+
+    @functools.wraps(warmup)
+    def warmup_keeping_cpu_rng(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return warmup(*args, **kwargs)
+
+    return warmup_keeping_cpu_rng
 
 
 def _initialize_model_parallel_from_args(get_embedding_ranks=None, get_position_embedding_ranks=None) -> None:
@@ -165,14 +169,12 @@ def apply_cpu_runtime(force: bool = False) -> bool:
     if _applied:
         return True
     if torch.cuda.is_available() and not force:
-        fix_compile_helpers()
         return False
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.disable = True
-    fix_compile_helpers()
 
     cuda = torch.cuda
     cuda.current_device = lambda: torch.device("cpu")
@@ -210,6 +212,8 @@ def apply_cpu_runtime(force: bool = False) -> bool:
 
     training.initialize_megatron = initialize_megatron
     initialize._initialize_distributed = _initialize_distributed
+    # set_jit_fusion_options looks it up in this module's globals at call time.
+    initialize._warmup_jit_function = _keep_cpu_rng(initialize._warmup_jit_function)
 
     CudaToCpuMode().__enter__()  # stays on for the life of the process
     _applied = True
