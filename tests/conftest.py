@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ellama_megatron.engine.train_log import parse_train_log
+from slurm_cluster import slurm_cluster  # noqa: F401  (the local Slurm, started on demand)
 
 REPO = Path(__file__).resolve().parent.parent
 
