@@ -206,16 +206,21 @@ def test_cli_refusals(models, tmp_path, capsys):
     meg = tmp_path / "megatron_ckpt"
     meg.mkdir()
     (meg / "latest_checkpointed_iteration.txt").write_text("10")
+    # A Hugging Face folder and a Megatron checkpoint are not merged together (tests/test_merge_megatron.py
+    # merges two Megatron checkpoints).
     assert merge_main(["--base", str(models["base"]), "--adapted", str(meg), "--alpha", "0.5", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "is a Megatron checkpoint" in err and "Export it" in err
+    assert "is a Megatron checkpoint" in err and "tools/convert_hf.py" in err
+    (tmp_path / "junk").mkdir()
+    assert merge_main(["--base", str(tmp_path / "junk"), "--adapted", str(models["adapted"]), "--alpha", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "neither a Hugging Face model folder" in capsys.readouterr().err
     args = ["--base", str(models["base"]), "--adapted", str(models["adapted"]), "--adapted", str(models["other"])]
     assert merge_main(args + ["--alpha", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "use task_arithmetic" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     assert merge_main(args[:4] + ["--alpha", "0.5", "--out", str(tmp_path / "taken")]) == 2
     assert "exists" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["megatron_ckpt", "taken"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk", "megatron_ckpt", "taken"]  # nothing half-written
 
 
 def test_cli_runs_from_repo_root(models, tmp_path):
@@ -223,5 +228,5 @@ def test_cli_runs_from_repo_root(models, tmp_path):
     args = ["--base", models["base"], "--adapted", models["adapted"], "--alpha", "0.5", "--out", out]
     r = subprocess.run([sys.executable, "tools/merge.py", *map(str, args)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1].startswith("merged 39 tensors")
+    assert r.stdout.splitlines()[-1].startswith("merged Hugging Face folders: 39 tensors")
     assert (out / "model.safetensors.index.json").exists()

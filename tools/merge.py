@@ -1,4 +1,4 @@
-"""Merge a base and an adapted Hugging Face model: linear interpolation (the e-Llama paper's method),
+"""Merge a base and an adapted model (Hugging Face folders, or Megatron checkpoints): linear interpolation (the e-Llama paper's method),
 SLERP or task arithmetic, at one or several alphas in one pass over the inputs.
 
   python tools/merge.py --base BASE_DIR --adapted ADAPTED_DIR --alpha 0.5 --out merged/
@@ -14,6 +14,13 @@ Inputs must have the same architecture (config.json), tensor names, shapes, dtyp
 files; otherwise the merge is refused naming the first difference. The output has the base
 folder's layout (same shards, index, config, generation config, tokenizer files). Memory stays
 near a small multiple of one shard.
+
+Megatron checkpoints (a run's checkpoints/ folder: its latest iteration; one iter_* folder in it;
+or a tools/convert_hf.py import output) are merged tensor by tensor without exporting: the output
+is a weights-only torch_dist checkpoint in the import's layout, to start a run from
+(checkpoint.init_from=OUT) or to export (tools/convert_hf.py export --ckpt OUT). Same formulas and
+checks (model config in ellama_config.yaml, tensors, dtypes, tokenizer); every alpha is one pass
+over the inputs. Both inputs must be of the same kind.
 """
 
 from __future__ import annotations
@@ -22,15 +29,18 @@ import argparse
 import sys
 
 from ellama_megatron.merge.hf_folder import MergeInputError
-from ellama_megatron.merge.megatron_checkpoint import refuse_megatron_checkpoint
+from ellama_megatron.merge.megatron_checkpoint import folder_kind
 from ellama_megatron.merge.merge_hf import DEFAULT_CHUNK_BYTES, merge_hf_folders
 from ellama_megatron.merge.methods import METHODS
 
 
+KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="base model folder (Hugging Face, safetensors)")
-    p.add_argument("--adapted", required=True, action="append", help="adapted model folder (repeat for task_arithmetic)")
+    p.add_argument("--base", required=True, help="base model: Hugging Face folder (safetensors) or Megatron checkpoint")
+    p.add_argument("--adapted", required=True, action="append", help="adapted model, same kind as --base (repeat for task_arithmetic)")
     p.add_argument("--alpha", required=True, action="append", type=float, help="interpolation weight of the adapted model (repeatable)")
     p.add_argument("--out", required=True, help="output folder (with several alphas: parent of alpha_<a>/ folders)")
     p.add_argument("--method", default="linear", choices=METHODS, help="merge formula (default: linear)")
@@ -43,9 +53,19 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        for i, path in enumerate([args.base, *args.adapted]):
-            refuse_megatron_checkpoint(path, "--base" if i == 0 else "--adapted", "merging")
-        result = merge_hf_folders(
+        kinds = [folder_kind(p, "--base" if i == 0 else "--adapted") for i, p in enumerate([args.base, *args.adapted])]
+        if len(set(kinds)) > 1:
+            raise MergeInputError(
+                f"--base {args.base} is a {KIND_NAMES[kinds[0]]} but --adapted "
+                f"{next(p for p, k in zip(args.adapted, kinds[1:]) if k != kinds[0])} is a "
+                f"{KIND_NAMES[next(k for k in kinds if k != kinds[0])]}; convert one with tools/convert_hf.py "
+                "(import or export) so that both are of the same kind"
+            )
+        if kinds[0] == "megatron":
+            from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints as merge
+        else:
+            merge = merge_hf_folders
+        result = merge(
             args.base,
             args.adapted,
             args.alpha,
@@ -58,8 +78,10 @@ def main(argv=None) -> int:
     except (MergeInputError, ValueError) as e:
         print(f"merge.py: error: {e}", file=sys.stderr)
         return 2
+    for note in result.notes:
+        print(f"merge.py: note: {note}", file=sys.stderr)
     print(
-        f"merged {result.tensors} tensors ({result.bytes_per_output / 2**20:.1f} MiB per model) with {args.method} "
+        f"merged {KIND_NAMES[kinds[0]]}s: {result.tensors} tensors ({result.bytes_per_output / 2**20:.1f} MiB per model) with {args.method} "
         f"at alpha {', '.join(f'{a:g}' for a in args.alpha)} -> {', '.join(str(p) for p in result.outputs)}"
     )
     return 0

@@ -105,7 +105,7 @@ class HFFolder:
         return {k: v for k, v in cfg.items() if k not in CONFIG_KEYS_IGNORED}
 
     def tokenizer_files(self) -> list[str]:
-        return [n for n in TOKENIZER_FILES if (self.path / n).exists()]
+        return tokenizer_files_in(self.path)
 
     def weight_files(self) -> set[str]:
         return set(self.shards) | ({self.index_file} if self.index_file else set())
@@ -132,17 +132,25 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return None if a == b else f"{where.lstrip('.') or '<root>'} ({a!r} vs {b!r})"
 
 
-def _compare_tokenizers(base: HFFolder, other: HFFolder, role: str) -> None:
-    bt, ot = base.tokenizer_files(), other.tokenizer_files()
+def tokenizer_files_in(folder: Path) -> list[str]:
+    return [n for n in TOKENIZER_FILES if (folder / n).exists()]
+
+
+def compare_tokenizer_dirs(base: Path, other: Path, role: str, base_label: str | None = None,
+                           other_label: str | None = None) -> None:
+    """Raise MergeInputError naming the first tokenizer difference (which files, then contents).
+    The labels name the models in the message when the tokenizer folders are not the model folders."""
+    bl, ol = base_label or str(base), other_label or str(other)
+    bt, ot = tokenizer_files_in(base), tokenizer_files_in(other)
     if bt != ot:
         only_b = sorted(set(bt) - set(ot))
         only_o = sorted(set(ot) - set(bt))
         raise MergeInputError(
-            f"tokenizer files differ: {only_b or 'none'} only in base {base.path}, {only_o or 'none'} only in "
-            f"{role} {other.path}; copy the base model's tokenizer files into both folders"
+            f"tokenizer files differ: {only_b or 'none'} only in base {bl}, {only_o or 'none'} only in "
+            f"{role} {ol}; copy the base model's tokenizer files into both folders"
         )
     for name in bt:
-        pb, po = base.path / name, other.path / name
+        pb, po = base / name, other / name
         if name.endswith(".json"):
             with open(pb) as f:
                 jb = json.load(f)
@@ -156,9 +164,13 @@ def _compare_tokenizers(base: HFFolder, other: HFFolder, role: str) -> None:
             diff = None if pb.read_bytes() == po.read_bytes() else "contents"
         if diff:
             raise MergeInputError(
-                f"tokenizer differs: {name} in base {base.path} and {role} {other.path} differ at {diff}; "
+                f"tokenizer differs: {name} in base {bl} and {role} {ol} differ at {diff}; "
                 "models trained with different tokenizers cannot be merged"
             )
+
+
+def _compare_tokenizers(base: HFFolder, other: HFFolder, role: str) -> None:
+    compare_tokenizer_dirs(base.path, other.path, role)
 
 
 def check_mergeable(base: HFFolder, other: HFFolder, role: str = "adapted") -> None:

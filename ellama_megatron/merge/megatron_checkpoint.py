@@ -1,12 +1,22 @@
-"""Recognising Megatron checkpoints among merge/evaluation inputs.
+"""Megatron checkpoints among merge/evaluation inputs: recognising them, what one holds (model
+config, tokenizer, model tensors, read without loading weights) and the checks that two can be
+merged (same architecture, tensor names, shapes, dtypes and tokenizer).
 
-Merging torch_dist checkpoints directly and evaluating them through the engine need the
-converter and engine; until they are wired in, such inputs are refused with the way around it.
+The model tensors are the rows of the converter's weight table (ellama_megatron.convert.mapping):
+whatever TP/PP wrote the checkpoint and whether or not it holds optimizer state, they are read as
+global tensors, one layer's slice at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+from ellama_megatron.merge.hf_folder import MergeInputError, compare_tokenizer_dirs, first_difference
+
+# Model-config fields that name a model rather than describe it (an import records the source
+# folder's name, a run the preset's).
+MODEL_KEYS_IGNORED = {"name"}
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:
@@ -19,9 +29,112 @@ def is_megatron_checkpoint(path: str | Path) -> bool:
     return (p / ".metadata").exists() and ((p / "common.pt").exists() or (p / "metadata.json").exists())
 
 
-def refuse_megatron_checkpoint(path: str | Path, role: str, action: str) -> None:
-    if is_megatron_checkpoint(path):
-        raise ValueError(
-            f"{role} {path} is a Megatron checkpoint; {action} of Megatron checkpoints is not supported yet. "
-            "Export it to a Hugging Face folder first (the converter's HF export), then pass that folder."
+def is_hf_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def folder_kind(path: str | Path, role: str) -> str:
+    """'hf' or 'megatron'; anything else is refused here, before any work."""
+    p = Path(path)
+    if not p.exists():
+        raise MergeInputError(f"{role} {p}: does not exist")
+    if is_megatron_checkpoint(p):
+        return "megatron"
+    if is_hf_folder(p):
+        return "hf"
+    raise MergeInputError(
+        f"{role} {p}: neither a Hugging Face model folder (no config.json) nor a Megatron checkpoint "
+        "(no latest_checkpointed_iteration.txt, iter_* or torch_dist .metadata); give a save_pretrained "
+        "folder, a run's checkpoints/ folder, a tools/convert_hf.py import output or one iter_* folder in them"
+    )
+
+
+@dataclasses.dataclass
+class MegatronCheckpoint:
+    root: Path        # the folder holding ellama_config.yaml
+    folder: Path      # the torch_dist folder read (release/ or iter_*)
+    record: dict      # ellama_config.yaml
+    config: object    # LlamaConfig
+    reader: object    # convert.torch_dist.CheckpointReader
+    tokenizer_dir: Path | None
+    role: str
+
+    @classmethod
+    def open(cls, path: str | Path, role: str = "model") -> "MegatronCheckpoint":
+        from ellama_megatron.convert.exporter import checkpoint_root, tokenizer_source
+        from ellama_megatron.convert.hf_checkpoint import ConversionError
+        from ellama_megatron.convert.importer import CONFIG_FILE, read_record
+        from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
+        from ellama_megatron.model.config import LlamaConfig
+
+        p = Path(path)
+        root = checkpoint_root(p)
+        try:
+            record = read_record(root)
+            cfg = LlamaConfig.from_dict(record["model"], str(root / CONFIG_FILE))
+            folder = find_checkpoint(p)
+        except (ConversionError, FileNotFoundError, ValueError) as e:
+            raise MergeInputError(f"{role}: {e}") from None
+        return cls(root, folder, record, cfg, CheckpointReader(folder), tokenizer_source(root, record), role)
+
+    def model_config(self) -> dict:
+        return {k: v for k, v in self.config.to_dict().items() if k not in MODEL_KEYS_IGNORED}
+
+    def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """{sharded key: (dtype, global shape)} of the model tensors; a missing one is refused."""
+        from ellama_megatron.convert import mapping as M
+
+        out = {}
+        for m in M.mappings(self.config):
+            try:
+                md = self.reader.tensor_metadata(m.megatron)
+            except KeyError:
+                raise MergeInputError(
+                    f"{self.role} {self.folder}: model tensor {m.megatron} is missing; is it a Llama GPTModel "
+                    "checkpoint of the engine or of tools/convert_hf.py import?"
+                ) from None
+            out[m.megatron] = (str(md.properties.dtype).removeprefix("torch."), tuple(md.size))
+        return out
+
+
+def _is_vocab_row(key: str) -> bool:
+    return key in ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def check_megatron_mergeable(base: MegatronCheckpoint, other: MegatronCheckpoint, role: str = "adapted") -> list[str]:
+    """Raise MergeInputError naming the first difference: architecture, tensor names, shapes (the
+    padded vocab rows of the embedding and output layer may differ: padding is not a weight),
+    dtypes, tokenizer. Returns notes (a tokenizer that could not be found is not compared)."""
+    from ellama_megatron.convert.importer import CONFIG_FILE
+
+    diff = first_difference(base.model_config(), other.model_config())
+    if diff:
+        raise MergeInputError(
+            f"architecture differs: model in {base.root / CONFIG_FILE} (base) and {other.root / CONFIG_FILE} "
+            f"({role}) differ at {diff}; only models of the same architecture can be merged"
         )
+    tb, to = base.tensors(), other.tensors()
+    for key, (dtype, shape) in tb.items():
+        odtype, oshape = to[key]
+        if _is_vocab_row(key):
+            shape, oshape = shape[1:], oshape[1:]  # rows: vocab_size real rows (same config) + padding
+        if shape != oshape:
+            raise MergeInputError(
+                f"tensor shapes differ: {key} is {list(tb[key][1])} in base {base.folder} but {list(to[key][1])} "
+                f"in {role} {other.folder}"
+            )
+    for key, (dtype, _) in tb.items():
+        if dtype != to[key][0]:
+            raise MergeInputError(
+                f"tensor dtypes differ: {key} is {dtype} in base {base.folder} but {to[key][0]} in {role} "
+                f"{other.folder}; merge checkpoints saved in the same dtype"
+            )
+    notes = []
+    if base.tokenizer_dir is not None and other.tokenizer_dir is not None:
+        compare_tokenizer_dirs(base.tokenizer_dir, other.tokenizer_dir, role,
+                               f"{base.root} (tokenizer in {base.tokenizer_dir})",
+                               f"{other.root} (tokenizer in {other.tokenizer_dir})")
+    else:
+        missing = [c.root for c in (base, other) if c.tokenizer_dir is None]
+        notes.append(f"tokenizer not found for {', '.join(map(str, missing))}: tokenizers not compared")
+    return notes

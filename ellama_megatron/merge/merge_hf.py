@@ -33,6 +33,7 @@ class MergeResult:
     outputs: list[Path]
     tensors: int
     bytes_per_output: int
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the checks could not check
 
 
 def _row_chunks(info: TensorInfo, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -57,18 +58,8 @@ def output_dirs(out: Path, alphas: list[float]) -> list[Path]:
     return [out / f"alpha_{a:g}" for a in alphas]
 
 
-def merge_hf_folders(
-    base: str | Path,
-    adapted: list[str | Path],
-    alphas: list[float],
-    out: str | Path,
-    method: str = "linear",
-    weights: list[float] | None = None,
-    overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: bool = True,
-) -> MergeResult:
-    """Write one merged folder per alpha (see `output_dirs`). All checks run before any writing."""
+def check_merge_request(method: str, adapted: list, alphas: list[float], weights: list[float] | None) -> None:
+    """The options, checked before the inputs are opened."""
     if method not in METHODS:
         raise MergeInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if not alphas:
@@ -81,6 +72,21 @@ def merge_hf_folders(
         raise MergeInputError(f"--alpha {alphas}: SLERP interpolates, alpha must be in [0, 1]")
     if len(set(alphas)) != len(alphas):
         raise MergeInputError(f"--alpha {alphas}: repeated value")
+
+
+def merge_hf_folders(
+    base: str | Path,
+    adapted: list[str | Path],
+    alphas: list[float],
+    out: str | Path,
+    method: str = "linear",
+    weights: list[float] | None = None,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> MergeResult:
+    """Write one merged folder per alpha (see `output_dirs`). All checks run before any writing."""
+    check_merge_request(method, adapted, alphas, weights)
     b = HFFolder.open(base, "base")
     others = [HFFolder.open(p, f"adapted #{i + 1}" if len(adapted) > 1 else "adapted") for i, p in enumerate(adapted)]
     for i, o in enumerate(others):

@@ -1,0 +1,174 @@
+"""Merge Megatron torch_dist checkpoints tensor by tensor, without exporting them first.
+
+Each model tensor (one layer's slice of a stacked key) is read from every input with the
+converter's streaming reader, merged, and handed to the converter's on-demand torch_dist writer,
+so one tensor group is in memory at a time. The merge happens in Hugging Face's tensor split
+(fused QKV -> q, k, v; fc1 -> gate, up; vocab padding dropped): SLERP's per-tensor angle is then
+the same as on the exported folders, and every method gives what exporting both inputs and
+merging the Hugging Face folders gives. torch's checkpoint writer writes one checkpoint per call,
+so each alpha is one pass over the inputs.
+
+Output (weights only, loads with checkpoint.init_from at any TP/PP, exports with
+tools/convert_hf.py export), the importer's layout:
+  OUT/latest_checkpointed_iteration.txt  "release"
+  OUT/release/                            torch_dist: global model tensors, no optimizer state
+  OUT/ellama_config.yaml                  model: the inputs' config; merge: method, alpha, inputs
+  OUT/hf/                                 the base's tokenizer and generation files
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+
+from ellama_megatron.merge.hf_folder import MergeInputError
+from ellama_megatron.merge.megatron_checkpoint import MegatronCheckpoint, check_megatron_mergeable
+from ellama_megatron.merge.merge_hf import DEFAULT_CHUNK_BYTES, MergeResult, check_merge_request, output_dirs
+from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk
+
+
+def _row_ranges(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int]]:
+    if len(shape) == 0 or shape[0] == 0:
+        return [(0, shape[0] if shape else 0)]
+    per = max(1, chunk_bytes // (4 * math.prod(shape[1:])))
+    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)]
+
+
+def merge_tensor(method: str, alpha: float, tensors: list[torch.Tensor], weights: list[float] | None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, stats: TensorStatistics | None = None) -> torch.Tensor:
+    """One whole tensor merged in row chunks, as tools/merge.py merges a Hugging Face tensor."""
+    same = is_identity(method, alpha)
+    if same is not None and same < len(tensors):
+        return tensors[same]
+    if tensors[0].dim() == 0:
+        return merge_chunk(method, alpha, tensors, weights, stats)
+    if method == "slerp" and stats is None:
+        stats = TensorStatistics()
+        for a, b in _row_ranges(tuple(tensors[0].shape), chunk_bytes):
+            stats.add(tensors[0][a:b], tensors[1][a:b])
+    out = torch.empty_like(tensors[0])
+    for a, b in _row_ranges(tuple(tensors[0].shape), chunk_bytes):
+        out[a:b] = merge_chunk(method, alpha, [t[a:b] for t in tensors], weights, stats)
+    return out
+
+
+def _merged_padded_vocab(cfg, method, alpha, tensors, weights, chunk_bytes) -> torch.Tensor:
+    """Embedding / output layer: the real rows merged as Hugging Face's tensor (SLERP's angle over
+    them only); the padding rows with the same weights when every input has the same padded size,
+    else zero (as an import writes them) up to the base's padded size."""
+    v = cfg.vocab_size
+    real = [t[:v] for t in tensors]
+    stats = None
+    if method == "slerp":
+        stats = TensorStatistics()
+        for a, b in _row_ranges(tuple(real[0].shape), chunk_bytes):
+            stats.add(real[0][a:b], real[1][a:b])
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return merge_tensor(method, alpha, tensors, weights, chunk_bytes, stats)
+    out = torch.zeros_like(tensors[0])
+    out[:v] = merge_tensor(method, alpha, real, weights, chunk_bytes, stats)
+    return out
+
+
+def merged_group(cfg, m, method: str, alpha: float, tensors: list[torch.Tensor], weights, chunk_bytes) -> torch.Tensor:
+    """One Megatron tensor (a table row, one layer) merged in Hugging Face's split."""
+    from ellama_megatron.convert import mapping as M
+
+    if m.kind is M.PADDED_VOCAB:
+        return _merged_padded_vocab(cfg, method, alpha, tensors, weights, chunk_bytes)
+    same = is_identity(method, alpha)
+    if same is not None and same < len(tensors):
+        return tensors[same]
+    parts = [m.kind.to_hf(cfg, t) for t in tensors]
+    merged = [merge_tensor(method, alpha, [p[i] for p in parts], weights, chunk_bytes) for i in range(len(parts[0]))]
+    return m.kind.to_megatron(cfg, None, merged)
+
+
+def merge_megatron_checkpoints(
+    base: str | Path,
+    adapted: list[str | Path],
+    alphas: list[float],
+    out: str | Path,
+    method: str = "linear",
+    weights: list[float] | None = None,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> MergeResult:
+    """Write one merged checkpoint per alpha (see `output_dirs`). All checks run before any writing."""
+    from ellama_megatron.convert import mapping as M
+    from ellama_megatron.convert.importer import CONFIG_FILE, HF_FILES_DIR, carry_hf_files, extra_state_objects
+    from ellama_megatron.convert.summary import Summary
+    from ellama_megatron.convert.torch_dist import CHECKPOINT_VERSION, TensorChunk, megatron_layout, write_checkpoint
+
+    check_merge_request(method, adapted, alphas, weights)
+    b = MegatronCheckpoint.open(base, "base")
+    roles = [f"adapted #{i + 1}" if len(adapted) > 1 else "adapted" for i in range(len(adapted))]
+    others = [MegatronCheckpoint.open(p, r) for p, r in zip(adapted, roles)]
+    notes = []
+    for o, r in zip(others, roles):
+        notes += check_megatron_mergeable(b, o, r)
+    dests = output_dirs(Path(out), alphas)
+    for d in dests:
+        if d.exists() and not overwrite:
+            raise MergeInputError(f"output {d} exists; choose another --out or pass --overwrite")
+        for c in [b, *others]:
+            if d.resolve() in (c.root.resolve(), c.folder.resolve()):
+                raise MergeInputError(f"output {d} is an input checkpoint; choose another --out")
+
+    cfg = b.config
+    inputs = [b, *others]
+    table = [(m, layer) for m in M.mappings(cfg) for layer in M.layers_of(m, cfg)]
+    meta = {m.megatron: b.reader.tensor_metadata(m.megatron) for m in M.mappings(cfg)}
+    per_alpha = sum(math.prod(md.size) * torch.empty((), dtype=md.properties.dtype).element_size()
+                    for md in meta.values())
+    tokenizer_dir = b.tokenizer_dir or next((o.tokenizer_dir for o in others if o.tokenizer_dir), None)
+
+    tmps = [d.with_name(f".{d.name}.tmp-{uuid.uuid4().hex[:8]}") for d in dests]
+    try:
+        for alpha, tmp in zip(alphas, tmps):
+            tmp.mkdir(parents=True)
+            summary = Summary(f"merge {method} alpha {alpha:g}", per_alpha, quiet=not progress)
+            chunks = []
+            for m, layer in table:
+                md = meta[m.megatron]
+                shape, dtype = tuple(md.size), md.properties.dtype
+
+                def produce(m=m, layer=layer, alpha=alpha):
+                    tensors = [c.reader.read(m.megatron, layer) for c in inputs]
+                    t = merged_group(cfg, m, method, alpha, tensors, weights, chunk_bytes)
+                    return t.unsqueeze(0) if layer is not None else t
+
+                if layer is None:
+                    chunks.append(TensorChunk(m.megatron, shape, (0,) * len(shape), shape, dtype, produce))
+                else:
+                    chunks.append(TensorChunk(m.megatron, shape, (layer,) + (0,) * (len(shape) - 1),
+                                              (1,) + shape[1:], dtype, produce))
+            dist_dir = megatron_layout(tmp)
+            dist_dir.mkdir()
+            write_checkpoint(dist_dir, chunks, extra_state_objects(cfg),
+                             {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION},
+                             on_written=summary.add)
+            record = {
+                "model": cfg.to_dict(),
+                "merge": {"method": method, "alpha": alpha, "base": str(b.folder),
+                          "adapted": [str(o.folder) for o in others], "weights": weights},
+            }
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+            if tokenizer_dir is not None:
+                carry_hf_files(tokenizer_dir, tmp / HF_FILES_DIR)
+            summary.close()
+        for t, d in zip(tmps, dests):
+            if d.exists():
+                shutil.rmtree(d)
+            t.rename(d)
+    finally:
+        for t in tmps:
+            if t.exists():
+                shutil.rmtree(t)
+    return MergeResult(dests, len(table), per_alpha, notes)
