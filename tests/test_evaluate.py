@@ -118,3 +118,33 @@ def test_cli_writes_json_and_refuses_bad_input(setup, tmp_path):
     bad.write_text('{"content": "no text field"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: record has no string field 'text'"):
         evaluate_model_dir(setup["model"], [parse_domain_spec(f"b={bad}")], device="cpu", progress=False)
+
+
+def test_megatron_checkpoint_has_the_perplexity_of_its_hf_folder(setup, tmp_path, capsys):
+    """tools/evaluate.py on a converted checkpoint (exported to a temporary folder) gives exactly
+    the perplexities of the Hugging Face folder it came from; the temporary export is removed."""
+    from ellama_megatron.convert.importer import import_hf
+    from test_merge import load_tool
+
+    ckpt = tmp_path / "ckpt"
+    import_hf(setup["model"], ckpt, quiet=True)
+    data = [f"{k}={v}" for k, v in setup["data"].items()]
+    evaluate = load_tool("evaluate").main
+    outs = {}
+    for name, model in (("hf", setup["model"]), ("megatron", ckpt)):
+        outs[name] = tmp_path / f"{name}.json"
+        args = ["--model", str(model), "--seq-length", str(SEQ), "--batch-size", "4", "--device", "cpu",
+                "--out", str(outs[name]), "--work-dir", str(tmp_path / "work")]
+        for d in data:
+            args += ["--data", d]
+        assert evaluate(args) == 0, capsys.readouterr().err
+    hf, meg = json.loads(outs["hf"].read_text()), json.loads(outs["megatron"].read_text())
+    assert meg["model"] == str(ckpt)
+    assert meg["domains"] == hf["domains"]  # bit-exact export: identical numbers, per language too
+    assert list((tmp_path / "work").iterdir()) == []
+
+    (tmp_path / "junk").mkdir()
+    assert evaluate(["--model", str(tmp_path / "junk"), "--data", data[0]]) == 2
+    assert "neither a Hugging Face model folder" in capsys.readouterr().err
+    assert evaluate(["--model", str(setup["model"]), "--iteration", "3", "--data", data[0]]) == 2
+    assert "has no iterations" in capsys.readouterr().err

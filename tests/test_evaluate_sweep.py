@@ -49,6 +49,33 @@ def test_sweep_writes_table_json_and_png(tmp_path):
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0
 
 
+@pytest.mark.slow
+def test_sweep_on_megatron_checkpoints_equals_the_sweep_on_their_hf_folders(tmp_path):
+    """--base/--adapted as Megatron checkpoints (mixed with a HF folder too): exported once each,
+    the same numbers as the sweep on the Hugging Face folders they came from."""
+    from ellama_megatron.convert.importer import import_hf
+
+    tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
+    cfg = load_model_config("tiny")
+    hf = {n: write_random_hf_llama(tmp_path / f"{n}_hf", cfg, seed=s, tokenizer_dir=tok) for n, s in (("b", 0), ("a", 1))}
+    for n in hf:
+        import_hf(hf[n], tmp_path / f"{n}_ckpt", quiet=True)
+    p = tmp_path / "general.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(4, 1)))
+    q = tmp_path / "ecommerce.jsonl"
+    q.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(4, 2)))
+    specs = [parse_domain_spec(f"general={p}"), parse_domain_spec(f"ecommerce={q}")]
+    kw = dict(seq_length=32, batch_size=4, device="cpu", progress=False)
+    want = run_sweep(hf["b"], hf["a"], [0.5], specs, tmp_path / "hf_report", **kw)
+    got = run_sweep(tmp_path / "b_ckpt", tmp_path / "a_ckpt", [0.5], specs, tmp_path / "report", keep_merged=True, **kw)
+    mixed = run_sweep(tmp_path / "b_ckpt", hf["a"], [0.5], specs, tmp_path / "mixed", **kw)
+    for report in (got, mixed):
+        assert [x["domains"] for x in report["points"]] == [x["domains"] for x in want["points"]]
+    assert got["points"][0]["model"] == str(tmp_path / "b_ckpt")
+    assert sorted(x.name for x in (tmp_path / "report" / "merged").iterdir()) == ["sweep"]  # exports removed
+    assert (tmp_path / "report" / "sweep.png").is_file()
+
+
 MEGATRON_LOG = """\
  [2026-11-21 10:00:00] iteration        5/      20 | consumed samples:           40 | elapsed time per iteration (ms): 120.0 | learning rate: 3.000000E-05 | global batch size:     8 | lm loss: 5.900000E+00 | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 | number of nan iterations:   0 |
  [2026-11-21 10:00:01] iteration       10/      20 | consumed samples:           80 | elapsed time per iteration (ms): 118.0 | learning rate: 3.000000E-05 | global batch size:     8 | lm loss: 5.500000E+00 | loss scale: 1.0 | grad norm: 1.100 | number of skipped iterations:   0 | number of nan iterations:   0 |

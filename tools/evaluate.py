@@ -1,5 +1,5 @@
-"""Per-domain perplexity of a Hugging Face model folder on held-out sets, with a per-language
-breakdown where JSONL records carry a `language` field.
+"""Per-domain perplexity of a model (Hugging Face folder or Megatron checkpoint) on held-out sets,
+with a per-language breakdown where JSONL records carry a `language` field.
 
   python tools/evaluate.py --model MODEL_DIR \
       --data general=heldout/general.jsonl --data ecommerce=heldout/ecom_text_document \
@@ -10,6 +10,9 @@ breakdown where JSONL records carry a `language` field.
   prefix (PATH.bin + PATH.idx, as written by the data pipeline).
 Each document (JSONL: tokenizer's BOS + text + EOS) is cut into non-overlapping windows of
 --seq-length tokens; perplexity = exp(total next-token NLL / number of predicted tokens).
+--model may be a Megatron checkpoint (a run's checkpoints/ folder: its latest iteration, or
+--iteration N; one iter_* folder; a tools/convert_hf.py import or tools/merge.py output): it is
+exported (bit-exact) to a temporary Hugging Face folder under --work-dir, evaluated, and deleted.
 Results: JSON {model, seq_length, device, dtype, domains: {name: {perplexity, mean_loss, tokens,
 sequences, documents, source, languages}}}.
 """
@@ -22,12 +25,15 @@ from pathlib import Path
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.results_file import write_json_atomic
-from ellama_megatron.merge.megatron_checkpoint import refuse_megatron_checkpoint
+from ellama_megatron.merge.hf_folder import MergeInputError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer) or Megatron checkpoint")
+    p.add_argument("--iteration", type=int, help="Megatron checkpoint: which iter_* to evaluate (default: the latest saved)")
+    p.add_argument("--work-dir", help="Megatron checkpoint: where the temporary export goes (default: system temp; needs the model's size)")
+    p.add_argument("--tokenizer", help="tokenizer folder, when the model's own cannot be found (default: the model's)")
     p.add_argument("--data", required=True, action="append", help="DOMAIN=PATH held-out set (repeatable)")
     p.add_argument("--out", help="results JSON file (default: print only)")
     p.add_argument("--seq-length", type=int, default=2048, help="window length in tokens (default %(default)s)")
@@ -37,13 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--text-key", default="text", help="JSONL field holding the text (default %(default)s)")
     p.add_argument("--max-docs", type=int, help="evaluate at most this many documents per domain")
     return p.parse_args(argv)
-
-
-def check_model_dir(path: str) -> None:
-    refuse_megatron_checkpoint(path, "--model", "evaluation")
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"--model {path}: no config.json; give a Hugging Face model folder")
 
 
 def format_table(results: dict) -> str:
@@ -58,19 +57,22 @@ def format_table(results: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_model_dir(args.model)
         sources = [parse_domain_spec(s) for s in args.data]
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"--data: domain names repeat: {names}")
         if args.seq_length < 2 or args.batch_size < 1:
             raise ValueError("--seq-length must be >= 2 and --batch-size >= 1")
+        if args.tokenizer and not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
+            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer_config.json; give a Hugging Face tokenizer folder")
+        from ellama_megatron.eval.model_folder import hf_folder_of
         from ellama_megatron.eval.perplexity import evaluate_model_dir
 
-        results = evaluate_model_dir(
-            args.model, sources, args.seq_length, args.batch_size, args.device, args.dtype, args.text_key, args.max_docs
-        )
-    except ValueError as e:
+        with hf_folder_of(args.model, "--model", args.work_dir, args.iteration, args.tokenizer) as hf_dir:
+            results = evaluate_model_dir(hf_dir, sources, args.seq_length, args.batch_size, args.device, args.dtype,
+                                         args.text_key, args.max_docs, tokenizer=args.tokenizer)
+        results["model"] = args.model
+    except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))

@@ -6,6 +6,9 @@ and general-vs-domain trade-off; base = alpha 0 and adapted = alpha 1 are the en
       --data general=heldout/general.jsonl --data ecommerce=heldout/ecommerce.jsonl \
       --alpha 0.25 --alpha 0.5 --alpha 0.75 --out reports/sweep
 
+--base/--adapted: Hugging Face folders or Megatron checkpoints (a run's checkpoints/ folder, one
+iter_* folder, a tools/convert_hf.py import or tools/merge.py output), mixed as you like: a
+Megatron checkpoint is exported once (bit-exact) to OUT/merged/exports/, deleted at the end.
 Merged models go to OUT/merged/ and are deleted after evaluation unless --keep-merged.
 """
 
@@ -16,14 +19,13 @@ import sys
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.merge.hf_folder import MergeInputError
-from ellama_megatron.merge.megatron_checkpoint import refuse_megatron_checkpoint
 from ellama_megatron.merge.methods import METHODS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="base model folder (Hugging Face)")
-    p.add_argument("--adapted", required=True, help="adapted model folder (Hugging Face)")
+    p.add_argument("--base", required=True, help="base model: Hugging Face folder or Megatron checkpoint")
+    p.add_argument("--adapted", required=True, help="adapted model: Hugging Face folder or Megatron checkpoint")
     p.add_argument("--alpha", action="append", type=float, help="intermediate alphas (repeatable; default 0.25 0.5 0.75)")
     p.add_argument("--data", required=True, action="append", help="DOMAIN=PATH held-out set (repeatable), as tools/evaluate.py")
     p.add_argument("--out", required=True, help="report folder")
@@ -43,8 +45,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     alphas = args.alpha or [0.25, 0.5, 0.75]
     try:
-        refuse_megatron_checkpoint(args.base, "--base", "sweeping")
-        refuse_megatron_checkpoint(args.adapted, "--adapted", "sweeping")
         if any(not 0.0 <= a <= 1.0 for a in alphas):
             raise ValueError(f"--alpha {alphas}: the sweep interpolates, alphas must be in [0, 1]")
         sources = [parse_domain_spec(s) for s in args.data]
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         report = run_sweep(args.base, args.adapted, alphas, sources, args.out, args.general_domain, args.domain,
                            args.method, args.seq_length, args.batch_size, args.device, args.dtype, args.max_docs,
                            args.keep_merged)
-    except (MergeInputError, ValueError) as e:
+    except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"merge_sweep.py: error: {e}", file=sys.stderr)
         return 2
     from ellama_megatron.eval.merge_sweep import markdown_table

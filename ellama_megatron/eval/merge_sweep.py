@@ -2,12 +2,15 @@
 held-out domain, and write a table (markdown + JSON) and a plot of general vs domain perplexity.
 
 alpha 0 is the base model and alpha 1 the adapted model: they are evaluated from the input
-folders directly (a linear merge at 0 or 1 is bit-identical to them).
+folders directly (a linear merge at 0 or 1 is bit-identical to them). Either input may be a
+Megatron checkpoint: it is exported once to a temporary Hugging Face folder (bit-exact) and the
+sweep runs on that.
 """
 
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 from ellama_megatron.eval.heldout_data import DomainSource
@@ -74,33 +77,46 @@ def run_sweep(
     keep_merged: bool = False,
     progress: bool = True,
 ) -> dict:
+    from ellama_megatron.eval.model_folder import hf_folder_of
     from ellama_megatron.eval.perplexity import evaluate_model_dir
+    from ellama_megatron.merge.megatron_checkpoint import folder_kind
     from ellama_megatron.merge.merge_hf import merge_hf_folders
 
     names = [s.name for s in sources]
     for role, name in (("--general-domain", general), ("--domain", domain)):
         if name not in names:
             raise ValueError(f"{role} {name!r} is not one of the --data domains {names}")
+    for role, path in (("--base", base), ("--adapted", adapted)):
+        folder_kind(path, role)  # unknown kinds are refused before any work
     alphas = sorted(set([0.0, 1.0] + [float(a) for a in alphas]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     inner = [a for a in alphas if a not in (0.0, 1.0)]
     merged_root = out / "merged"
-    models = {0.0: Path(base), 1.0: Path(adapted)}
-    if inner:
-        # One pass over the inputs writes every intermediate alpha.
-        dirs = merge_hf_folders(base, [adapted], inner, merged_root / "sweep", method=method, overwrite=True,
-                                progress=progress).outputs
-        models.update(zip(inner, dirs))
     points = []
     try:
-        for a in alphas:
-            r = evaluate_model_dir(models[a], sources, seq_length, batch_size, device, dtype, max_docs=max_docs, progress=progress)
-            label = "base" if a == 0.0 else "adapted" if a == 1.0 else "merged"
-            points.append({"alpha": a, "label": label, "model": str(models[a]), "domains": r["domains"]})
+        with ExitStack() as stack:
+            # Megatron checkpoints are exported once each (bit-exact) and the sweep runs on the
+            # Hugging Face folders: two exports instead of one per alpha.
+            hf_base = stack.enter_context(hf_folder_of(base, "--base", merged_root / "exports", progress=progress))
+            hf_adapted = stack.enter_context(hf_folder_of(adapted, "--adapted", merged_root / "exports", progress=progress))
+            models = {0.0: hf_base, 1.0: hf_adapted}
+            if inner:
+                # One pass over the inputs writes every intermediate alpha.
+                dirs = merge_hf_folders(hf_base, [hf_adapted], inner, merged_root / "sweep", method=method,
+                                        overwrite=True, progress=progress).outputs
+                models.update(zip(inner, dirs))
+            for a in alphas:
+                r = evaluate_model_dir(models[a], sources, seq_length, batch_size, device, dtype, max_docs=max_docs,
+                                       progress=progress)
+                label = "base" if a == 0.0 else "adapted" if a == 1.0 else "merged"
+                model = str(base) if a == 0.0 else str(adapted) if a == 1.0 else str(models[a])
+                points.append({"alpha": a, "label": label, "model": model, "domains": r["domains"]})
     finally:
         if not keep_merged and merged_root.exists():
             shutil.rmtree(merged_root)
+        elif (merged_root / "exports").exists():
+            shutil.rmtree(merged_root / "exports")
     report = {"method": method, "base": str(base), "adapted": str(adapted), "seq_length": seq_length,
               "general_domain": general, "domain": domain, "points": points}
     write_json_atomic(out / "sweep.json", report)

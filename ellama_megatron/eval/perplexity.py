@@ -46,10 +46,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_hf_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
+def load_hf_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, tokenizer: str | Path | None = None):
+    """The model, and its tokenizer (from ``tokenizer`` when given, else the model folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or model_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
     return model.to(device).eval(), tok
 
@@ -115,9 +116,10 @@ def evaluate_model_dir(
     text_key: str = "text",
     max_docs: int | None = None,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> dict:
     dev = resolve_device(device)
-    model, tok = load_hf_model(model_dir, dev, getattr(torch, dtype))
+    model, tok = load_hf_model(model_dir, dev, getattr(torch, dtype), tokenizer)
     domains = evaluate_domains(model, tok, sources, seq_length, batch_size, dev, text_key, max_docs, progress)
     return {
         "model": str(model_dir),
