@@ -1,0 +1,104 @@
+"""Collects a finished sweep (recipes/sweep.py) into one table: each point's overrides, final
+training loss and final per-domain validation losses, as markdown and JSON.
+
+Every point's rank 0 writes ``point.json`` in its run folder (overrides, Slurm job id, the folder of
+the job's logs); the losses are read from those logs with the engine's own parser, so this works
+after the fact too (tools/sweep_table.py), including on a sweep whose driver was killed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from ellama_megatron.engine.train_log import TrainLog, parse_train_log
+
+POINT_FILE = "point.json"  # written by recipes/sweep.py in each point's run folder
+TABLE_NAME = "sweep_table"  # <sweep dir>/sweep_table.md and .json
+
+
+def read_point(point_file: Path) -> dict[str, Any]:
+    point = json.loads(point_file.read_text())
+    run_dir = point_file.parent
+    log = TrainLog()
+    log_dir = Path(point.get("log_dir") or run_dir)
+    # Megatron prints losses on the last rank: read every rank's log of every attempt (requeues).
+    for path in sorted(log_dir.glob("*_log.out")) + sorted(log_dir.glob("*_log.err")):
+        part = parse_train_log(path.read_text(errors="replace"))
+        log.train_loss.update(part.train_loss)
+        for domain, values in part.valid_loss.items():
+            log.valid_loss.setdefault(domain, {}).update(values)
+        log.train_iters = part.train_iters or log.train_iters
+    last = log.last_iteration
+    return {
+        "num": point["num"],
+        "overrides": point["overrides"],
+        "job_id": point.get("job_id"),
+        "run_dir": str(run_dir),
+        "finished": (run_dir / "done.json").exists(),
+        "iterations": last,
+        "train_iters": log.train_iters,
+        "train_loss": log.train_loss.get(last),
+        # The last value per domain: the final pass over the whole validation set.
+        "valid_loss": {d: v[max(v)] for d, v in sorted(log.valid_loss.items()) if v},
+    }
+
+
+def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per point of ``sweep_dir`` (points without a point.json, never started, are absent)."""
+    files = sorted(Path(sweep_dir).glob(f"*/{POINT_FILE}"), key=lambda p: json.loads(p.read_text())["num"])
+    return [read_point(f) for f in files]
+
+
+def varying_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose values differ between points: the sweep's axes."""
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        for override in row["overrides"]:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    keys = [k for k, v in values.items() if len(v) > 1 or len(rows) == 1]
+    return keys or list(values)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    keys = varying_keys(rows)
+    domains = sorted({d for row in rows for d in row["valid_loss"]})
+    header = ["#", *keys, "iterations", "train loss", *(f"valid {d}" for d in domains), "finished", "job"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    for row in rows:
+        given = dict(o.partition("=")[::2] for o in row["overrides"])
+        cells = [str(row["num"]), *(given.get(k, "") for k in keys),
+                 f"{row['iterations']}/{row['train_iters'] or '?'}", fmt(row["train_loss"]),
+                 *(fmt(row["valid_loss"].get(d)) for d in domains),
+                 "yes" if row["finished"] else "no", str(row["job_id"] or "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(sweep_dir: Path) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """Write <sweep_dir>/sweep_table.md and .json (each complete or absent); returns them and the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect_sweep(sweep_dir)
+    md_path, json_path = sweep_dir / f"{TABLE_NAME}.md", sweep_dir / f"{TABLE_NAME}.json"
+    for path, text in ((md_path, markdown(rows)), (json_path, json.dumps({"points": rows}, indent=2) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return md_path, json_path, rows
+
+
+class SweepTableCallback(Callback):
+    """Hydra callback: after the multirun's jobs have ended, write and print the sweep table."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        md_path, json_path, rows = write_tables(Path(config.hydra.sweep.dir))
+        print(md_path.read_text(), end="")
+        print(f"sweep table: {len(rows)} points -> {md_path} and {json_path}")

@@ -1,0 +1,107 @@
+"""Small-scale ablations on Slurm: a Hydra multirun with one Slurm job per point, then one table.
+
+    python recipes/sweep.py -m optim.lr=1e-5,3e-5 data.groups.general.share=0.5,0.7 \
+        model=llama31_8b parallel=llama31_8b_node train=paper cluster=slurm_h100 \
+        data=ellama train.train_tokens=2e9 hydra.sweep.dir=runs/sweeps/lr-mix
+    python recipes/sweep.py -m hydra/launcher=slurm_cpu optim.lr=1e-3,3e-3 data.blend_file=blend.json
+
+Takes the overrides of recipes/cpt.py; `-m` with comma-separated values sweeps. hydra-submitit-launcher
+(`pip install -e .[slurm]`) submits one job per point (conf/hydra/launcher: slurm_h100 by default,
+slurm_cpu for the local test cluster); its tasks are the ranks, one per GPU, as with slurm/*.sbatch.
+Each point trains in <sweep dir>/<point number>/ (checkpoints, config.yaml, point.json); when all
+jobs have ended, <sweep dir>/sweep_table.md and .json hold each point's final training loss and
+final per-domain validation losses (`python tools/sweep_table.py <sweep dir>` rebuilds them).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from ellama_megatron.engine.validate import ConfigError
+from ellama_megatron.launch import plan_lines, prepare
+from ellama_megatron.sweep.table import POINT_FILE
+
+DEFAULT_LAUNCHER = "hydra/launcher=slurm_h100"
+TABLE_CALLBACK = "+hydra.callbacks.sweep_table._target_=ellama_megatron.sweep.SweepTableCallback"
+PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to validate and write the config
+
+
+def point_marker(job, restart: str) -> dict:
+    return {"job_id": job.job_id, "restart": restart}
+
+
+def prepare_point(cfg, job, hc, restart: str) -> Path:
+    """Rank 0 validates and writes the point's config and point.json; the other ranks wait for it."""
+    run_dir = Path(cfg.run_dir)
+    point_file = run_dir / POINT_FILE
+    marker = point_marker(job, restart)
+    if job.global_rank == 0:
+        config_path = prepare(cfg)
+        for line in plan_lines(cfg):
+            print(line, flush=True)
+        point = {"num": hc.job.num, "overrides": list(hc.overrides.task), "config": str(config_path),
+                 "log_dir": str(job.paths.folder), **marker}
+        tmp = point_file.with_name(POINT_FILE + ".tmp")
+        tmp.write_text(json.dumps(point, indent=2) + "\n")
+        tmp.replace(point_file)
+        return config_path
+    deadline = time.monotonic() + PREPARE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if point_file.exists():
+            point = json.loads(point_file.read_text())
+            if {k: point.get(k) for k in marker} == marker:
+                return Path(point["config"])
+        time.sleep(0.5)
+    raise TimeoutError(f"rank {job.global_rank}: rank 0 did not write {point_file} in {PREPARE_TIMEOUT_S} s")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg) -> None:
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        sys.exit("recipes/sweep.py: run it with -m (a multirun); for one run use recipes/cpt.py")
+    import submitit
+
+    job = submitit.JobEnvironment()
+    # Each point trains in its own folder unless run_dir was given (then points would share it).
+    if not any(o.startswith(("run_dir=", "run_name=")) for o in hc.overrides.task):
+        cfg.run_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
+    cfg.launch = "none"
+    cfg.cluster.nodes = job.num_nodes
+    cfg.cluster.procs_per_node = job.num_tasks // job.num_nodes
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    try:
+        config_path = prepare_point(cfg, job, hc, restart)
+    except ConfigError as exc:
+        raise SystemExit(f"point {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}") from exc
+    # This task is one rank (as under slurm/launch.sh's srun): rendezvous from the allocation.
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # A separate process, so that Megatron's globals, argv and exits stay out of Hydra and submitit.
+    code = subprocess.call([sys.executable, "-m", "ellama_megatron.engine.train", "--config", str(config_path)])
+    if code:
+        raise RuntimeError(f"point {hc.job.num}: rank {job.global_rank} exited with {code}")
+
+
+def default_overrides(argv: list[str]) -> list[str]:
+    """The Slurm launcher and the table callback unless the command line chose otherwise."""
+    extra = []
+    if not any(a.startswith("hydra/launcher=") for a in argv):
+        extra.append(DEFAULT_LAUNCHER)
+    if not any(a.startswith(("hydra.callbacks", "+hydra.callbacks")) for a in argv):
+        extra.append(TABLE_CALLBACK)
+    return extra
+
+
+if __name__ == "__main__":
+    # Next to the command line's own overrides: Hydra's parser wants them in one run.
+    last = max((i for i, a in enumerate(sys.argv) if "=" in a and not a.startswith("-")), default=len(sys.argv) - 1)
+    sys.argv[last + 1:last + 1] = default_overrides(sys.argv[1:])
+    main()
