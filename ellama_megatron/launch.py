@@ -17,6 +17,7 @@ from ellama_megatron.engine.datasets import resolve_blend
 from ellama_megatron.engine.megatron_args import data_parallel_size, train_iterations, world_size
 from ellama_megatron.engine.validate import ConfigError, validate
 from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.plan import LayoutError, check_fits
 
 
 def model_config(cfg) -> LlamaConfig:
@@ -38,11 +39,30 @@ def plan_lines(cfg) -> list[str]:
     ]
 
 
+def memory_refusal(cfg) -> str | None:
+    """The planner's refusal (with its numbers) when the layout does not fit cluster.gpu_memory_gb;
+    None when it fits or when no limit is set (CPU runs)."""
+    if not cfg.cluster.get("gpu_memory_gb"):
+        return None
+    try:
+        report = check_fits(cfg)
+    except LayoutError:
+        return None  # validate() names what is wrong with the layout itself
+    return None if report.fits else f"does not fit the GPU: {report.refusal()}"
+
+
 def prepare(cfg) -> Path:
-    """Validate ``cfg``, write it resolved to ${run_dir}/config.yaml and return that path."""
+    """Validate ``cfg`` (with the planner's memory check), write it resolved to
+    ${run_dir}/config.yaml and return that path."""
     model = model_config(cfg)
     blend = resolve_blend(cfg.data, cfg.train.train_tokens, cfg.train.seq_length)
-    validate(cfg, model, blend)
+    refusal = memory_refusal(cfg)
+    try:
+        validate(cfg, model, blend)
+    except ConfigError as exc:  # one message with every problem, the memory one included
+        raise ConfigError(f"{exc}\n  - {refusal}" if refusal else str(exc)) from None
+    if refusal:
+        raise ConfigError(f"invalid configuration:\n  - {refusal}")
     run_dir = Path(cfg.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)

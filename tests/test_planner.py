@@ -120,3 +120,32 @@ def test_plan_cli_exit_codes():
     assert bad.returncode == 1 and "REFUSED" in bad.stderr
     listing = subprocess.run([sys.executable, "tools/plan.py", "--list-layouts", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
     assert listing.returncode == 0 and "TP8 PP4 VP5 CP1 DP15" in listing.stdout
+
+
+def test_recipe_refuses_oversized_layout_before_launch(tmp_path):
+    """The same check runs in recipes/cpt.py (and so before every Slurm launch and sweep point)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "recipes/cpt.py", "model=llama31_70b", "parallel=single", "train=paper", "cluster=slurm_h100",
+         "launch=none", f"run_dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    report = check_fits(compose_cfg(["model=llama31_70b", "parallel=single", "train=paper", "cluster=slurm_h100"]))
+    assert not report.fits
+    assert f"does not fit the GPU: layout TP1 PP1 CP1 DP480 of llama31_70b needs {report.memory.total / GIB:.1f} GiB" in proc.stderr
+    assert "the GPU has 80 GB (cluster.gpu_memory_gb)" in proc.stderr
+    assert "ELLAMA_CONFIG=" not in proc.stdout and not (run_dir / "config.yaml").exists()
+
+
+def test_recipe_accepts_fitting_layout_and_skips_check_without_gpu_limit(tmp_path, domain_data):
+    from conftest import data_overrides
+
+    for name, overrides in (("paper70b", PAPER_70B), ("cpu", ["model=llama31_70b", "parallel=single", "train=paper"])):
+        run_dir = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "recipes/cpt.py", *overrides, *data_overrides(domain_data), "launch=none", f"run_dir={run_dir}"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr  # cluster=local_cpu has gpu_memory_gb=null: no memory check
+        assert f"ELLAMA_CONFIG={run_dir / 'config.yaml'}" in proc.stdout
