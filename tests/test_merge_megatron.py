@@ -201,3 +201,14 @@ def test_merged_checkpoint_starts_the_engine_at_its_own_loss(ckpts, tmp_path):
                         "train.exit_interval=1", "optim.lr=1e-3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert log.train_loss[1] == pytest.approx(want, abs=2e-4)
+    # The run's own checkpoints/ (engine-written, with optimizer state) merge with the import it
+    # started from as their exports do.
+    run_ckpts = tmp_path / "run" / "checkpoints"
+    again = merge_megatron_checkpoints(tmp_path / "b_ckpt", [run_ckpts], [0.25], tmp_path / "m2",
+                                       progress=False).outputs[0]
+    export_hf(again, tmp_path / "m2_hf", quiet=True)
+    export_hf(run_ckpts, tmp_path / "run_hf", quiet=True)
+    ref = merge_hf_folders(tmp_path / "b_hf", [tmp_path / "run_hf"], [0.25], tmp_path / "m2_ref",
+                           progress=False).outputs[0]
+    got, want_t = load_all(tmp_path / "m2_hf"), load_all(ref)
+    assert got.keys() == want_t.keys() and all(torch.equal(got[k], want_t[k]) for k in want_t)

@@ -23,8 +23,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Config keys that say how a folder was written, not what the model is.
-CONFIG_KEYS_IGNORED = {"transformers_version", "_name_or_path", "name_or_path", "use_cache", "dtype", "torch_dtype"}
+# Config keys that say how a folder was written (or how its weights were first initialised), not
+# what the model is.
+CONFIG_KEYS_IGNORED = {"transformers_version", "_name_or_path", "name_or_path", "use_cache", "dtype", "torch_dtype",
+                       "initializer_range"}
 # Tokenizer-config keys that record where a tokenizer was loaded from.
 TOKENIZER_KEYS_IGNORED = {"name_or_path", "tokenizer_file"}
 

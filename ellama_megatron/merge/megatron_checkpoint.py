@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ellama_megatron.merge.hf_folder import MergeInputError, compare_tokenizer_dirs, first_difference
 
-# Model-config fields that name a model rather than describe it (an import records the source
-# folder's name, a run the preset's).
-MODEL_KEYS_IGNORED = {"name"}
+# Model-config fields that do not describe the trained weights: the name (an import records the
+# source folder's, a run the preset's) and the random-init scale (a run from an import keeps its
+# preset's).
+MODEL_KEYS_IGNORED = {"name", "init_method_std"}
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:
