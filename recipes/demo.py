@@ -1,89 +1,60 @@
-"""The README's first command: continued pretraining in miniature on this CPU, nothing downloaded.
+"""The README's first command: the whole e-Llama method in miniature on this CPU, nothing downloaded.
 
-    python recipes/demo.py [--out demo_output] [--docs 300]
+    python recipes/demo.py [--out demo_output] [--docs 400] [--cpt-iters 80] [--clean]
 
-Stages: demo corpora (listings and reviews in several languages, general text) -> a tiny tokenizer
-trained on them (standing in for Meta's) -> Megatron indexed datasets with manifests
-(the same code as tools/preprocess_data.py) -> the blend planned from conf/data/demo_blend.yaml
-(the paper's 1:1 mix) -> a tiny Llama 3.1-shaped continued-pretraining run through recipes/cpt.py
-with a general and an e-commerce validation loss. Each run starts clean in --out.
+Stages (each one a tool a full-size run uses, called as a subprocess):
+  1. demo corpora: e-commerce listings and reviews (JSON Lines, en/de/fr) and general text
+  2. a tiny tokenizer trained on them and a random Llama 3.1-shaped Hugging Face model
+     (stand-ins for Meta's files)
+  3. tools/preprocess_data.py on each corpus (Megatron indexed datasets + manifests)
+  4. the base: the random model trained briefly on general text only (standing in for Meta's
+     pretraining), exported to Hugging Face format
+  5. tools/convert_hf.py import --verify of the base; tools/plan_blend.py with the paper's 1:1 mix
+  6. continued pretraining from the imported base: through slurm/8b.sbatch when a Slurm cluster
+     answers (--launcher slurm starts scripts/slurm_local.sh and stops it afterwards), otherwise
+     recipes/cpt.py directly; a general and an e-commerce validation loss in the log
+  7. tools/convert_hf.py export, tools/evaluate.py on both domains, tools/merge_sweep.py
+  8. demo_output/REPORT.md: stage times, blend table, loss curves, merge trade-off (PNGs)
+
+A second run reuses the stages that finished (a marker per stage in OUT/stages/) and says which;
+--clean starts over; changed options start over by themselves.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATES = {"listings": "listing", "reviews": "review", "general_en": "plain", "general_multilingual": "plain"}
 
 
 def main() -> int:
+    from ellama_megatron.demo_pipeline import DemoError, DemoOptions, run_demo
+
+    d = DemoOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_output", help="folder for everything the demo makes (emptied first)")
-    parser.add_argument("--docs", type=int, default=300, help="documents per demo corpus")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for recipes/cpt.py")
-    opts = parser.parse_args()
-
-    from ellama_megatron.data.demo_corpora import write_demo_corpora
-    from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
-    from ellama_megatron.data.serializers import RecordSerializer, load_template
-    from ellama_megatron.engine.train_log import compact_line, parse_train_log
-    from ellama_megatron.tiny_llama import train_tiny_tokenizer
-
-    out = Path(opts.out).resolve()
-    if out.exists():
-        print(f"removing the previous demo in {out}")
-        shutil.rmtree(out)
-    timings = []
-
-    def stage(name, fn):
-        print(f"== {name}", flush=True)
-        start = time.time()
-        result = fn()
-        timings.append((name, time.time() - start))
-        return result
-
-    raw = stage("demo corpora", lambda: write_demo_corpora(out / "raw", docs=opts.docs, seed=0))
-    texts = [line for p in raw.values() for line in p.read_text(encoding="utf-8").splitlines()]
-    tok = stage("tiny tokenizer", lambda: train_tiny_tokenizer(texts, out / "tokenizer", vocab_size=512))
-
-    def preprocess_all():
-        for name, path in raw.items():
-            serializer = RecordSerializer(load_template(TEMPLATES[name]), id_key="id")
-            preprocess(PreprocessOptions([str(path)], str(out / "data" / name), str(tok), serializer,
-                                         valid_fraction=0.1, progress=True))
-
-    stage("preprocess into Megatron datasets", preprocess_all)
-    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={out / 'run'}", "data=demo_blend",
-           f"data.root={out / 'data'}", "optim.lr=2e-3", "optim.min_lr=2e-4", *opts.overrides]
-    log_path = out / "train.log"
-
-    def train():
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                log_file.write(line)
-                short = compact_line(line)
-                if short or line.startswith(("model ", "world size", "error")):
-                    print(short or line.rstrip(), flush=True)
-            return proc.wait()
-
-    code = stage("continued pretraining (recipes/cpt.py, 2 CPU ranks)", train)
-    if code:
-        print(f"training failed (exit {code}); see {log_path}", file=sys.stderr)
-        return code
-    log = parse_train_log(log_path.read_text())
-    for name, seconds in timings:
-        print(f"{name:55s} {seconds:6.1f} s")
-    first, last = log.train_loss[1], log.train_loss[log.last_iteration]
-    valid = ", ".join(f"{d} {min(l)}->{max(l)}: {l[min(l)]:.3f} -> {l[max(l)]:.3f}" for d, l in log.valid_loss.items())
-    print(f"demo done: {log.last_iteration} iterations, train loss {first:.3f} -> {last:.3f}; validation {valid}; "
-          f"outputs in {out}")
+    parser.add_argument("--out", default="demo_output", help="folder for everything the demo makes (default demo_output)")
+    parser.add_argument("--clean", action="store_true", help="remove --out first instead of reusing finished stages")
+    parser.add_argument("--docs", type=int, default=d.docs, help=f"documents per demo corpus (default {d.docs})")
+    parser.add_argument("--base-iters", type=int, default=d.base_iters,
+                        help=f"general-only iterations that make the base model (default {d.base_iters}; 0: the random model is the base)")
+    parser.add_argument("--cpt-iters", type=int, default=d.cpt_iters, help=f"continued-pretraining iterations (default {d.cpt_iters})")
+    parser.add_argument("--cpt-lr", type=float, default=d.cpt_lr, help=f"continued-pretraining peak LR (default {d.cpt_lr:g})")
+    parser.add_argument("--eval-interval", type=int, default=d.eval_interval, help=f"validate every N CPT iterations (default {d.eval_interval})")
+    parser.add_argument("--alpha", type=float, action="append", help="merge weight of the adapted model (repeatable; default 0.25 0.5 0.75)")
+    parser.add_argument("--launcher", choices=("auto", "slurm", "direct"), default="auto",
+                        help="auto: slurm/8b.sbatch if a Slurm cluster answers, else recipes/cpt.py; "
+                             "slurm: start the local Slurm if none runs (stopped afterwards); direct: recipes/cpt.py")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both training runs")
+    a = parser.parse_args()
+    opts = DemoOptions(docs=a.docs, base_iters=a.base_iters, cpt_iters=a.cpt_iters, cpt_lr=a.cpt_lr,
+                       eval_interval=a.eval_interval, alphas=tuple(a.alpha or d.alphas), launcher=a.launcher)
+    try:
+        run_demo(a.out, opts, clean=a.clean, extra_overrides=a.overrides)
+    except DemoError as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: run again to continue from the last finished stage", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,162 @@
+"""The README's first command, reduced in size: every stage's artefact is checked by re-reading it.
+
+One demo run (module fixture) through recipes/demo.py --launcher direct (the Slurm submission path
+is exercised by tests/test_slurm.py), then a second run that must reuse every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.eval.heldout_data import parse_domain_spec
+from ellama_megatron.eval.perplexity import evaluate_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+CPT_ITERS = 30
+ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10",
+        "--alpha", "0.5", "--launcher", "direct"]
+STAGES = 11
+
+
+def run_demo(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "recipes/demo.py", "--out", str(out), *ARGS], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    proc = run_demo(out)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out, proc.stdout
+
+
+def stage(out: Path, key: str) -> dict:
+    return json.loads((out / "stages" / f"{key}.json").read_text())["result"]
+
+
+@pytest.mark.slow
+def test_progress_names_every_stage_with_its_time(demo):
+    out, stdout = demo
+    for i in range(1, STAGES + 1):
+        assert f"[{i}/{STAGES}]" in stdout
+    assert re.search(r"demo done in \d+ s \(12 stages run, 0 reused\)", stdout)
+
+
+@pytest.mark.slow
+def test_corpora_and_dataset_manifests(demo):
+    out, _ = demo
+    languages = {json.loads(line)["language"] for line in (out / "raw" / "listings.jsonl").read_text().splitlines()}
+    assert languages >= {"en", "de", "fr"}
+    for name in ("listings", "reviews", "general_en", "general_multilingual"):
+        m = json.loads((out / "data" / f"{name}.manifest.json").read_text())
+        assert m["tokenizer"]["vocab_size"] == 512 and m["tokenizer"]["eos_token_id"] == 2
+        for split in ("train", "valid"):
+            s = m["splits"][split]
+            assert s["documents"] > 0 and s["tokens"] > 0
+            assert (out / "data" / f"{s['prefix']}.bin").stat().st_size > 0
+    reviews = json.loads((out / "data" / "reviews.manifest.json").read_text())
+    assert set(reviews["splits"]["train"]["languages"]) == {"en", "de", "fr"}
+
+
+@pytest.mark.slow
+def test_converted_base_verifies_against_its_logits(demo):
+    out, _ = demo
+    verify = stage(out, "import")["verify"]
+    assert verify["max_abs_logit_diff"] <= 1e-4 and verify["top1_agreement"] == 1.0
+    assert (out / "base_megatron").is_dir()
+    log = (out / "logs" / "import_base.log").read_text()
+    assert "--verify" in log and "verify: max abs logit diff" in log
+
+
+@pytest.mark.slow
+def test_blend_is_the_papers_one_to_one_mix(demo):
+    out, _ = demo
+    table = (out / "blend_table.txt").read_text()
+    assert "groups: general 50.0%, ecommerce 50.0%" in table
+    blend = json.loads((out / "blend.json").read_text())
+    assert sum(t["weight"] for t in blend["train"]) == pytest.approx(1.0)
+    assert set(blend["valid"]) == {"general", "ecommerce"}
+    report = (out / "REPORT.md").read_text()
+    assert "groups: general 50.0%, ecommerce 50.0%" in report
+
+
+@pytest.mark.slow
+def test_cpt_lowers_ecommerce_loss_more_than_general(demo):
+    out, _ = demo
+    log = parse_train_log((out / "cpt_run" / "train.log").read_text())
+    assert log.last_iteration == log.train_iters == CPT_ITERS
+    assert set(log.valid_loss) == {"general", "ecommerce"}
+    fell = {d: losses[min(losses)] - losses[max(losses)] for d, losses in log.valid_loss.items()}
+    assert min(log.valid_loss["general"]) == 10 and max(log.valid_loss["general"]) == CPT_ITERS
+    assert fell["ecommerce"] > fell["general"] > -0.05, fell
+    # The base and adapted models themselves (merge sweep's end points, same held-out documents).
+    ev = stage(out, "merge_sweep")["loss"]
+    assert ev["base"]["ecommerce"] - ev["adapted"]["ecommerce"] > ev["base"]["general"] - ev["adapted"]["general"]
+    assert ev["base"]["ecommerce"] > ev["base"]["general"] + 1.0  # the base knows general text, not e-commerce
+
+
+@pytest.mark.slow
+def test_exported_model_loads_in_transformers(demo):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = demo
+    tok = AutoTokenizer.from_pretrained(out / "adapted_hf")
+    model = AutoModelForCausalLM.from_pretrained(out / "adapted_hf")
+    ids = tok("Title: Smartphone, new with box", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert 0 < loss < 8
+    base = AutoModelForCausalLM.from_pretrained(out / "base_hf")
+    assert not torch.equal(base.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_merge_table_alpha_zero_is_the_base_model(demo):
+    out, _ = demo
+    points = {p["alpha"]: p for p in json.loads((out / "merge_sweep" / "sweep.json").read_text())["points"]}
+    assert sorted(points) == [0.0, 0.5, 1.0]
+    sources = [parse_domain_spec(f"{d}={out / 'heldout' / d}") for d in ("general", "ecommerce")]
+    for name, alpha in (("base", 0.0), ("adapted", 1.0)):
+        evaluated = evaluate_model_dir(out / f"{name}_hf", sources, 128, 8, "cpu", "float32", progress=False)
+        for domain in ("general", "ecommerce"):
+            assert points[alpha]["domains"][domain]["mean_loss"] == pytest.approx(evaluated[domain]["mean_loss"], rel=1e-6)
+            assert points[alpha]["domains"][domain]["tokens"] == evaluated[domain]["tokens"] > 1000
+    table = (out / "merge_sweep" / "sweep.md").read_text()
+    assert "0.5" in table and table in (out / "REPORT.md").read_text()
+
+
+@pytest.mark.slow
+def test_report_with_images_and_stage_times(demo):
+    from PIL import Image
+
+    out, _ = demo
+    report = (out / "REPORT.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sorted(images) == ["loss_curves.png", "merge_sweep/sweep.png"]
+    for rel in images:
+        with Image.open(out / rel) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100
+    rows = re.findall(r"^\| (\d+) \| .+ \| ([0-9.]+) \| this run \|", report, re.M)
+    assert [int(r[0]) for r in rows] == list(range(1, STAGES + 1))
+
+
+@pytest.mark.slow
+def test_second_run_reuses_every_stage(demo):
+    out, _ = demo
+    before = (out / "cpt_run" / "train.log").read_text()
+    proc = run_demo(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the finished stages" in proc.stdout
+    assert proc.stdout.count("reused from an earlier run") == STAGES
+    assert "(0 stages run, 11 reused)" in proc.stdout
+    assert (out / "cpt_run" / "train.log").read_text() == before
