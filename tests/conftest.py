@@ -61,3 +61,17 @@ def run_cpt(run_dir: Path, data, *overrides: str, timeout: int = 600, env: dict 
                           env={**os.environ, **(env or {})})
     (Path(run_dir).parent / f"{Path(run_dir).name}.log").write_text(proc.stdout + proc.stderr)
     return proc, parse_train_log(proc.stdout + proc.stderr)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_process_groups():
+    """In-process users of Megatron (the converter's --verify) leave a process group behind; tear
+    it down after each test module so the next module can build its own."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
