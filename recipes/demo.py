@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=d.docs, help=f"documents per demo corpus (default {d.docs})")
     parser.add_argument("--base-iters", type=int, default=d.base_iters,
                         help=f"general-only iterations that make the base model (default {d.base_iters}; 0: the random model is the base)")
+    parser.add_argument("--base-lr", type=float, default=d.base_lr, help=f"peak LR of the base model's general-only run (default {d.base_lr:g})")
     parser.add_argument("--cpt-iters", type=int, default=d.cpt_iters, help=f"continued-pretraining iterations (default {d.cpt_iters})")
     parser.add_argument("--cpt-lr", type=float, default=d.cpt_lr, help=f"continued-pretraining peak LR (default {d.cpt_lr:g})")
     parser.add_argument("--eval-interval", type=int, default=d.eval_interval, help=f"validate every N CPT iterations (default {d.eval_interval})")
@@ -45,7 +46,7 @@ def main() -> int:
                              "slurm: start the local Slurm if none runs (stopped afterwards); direct: recipes/cpt.py")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both training runs")
     a = parser.parse_args()
-    opts = DemoOptions(docs=a.docs, base_iters=a.base_iters, cpt_iters=a.cpt_iters, cpt_lr=a.cpt_lr,
+    opts = DemoOptions(docs=a.docs, base_iters=a.base_iters, base_lr=a.base_lr, cpt_iters=a.cpt_iters, cpt_lr=a.cpt_lr,
                        eval_interval=a.eval_interval, alphas=tuple(a.alpha or d.alphas), launcher=a.launcher)
     try:
         run_demo(a.out, opts, clean=a.clean, extra_overrides=a.overrides)
