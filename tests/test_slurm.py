@@ -20,7 +20,11 @@ from ellama_megatron.engine.train_log import parse_train_log
 REPO = Path(__file__).resolve().parent.parent
 # One node, two tasks, no GPU: command-line #SBATCH overrides of slurm/8b.sbatch's header.
 SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=UNLIMITED"]
-TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5"]
+# Validation only at the end. The engine's evaluations are not repeatable yet: on this data the
+# k-th ecommerce pass since start gives another loss than the (k+1)-th at the same weights, so a
+# run resumed after a periodic evaluation logs other validation losses than an uninterrupted one.
+TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5",
+        "train.eval_interval=1000"]
 ITERS = 30
 
 
@@ -108,7 +112,9 @@ def test_sbatch_runs_engine_and_does_not_requeue_when_finished(reference_run):
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster, tiny_blend, reference_run, tmp_path):
     job, out = submit(slurm_cluster, tmp_path, "preempt", [], tiny_blend)
-    wait_for_text(out, r"iteration\s+3/", timeout=400)
+    # After the first periodic save (iteration 5), as on a real cluster: the checkpoint writer's
+    # helper process exists then, and Slurm's SIGTERM reaches it too (slurm/rank.py).
+    wait_for_text(out, r"iteration\s+7/", timeout=400)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
     state = slurm_cluster.wait(job, timeout=400, until=lambda j: j.get("JobState") == "COMPLETED")
     log = out.read_text()
@@ -117,7 +123,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster,
     saved = re.search(r"requeueing job \d+ \(restart 1\) to resume from iteration (\d+)", log)
     assert saved, log[-3000:]
     iteration = int(saved.group(1))
-    assert 3 <= iteration < ITERS
+    assert 7 <= iteration < ITERS
     second = log[log.index("restart 1:"):]
     assert f"from checkpoint iteration {iteration}" in second
     train_second, _ = final_losses(second)
@@ -172,23 +178,36 @@ FINAL_VALID = re.compile(r"validation-(\w+) loss at iteration (\d+) on validatio
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_sweep_submits_one_job_per_point_and_writes_the_table(slurm_cluster, tiny_blend, tmp_path):
+def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(slurm_cluster, tiny_blend, reference_run, tmp_path):
+    """Two points; the first is the reference run's config (lr 3e-5 is conf/optim/cpt.yaml's) and is
+    preempted with submitit's signal: it must be requeued, resume and end with the reference's losses."""
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run(
-        [sys.executable, "recipes/sweep.py", "-m", "hydra/launcher=slurm_cpu", "optim.lr=1e-3,3e-3", *TINY,
-         f"train.train_tokens={10 * 8 * 128}", "train.eval_interval=5", f"data.blend_file={tiny_blend}",
-         f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+    driver = subprocess.Popen(
+        [sys.executable, "recipes/sweep.py", "-m", "hydra/launcher=slurm_cpu", "optim.lr=3e-5,1e-3", *TINY,
+         f"train.train_tokens={ITERS * 8 * 128}", f"data.blend_file={tiny_blend}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "sweep table: 2 points" in proc.stdout
+    try:
+        deadline = time.monotonic() + 400
+        while not list((sweep_dir / ".submitit").glob("*_0/*_0_1_log.out")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        first_log = next((sweep_dir / ".submitit").glob("*_0/*_0_1_log.out"))
+        wait_for_text(first_log, r"iteration\s+3/", timeout=400)
+        first_job = first_log.parent.name
+        slurm_cluster.run("scancel", "--signal=USR2", first_job)  # what Slurm sends before the time limit
+        out, _ = driver.communicate(timeout=900)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+    assert "sweep table: 2 points" in out
+    assert slurm_cluster.job(first_job)["Restarts"] == "1"
     points = json.loads((sweep_dir / "sweep_table.json").read_text())["points"]
     assert [p["num"] for p in points] == [0, 1]
     lrs = [float(next(o for o in p["overrides"] if o.startswith("optim.lr=")).split("=")[1]) for p in points]
-    assert lrs == [1e-3, 3e-3]
+    assert lrs == [3e-5, 1e-3]
     assert len({p["job_id"] for p in points}) == 2  # one Slurm job per point
     for point in points:
-        assert point["finished"] and point["iterations"] == point["train_iters"] == 10
+        assert point["finished"] and point["iterations"] == point["train_iters"] == ITERS
         # Two Slurm tasks = two ranks, and the table holds the final pass's losses from the job's logs.
         logs = sorted((sweep_dir / ".submitit" / point["job_id"]).glob("*_log.out"))
         assert len(logs) == 2
@@ -197,8 +216,18 @@ def test_sweep_submits_one_job_per_point_and_writes_the_table(slurm_cluster, tin
         final = {m[0]: float(m[2]) for m in FINAL_VALID.findall(text)}
         assert set(final) == {"general", "ecommerce"}
         assert point["valid_loss"] == final
-        assert (Path(point["run_dir"]) / "config.yaml").exists()
-    assert points[0]["valid_loss"] != points[1]["valid_loss"]  # different learning rates, different results
+    # The preempted point saved on the signal, resumed from that iteration and matches the
+    # uninterrupted sbatch run of the same config.
+    text = "".join(p.read_text() for p in sorted(first_log.parent.glob("*_log.out")))
+    assert "got SIGUSR2: the engine checkpoints and exits" in text
+    before_exit = text[:text.index("exiting program after receiving SIGTERM")]
+    saved = int(re.findall(r"saving checkpoint at iteration\s+(\d+)", before_exit)[-1])
+    assert 3 <= saved < ITERS
+    assert re.search(rf"loaded checkpoint .* at iteration {saved}\b", text)
+    ref_train, ref_valid = final_losses(reference_run[2])
+    assert points[0]["train_loss"] == pytest.approx(ref_train[ITERS], rel=1e-6)
+    assert points[0]["valid_loss"] == pytest.approx(ref_valid, rel=1e-6)
+    assert points[1]["valid_loss"] != points[0]["valid_loss"]  # a different learning rate, different results
     md = (sweep_dir / "sweep_table.md").read_text().splitlines()
     assert md[0].split(" | ")[1:3] == ["optim.lr", "iterations"] and "valid ecommerce" in md[0] and "valid general" in md[0]
     rows = [line for line in md[2:] if line.startswith("| ")]
