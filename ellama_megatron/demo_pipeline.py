@@ -203,7 +203,7 @@ def sbatch_train(overrides: list[str], log: Path, env: dict, job_name: str, echo
         raise DemoError(f"sbatch failed: {proc.stderr.strip()}")
     job = proc.stdout.strip().split(";")[0]
     print(f"    submitted slurm/8b.sbatch as job {job} (1 node x 2 CPU tasks); following {log.name}", flush=True)
-    seen = 0
+    seen, waiting_said = 0, False
     try:
         while True:
             state = dict(re.findall(r"(\w+)=(\S*)", subprocess.run(
@@ -217,6 +217,9 @@ def sbatch_train(overrides: list[str], log: Path, env: dict, job_name: str, echo
                     if short:
                         print("    " + short, flush=True)
                 seen = len(complete)
+            if state.get("JobState") == "PENDING" and not seen and not waiting_said:
+                print(f"    job {job} is waiting for the node ({state.get('Reason', '?')})", flush=True)
+                waiting_said = True
             if state.get("JobState") in SLURM_STATES_DONE:
                 code = state.get("ExitCode", "1:0").split(":")[0]
                 return 0 if state["JobState"] == "COMPLETED" else int(code or 1) or 1
@@ -308,29 +311,42 @@ def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False, extra_over
     return out / "REPORT.md"
 
 
-def _train(out: Path, run_dir: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSlurm, job_name: str) -> dict:
+def _train(run_dir: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSlurm, job_name: str) -> dict:
     """One training run through slurm/8b.sbatch when a Slurm cluster answers, else recipes/cpt.py."""
     from ellama_megatron.engine.train_log import parse_train_log
 
     log = run_dir / "train.log"
+    finished = (run_dir / "done.json").exists() and log.exists()
+    if finished:
+        # Trained in an earlier demo that stopped in a later step of this stage.
+        print(f"    {run_dir.name} finished in an earlier run: reusing it", flush=True)
+        parsed = parse_train_log(log.read_text(errors="replace"))
+        launcher = (run_dir / "launcher.txt").read_text().strip() if (run_dir / "launcher.txt").exists() else "an earlier run"
+    else:
+        # An unfinished run starts over: the demo saves no intermediate checkpoints to resume from.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        launcher = _launch(run_dir, log, overrides, opts, slurm, job_name)
+        (run_dir / "launcher.txt").write_text(launcher + "\n")
+        parsed = parse_train_log(log.read_text(errors="replace"))
+    if parsed.last_iteration != parsed.train_iters or not parsed.valid_loss:
+        raise DemoError(f"training stopped at iteration {parsed.last_iteration} of {parsed.train_iters}; see {log}")
+    valid = {d: [[i, v] for i, v in sorted(losses.items())] for d, losses in parsed.valid_loss.items()}
+    return {"launcher": launcher, "log": str(log), "iterations": parsed.last_iteration, "valid": valid,
+            "train_first": parsed.train_loss[min(parsed.train_loss)], "train_last": parsed.train_loss[parsed.last_iteration]}
+
+
+def _launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSlurm, job_name: str) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = None if opts.launcher == "direct" else slurm_env()
     if env is None and opts.launcher == "slurm":
         env = slurm.start()
     if env is not None:
         code = sbatch_train([*TINY, f"run_dir={run_dir}", *overrides], log, env, job_name, progress_line)
-        launcher = "slurm/8b.sbatch on the local Slurm (1 node x 2 CPU tasks)"
         if code:
             raise DemoError(f"the Slurm job failed (exit {code}); see {log}")
-    else:
-        run_tool(["recipes/cpt.py", *TINY, f"run_dir={run_dir}", *overrides], log, echo=progress_line)
-        launcher = "recipes/cpt.py (torchrun, 2 CPU ranks)"
-    parsed = parse_train_log(log.read_text(errors="replace"))
-    if parsed.last_iteration != parsed.train_iters:
-        raise DemoError(f"training stopped at iteration {parsed.last_iteration} of {parsed.train_iters}; see {log}")
-    valid = {d: [[i, v] for i, v in sorted(losses.items())] for d, losses in parsed.valid_loss.items()}
-    return {"launcher": launcher, "log": str(log), "iterations": parsed.last_iteration, "valid": valid,
-            "train_first": parsed.train_loss[min(parsed.train_loss)], "train_last": parsed.train_loss[parsed.last_iteration]}
+        return "slurm/8b.sbatch on the local Slurm (1 node x 2 CPU tasks)"
+    run_tool(["recipes/cpt.py", *TINY, f"run_dir={run_dir}", *overrides], log, echo=progress_line)
+    return "recipes/cpt.py (torchrun, 2 CPU ranks)"
 
 
 def _valid_change(valid: dict) -> str:
@@ -408,10 +424,10 @@ def _pipeline(out: Path, opts: DemoOptions, stages: Stages, slurm: LocalSlurm, e
             # domains validated. It starts from the random HF model through the importer.
             run_tool(["tools/convert_hf.py", "import", "--hf-dir", out / "random_hf", "--out", out / "random_megatron",
                       "--overwrite", "--quiet"], logs / "import_random.log")
-            blend = write_json(out / "base_run" / "blend.json", {
+            blend = write_json(out / "base_blend.json", {
                 "train": [{"prefix": str(data_dir / f"{n}_train"), "weight": 1.0} for n in DOMAINS["general"]],
                 "valid": valid})
-            result = _train(out, out / "base_run", [
+            result = _train(out / "base_run", [
                 "data=demo", f"data.blend_file={blend}", f"checkpoint.init_from={out / 'random_megatron'}",
                 f"train.train_tokens={opts.base_iters * TOKENS_PER_ITERATION}", f"train.eval_interval={opts.base_iters}",
                 f"optim.lr={opts.base_lr}", f"optim.min_lr={opts.base_lr / 10}", "checkpoint.save_optim=false", *extra,
@@ -449,7 +465,7 @@ def _pipeline(out: Path, opts: DemoOptions, stages: Stages, slurm: LocalSlurm, e
     print("\n".join("    " + line for line in (out / "blend_table.txt").read_text().splitlines()), flush=True)
 
     def cpt():
-        result = _train(out, out / "cpt_run", [
+        result = _train(out / "cpt_run", [
             "data=demo", f"data.blend_file={blend_file}", f"checkpoint.init_from={out / 'base_megatron'}",
             f"train.train_tokens={cpt_tokens}", f"train.eval_interval={opts.eval_interval}",
             f"optim.lr={opts.cpt_lr}", f"optim.min_lr={opts.cpt_lr / 10}", *extra,

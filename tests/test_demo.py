@@ -132,7 +132,7 @@ def test_merge_table_alpha_zero_is_the_base_model(demo):
     assert sorted(points) == [0.0, 0.5, 1.0]
     sources = [parse_domain_spec(f"{d}={out / 'heldout' / d}") for d in ("general", "ecommerce")]
     for name, alpha in (("base", 0.0), ("adapted", 1.0)):
-        evaluated = evaluate_model_dir(out / f"{name}_hf", sources, 128, 8, "cpu", "float32", progress=False)
+        evaluated = evaluate_model_dir(out / f"{name}_hf", sources, 128, 8, "cpu", "float32", progress=False)["domains"]
         for domain in ("general", "ecommerce"):
             assert points[alpha]["domains"][domain]["mean_loss"] == pytest.approx(evaluated[domain]["mean_loss"], rel=1e-6)
             assert points[alpha]["domains"][domain]["tokens"] == evaluated[domain]["tokens"] > 1000
@@ -164,5 +164,14 @@ def test_second_run_reuses_every_stage(demo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing the finished stages" in proc.stdout
     assert proc.stdout.count("reused from an earlier run") == STAGES
-    assert "(0 stages run, 11 reused)" in proc.stdout
+    assert f"(0 stages run, {STAGES} reused)" in proc.stdout
     assert (out / "cpt_run" / "train.log").read_text() == before
+    # A demo stopped after training but before the stage's marker: the finished run is not repeated.
+    (out / "stages" / "cpt.json").unlink()
+    (out / "stages" / "report.json").unlink()
+    proc = run_demo(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cpt_run finished in an earlier run: reusing it" in proc.stdout
+    assert f"(2 stages run, {STAGES - 2} reused)" in proc.stdout
+    assert (out / "cpt_run" / "train.log").read_text() == before
+    assert stage(out, "cpt")["iterations"] == CPT_ITERS
