@@ -55,7 +55,8 @@ def prepare_point(cfg, job, hc, restart: str) -> Path:
             config_path = prepare(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             write_point(point_file, {**point, "error": str(exc)})  # the other ranks stop too
-            raise SystemExit(f"point {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}") from exc
+            # An exception, not SystemExit: submitit records it, and the driver reports the point failed.
+            raise ConfigError(f"point {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}") from None
         for line in plan_lines(cfg):
             print(line, flush=True)
         write_point(point_file, {**point, "config": str(config_path)})
@@ -66,7 +67,7 @@ def prepare_point(cfg, job, hc, restart: str) -> Path:
             point = json.loads(point_file.read_text())
             if {k: point.get(k) for k in attempt} == attempt:
                 if "error" in point:
-                    raise SystemExit(f"rank {job.global_rank}: rank 0 refused the point: {point['error']}")
+                    raise ConfigError(f"rank {job.global_rank}: rank 0 refused the point: {point['error']}")
                 return Path(point["config"])
         time.sleep(0.5)
     raise TimeoutError(f"rank {job.global_rank}: rank 0 did not write {point_file} in {PREPARE_TIMEOUT_S} s")
@@ -103,9 +104,6 @@ def main(cfg) -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         sys.exit("recipes/sweep.py: run it with -m (a multirun); for one run use recipes/cpt.py")
-    if any(o.startswith("run_dir=") for o in hc.overrides.task):
-        # Points sharing a run folder would resume from each other's checkpoints.
-        sys.exit("recipes/sweep.py: each point trains in <hydra.sweep.dir>/<point>; set hydra.sweep.dir, not run_dir")
     import submitit
 
     try:
@@ -137,6 +135,9 @@ def default_overrides(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    if any(a.startswith("run_dir=") for a in sys.argv[1:]):
+        # Points sharing a run folder would resume from each other's checkpoints.
+        sys.exit("recipes/sweep.py: each point trains in <hydra.sweep.dir>/<point>; set hydra.sweep.dir, not run_dir")
     # Next to the command line's own overrides: Hydra's parser wants them in one run.
     last = max((i for i, a in enumerate(sys.argv) if "=" in a and not a.startswith("-")), default=len(sys.argv) - 1)
     sys.argv[last + 1:last + 1] = default_overrides(sys.argv[1:])

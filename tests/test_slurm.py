@@ -239,3 +239,22 @@ def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(s
     rebuilt = subprocess.run([sys.executable, "tools/sweep_table.py", str(sweep_dir)], cwd=REPO, capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert json.loads((sweep_dir / "sweep_table.json").read_text())["points"] == points
+
+
+@pytest.mark.slurm
+def test_sweep_point_with_invalid_config_fails_at_once(slurm_cluster, tiny_blend, tmp_path):
+    """Rank 0 refuses the point (the other rank stops on its point.json) and the driver reports it."""
+    sweep_dir = tmp_path / "bad"
+    proc = subprocess.run(
+        [sys.executable, "recipes/sweep.py", "-m", "hydra/launcher=slurm_cpu", "parallel.tensor_model_parallel_size=3",
+         *TINY, f"data.blend_file={tiny_blend}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "ConfigError: point 0 (parallel.tensor_model_parallel_size=3" in proc.stderr
+    assert "not divisible by TP x PP x CP" in json.loads((sweep_dir / "0" / "point.json").read_text())["error"]
+    assert not (sweep_dir / "0" / "config.yaml").exists()
+    # run_dir would make the points share one folder: refused before anything is submitted.
+    shared = subprocess.run([sys.executable, "recipes/sweep.py", "-m", "optim.lr=1e-3,3e-3", f"run_dir={tmp_path / 'x'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert shared.returncode == 1 and "set hydra.sweep.dir, not run_dir" in shared.stderr
