@@ -8,7 +8,7 @@ run reuses the stages whose marker exists and says so. Changed options start cle
 Why the base model is pre-trained on general text first: a random model knows neither domain, and
 the demo's general text is far more regular than its listings, so continued pretraining from a
 random model lowers the general loss most (measured: general 6.24 -> 1.76, e-commerce 6.24 -> 3.22
-after 120 iterations). Meta's base model already knows general text; a short general-only run
+after 120 iterations at LR 2e-3 on the 1:1 mix). Meta's base model already knows general text; a short general-only run
 stands in for that pretraining, so continued pretraining then shows what the paper shows: the
 e-commerce loss falls much more than the general one.
 """
@@ -282,7 +282,7 @@ def prepare_output(out: Path, opts: DemoOptions, clean: bool) -> None:
         else:
             print(f"reusing the finished stages of the demo in {out} (--clean starts over)", flush=True)
     elif out.exists() and any(out.iterdir()):
-        raise DemoError(f"{out} exists and is not a demo output folder; pick another --out or remove it")
+        raise DemoError(f"{out} exists and is not a demo output folder; pick another --out, remove it, or pass --clean")
     out.mkdir(parents=True, exist_ok=True)
     write_json(options_file, opts.fingerprint())
 

@@ -1,7 +1,8 @@
 """The README's first command, reduced in size: every stage's artefact is checked by re-reading it.
 
-One demo run (module fixture) through recipes/demo.py --launcher direct (the Slurm submission path
-is exercised by tests/test_slurm.py), then a second run that must reuse every stage.
+One demo run (module fixture): training goes through slurm/8b.sbatch on the local Slurm where the
+`slurm_cluster` fixture has one (always in CI), else through recipes/cpt.py; then reruns that must
+reuse the finished stages.
 """
 
 from __future__ import annotations
@@ -20,20 +21,29 @@ from ellama_megatron.eval.perplexity import evaluate_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
-ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10",
-        "--alpha", "0.5", "--launcher", "direct"]
+ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10", "--alpha", "0.5"]
 STAGES = 11
 
 
-def run_demo(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "recipes/demo.py", "--out", str(out), *ARGS], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+def run_demo(out: Path, launcher: str = "direct") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "recipes/demo.py", "--out", str(out), *ARGS, "--launcher", launcher],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def launcher(request) -> str:
+    """slurm when the local Slurm runs or can be started (SLURM_CONF then points at it), else direct."""
+    try:
+        request.getfixturevalue("slurm_cluster")
+    except pytest.skip.Exception:
+        return "direct"
+    return "slurm"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, launcher):
     out = tmp_path_factory.mktemp("demo") / "demo_output"
-    proc = run_demo(out)
+    proc = run_demo(out, launcher)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return out, proc.stdout
 
@@ -89,8 +99,11 @@ def test_blend_is_the_papers_one_to_one_mix(demo):
 
 
 @pytest.mark.slow
-def test_cpt_lowers_ecommerce_loss_more_than_general(demo):
+def test_cpt_lowers_ecommerce_loss_more_than_general(demo, launcher):
     out, _ = demo
+    expected = "slurm/8b.sbatch" if launcher == "slurm" else "recipes/cpt.py"
+    assert stage(out, "cpt")["launcher"].startswith(expected)
+    assert stage(out, "base_pretrain")["launcher"].startswith(expected)
     base = parse_train_log((out / "base_run" / "train.log").read_text())
     cpt = parse_train_log((out / "cpt_run" / "train.log").read_text())
     assert cpt.last_iteration == cpt.train_iters == CPT_ITERS
