@@ -123,12 +123,21 @@ def run_tool(args: list[str], log: Path, echo=None) -> str:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=tool_env())
         lines = []
-        for line in proc.stdout:
-            f.write(line)
-            lines.append(line)
-            short = echo(line) if echo else None
-            if short:
-                print("    " + short, flush=True)
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                lines.append(line)
+                short = echo(line) if echo else None
+                if short:
+                    print("    " + short, flush=True)
+        except BaseException:
+            # Interrupted: the tool (torchrun and its ranks on SIGTERM) must not outlive the demo.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         code = proc.wait()
     text = "".join(lines)
     if code:

@@ -23,7 +23,13 @@ A second run reuses the stages that finished (a marker per stage in OUT/stages/)
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+
+
+def _interrupt(signum, frame):
+    # SIGTERM (kill, a closing terminal) cleans up like Ctrl-C: the Slurm job and any Slurm the demo started.
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -48,6 +54,7 @@ def main() -> int:
     a = parser.parse_args()
     opts = DemoOptions(docs=a.docs, base_iters=a.base_iters, base_lr=a.base_lr, cpt_iters=a.cpt_iters, cpt_lr=a.cpt_lr,
                        eval_interval=a.eval_interval, alphas=tuple(a.alpha or d.alphas), launcher=a.launcher)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_demo(a.out, opts, clean=a.clean, extra_overrides=a.overrides)
     except DemoError as e:
