@@ -33,6 +33,9 @@ def assert_trained(proc, log, iters=20):
     assert set(log.valid_loss) == {"general", "ecommerce"}
     for domain, losses in log.valid_loss.items():
         assert losses[20] < losses[10], f"{domain} validation loss did not fall: {losses}"
+        # The periodic pass at the last iteration and the end-of-run pass see the same weights and
+        # data: one exact pass each, whatever the evaluations before.
+        assert losses[20] == log.final_valid_loss[domain], f"{domain}: evaluations are not repeatable"
 
 
 def test_dp2_trains_and_logs_each_domain(dp2):

@@ -36,6 +36,27 @@ def resolve_blend(data_cfg, train_tokens: float | None = None, seq_length: int |
     return {"train": list(blend["train"]), "valid": dict(blend["valid"])}
 
 
+class WholeValidationBatches:
+    """A validation set cut to a multiple of the data-parallel size.
+
+    Full validation gives each DP rank one sample per step and runs as many steps as the rank with
+    the most samples; a rank with one sample fewer wraps around its cyclic iterator and starts the
+    next evaluation one sample late, so the same weights would get another loss each time. Cutting
+    at most DP-1 samples keeps every evaluation one exact pass.
+    """
+
+    def __init__(self, dataset, multiple: int):
+        self.dataset = dataset
+        self.split = getattr(dataset, "split", None) or dataset.index_split  # Megatron picks its sampler by it
+        self.length = len(dataset) - len(dataset) % multiple or len(dataset)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+
 class _IdsTokenizer:
     """What Megatron's GPT datasets read of a tokenizer: the EOD id and the vocab size."""
 
@@ -91,7 +112,8 @@ def datasets_provider(blend: dict, eod: int, vocab_size: int, cache_dir: Path):
         for name, domain_prefixes in blend["valid"].items():
             cfg = gpt_dataset_config(args, eod, vocab_size, [None, (list(domain_prefixes), None), None], cache_dir)
             _, ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], built_here, cfg).build()
-            valid.append(ds)
+            dp = mpu.get_data_parallel_world_size()
+            valid.append(WholeValidationBatches(ds, dp) if ds is not None else None)
         # No test set: with --multiple-validation-sets Megatron's final test pass crashes (FACTS.md).
         return train_ds, valid, None
 

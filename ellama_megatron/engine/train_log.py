@@ -19,6 +19,7 @@ _VALID = re.compile(r"validation-(\S+) loss at iteration (\d+)( on validation se
 class TrainLog:
     train_loss: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
     valid_loss: dict[str, dict[int, float]] = field(default_factory=dict)  # domain -> iteration -> loss
+    final_valid_loss: dict[str, float] = field(default_factory=dict)  # domain -> loss of the end-of-run pass
     train_iters: int | None = None
 
     @property
@@ -32,7 +33,12 @@ def parse_train_log(text: str) -> TrainLog:
         log.train_loss[int(m.group(1))] = float(m.group(3))
         log.train_iters = int(m.group(2))
     for m in _VALID.finditer(text):
-        log.valid_loss.setdefault(m.group(1), {})[int(m.group(2))] = float(m.group(4))
+        domain, iteration, loss = m.group(1), int(m.group(2)), float(m.group(4))
+        if m.group(3):  # the end-of-run pass; a periodic pass at the same iteration is kept
+            log.final_valid_loss[domain] = loss
+            log.valid_loss.setdefault(domain, {}).setdefault(iteration, loss)
+        else:
+            log.valid_loss.setdefault(domain, {})[iteration] = loss
     return log
 
 
