@@ -52,10 +52,11 @@ class DemoOptions:
     eval_interval: int = 10  # validation every N CPT iterations
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)  # merge weights of the adapted model besides 0 and 1
     launcher: str = "auto"  # auto | slurm | direct
+    overrides: tuple[str, ...] = ()  # extra Hydra overrides for both training runs
 
     def fingerprint(self) -> dict:
         d = asdict(self)
-        d["alphas"] = list(d["alphas"])
+        d["alphas"], d["overrides"] = list(d["alphas"]), list(d["overrides"])
         d.pop("launcher")  # how training is launched does not change its result
         return d
 
@@ -296,7 +297,7 @@ def prepare_output(out: Path, opts: DemoOptions, clean: bool) -> None:
     write_json(options_file, opts.fingerprint())
 
 
-def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False, extra_overrides: list[str] = ()) -> Path:
+def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False) -> Path:
     out = Path(out).resolve()
     if opts.launcher not in ("auto", "slurm", "direct"):
         raise DemoError(f"--launcher {opts.launcher!r}: use auto, slurm or direct")
@@ -311,7 +312,7 @@ def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False, extra_over
     slurm = LocalSlurm()
     start = time.time()
     try:
-        _pipeline(out, opts, stages, slurm, list(extra_overrides))
+        _pipeline(out, opts, stages, slurm, list(opts.overrides))
     finally:
         slurm.stop()
     total = time.time() - start

@@ -53,10 +53,11 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both training runs")
     a = parser.parse_args()
     opts = DemoOptions(docs=a.docs, base_iters=a.base_iters, base_lr=a.base_lr, cpt_iters=a.cpt_iters, cpt_lr=a.cpt_lr,
-                       eval_interval=a.eval_interval, alphas=tuple(a.alpha or d.alphas), launcher=a.launcher)
+                       eval_interval=a.eval_interval, alphas=tuple(a.alpha or d.alphas), launcher=a.launcher,
+                       overrides=tuple(a.overrides))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run_demo(a.out, opts, clean=a.clean, extra_overrides=a.overrides)
+        run_demo(a.out, opts, clean=a.clean)
     except DemoError as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
