@@ -5,7 +5,6 @@ real runs use the tokenizer and weights the user brings.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 

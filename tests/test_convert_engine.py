@@ -5,7 +5,6 @@ transformers loads."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ equal the tokenizer's own ids plus EOD; manifests count what was written; result
 on workers, shards or input order; each bad input is counted and reported, or stops --strict."""
 
 import json
-import os
 import random
 import subprocess
 import sys

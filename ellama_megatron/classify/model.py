@@ -9,9 +9,6 @@ w . x + b straight from the hashed features (see features.linear_scores).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ellama_megatron.classify.features import FeatureConfig, feature_matrix, linear_scores
+from ellama_megatron.staged_output import staged_output
 
 FORMAT = "ellama-domain-classifier/1"
 META_FILE = "classifier.json"
@@ -139,17 +137,9 @@ def save_classifier(clf: DomainClassifier, estimator, out: str | Path, extra: di
     import joblib
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output(out) as tmp:
         joblib.dump(estimator, tmp / ESTIMATOR_FILE)
         meta = dict(clf.metadata)
         meta.update(extra or {})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,13 +1,12 @@
-"""Outputs appear complete or not at all: written under a temporary sibling name, renamed at the end."""
+"""The converter's outputs: refused when they exist (unless --overwrite), then staged and renamed."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from pathlib import Path
 
 from ellama_megatron.convert.hf_checkpoint import ConversionError
+from ellama_megatron.staged_output import staged_output as staged_folder
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -18,22 +17,7 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def staged_output(out: Path, overwrite: bool):
-    """Yields an empty temporary folder next to ``out``; renames it to ``out`` when the block
-    succeeds, deletes it when the block raises (Ctrl-C included)."""
+    """``ellama_megatron.staged_output`` after the converter's --overwrite check."""
     refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -7,7 +7,6 @@ CPU). Reported: max absolute logit difference over the real vocab, and top-1 agr
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 

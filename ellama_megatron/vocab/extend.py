@@ -4,12 +4,11 @@ measure the compression gain. ``tools/extend_vocab.py`` is the command line over
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ellama_megatron.staged_output import staged_output
 from ellama_megatron.vocab.bpe_extension import (
     check_extendable,
     check_ids_kept,
@@ -100,9 +99,7 @@ def extend_vocabulary(
         ],
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_output(out_dir) as tmp:
         weight_files = set(weight_shards(hf_dir).values()) if has_weights(hf_dir) else set()
         for f in hf_dir.iterdir():
             if f.is_file() and f.name not in _REWRITTEN and f.name not in weight_files:
@@ -117,10 +114,4 @@ def extend_vocabulary(
         elif (hf_dir / "config.json").is_file():
             shutil.copy2(hf_dir / "config.json", tmp / "config.json")
         (tmp / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
