@@ -129,7 +129,9 @@ fi
 # Rendezvous: the first host of the allocation, a port derived from the job id (stable across requeues).
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)"
 export MASTER_ADDR
-export MASTER_PORT="${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
+# From the job id, not from the environment: sbatch exports the submitter's environment, whose
+# MASTER_PORT (a torchrun shell, a test process) may be taken. ELLAMA_MASTER_PORT overrides it.
+export MASTER_PORT="${ELLAMA_MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
 # Megatron overlaps TP communication only with one CUDA work queue; NCCL defaults a site may override.
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"

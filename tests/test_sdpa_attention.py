@@ -37,9 +37,9 @@ def _free_port() -> int:
 
 
 def _init_megatron(rank: int, world_size: int, tp: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # An explicit init_method leaves os.environ alone: child processes (sbatch in other tests)
+    # inherit the environment, and a MASTER_PORT left there points at this process's store.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     # The CPU-safe tracker: the unfused module forks the model-parallel RNG even without dropout.
     tensor_parallel.model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True, force_reset_rng=True)
