@@ -49,6 +49,16 @@ def data_overrides(data: dict[str, dict[str, str]]) -> list[str]:
     return [f"data.train=[{train}]", f"data.valid={{{valid}}}"]
 
 
+def load_safetensors_folder(folder: Path) -> dict:
+    """Every tensor of a Hugging Face folder's safetensors shards."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 # A tiny run that learns within 20 iterations (the paper's LR is far too small for that).
 TINY_RUN = ["optim.lr=2e-3", "optim.min_lr=2e-4", "checkpoint.save_interval=10"]
 

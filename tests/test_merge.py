@@ -21,14 +21,9 @@ from ellama_megatron.merge.methods import SLERP_PARALLEL_THRESHOLD
 from ellama_megatron.model.config import load_model_config
 from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
+from conftest import load_safetensors_folder as load_all
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")

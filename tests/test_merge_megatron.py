@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
@@ -24,14 +23,9 @@ from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints
 from ellama_megatron.model.config import load_model_config
 from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
+from conftest import load_safetensors_folder as load_all
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def megatron_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -48,12 +48,11 @@ def layer_spec(transformer_impl: str, attention: str):
 
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention == "sdpa":
-        from ellama_megatron.model.sdpa_attention import SDPAttention
+        from ellama_megatron.model.sdpa_attention import local_layer_spec_with_sdpa
 
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+        return local_layer_spec_with_sdpa(normalization="RMSNorm")
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 def transformer_config(model: LlamaConfig, **overrides):
