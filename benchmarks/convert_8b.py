@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def main() -> None:
     if args.append_docs:
         text = (
             "\n## Llama-3.1-8B conversion (tools/convert_hf.py)\n\n"
-            "2026-11-21, 2-core CPU VM, 24 GB RAM, no GPU; `python benchmarks/convert_8b.py --work /tmp --append-docs`.\n"
+            f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, load average "
+            f"{os.getloadavg()[0]:.1f}; `python benchmarks/convert_8b.py --work {args.work} --append-docs`.\n"
             f"Random-weight Llama-3.1-8B HF folder, {nbytes / 1e9:.2f} GB bf16 in 5 GB shards. Wall time of each\n"
             "tool process (start-up included); peak RSS from the process's own getrusage; the plain copy is\n"
             "`shutil.copyfile` of the shards + `sync` (page cache warm for all three).\n\n"
