@@ -216,3 +216,69 @@ def test_bad_inputs_fail_before_work(tmp_path):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "classifier.json" in r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
+    """tools/preprocess_data.py --domain-filter: the written dataset holds exactly the tokenized
+    documents the classifier scores over the threshold, in input order, whatever the workers; the
+    manifest counts what the filter saw and kept."""
+    from ellama_megatron.classify.filter import DomainFilter
+    from ellama_megatron.classify.model import save_classifier, train_classifier
+    from ellama_megatron.data.tokenizer_folder import load_tokenizer_folder
+    from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer
+
+    pos, neg = make_corpora(150, seed=8)
+    clf, est, _ = train_classifier(pos, neg, FeatureConfig(n_features=1 << 16), heldout_fraction=0.0)
+    save_classifier(clf, est, tmp_path / "clf")
+    tok_dir = train_tiny_tokenizer(sample_texts(200) + pos[:50], tmp_path / "tok", vocab_size=400)
+
+    rng = random.Random(9)
+    mixed_pos, mixed_neg = make_corpora(80, seed=10)
+    mixed = [t for pair in zip(mixed_pos, mixed_neg) for t in pair] + [_general(rng) + "\n" + _listing(rng) for _ in range(60)]
+    _write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    scores = DomainFilter(tmp_path / "clf").scores(mixed)
+    threshold = float(np.quantile(scores, 0.4))
+    expected = [t for t, s in zip(mixed, scores) if s > threshold]
+    assert 0 < len(expected) < len(mixed)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    eos = load_tokenizer_folder(str(tok_dir)).eos_id
+    expected_ids = [tok.encode(t).ids + [eos] for t in expected]
+
+    def cli(prefix, *extra):
+        return subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "mixed.jsonl"),
+                               "--tokenizer", str(tok_dir), "--output-prefix", str(prefix), "--quiet",
+                               "--domain-filter", str(tmp_path / "clf"), *extra],
+                              cwd=REPO, capture_output=True, text=True)
+
+    for name, extra in (("one", ()), ("two", ("--workers", "2", "--shard-mb", "0.01"))):
+        r = cli(tmp_path / "out" / name, "--domain-threshold", str(threshold), *extra)
+        assert r.returncode == 0, r.stderr
+        assert f"domain filter kept {len(expected)}/{len(mixed)} docs" in r.stdout
+        ds = IndexedDataset(str(tmp_path / "out" / f"{name}_train"))
+        assert [np.asarray(ds[i]).tolist() for i in range(len(ds))] == expected_ids
+        manifest = json.loads((tmp_path / "out" / f"{name}.manifest.json").read_text())
+        df = manifest["domain_filter"]
+        assert df["threshold"] == threshold and df["docs"] == len(mixed) and df["kept"] == len(expected)
+        assert df["bytes"] == sum(len(t.encode()) for t in mixed)
+        assert df["kept_bytes"] == sum(len(t.encode()) for t in expected)
+        assert sum(b["docs"] for b in df["histogram"]) == len(mixed)
+        assert df["model"] == str(tmp_path / "clf") and len(df["model_sha256"]) == 64
+        assert manifest["records"] == len(mixed) and manifest["splits"]["train"]["documents"] == len(expected)
+    assert (tmp_path / "out" / "one_train.bin").read_bytes() == (tmp_path / "out" / "two_train.bin").read_bytes()
+
+    # The model's own threshold (0.5) when none is given.
+    r = cli(tmp_path / "out" / "default")
+    assert r.returncode == 0, r.stderr
+    assert f"domain filter kept {int((scores > 0.5).sum())}/{len(mixed)} docs (score > 0.5)" in r.stdout
+
+    # A folder that is not a classifier: refused before any work, nothing written.
+    r = cli(tmp_path / "out" / "bad", "--domain-filter", str(tmp_path / "tok"))
+    assert r.returncode == 2 and "--domain-filter" in r.stderr and "classifier.json" in r.stderr
+    assert not list((tmp_path / "out").glob("bad*")) and not list((tmp_path / "out").glob(".bad*"))
+    r = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "mixed.jsonl"),
+                        "--tokenizer", str(tok_dir), "--output-prefix", str(tmp_path / "out" / "t"),
+                        "--domain-threshold", "0.3"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--domain-threshold needs --domain-filter" in r.stderr

@@ -14,7 +14,8 @@ above, as Megatron chooses).
 
 Outputs: PREFIX_train.bin/.idx, PREFIX_valid.bin/.idx (documents chosen by a hash of their id or
 text, not their position) and PREFIX.manifest.json (counts, languages, input checksums, tokenizer
-identity, skipped records with reasons). Bad records are counted and skipped with file and line
+identity, skipped records with reasons, and with --domain-filter the classifier's counts and
+score histogram). Bad records are counted and skipped with file and line
 reported; --strict stops at the first one. Nothing is renamed into place until all is written.
 See docs/data.md.
 """
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes; each reads its own shards and batch-encodes on its own threads (default: 1)")
     p.add_argument("--shard-mb", type=float, default=64, help="plain JSONL/Parquet inputs are cut into shards of this size (default: 64)")
     p.add_argument("--batch-docs", type=int, default=1000, help="documents per tokenizer batch (default: 1000)")
+    p.add_argument("--domain-filter", default=None, metavar="MODEL_DIR",
+                   help="keep only documents this classifier (tools/domain_classifier.py train) scores above the "
+                        "threshold; runs in the workers on the serialized text, before tokenization")
+    p.add_argument("--domain-threshold", type=float, default=None,
+                   help="keep scores strictly above this (default: the threshold stored with the classifier)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            domain_filter=args.domain_filter,
+            domain_threshold=args.domain_threshold,
         )
         manifest = preprocess(opts)
     except (InputError, TokenizerFolderError, BadRecordError, ManifestError, ValueError) as e:

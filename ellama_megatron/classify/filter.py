@@ -1,6 +1,7 @@
 """Keep the documents the classifier scores above a threshold, streaming, with a score histogram.
 
-``DomainFilter`` is the hook for other pipelines (tools/preprocess_data.py): ``keep(text)`` for one
+``DomainFilter`` is the hook for other pipelines (tools/preprocess_data.py --domain-filter runs it in
+its encode workers, after serialization and before tokenization): ``keep(text)`` for one
 document, ``keep_batch(texts)`` for many (much faster: features are hashed per batch), both
 updating ``stats``. ``filter_files`` is what ``tools/domain_classifier.py filter`` runs.
 """
@@ -43,6 +44,15 @@ class FilterStats:
         bins = np.minimum((scores * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
         for b, n in zip(*np.unique(bins, return_counts=True)):
             self.histogram[int(b)] += int(n)
+
+    def merge(self, other: "FilterStats") -> None:
+        """Add another part's counts (the parallel workers of tools/preprocess_data.py)."""
+        self.docs += other.docs
+        self.kept += other.kept
+        self.bytes += other.bytes
+        self.kept_bytes += other.kept_bytes
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+        self.seconds += other.seconds
 
     def to_dict(self) -> dict:
         return {

@@ -69,6 +69,7 @@ class UnitResult:
     splits: dict = field(default_factory=lambda: {s: SplitStats() for s in SPLITS})
     skipped: Counter = field(default_factory=Counter)  # reason kind -> count
     examples: list = field(default_factory=list)  # [{"file", "location", "reason"}], first few
+    domain_filter: object = None  # classify.FilterStats of this unit when --domain-filter is on
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class EncodeJob:
     dtype: type
     batch_docs: int = 1000
     strict: bool = False
+    domain_threshold: float | None = None  # keep documents the installed classifier scores above it
 
 
 _BACKENDS: dict = {}
@@ -93,10 +95,17 @@ def install_tokenizer(backend_json: str) -> None:
     _BACKENDS["tokenizer"] = Tokenizer.from_str(backend_json)
 
 
-def worker_init(backend_json: str, rayon_threads: int) -> None:
+def install_domain_classifier(classifier) -> None:
+    """The classify.DomainClassifier every unit of this process filters with (loaded once by the
+    main process and sent to each worker once, not with every unit)."""
+    _BACKENDS["domain_classifier"] = classifier
+
+
+def worker_init(backend_json: str, rayon_threads: int, classifier=None) -> None:
     # Several worker processes each with a Rust thread per core would oversubscribe the CPU.
     os.environ["RAYON_NUM_THREADS"] = str(rayon_threads)
     install_tokenizer(backend_json)
+    install_domain_classifier(classifier)
 
 
 def _encode(texts: list[str]) -> list:
@@ -106,11 +115,17 @@ def _encode(texts: list[str]) -> list:
 
 
 def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
-    """Read, serialize, split and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
+    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
     result = UnitResult(unit)
     token_files = {s: open(f"{part_prefix}_{s}.tokens", "wb") for s in SPLITS}
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     batch: list[tuple[RawRecord, str, str, str]] = []  # (raw, text, language, split)
+    domain_filter = None
+    if job.domain_threshold is not None:
+        from ellama_megatron.classify.filter import DomainFilter
+
+        domain_filter = DomainFilter(_BACKENDS["domain_classifier"], job.domain_threshold)
+        result.domain_filter = domain_filter.stats
 
     def bad(raw: RawRecord, reason: str) -> None:
         if job.strict:
@@ -142,6 +157,10 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
             lengths[split].extend(sizes)
 
     def flush() -> None:
+        if domain_filter is not None and batch:
+            # Serialized text is what the classifier was trained on; dropped documents cost no tokenization.
+            kept = domain_filter.keep_batch([t for _, t, _, _ in batch])
+            batch[:] = [item for item, k in zip(batch, kept) if k]
         if not batch:
             return
         try:

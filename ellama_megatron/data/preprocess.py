@@ -50,6 +50,8 @@ class PreprocessOptions:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    domain_filter: str | None = None  # classifier folder (tools/domain_classifier.py train): keep what it scores above
+    domain_threshold: float | None = None  # the filter's threshold; None: the one stored with the classifier
 
 
 def _check_outputs(opts: PreprocessOptions) -> None:
@@ -91,7 +93,34 @@ def _preflight(units, serializer: RecordSerializer) -> None:
     )
 
 
-def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers: int, progress: bool):
+def _load_domain_filter(opts: PreprocessOptions):
+    """The classifier and the threshold it will keep documents above, checked before any work."""
+    if opts.domain_filter is None:
+        if opts.domain_threshold is not None:
+            raise InputError("--domain-threshold needs --domain-filter MODEL_DIR")
+        return None, None
+    from ellama_megatron.classify.filter import DomainFilter
+
+    try:
+        f = DomainFilter(opts.domain_filter, opts.domain_threshold)
+    except (ValueError, OSError) as e:
+        raise InputError(f"--domain-filter: {e}") from None
+    return f.classifier, f.threshold
+
+
+def _domain_filter_manifest(opts: PreprocessOptions, threshold: float, results) -> dict:
+    """What the filter saw and kept over all units, and which classifier it was."""
+    from ellama_megatron.classify.filter import FilterStats
+    from ellama_megatron.classify.model import META_FILE
+
+    stats = FilterStats(threshold)
+    for r in results:
+        stats.merge(r.domain_filter)
+    meta = Path(opts.domain_filter) / META_FILE
+    return {"model": str(opts.domain_filter), "model_sha256": file_sha256(meta), **stats.to_dict()}
+
+
+def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers: int, progress: bool, classifier=None):
     parts = [os.path.join(tmp_dir, f"part{i:05d}") for i in range(len(units))]
     from tqdm import tqdm
 
@@ -99,6 +128,7 @@ def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers
     results = []
     if workers <= 1:
         indexed_writer.install_tokenizer(tokenizer_json)
+        indexed_writer.install_domain_classifier(classifier)
         for unit, part in zip(units, parts):
             results.append(encode_unit(job, unit, part))
             bar.update(unit.size)
@@ -106,7 +136,7 @@ def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers
         # spawn: the Rust tokenizer's thread pool does not survive fork.
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
-        with ctx.Pool(workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads)) as pool:
+        with ctx.Pool(workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads, classifier)) as pool:
             pending = [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)]
             for unit, res in zip(units, pending):
                 results.append(res.get())
@@ -132,15 +162,16 @@ def preprocess(opts: PreprocessOptions) -> dict:
     shard = opts.shard_bytes if opts.workers == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * opts.workers)))
     units = plan_units(files, shard_bytes=shard)
     _preflight(units, opts.serializer)
+    classifier, threshold = _load_domain_filter(opts)
 
     out_prefix = Path(opts.output_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    job = EncodeJob(opts.serializer, opts.valid_fraction, tok.eos_id, tok.dtype, opts.batch_docs, opts.strict)
+    job = EncodeJob(opts.serializer, opts.valid_fraction, tok.eos_id, tok.dtype, opts.batch_docs, opts.strict, threshold)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
     try:
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
-            parts, results = _run_units(job, units, tmp_dir, tok.backend_json, opts.workers, opts.progress)
+            parts, results = _run_units(job, units, tmp_dir, tok.backend_json, opts.workers, opts.progress, classifier)
             checksums = list(digests)
         splits = {s: SplitStats() for s in SPLITS}
         skipped: Counter = Counter()
@@ -179,6 +210,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
             ],
             "records": sum(records_per_file.values()),
             "skipped": {"count": sum(skipped.values()), "by_reason": dict(skipped.most_common()), "examples": examples},
+            "domain_filter": _domain_filter_manifest(opts, threshold, results) if classifier is not None else None,
             "seconds": round(time.time() - start, 2),
             "workers": opts.workers,
         }
@@ -193,8 +225,10 @@ def summary_line(manifest: dict) -> str:
     va = manifest["splits"].get("valid", {"documents": 0, "tokens": 0})
     secs = max(manifest["seconds"], 1e-9)
     total = tr["tokens"] + va["tokens"]
+    df = manifest.get("domain_filter")
+    filtered = f"domain filter kept {df['kept']:,}/{df['docs']:,} docs (score > {df['threshold']}), " if df else ""
     return (
         f"{manifest['source']}: {tr['documents']:,} train docs / {tr['tokens']:,} tokens, "
-        f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, "
+        f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, {filtered}"
         f"{manifest['skipped']['count']:,} skipped, {total / secs:,.0f} tokens/s ({manifest['seconds']} s)"
     )
