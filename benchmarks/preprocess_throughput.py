@@ -9,6 +9,10 @@ own tools/preprocess_data.py reads, for a like-for-like comparison), each docume
 long tail of made-up words so a byte-level BPE can learn a full 128,256-entry vocabulary (trained
 on the first --tokenizer-mb of the corpus). Each run is the whole tool as a subprocess (interpreter
 start, checks, checksums, merge and manifest included); the outputs of all runs must be identical.
+
+--with-domain-filter also runs every worker count with `--domain-filter` (a classifier trained here
+on the demo corpora's listings and reviews against general text, threshold 0.5), to show what the
+filter stage costs inside preprocessing.
 """
 
 from __future__ import annotations
@@ -81,16 +85,40 @@ def train_tokenizer(corpus: Path, out: Path, mb: int) -> None:
     train_tiny_tokenizer(texts, out, vocab_size=128_256)
 
 
-def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int) -> dict:
+def train_demo_classifier(out: Path) -> None:
+    """A classifier trained on the demo corpora (listings + reviews vs general text)."""
+    import tempfile
+
+    from ellama_megatron.classify.corpus import read_texts
+    from ellama_megatron.classify.features import FeatureConfig
+    from ellama_megatron.classify.model import save_classifier, train_classifier
+    from ellama_megatron.data.demo_corpora import write_demo_corpora
+
+    with tempfile.TemporaryDirectory() as d:
+        c = write_demo_corpora(d, docs=2000, seed=1)
+        pos = read_texts([str(c["listings"])], "listing")[0] + read_texts([str(c["reviews"])], "review")[0]
+        neg = read_texts([str(c["general_en"]), str(c["general_multilingual"])], "plain")[0]
+    clf, est, _ = train_classifier(pos, neg, FeatureConfig(), heldout_fraction=0.0)
+    save_classifier(clf, est, out)
+
+
+def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int, domain_filter: Path | None = None) -> dict:
     cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--tokenizer", str(tok),
            "--output-prefix", str(prefix), "--workers", str(workers), "--quiet", "--overwrite"]
+    if domain_filter is not None:
+        cmd += ["--domain-filter", str(domain_filter)]
     start = time.time()
     subprocess.run(cmd, check=True, cwd=REPO)
     wall = time.time() - start
     manifest = json.loads(Path(f"{prefix}.manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"]
-    return {"workers": workers, "wall_s": round(wall, 1), "tool_s": manifest["seconds"], "tokens": tokens,
-            "documents": manifest["splits"]["train"]["documents"], "tokens_per_s": round(tokens / wall)}
+    result = {"workers": workers, "wall_s": round(wall, 1), "tool_s": manifest["seconds"], "tokens": tokens,
+              "documents": manifest["splits"]["train"]["documents"], "tokens_per_s": round(tokens / wall),
+              "input_mb_per_s": round(corpus.stat().st_size / 1e6 / wall, 2)}
+    if domain_filter is not None:
+        df = manifest["domain_filter"]
+        result["domain_filter"] = {k: df[k] for k in ("docs", "kept", "scoring_seconds", "scoring_mb_per_s")}
+    return result
 
 
 def main() -> None:
@@ -100,6 +128,7 @@ def main() -> None:
     p.add_argument("--tokenizer-mb", type=int, default=40, help="MB of the corpus the 128k BPE is trained on")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     p.add_argument("--repeats", type=int, default=1, help="runs per worker count (the best is reported)")
+    p.add_argument("--with-domain-filter", action="store_true", help="also run each worker count with --domain-filter")
     args = p.parse_args()
 
     work = Path(args.work_dir)
@@ -126,6 +155,14 @@ def main() -> None:
     first = work / f"out_w{args.workers[0]}_train"
     same = all(filecmp.cmp(f"{first}{e}", f"{work / f'out_w{w}_train'}{e}", shallow=False) for w in args.workers for e in (".bin", ".idx"))
     print(f"outputs identical across worker counts: {same}")
+    if args.with_domain_filter:
+        clf = work / "domain_classifier"
+        if not (clf / "classifier.json").exists():
+            train_demo_classifier(clf)
+        for w in args.workers:
+            best = max((run_tool(corpus, tok, work / f"filtered_w{w}", w, clf) for _ in range(args.repeats)),
+                       key=lambda r: r["tokens_per_s"])
+            print(json.dumps({"domain_filter": True, **best}), flush=True)
 
 
 if __name__ == "__main__":

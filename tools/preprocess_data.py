@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {ex['file']}, {ex['location']}: {ex['reason']}", file=sys.stderr)
         if skipped["count"] > 10:
             print(f"  (first {len(skipped['examples'])} in {args.output_prefix}.manifest.json)", file=sys.stderr)
+    df = manifest["domain_filter"]
+    if df and not args.quiet:
+        from ellama_megatron.classify.filter import FilterStats
+
+        print(f"domain filter scores ('>': kept; {args.output_prefix}.manifest.json has them):", file=sys.stderr)
+        print(FilterStats(df["threshold"], histogram=[b["docs"] for b in df["histogram"]]).histogram_text(), file=sys.stderr)
     print(summary_line(manifest))
     return 0
 
