@@ -32,7 +32,7 @@ from ellama_megatron.sweep.table import POINT_FILE
 
 DEFAULT_LAUNCHER = "hydra/launcher=slurm_h100"
 TABLE_CALLBACK = "+hydra.callbacks.sweep_table._target_=ellama_megatron.sweep.SweepTableCallback"
-RANK_ENTRY = Path(__file__).resolve().parent.parent / "slurm" / "rank.py"  # the engine, its checkpoint helper safe from Slurm's signals
+RANK_ENTRY = ["-m", "ellama_megatron.engine.train"]  # one rank of the engine, as slurm/launch.sh starts it
 PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to validate and write the config
 
 
@@ -80,7 +80,7 @@ def run_rank(config_path: Path, job) -> int:
     requeue_signal = job._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
     requeue = signal.getsignal(requeue_signal)
     # Slurm sends the signal to every process of the step: the engine must not die of it.
-    proc = subprocess.Popen([sys.executable, str(RANK_ENTRY), "--config", str(config_path)],
+    proc = subprocess.Popen([sys.executable, *RANK_ENTRY, "--config", str(config_path)],
                             preexec_fn=lambda: signal.signal(requeue_signal, signal.SIG_IGN))
     caught: list[int] = []
 

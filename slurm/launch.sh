@@ -6,7 +6,7 @@
 #   launch.sh SBATCH_FILE PRESET_OVERRIDE... -- USER_OVERRIDE...
 #
 # Flow: validate with `recipes/cpt.py launch=none` (writes ${run_dir}/config.yaml), srun one rank
-# per GPU running the engine (slurm/rank.py: its checkpoint helper survives the signal), and on USR1
+# per GPU running the engine (its checkpoint helper is started deaf to the signal), and on USR1
 # (time limit, `#SBATCH --signal=B:USR1@...`) or TERM (preemption) send SIGTERM to the job steps
 # (every process in them): Megatron's --exit-signal-handler listens for SIGTERM
 # (megatron.training default exit_signal), saves a checkpoint and exits; then requeue the job,
@@ -160,7 +160,7 @@ trap 'on_signal TERM' TERM
 
 START_ITER="$(saved_iteration)"
 log "starting ${NODES}x${PROCS_PER_NODE} ranks from checkpoint iteration ${START_ITER}, master ${MASTER_ADDR}:${MASTER_PORT}"
-"${SRUN[@]}" "$PYTHON" "$REPO/slurm/rank.py" --config "$ELLAMA_CONFIG" &
+"${SRUN[@]}" "$PYTHON" -m ellama_megatron.engine.train --config "$ELLAMA_CONFIG" &
 SRUN_PID=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until srun itself is gone.
 while true; do

@@ -113,7 +113,7 @@ def test_sbatch_runs_engine_and_does_not_requeue_when_finished(reference_run):
 def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster, tiny_blend, reference_run, tmp_path):
     job, out = submit(slurm_cluster, tmp_path, "preempt", [], tiny_blend)
     # After the first periodic save (iteration 5), as on a real cluster: the checkpoint writer's
-    # helper process exists then, and Slurm's SIGTERM reaches it too (slurm/rank.py).
+    # helper process exists then, and Slurm's SIGTERM reaches it too (engine/train.py starts it deaf to it).
     wait_for_text(out, r"iteration\s+7/", timeout=400)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
     state = slurm_cluster.wait(job, timeout=400, until=lambda j: j.get("JobState") == "COMPLETED")

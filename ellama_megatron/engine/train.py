@@ -27,6 +27,30 @@ def slurm_env_to_torch() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def start_checkpoint_helper_ignoring_sigterm() -> None:
+    """Start Megatron's checkpoint-writer helper now, deaf to SIGTERM.
+
+    Slurm delivers a signal to every process of a job step, not only to the ranks. A rank answers
+    SIGTERM by saving a checkpoint and exiting (Megatron's exit-signal handler), but the save
+    reports through a helper process (megatron.core's write-results queue, a spawned
+    multiprocessing Manager, otherwise created at the first save) that the same SIGTERM kills
+    first: the save then fails and the run falls back to its previous checkpoint. A helper started
+    while SIGTERM is ignored keeps ignoring it (exec keeps ignored signals); Megatron installs the
+    rank's own handler afterwards. (With checkpoint.async_save on GPU, Megatron's persistent async
+    writer is another such process.) The helper re-imports this module (spawn), hence the light
+    top-level imports here.
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        get_write_results_queue()  # created once per process; later saves reuse it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg) -> None:
     from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
     from ellama_megatron.engine.forward_step import forward_step
@@ -82,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="resolved config written by recipes/cpt.py")
     opts = parser.parse_args(argv)
     slurm_env_to_torch()
+    start_checkpoint_helper_ignoring_sigterm()
     run(OmegaConf.load(opts.config))
 
 
