@@ -20,11 +20,9 @@ from ellama_megatron.engine.train_log import parse_train_log
 REPO = Path(__file__).resolve().parent.parent
 # One node, two tasks, no GPU: command-line #SBATCH overrides of slurm/8b.sbatch's header.
 SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=UNLIMITED"]
-# Validation only at the end. The engine's evaluations are not repeatable yet: on this data the
-# k-th ecommerce pass since start gives another loss than the (k+1)-th at the same weights, so a
-# run resumed after a periodic evaluation logs other validation losses than an uninterrupted one.
-TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5",
-        "train.eval_interval=1000"]
+# Periodic validation included: each evaluation is one full pass over whole DP steps, so a resumed
+# run logs the same validation losses as an uninterrupted one (compared below).
+TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5"]
 ITERS = 30
 
 
@@ -140,6 +138,12 @@ def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster,
     assert train[ITERS] == pytest.approx(ref_train[ITERS], rel=1e-6)
     assert set(valid) == {"general", "ecommerce"}
     assert valid == pytest.approx(ref_valid, rel=1e-6)
+    # The periodic validations after the resume, too.
+    resumed_valid = parse_train_log(second).valid_loss
+    ref_all_valid = parse_train_log(reference_run[2]).valid_loss
+    assert {it for v in resumed_valid.values() for it in v} == {10, 20, 30}
+    for domain, losses in resumed_valid.items():
+        assert losses == pytest.approx({it: ref_all_valid[domain][it] for it in losses}, rel=1e-6)
 
 
 @pytest.mark.slurm
