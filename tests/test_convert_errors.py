@@ -139,3 +139,12 @@ def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
     with pytest.raises(ConversionError, match="ellama_config.yaml"):
         export_hf(tmp_path / "ckpt", tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_options_checked_before_work(good_hf, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():  # a GPU machine would accept cuda
+        assert_refused(good_hf, tmp_path / "out", "--verify-device cuda: no GPU", verify=True, verify_device="cuda")
+    assert_refused(good_hf, tmp_path / "out", "--verify-device tpu: expected", verify=True, verify_device="tpu")
+    assert_refused(good_hf, tmp_path / "out", "--verify-dtype float16: expected", verify=True, verify_dtype="float16")

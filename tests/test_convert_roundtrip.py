@@ -62,6 +62,16 @@ def test_import_reproduces_transformers_logits(imported):
     assert stats["tensors"] == len(hf_tensors(imported[0]))
 
 
+def test_verify_in_bfloat16(imported):
+    """The bfloat16 path (what a 70B verify uses): both models in bfloat16, compared at its tolerance."""
+    from ellama_megatron.convert.verify import DEFAULT_TOLERANCE, verify_conversion
+
+    hf, ckpt, _ = imported
+    v = verify_conversion(hf, ckpt, dtype="bfloat16", device="cpu")
+    assert (v["dtype"], v["device"], v["tolerance"]) == ("bfloat16", "cpu", DEFAULT_TOLERANCE["bfloat16"])
+    assert v["max_abs_logit_diff"] <= 1e-2 and v["top1_agreement"] == 1.0
+
+
 def test_checkpoint_has_exactly_megatrons_keys(imported):
     """The keys, global shapes and objects of GPTModel.sharded_state_dict() at TP=1 PP=1."""
     from ellama_megatron.convert.importer import read_record

@@ -31,7 +31,12 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--target-pp", type=int, default=1, help="PP the run will use: checked against the layer count (default 1)")
     imp.add_argument("--verify", action="store_true",
                      help="run transformers and the converted Megatron model on fixed tokens; fail above --tolerance")
-    imp.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference for --verify (default 1e-4, fp32)")
+    imp.add_argument("--tolerance", type=float, default=None,
+                     help="max abs logit difference for --verify (default 1e-4 in float32, 0.5 in bfloat16)")
+    imp.add_argument("--verify-device", default="auto",
+                     help="where --verify runs both models, one after the other: auto (a GPU if visible), cpu, cuda[:N]")
+    imp.add_argument("--verify-dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="precision of --verify: float32 (4 bytes/param: 8B on one 80 GB GPU) or bfloat16 (2 bytes/param)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     exp = sub.add_parser("export", help="Megatron checkpoint -> Hugging Face folder")
     exp.add_argument("--ckpt", type=Path, required=True,
@@ -54,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             from ellama_megatron.convert.importer import import_hf
 
             stats = import_hf(args.hf_dir, args.out, args.target_tp, args.target_pp, args.overwrite,
-                              args.verify, args.tolerance, args.quiet)
+                              args.verify, args.tolerance, args.quiet, args.verify_device, args.verify_dtype)
             if "verify" in stats:
                 v = stats["verify"]
                 print(f"verify: max abs logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:g}), "
-                      f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens")
+                      f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens, {v['dtype']} on {v['device']}")
         else:
             from ellama_megatron.convert.exporter import export_hf
 

@@ -69,8 +69,15 @@ def extra_state_objects(cfg: LlamaConfig) -> dict[str, None]:
 
 
 def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, overwrite: bool = False,
-              verify: bool = False, tolerance: float = 1e-4, quiet: bool = False) -> dict:
+              verify: bool = False, tolerance: float | None = None, quiet: bool = False,
+              verify_device: str = "auto", verify_dtype: str = "float32") -> dict:
     refuse_existing(out, overwrite)
+    if verify:  # its options are checked before the conversion, not after
+        from ellama_megatron.convert.verify import DTYPES, resolve_device
+
+        verify_device = resolve_device(verify_device)
+        if verify_dtype not in DTYPES:
+            raise ConversionError(f"--verify-dtype {verify_dtype}: expected one of {sorted(DTYPES)}")
     hf = HFCheckpoint.open(hf_dir)
     cfg = hf.config
     hf.check(M.hf_shapes(cfg))
@@ -104,7 +111,7 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
         if verify:
             from ellama_megatron.convert.verify import verify_conversion
 
-            stats["verify"] = verify_conversion(hf_dir, tmp, tolerance)
+            stats["verify"] = verify_conversion(hf_dir, tmp, tolerance, verify_device, verify_dtype)
     return stats
 
 

@@ -1,8 +1,13 @@
 """--verify: the Hugging Face model and the converted Megatron model on the same token sequences.
 
 The Megatron side is the engine's own model (ellama_megatron.model.provider) loaded from the
-torch_dist checkpoint through Megatron's dist_checkpointing, in one process (world size 1, gloo on
-CPU). Reported: max absolute logit difference over the real vocab, and top-1 agreement.
+torch_dist checkpoint through Megatron's dist_checkpointing, in one process (world size 1: gloo on
+CPU, NCCL on a GPU). Reported: max absolute logit difference over the real vocab, and top-1 agreement.
+
+The two models run one after the other, so peak memory is one model: in float32, 4 bytes per
+parameter (8B: 32 GB, on a CPU or one 80 GB GPU); in bfloat16, 2 (70B: 141 GB, a CPU node).
+float32 compares at 1e-4; bfloat16 rounds differently in the two implementations, so its default
+tolerance is looser and top-1 agreement says more.
 """
 
 from __future__ import annotations
@@ -15,6 +20,19 @@ import torch
 from ellama_megatron.convert.hf_checkpoint import ConversionError
 
 SEQUENCES, SEQ_LEN, SEED = 2, 32, 1234  # fixed token sequences: random ids, seeded
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5}  # max abs logit difference
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU when there is one. Checked before any conversion work."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConversionError(f"--verify-device {device}: no GPU is visible to this process (use cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConversionError(f"--verify-device {device}: expected auto, cpu, cuda or cuda:N")
+    return device
 
 
 def fixed_tokens(vocab_size: int) -> torch.Tensor:
@@ -22,16 +40,28 @@ def fixed_tokens(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (SEQUENCES, SEQ_LEN), generator=g)
 
 
-def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: Path, tokens: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    kwargs = {"device_map": device} if device != "cpu" else {}  # straight onto the GPU, not via CPU memory
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype, **kwargs)
     model.eval()
     with torch.no_grad():
-        return model(tokens).logits.float()
+        logits = model(tokens.to(device)).logits.float().cpu()
+    del model
+    _free(device)
+    return logits
 
 
-def init_single_process_group() -> None:
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+
+
+def init_single_process_group(backend: str = "gloo") -> None:
     """World size 1 and TP=PP=1, unless the caller (a test, torchrun) already set them up."""
     from megatron.core import parallel_state as mpu
 
@@ -40,13 +70,14 @@ def init_single_process_group() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
         )
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1, 1)
 
 
-def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
+def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from megatron.core import dist_checkpointing
 
     from ellama_megatron.convert.importer import read_record
@@ -58,19 +89,30 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
     record = read_record(ckpt_root)
     cfg = LlamaConfig.from_dict(record["model"])
     folder = find_checkpoint(ckpt_root)
-    apply_cpu_runtime()
-    init_single_process_group()
-    # The local spec runs on CPU everywhere; checkpoint keys are the same for both specs.
+    on_gpu = device != "cpu"
+    if on_gpu:
+        torch.cuda.set_device(torch.device(device))
+    else:
+        apply_cpu_runtime()
+    init_single_process_group("nccl" if on_gpu else "gloo")
+    # The local spec runs anywhere, Transformer Engine or not; checkpoint keys are the same for both.
     impl, attention = resolve_impl("local", "sdpa")
     md_vocab = _stored_vocab(folder)
-    model = build_gpt_model(cfg, transformer_config(cfg), layer_spec(impl, attention), md_vocab)
+    # Parameters are made where they will run, uninitialised: the checkpoint fills every one.
+    config = transformer_config(cfg, use_cpu_initialization=not on_gpu, perform_initialization=False,
+                                params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    model = build_gpt_model(cfg, config, layer_spec(impl, attention), md_vocab)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
     model.load_state_dict(loaded["model"])  # strict: every parameter must come from the checkpoint
+    del loaded
     model.eval()
-    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    tokens = tokens.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
-        logits = model(tokens, position_ids, attention_mask=None)
-    return logits[..., : cfg.vocab_size].float()
+        logits = model(tokens, position_ids, attention_mask=None)[..., : cfg.vocab_size].float().cpu()
+    del model
+    _free(device)
+    return logits
 
 
 def _stored_vocab(folder: Path) -> int:
@@ -87,14 +129,24 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     }
 
 
-def verify_conversion(hf_dir: Path, ckpt_root: Path, tolerance: float = 1e-4) -> dict:
-    """Raises ConversionError when the logits differ by more than ``tolerance``."""
+def verify_conversion(hf_dir: Path, ckpt_root: Path, tolerance: float | None = None, device: str = "auto",
+                      dtype: str = "float32") -> dict:
+    """Raises ConversionError when the logits differ by more than ``tolerance`` (default: by dtype)."""
     from ellama_megatron.convert.importer import read_record
 
+    if dtype not in DTYPES:
+        raise ConversionError(f"--verify-dtype {dtype}: expected one of {sorted(DTYPES)}")
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    device = resolve_device(device)
+    if device != "cpu" and dtype == "float32":
+        # TF32 matmuls would round to 10 mantissa bits: not the float32 comparison asked for.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     vocab = int(read_record(ckpt_root)["model"]["vocab_size"])
     tokens = fixed_tokens(vocab)
-    result = compare(hf_logits(hf_dir, tokens), megatron_logits(ckpt_root, tokens))
-    result["tolerance"] = tolerance
+    reference = hf_logits(hf_dir, tokens, device, DTYPES[dtype])
+    result = compare(reference, megatron_logits(ckpt_root, tokens, device, DTYPES[dtype]))
+    result.update(tolerance=tolerance, device=device, dtype=dtype)
     if not result["max_abs_logit_diff"] <= tolerance:
         raise ConversionError(
             f"verification failed: max abs logit difference {result['max_abs_logit_diff']:.3g} > {tolerance:g} "
