@@ -43,9 +43,12 @@ def fixed_tokens(vocab_size: int) -> torch.Tensor:
 def hf_logits(hf_dir: Path, tokens: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from transformers import LlamaForCausalLM
 
-    kwargs = {"device_map": device} if device != "cpu" else {}  # straight onto the GPU, not via CPU memory
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype, **kwargs)
-    model.eval()
+    import importlib.util
+
+    # Straight onto the GPU, not through CPU memory, where accelerate (the eval extra) is installed.
+    direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype, **({"device_map": device} if direct else {}))
+    model.to(device).eval()
     with torch.no_grad():
         logits = model(tokens.to(device)).logits.float().cpu()
     del model
