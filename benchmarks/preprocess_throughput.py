@@ -12,7 +12,9 @@ start, checks, checksums, merge and manifest included); the outputs of all runs 
 
 --with-domain-filter also runs every worker count with `--domain-filter` (a classifier trained here
 on the demo corpora's listings and reviews against general text, threshold 0.5), to show what the
-filter stage costs inside preprocessing.
+filter stage costs inside preprocessing. --baseline also runs Megatron-LM's way
+(benchmarks/megatron_lm_preprocess_baseline.py) at each worker count and checks that it wrote the
+same bytes.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     p.add_argument("--repeats", type=int, default=1, help="runs per worker count (the best is reported)")
     p.add_argument("--with-domain-filter", action="store_true", help="also run each worker count with --domain-filter")
+    p.add_argument("--baseline", action="store_true", help="also run Megatron-LM's way at each worker count")
     args = p.parse_args()
 
     work = Path(args.work_dir)
@@ -155,6 +158,15 @@ def main() -> None:
     first = work / f"out_w{args.workers[0]}_train"
     same = all(filecmp.cmp(f"{first}{e}", f"{work / f'out_w{w}_train'}{e}", shallow=False) for w in args.workers for e in (".bin", ".idx"))
     print(f"outputs identical across worker counts: {same}")
+    if args.baseline:
+        for w in args.workers:
+            prefix = work / f"megatron_lm_w{w}"
+            out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "megatron_lm_preprocess_baseline.py"),
+                                  "--input", str(corpus), "--tokenizer", str(tok), "--output-prefix", str(prefix),
+                                  "--workers", str(w)], check=True, cwd=REPO, capture_output=True, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result["same_bytes_as_ours"] = all(filecmp.cmp(f"{first}{e}", f"{prefix}{e}", shallow=False) for e in (".bin", ".idx"))
+            print(json.dumps({"megatron_lm": True, **result}), flush=True)
     if args.with_domain_filter:
         clf = work / "domain_classifier"
         if not (clf / "classifier.json").exists():
