@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from ellama_megatron.merge.hf_folder import HFFolder, MergeInputError, TensorInfo, check_mergeable
 from ellama_megatron.merge.methods import METHODS, TensorStatistics, is_identity, merge_chunk
 from ellama_megatron.merge.safetensors_writer import SafetensorsStreamWriter, dtype_size
+from ellama_megatron.staged_output import staged_outputs
 
 # Rows of a tensor merged at once: bounds the working memory for big tensors (the 8B model's
 # embedding is 1 GB in bf16) to about this many bytes per input in float32.
@@ -74,6 +74,21 @@ def check_merge_request(method: str, adapted: list, alphas: list[float], weights
         raise MergeInputError(f"--alpha {alphas}: repeated value")
 
 
+def adapted_roles(count: int) -> list[str]:
+    """How messages name the adapted inputs: "adapted", or "adapted #i" when there are several."""
+    return [f"adapted #{i + 1}" if count > 1 else "adapted" for i in range(count)]
+
+
+def check_outputs(dests: list[Path], overwrite: bool, inputs: list[Path], what: str) -> None:
+    """Before any work: an existing output needs --overwrite, and no output may be an input ``what``."""
+    for d in dests:
+        if d.exists() and not overwrite:
+            raise MergeInputError(f"output {d} exists; choose another --out or pass --overwrite")
+        for src in inputs:
+            if d.resolve() == src.resolve():
+                raise MergeInputError(f"output {d} is an input {what}; choose another --out")
+
+
 def merge_hf_folders(
     base: str | Path,
     adapted: list[str | Path],
@@ -88,23 +103,15 @@ def merge_hf_folders(
     """Write one merged folder per alpha (see `output_dirs`). All checks run before any writing."""
     check_merge_request(method, adapted, alphas, weights)
     b = HFFolder.open(base, "base")
-    others = [HFFolder.open(p, f"adapted #{i + 1}" if len(adapted) > 1 else "adapted") for i, p in enumerate(adapted)]
-    for i, o in enumerate(others):
-        check_mergeable(b, o, f"adapted #{i + 1}" if len(others) > 1 else "adapted")
+    roles = adapted_roles(len(adapted))
+    others = [HFFolder.open(p, r) for p, r in zip(adapted, roles)]
+    for o, r in zip(others, roles):
+        check_mergeable(b, o, r)
     dests = output_dirs(Path(out), alphas)
-    for d in dests:
-        if d.exists() and not overwrite:
-            raise MergeInputError(f"output {d} exists; choose another --out or pass --overwrite")
-        for src in [b.path, *(o.path for o in others)]:
-            if d.resolve() == src.resolve():
-                raise MergeInputError(f"output {d} is an input folder; choose another --out")
+    check_outputs(dests, overwrite, [b.path, *(o.path for o in others)], "folder")
 
-    # Everything is written under temporary names and renamed at the end: no half-written model.
-    tmps = [d.with_name(f".{d.name}.tmp-{uuid.uuid4().hex[:8]}") for d in dests]
-    for t in tmps:
-        t.mkdir(parents=True)
     total_bytes = sum(math.prod(t.shape) * dtype_size(t.dtype) for t in b.tensors.values())
-    try:
+    with staged_outputs(dests) as tmps:
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge ({method})", disable=not progress)
         for shard in b.shards:
             infos = b.shard_tensors(shard)
@@ -151,12 +158,4 @@ def merge_hf_folders(
         if b.index_file:
             for t in tmps:
                 shutil.copy2(b.path / b.index_file, t / b.index_file)
-        for t, d in zip(tmps, dests):
-            if d.exists():
-                shutil.rmtree(d)
-            t.rename(d)
-    finally:
-        for t in tmps:
-            if t.exists():
-                shutil.rmtree(t)
     return MergeResult(dests, len(b.tensors), total_bytes)

@@ -19,17 +19,22 @@ tools/convert_hf.py export), the importer's layout:
 from __future__ import annotations
 
 import math
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 import yaml
 
-from ellama_megatron.merge.hf_folder import MergeInputError
 from ellama_megatron.merge.megatron_checkpoint import MegatronCheckpoint, check_megatron_mergeable
-from ellama_megatron.merge.merge_hf import DEFAULT_CHUNK_BYTES, MergeResult, check_merge_request, output_dirs
+from ellama_megatron.merge.merge_hf import (
+    DEFAULT_CHUNK_BYTES,
+    MergeResult,
+    adapted_roles,
+    check_merge_request,
+    check_outputs,
+    output_dirs,
+)
 from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk
+from ellama_megatron.staged_output import staged_outputs
 
 
 def _row_ranges(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int]]:
@@ -108,47 +113,34 @@ def merge_megatron_checkpoints(
 
     check_merge_request(method, adapted, alphas, weights)
     b = MegatronCheckpoint.open(base, "base")
-    roles = [f"adapted #{i + 1}" if len(adapted) > 1 else "adapted" for i in range(len(adapted))]
+    roles = adapted_roles(len(adapted))
     others = [MegatronCheckpoint.open(p, r) for p, r in zip(adapted, roles)]
     notes = []
     for o, r in zip(others, roles):
         notes += check_megatron_mergeable(b, o, r)
+    inputs = [b, *others]
     dests = output_dirs(Path(out), alphas)
-    for d in dests:
-        if d.exists() and not overwrite:
-            raise MergeInputError(f"output {d} exists; choose another --out or pass --overwrite")
-        for c in [b, *others]:
-            if d.resolve() in (c.root.resolve(), c.folder.resolve()):
-                raise MergeInputError(f"output {d} is an input checkpoint; choose another --out")
+    check_outputs(dests, overwrite, [p for c in inputs for p in (c.root, c.folder)], "checkpoint")
 
     cfg = b.config
-    inputs = [b, *others]
     table = [(m, layer) for m in M.mappings(cfg) for layer in M.layers_of(m, cfg)]
     meta = {m.megatron: b.reader.tensor_metadata(m.megatron) for m in M.mappings(cfg)}
     per_alpha = sum(math.prod(md.size) * torch.empty((), dtype=md.properties.dtype).element_size()
                     for md in meta.values())
     tokenizer_dir = b.tokenizer_dir or next((o.tokenizer_dir for o in others if o.tokenizer_dir), None)
 
-    tmps = [d.with_name(f".{d.name}.tmp-{uuid.uuid4().hex[:8]}") for d in dests]
-    try:
+    with staged_outputs(dests) as tmps:
         for alpha, tmp in zip(alphas, tmps):
-            tmp.mkdir(parents=True)
             summary = Summary(f"merge {method} alpha {alpha:g}", per_alpha, quiet=not progress)
             chunks = []
             for m, layer in table:
                 md = meta[m.megatron]
-                shape, dtype = tuple(md.size), md.properties.dtype
 
                 def produce(m=m, layer=layer, alpha=alpha):
                     tensors = [c.reader.read(m.megatron, layer) for c in inputs]
-                    t = merged_group(cfg, m, method, alpha, tensors, weights, chunk_bytes)
-                    return t.unsqueeze(0) if layer is not None else t
+                    return merged_group(cfg, m, method, alpha, tensors, weights, chunk_bytes)
 
-                if layer is None:
-                    chunks.append(TensorChunk(m.megatron, shape, (0,) * len(shape), shape, dtype, produce))
-                else:
-                    chunks.append(TensorChunk(m.megatron, shape, (layer,) + (0,) * (len(shape) - 1),
-                                              (1,) + shape[1:], dtype, produce))
+                chunks.append(TensorChunk.of(m.megatron, md.size, md.properties.dtype, layer, produce))
             dist_dir = megatron_layout(tmp)
             dist_dir.mkdir()
             write_checkpoint(dist_dir, chunks, extra_state_objects(cfg),
@@ -163,12 +155,4 @@ def merge_megatron_checkpoints(
             if tokenizer_dir is not None:
                 carry_hf_files(tokenizer_dir, tmp / HF_FILES_DIR)
             summary.close()
-        for t, d in zip(tmps, dests):
-            if d.exists():
-                shutil.rmtree(d)
-            t.rename(d)
-    finally:
-        for t in tmps:
-            if t.exists():
-                shutil.rmtree(t)
     return MergeResult(dests, len(table), per_alpha, notes)
