@@ -9,6 +9,7 @@ Output layout (what Megatron's --pretrained-checkpoint loader expects, plus our 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -54,11 +55,8 @@ def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
             def produce(m=m, names=names):
                 return m.kind.to_megatron(cfg, padded_vocab, [hf.read(n) for n in names])
 
-            if m.per_layer:
-                chunks.append(TensorChunk(m.megatron, (cfg.num_layers,) + shape, (layer,) + (0,) * len(shape),
-                                          (1,) + shape, dtypes.pop(), lambda p=produce: p().unsqueeze(0)))
-            else:
-                chunks.append(TensorChunk(m.megatron, shape, (0,) * len(shape), shape, dtypes.pop(), produce))
+            global_shape = (cfg.num_layers,) + shape if m.per_layer else shape
+            chunks.append(TensorChunk.of(m.megatron, global_shape, dtypes.pop(), layer, produce))
     return chunks
 
 
@@ -89,10 +87,7 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
         summary = Summary("import", total, quiet=quiet)
         dist_dir = megatron_layout(tmp)
         dist_dir.mkdir()
-        hf_bytes = {id(c): sum(hf.tensors[n][1].nbytes for n in _names_of(c, cfg)) for c in chunks}
-        chunks = [TensorChunk(c.key, c.global_shape, c.offset, c.shape, c.dtype,
-                              _counted(c.produce, summary, hf_bytes[id(c)], len(_names_of(c, cfg))))
-                  for c in chunks]
+        chunks = [_counted(c, summary, hf) for c in chunks]
         write_checkpoint(dist_dir, chunks, extra_state_objects(cfg),
                          {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION})
         record = {
@@ -120,13 +115,17 @@ def _names_of(chunk: TensorChunk, cfg: LlamaConfig) -> list[str]:
     return m.hf_names(chunk.offset[0] if m.per_layer else None)
 
 
-def _counted(produce, summary: Summary, nbytes: int, tensors: int):
+def _counted(chunk: TensorChunk, summary: Summary, hf: HFCheckpoint) -> TensorChunk:
+    """``chunk``, counting the Hugging Face tensors and bytes it came from in ``summary`` when produced."""
+    names = _names_of(chunk, hf.config)
+    nbytes = sum(hf.tensors[n][1].nbytes for n in names)
+
     def run():
-        t = produce()
-        summary.add(nbytes, tensors)
+        t = chunk.produce()
+        summary.add(nbytes, len(names))
         return t
 
-    return run
+    return dataclasses.replace(chunk, produce=run)
 
 
 def carry_hf_files(src: Path, dst: Path, extra: tuple[str, ...] = ()) -> list[str]:

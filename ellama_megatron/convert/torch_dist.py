@@ -47,6 +47,17 @@ class TensorChunk:
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
 
+    @classmethod
+    def of(cls, key: str, global_shape: tuple[int, ...], dtype: torch.dtype, layer: int | None,
+           produce: Callable[[], torch.Tensor]) -> "TensorChunk":
+        """The whole tensor (``layer`` None), or one layer of a stacked per-layer key, whose
+        ``produce`` returns it without the layer dimension (what CheckpointReader.read gives back)."""
+        global_shape = tuple(global_shape)
+        if layer is None:
+            return cls(key, global_shape, (0,) * len(global_shape), global_shape, dtype, produce)
+        return cls(key, global_shape, (layer,) + (0,) * (len(global_shape) - 1), (1,) + global_shape[1:], dtype,
+                   lambda: produce().unsqueeze(0))
+
 
 class _OnDemandSavePlanner(DefaultSavePlanner):
     def __init__(self, chunks: list[TensorChunk], objects: dict[str, Any], on_written: Callable[[int], None]):
