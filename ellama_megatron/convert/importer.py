@@ -71,11 +71,9 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
               verify_device: str = "auto", verify_dtype: str = "float32") -> dict:
     refuse_existing(out, overwrite)
     if verify:  # its options are checked before the conversion, not after
-        from ellama_megatron.convert.verify import DTYPES, resolve_device
+        from ellama_megatron.convert.verify import check_options
 
-        verify_device = resolve_device(verify_device)
-        if verify_dtype not in DTYPES:
-            raise ConversionError(f"--verify-dtype {verify_dtype}: expected one of {sorted(DTYPES)}")
+        verify_device = check_options(verify_device, verify_dtype)
     hf = HFCheckpoint.open(hf_dir)
     cfg = hf.config
     hf.check(M.hf_shapes(cfg))

@@ -24,15 +24,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5}  # max abs logit difference
 
 
-def resolve_device(device: str) -> str:
-    """``auto``: the GPU when there is one. Checked before any conversion work."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConversionError(f"--verify-device {device}: no GPU is visible to this process (use cpu or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConversionError(f"--verify-device {device}: expected auto, cpu, cuda or cuda:N")
-    return device
+def check_options(device: str, dtype: str) -> str:
+    """The device --verify will run on (``auto``: the GPU when there is one), after checking both
+    options; the importer calls it before any conversion work."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--verify-dtype {dtype}: expected one of {sorted(DTYPES)}")
+    from ellama_megatron.runtime.device import pick_device
+
+    try:
+        return pick_device(device, "--verify-device")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def fixed_tokens(vocab_size: int) -> torch.Tensor:
@@ -137,10 +139,8 @@ def verify_conversion(hf_dir: Path, ckpt_root: Path, tolerance: float | None = N
     """Raises ConversionError when the logits differ by more than ``tolerance`` (default: by dtype)."""
     from ellama_megatron.convert.importer import read_record
 
-    if dtype not in DTYPES:
-        raise ConversionError(f"--verify-dtype {dtype}: expected one of {sorted(DTYPES)}")
+    device = check_options(device, dtype)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
-    device = resolve_device(device)
     if device != "cpu" and dtype == "float32":
         # TF32 matmuls would round to 10 mantissa bits: not the float32 comparison asked for.
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ellama_megatron.eval.heldout_data import DomainSource, read_documents, windows
+from ellama_megatron.runtime.device import pick_device
 
 
 @dataclasses.dataclass
@@ -36,14 +37,6 @@ class LossSum:
             "tokens": self.tokens,
             "sequences": self.sequences,
         }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device here; use --device cpu")
-    return torch.device(device)
 
 
 def load_hf_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, tokenizer: str | Path | None = None):
@@ -118,7 +111,7 @@ def evaluate_model_dir(
     progress: bool = True,
     tokenizer: str | Path | None = None,
 ) -> dict:
-    dev = resolve_device(device)
+    dev = torch.device(pick_device(device))
     model, tok = load_hf_model(model_dir, dev, getattr(torch, dtype), tokenizer)
     domains = evaluate_domains(model, tok, sources, seq_length, batch_size, dev, text_key, max_docs, progress)
     return {
