@@ -94,14 +94,18 @@ class DomainFilter:
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         return self.classifier.score(texts)
 
-    def keep_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """A boolean per text; counts them in ``stats``."""
+    def _score_and_count(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and keep-decisions of ``texts``, counted in ``stats``."""
         t0 = time.perf_counter()
         scores = self.scores(texts)
         self.stats.seconds += time.perf_counter() - t0
         kept = scores > self.threshold
         self.stats.add(texts, scores, kept)
-        return kept
+        return scores, kept
+
+    def keep_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """A boolean per text; counts them in ``stats``."""
+        return self._score_and_count(texts)[1]
 
     def keep(self, text: str) -> bool:
         return bool(self.keep_batch([text])[0])
@@ -120,12 +124,7 @@ class DomainFilter:
             yield from self._flush(batch)
 
     def _flush(self, batch):
-        texts = [t for _, t in batch]
-        t0 = time.perf_counter()
-        scores = self.scores(texts)
-        self.stats.seconds += time.perf_counter() - t0
-        kept = scores > self.threshold
-        self.stats.add(texts, scores, kept)
+        scores, kept = self._score_and_count([t for _, t in batch])
         for (rec, text), s, k in zip(batch, scores, kept):
             yield rec, text, float(s), bool(k)
 
