@@ -52,7 +52,8 @@ class ShardedWriter:
             if self._writer is not None:
                 self._writer.close()
             self._shard += 1
-            self._writer = StreamingWriter(self.folder / self.files[self._shard], self.shards[self._shard])
+            self._writer = StreamingWriter(self.folder / self.files[self._shard], self.shards[self._shard],
+                                           metadata={"format": "pt"})
         self._writer.write(name, tensor)
 
     def close(self) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {
+DTYPES = {  # the format's dtype codes (shared by the converter and the merges)
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
@@ -94,31 +94,39 @@ def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
 
 class StreamingWriter:
     """Writes one safetensors file whose tensor names, dtypes and shapes are known up front; the
-    bytes then arrive one tensor at a time, in the planned order."""
+    bytes then arrive in the planned order, each tensor whole or in consecutive row chunks (the
+    merges write a tensor while computing it). ``metadata``: the header's ``__metadata__``, if any."""
 
-    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
         self.path = path
-        header: dict = {"__metadata__": {"format": "pt"}}
+        header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
         self._order = []
         for name, dtype, shape in plan:
-            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._order.append((name, dtype, tuple(shape)))
+            self._order.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._next = 0
+        self._written = 0  # bytes of the current tensor so far
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._order[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != expected:
-            raise AssertionError(f"writing {name} {tensor.dtype} {tuple(tensor.shape)}, planned {expected}")
-        data = tensor.contiguous()
-        self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else b"")
-        self._next += 1
+        """The next planned tensor, or its next rows."""
+        planned, dtype, shape, nbytes = self._order[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)[1:]) != (planned, dtype, shape[1:]):
+            raise AssertionError(f"writing {name} {tensor.dtype} {tuple(tensor.shape)}, planned {planned} {dtype} {shape}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()) if data.numel() else b"")
+        self._written += data.numel()
+        if self._written > nbytes:
+            raise AssertionError(f"{self.path}: {name} got {self._written} bytes, planned {nbytes}")
+        if self._written == nbytes:
+            self._next += 1
+            self._written = 0
 
     @property
     def complete(self) -> bool:
@@ -126,3 +134,5 @@ class StreamingWriter:
 
     def close(self) -> None:
         self._file.close()
+        if not self.complete:
+            raise AssertionError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")

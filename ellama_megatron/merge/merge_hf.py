@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ellama_megatron.convert.safetensors_file import DTYPES, StreamingWriter
 from ellama_megatron.merge.hf_folder import HFFolder, MergeInputError, TensorInfo, check_mergeable
 from ellama_megatron.merge.methods import METHODS, TensorStatistics, is_identity, merge_chunk
-from ellama_megatron.merge.safetensors_writer import SafetensorsStreamWriter, dtype_size
 from ellama_megatron.staged_output import staged_outputs
 
 # Rows of a tensor merged at once: bounds the working memory for big tensors (the 8B model's
@@ -110,7 +110,7 @@ def merge_hf_folders(
     dests = output_dirs(Path(out), alphas)
     check_outputs(dests, overwrite, [b.path, *(o.path for o in others)], "folder")
 
-    total_bytes = sum(math.prod(t.shape) * dtype_size(t.dtype) for t in b.tensors.values())
+    total_bytes = sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in b.tensors.values())
     with staged_outputs(dests) as tmps:
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge ({method})", disable=not progress)
         for shard in b.shards:
@@ -126,10 +126,8 @@ def merge_hf_folders(
                         handles[key] = stack.enter_context(safe_open(folder.path / file, framework="pt"))
                     return handles[key]
 
-                layout = [(t.name, t.dtype, t.shape) for t in infos]
-                writers = [
-                    SafetensorsStreamWriter(t / shard, layout, metadata=b.shard_metadata(shard)) for t in tmps
-                ]
+                layout = [(t.name, DTYPES[t.dtype], t.shape) for t in infos]
+                writers = [StreamingWriter(t / shard, layout, metadata=b.shard_metadata(shard)) for t in tmps]
                 for info in infos:
                     sources = [(0, info)] + [(i + 1, o.tensors[info.name]) for i, o in enumerate(others)]
                     chunks_rows = _row_chunks(info, chunk_bytes)
