@@ -75,7 +75,7 @@ def write_corpus(path: Path, target_bytes: int, seed: int = 0) -> int:
 
 
 def train_tokenizer(corpus: Path, out: Path, mb: int) -> None:
-    from ellama_megatron.tiny_llama import train_tiny_tokenizer
+    from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer
 
     texts, size = [], 0
     with open(corpus, encoding="utf-8") as f:

@@ -31,7 +31,7 @@ VARIANTS = {
 
 def make_hf(out: Path, seed: int = 0, shard: str = "100KB", **changes) -> Path:
     """A tiny random Hugging Face Llama folder with a tiny tokenizer, in several shards."""
-    from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+    from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
     cfg = dataclasses.replace(load_model_config("tiny"), **changes)
     tok = train_tiny_tokenizer(sample_texts(100), out.parent / f"{out.name}_tokenizer", 512)

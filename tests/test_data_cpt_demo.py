@@ -12,7 +12,7 @@ from ellama_megatron.data.demo_corpora import write_demo_corpora
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.serializers import RecordSerializer, load_template
 from ellama_megatron.engine.train_log import parse_train_log
-from ellama_megatron.tiny_llama import train_tiny_tokenizer
+from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = {"listings": "listing", "reviews": "review", "general_en": "plain", "general_multilingual": "plain"}

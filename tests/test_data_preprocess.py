@@ -17,7 +17,7 @@ from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template, serialize
 from ellama_megatron.data.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
 from ellama_megatron.data.indexed_writer import BadRecordError
-from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer
+from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import torch
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 from ellama_megatron.model.config import load_model_config
-from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 24  # short windows: documents of up to ~50 tokens span several windows

@@ -16,7 +16,7 @@ from ellama_megatron.eval.merge_sweep import run_sweep
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
 from ellama_megatron.model.config import load_model_config
-from ellama_megatron.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 REPO = Path(__file__).resolve().parent.parent
 

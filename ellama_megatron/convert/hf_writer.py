@@ -66,7 +66,7 @@ class ShardedWriter:
 
 def hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
     """config.json for LlamaForCausalLM that transformers 4.x and 5.x both read the same way."""
-    from ellama_megatron.tiny_llama import hf_llama_config
+    from ellama_megatron.testing.tiny_llama import hf_llama_config
 
     d = hf_llama_config(cfg).to_dict()
     rope = dict(d.get("rope_parameters") or {})
