@@ -273,7 +273,7 @@ TITLES = {
     "plan_blend": "tools/plan_blend.py: the paper's 1:1 mix",
     "cpt": "continued pretraining",
     "export": "tools/convert_hf.py export (the adapted model)",
-    "merge_sweep": "tools/merge_sweep.py: merge with the base at several alphas, evaluate both domains",
+    "merge_curve": "tools/merge_curve.py: merge with the base at several alphas, evaluate both domains",
     "report": "report",
 }
 
@@ -498,23 +498,23 @@ def _pipeline(out: Path, opts: DemoOptions, stages: Stages, slurm: LocalSlurm, e
     stages.run("export", export)
     heldout = [f"{d}={out / 'heldout' / d}" for d in DOMAINS]
 
-    def sweep():
-        run_tool(["tools/merge_sweep.py", "--base", base_hf, "--adapted", out / "adapted_hf",
+    def merge_curve():
+        run_tool(["tools/merge_curve.py", "--base", base_hf, "--adapted", out / "adapted_hf",
                   *sum((["--data", h] for h in heldout), []), *sum((["--alpha", str(a)] for a in opts.alphas), []),
-                  "--seq-length", "128", "--device", "cpu", "--out", out / "merge_sweep"], logs / "merge_sweep.log")
-        points = json.loads((out / "merge_sweep" / "sweep.json").read_text())["points"]
+                  "--seq-length", "128", "--device", "cpu", "--out", out / "merge_curve"], logs / "merge_curve.log")
+        points = json.loads((out / "merge_curve" / "curve.json").read_text())["points"]
         loss = {p["label"]: {d: v["mean_loss"] for d, v in p["domains"].items()} for p in points if p["label"] != "merged"}
         change = ", ".join(f"{d} {loss['base'][d]:.3f} -> {loss['adapted'][d]:.3f}" for d in DOMAINS)
         return {"loss": loss, "summary": f"{len(points)} alphas on both domains; held-out loss base -> adapted: {change}"}
 
-    evaluation = stages.run("merge_sweep", sweep)
+    evaluation = stages.run("merge_curve", merge_curve)
 
     def report():
         run_tool(["tools/plot_training_curves.py", cpt_result["log"], "--out", out / "loss_curves.png",
                   "--json", out / "loss_curves.json", "--title", "Continued pretraining: per-domain losses"],
                  logs / "plot_training_curves.log")
         write_report(out, stages, base, cpt_result, evaluation)
-        return {"summary": "REPORT.md, loss_curves.png, merge_sweep/sweep.png"}
+        return {"summary": "REPORT.md, loss_curves.png, merge_curve/curve.png"}
 
     stages.run("report", report)
     # The report's stage table is written before its own line: add it now that it is timed.
@@ -559,14 +559,14 @@ def write_report(out: Path, stages: Stages, base: dict | None, cpt: dict, evalua
     for d, pts in v.items():
         lines.append(f"| {d} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {_fell(v, d):.3f} |")
     ev = evaluation["loss"]
-    lines += ["", "Held-out loss (tools/merge_sweep.py at alpha 0 and 1; the validation documents, 128-token windows):", "",
+    lines += ["", "Held-out loss (tools/merge_curve.py at alpha 0 and 1; the validation documents, 128-token windows):", "",
               "| domain | base | adapted | fell by |", "|---|---:|---:|---:|"]
     for d in ev["base"]:
         lines.append(f"| {d} | {ev['base'][d]:.3f} | {ev['adapted'][d]:.3f} | {ev['base'][d] - ev['adapted'][d]:.3f} |")
     lines += ["", f"![per-domain loss curves]({rel(out / 'loss_curves.png')})", "",
-              "## Merging with the base (tools/merge_sweep.py)", "",
-              (out / "merge_sweep" / "sweep.md").read_text().rstrip(), "",
-              f"![merge trade-off]({rel(out / 'merge_sweep' / 'sweep.png')})", "",
+              "## Merging with the base (tools/merge_curve.py)", "",
+              (out / "merge_curve" / "curve.md").read_text().rstrip(), "",
+              f"![merge trade-off]({rel(out / 'merge_curve' / 'curve.png')})", "",
               "Logs of every tool: `logs/`; training logs: `base_run/train.log`, `cpt_run/train.log`."]
     tmp = out / "REPORT.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")

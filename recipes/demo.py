@@ -13,7 +13,7 @@ Stages (each one a tool a full-size run uses, called as a subprocess):
   6. continued pretraining from the imported base: through slurm/8b.sbatch when a Slurm cluster
      answers (--launcher slurm starts scripts/slurm_local.sh and stops it afterwards), otherwise
      recipes/cpt.py directly; a general and an e-commerce validation loss in the log
-  7. tools/convert_hf.py export, tools/evaluate.py on both domains, tools/merge_sweep.py
+  7. tools/convert_hf.py export, tools/evaluate.py on both domains, tools/merge_curve.py
   8. demo_output/REPORT.md: stage times, blend table, loss curves, merge trade-off (PNGs)
 
 A second run reuses the stages that finished (a marker per stage in OUT/stages/) and says which;

@@ -117,8 +117,8 @@ def test_cpt_lowers_ecommerce_loss_more_than_general(demo, launcher):
     assert fell["ecommerce"] > fell["general"] > 0, fell
     # Within the CPT log alone both fall.
     assert all(losses[CPT_ITERS] < losses[10] for losses in cpt.valid_loss.values())
-    # The base and adapted models themselves (the merge sweep's end points, same held-out documents).
-    ev = stage(out, "merge_sweep")["loss"]
+    # The base and adapted models themselves (the merge curve's end points, same held-out documents).
+    ev = stage(out, "merge_curve")["loss"]
     assert ev["base"]["ecommerce"] - ev["adapted"]["ecommerce"] > ev["base"]["general"] - ev["adapted"]["general"]
 
 
@@ -141,7 +141,7 @@ def test_exported_model_loads_in_transformers(demo):
 @pytest.mark.slow
 def test_merge_table_alpha_zero_is_the_base_model(demo):
     out, _ = demo
-    points = {p["alpha"]: p for p in json.loads((out / "merge_sweep" / "sweep.json").read_text())["points"]}
+    points = {p["alpha"]: p for p in json.loads((out / "merge_curve" / "curve.json").read_text())["points"]}
     assert sorted(points) == [0.0, 0.5, 1.0]
     sources = [parse_domain_spec(f"{d}={out / 'heldout' / d}") for d in ("general", "ecommerce")]
     for name, alpha in (("base", 0.0), ("adapted", 1.0)):
@@ -149,7 +149,7 @@ def test_merge_table_alpha_zero_is_the_base_model(demo):
         for domain in ("general", "ecommerce"):
             assert points[alpha]["domains"][domain]["mean_loss"] == pytest.approx(evaluated[domain]["mean_loss"], rel=1e-6)
             assert points[alpha]["domains"][domain]["tokens"] == evaluated[domain]["tokens"] > 1000
-    table = (out / "merge_sweep" / "sweep.md").read_text()
+    table = (out / "merge_curve" / "curve.md").read_text()
     assert "0.5" in table and table in (out / "REPORT.md").read_text()
 
 
@@ -160,7 +160,7 @@ def test_report_with_images_and_stage_times(demo):
     out, _ = demo
     report = (out / "REPORT.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert sorted(images) == ["loss_curves.png", "merge_sweep/sweep.png"]
+    assert sorted(images) == ["loss_curves.png", "merge_curve/curve.png"]
     for rel in images:
         with Image.open(out / rel) as im:
             im.verify()

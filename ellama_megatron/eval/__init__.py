@@ -1,4 +1,4 @@
-"""Evaluation: per-domain perplexity, an e-commerce task suite for lm-evaluation-harness, merge sweeps, training curves."""
+"""Evaluation: per-domain perplexity, an e-commerce task suite for lm-evaluation-harness, the merge curve, training curves."""
 
 from pathlib import Path
 

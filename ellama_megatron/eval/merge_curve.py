@@ -1,10 +1,10 @@
-"""The trade-off report: merge base and adapted at several alphas, evaluate every point on every
+"""The merge curve: merge base and adapted at several alphas, evaluate every point on every
 held-out domain, and write a table (markdown + JSON) and a plot of general vs domain perplexity.
 
 alpha 0 is the base model and alpha 1 the adapted model: they are evaluated from the input
 folders directly (a linear merge at 0 or 1 is bit-identical to them). Either input may be a
 Megatron checkpoint: it is exported once to a temporary Hugging Face folder (bit-exact) and the
-sweep runs on that.
+curve is measured on that.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
     return out_png
 
 
-def run_sweep(
+def run_merge_curve(
     base: str | Path,
     adapted: str | Path,
     alphas: list[float],
@@ -96,14 +96,14 @@ def run_sweep(
     points = []
     try:
         with ExitStack() as stack:
-            # Megatron checkpoints are exported once each (bit-exact) and the sweep runs on the
+            # Megatron checkpoints are exported once each (bit-exact) and the curve is measured on the
             # Hugging Face folders: two exports instead of one per alpha.
             hf_base = stack.enter_context(hf_folder_of(base, "--base", merged_root / "exports", progress=progress))
             hf_adapted = stack.enter_context(hf_folder_of(adapted, "--adapted", merged_root / "exports", progress=progress))
             models = {0.0: hf_base, 1.0: hf_adapted}
             if inner:
                 # One pass over the inputs writes every intermediate alpha.
-                dirs = merge_hf_folders(hf_base, [hf_adapted], inner, merged_root / "sweep", method=method,
+                dirs = merge_hf_folders(hf_base, [hf_adapted], inner, merged_root / "alphas", method=method,
                                         overwrite=True, progress=progress).outputs
                 models.update(zip(inner, dirs))
             for a in alphas:
@@ -119,7 +119,7 @@ def run_sweep(
             shutil.rmtree(merged_root / "exports")
     report = {"method": method, "base": str(base), "adapted": str(adapted), "seq_length": seq_length,
               "general_domain": general, "domain": domain, "points": points}
-    write_json_atomic(out / "sweep.json", report)
-    write_text_atomic(out / "sweep.md", markdown_table(points, names))
-    plot_tradeoff(points, general, domain, out / "sweep.png")
+    write_json_atomic(out / "curve.json", report)
+    write_text_atomic(out / "curve.md", markdown_table(points, names))
+    plot_tradeoff(points, general, domain, out / "curve.png")
     return report

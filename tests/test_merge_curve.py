@@ -1,4 +1,4 @@
-"""The trade-off sweep (table + PNG) and the training-curve plot."""
+"""The merge curve (table + PNG) and the training-curve plot."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
-from ellama_megatron.eval.merge_sweep import run_sweep
+from ellama_megatron.eval.merge_curve import run_merge_curve
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
 from ellama_megatron.model.config import load_model_config
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_sweep_writes_table_json_and_png(tmp_path):
+def test_merge_curve_writes_table_json_and_png(tmp_path):
     tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
     cfg = load_model_config("tiny")
     base = write_random_hf_llama(tmp_path / "base", cfg, seed=0, tokenizer_dir=tok, max_shard_size="200KB")
@@ -33,26 +33,26 @@ def test_sweep_writes_table_json_and_png(tmp_path):
         p.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(6, seed)))
         specs.append(parse_domain_spec(f"{name}={p}"))
     out = tmp_path / "report"
-    report = run_sweep(base, adapted, [0.5], specs, out, seq_length=32, batch_size=4, device="cpu", progress=False)
+    report = run_merge_curve(base, adapted, [0.5], specs, out, seq_length=32, batch_size=4, device="cpu", progress=False)
     assert [p["alpha"] for p in report["points"]] == [0.0, 0.5, 1.0]
     assert [p["label"] for p in report["points"]] == ["base", "merged", "adapted"]
     assert not (out / "merged").exists()  # merged models removed after evaluation
     # End points are the input models themselves.
     direct = evaluate_model_dir(base, specs, seq_length=32, batch_size=4, device="cpu", progress=False)
     assert report["points"][0]["domains"]["general"]["perplexity"] == pytest.approx(direct["domains"]["general"]["perplexity"], rel=1e-6)
-    saved = json.loads((out / "sweep.json").read_text())
+    saved = json.loads((out / "curve.json").read_text())
     assert saved["points"][1]["domains"]["ecommerce"]["perplexity"] == report["points"][1]["domains"]["ecommerce"]["perplexity"]
-    table = (out / "sweep.md").read_text().splitlines()
+    table = (out / "curve.md").read_text().splitlines()
     assert table[0] == "| alpha | model | general ppl | ecommerce ppl |" and len(table) == 5
     assert table[3].startswith("| 0.5 | merged | ")
-    img = np.asarray(Image.open(out / "sweep.png"))
+    img = np.asarray(Image.open(out / "curve.png"))
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0
 
 
 @pytest.mark.slow
-def test_sweep_on_megatron_checkpoints_equals_the_sweep_on_their_hf_folders(tmp_path):
+def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folders(tmp_path):
     """--base/--adapted as Megatron checkpoints (mixed with a HF folder too): exported once each,
-    the same numbers as the sweep on the Hugging Face folders they came from."""
+    the same numbers as the curve of the Hugging Face folders they came from."""
     from ellama_megatron.convert.importer import import_hf
 
     tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
@@ -66,14 +66,14 @@ def test_sweep_on_megatron_checkpoints_equals_the_sweep_on_their_hf_folders(tmp_
     q.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(4, 2)))
     specs = [parse_domain_spec(f"general={p}"), parse_domain_spec(f"ecommerce={q}")]
     kw = dict(seq_length=32, batch_size=4, device="cpu", progress=False)
-    want = run_sweep(hf["b"], hf["a"], [0.5], specs, tmp_path / "hf_report", **kw)
-    got = run_sweep(tmp_path / "b_ckpt", tmp_path / "a_ckpt", [0.5], specs, tmp_path / "report", keep_merged=True, **kw)
-    mixed = run_sweep(tmp_path / "b_ckpt", hf["a"], [0.5], specs, tmp_path / "mixed", **kw)
+    want = run_merge_curve(hf["b"], hf["a"], [0.5], specs, tmp_path / "hf_report", **kw)
+    got = run_merge_curve(tmp_path / "b_ckpt", tmp_path / "a_ckpt", [0.5], specs, tmp_path / "report", keep_merged=True, **kw)
+    mixed = run_merge_curve(tmp_path / "b_ckpt", hf["a"], [0.5], specs, tmp_path / "mixed", **kw)
     for report in (got, mixed):
         assert [x["domains"] for x in report["points"]] == [x["domains"] for x in want["points"]]
     assert got["points"][0]["model"] == str(tmp_path / "b_ckpt")
-    assert sorted(x.name for x in (tmp_path / "report" / "merged").iterdir()) == ["sweep"]  # exports removed
-    assert (tmp_path / "report" / "sweep.png").is_file()
+    assert sorted(x.name for x in (tmp_path / "report" / "merged").iterdir()) == ["alphas"]  # exports removed
+    assert (tmp_path / "report" / "curve.png").is_file()
 
 
 MEGATRON_LOG = """\

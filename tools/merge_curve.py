@@ -1,10 +1,10 @@
-"""Trade-off report: merge base and adapted models at several alphas (one pass), evaluate each on
-every held-out domain, write sweep.json, sweep.md (table) and sweep.png (perplexity along alpha
+"""The merge curve: merge base and adapted models at several alphas (one pass), evaluate each on
+every held-out domain, write curve.json, curve.md (table) and curve.png (perplexity along alpha
 and general-vs-domain trade-off; base = alpha 0 and adapted = alpha 1 are the end points).
 
-  python tools/merge_sweep.py --base BASE --adapted ADAPTED \
+  python tools/merge_curve.py --base BASE --adapted ADAPTED \
       --data general=heldout/general.jsonl --data ecommerce=heldout/ecommerce.jsonl \
-      --alpha 0.25 --alpha 0.5 --alpha 0.75 --out reports/sweep
+      --alpha 0.25 --alpha 0.5 --alpha 0.75 --out reports/merge_curve
 
 --base/--adapted: Hugging Face folders or Megatron checkpoints (a run's checkpoints/ folder, one
 iter_* folder, a tools/convert_hf.py import or tools/merge.py output), mixed as you like: a
@@ -46,20 +46,20 @@ def main(argv=None) -> int:
     alphas = args.alpha or [0.25, 0.5, 0.75]
     try:
         if any(not 0.0 <= a <= 1.0 for a in alphas):
-            raise ValueError(f"--alpha {alphas}: the sweep interpolates, alphas must be in [0, 1]")
+            raise ValueError(f"--alpha {alphas}: the curve interpolates, alphas must be in [0, 1]")
         sources = [parse_domain_spec(s) for s in args.data]
-        from ellama_megatron.eval.merge_sweep import run_sweep
+        from ellama_megatron.eval.merge_curve import run_merge_curve
 
-        report = run_sweep(args.base, args.adapted, alphas, sources, args.out, args.general_domain, args.domain,
-                           args.method, args.seq_length, args.batch_size, args.device, args.dtype, args.max_docs,
-                           args.keep_merged)
+        report = run_merge_curve(args.base, args.adapted, alphas, sources, args.out, args.general_domain,
+                                 args.domain, args.method, args.seq_length, args.batch_size, args.device, args.dtype,
+                                 args.max_docs, args.keep_merged)
     except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"merge_sweep.py: error: {e}", file=sys.stderr)
+        print(f"merge_curve.py: error: {e}", file=sys.stderr)
         return 2
-    from ellama_megatron.eval.merge_sweep import markdown_table
+    from ellama_megatron.eval.merge_curve import markdown_table
 
     print(markdown_table(report["points"], [s.name for s in sources]))
-    print(f"sweep over {len(report['points'])} alphas -> {args.out}/sweep.md, sweep.json, sweep.png")
+    print(f"merge curve over {len(report['points'])} alphas -> {args.out}/curve.md, curve.json, curve.png")
     return 0
 
 
