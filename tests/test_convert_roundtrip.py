@@ -15,9 +15,9 @@ import torch
 from ellama_megatron.convert import mapping as M
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
-from ellama_megatron.convert.safetensors_file import read_header, read_tensor
+from ellama_megatron.formats.safetensors import read_header, read_tensor
 from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
-from ellama_megatron.model.config import load_model_config
+from ellama_megatron.llama.config import load_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_checkpoint_has_exactly_megatrons_keys(imported):
     """The keys, global shapes and objects of GPTModel.sharded_state_dict() at TP=1 PP=1."""
     from ellama_megatron.convert.importer import read_record
     from ellama_megatron.convert.verify import init_single_process_group
-    from ellama_megatron.model.config import LlamaConfig
+    from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.model.provider import build_gpt_model, layer_spec, transformer_config
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ellama_megatron.classify.features import FeatureConfig, feature_matrix, linear_scores
-from ellama_megatron.staged_output import staged_output
+from ellama_megatron.formats.atomic import staged_output
 
 FORMAT = "ellama-domain-classifier/1"
 META_FILE = "classifier.json"

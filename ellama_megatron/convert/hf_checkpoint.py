@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ellama_megatron.convert.safetensors_file import SafetensorsError, TensorEntry, read_header, read_tensor
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.formats.safetensors import SafetensorsError, TensorEntry, read_header, read_tensor
+from ellama_megatron.llama.config import LlamaConfig
 
 # Megatron's Llama 3.1 RoPE scaling hard-codes these three (FACTS.md); another value would be
 # silently ignored by the engine, so such a checkpoint is refused instead.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ellama_megatron.convert.safetensors_file import StreamingWriter
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.formats.safetensors import StreamingWriter
+from ellama_megatron.llama.config import LlamaConfig
 
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 INDEX_FILE = "model.safetensors.index.json"

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from ellama_megatron.convert.hf_checkpoint import ConversionError
-from ellama_megatron.staged_output import staged_output as staged_folder
+from ellama_megatron.formats.atomic import staged_output as staged_folder
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -17,7 +17,7 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def staged_output(out: Path, overwrite: bool):
-    """``ellama_megatron.staged_output`` after the converter's --overwrite check."""
+    """``ellama_megatron.formats.atomic.staged_output`` after the converter's --overwrite check."""
     refuse_existing(out, overwrite)
     with staged_folder(out) as tmp:
         yield tmp

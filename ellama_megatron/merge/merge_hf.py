@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ellama_megatron.convert.safetensors_file import DTYPES, StreamingWriter
+from ellama_megatron.formats.safetensors import DTYPES, StreamingWriter
 from ellama_megatron.merge.hf_folder import HFFolder, MergeInputError, TensorInfo, check_mergeable
 from ellama_megatron.merge.methods import METHODS, TensorStatistics, is_identity, merge_chunk
-from ellama_megatron.staged_output import staged_outputs
+from ellama_megatron.formats.atomic import staged_outputs
 
 # Rows of a tensor merged at once: bounds the working memory for big tensors (the 8B model's
 # embedding is 1 GB in bf16) to about this many bytes per input in float32.

@@ -34,7 +34,7 @@ from ellama_megatron.merge.merge_hf import (
     output_dirs,
 )
 from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk
-from ellama_megatron.staged_output import staged_outputs
+from ellama_megatron.formats.atomic import staged_outputs
 
 
 def _row_ranges(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ellama_megatron.staged_output import staged_output
+from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.vocab.bpe_extension import (
     check_extendable,
     check_ids_kept,
