@@ -1,6 +1,7 @@
 """Run Megatron-Core 0.19.2's own training loop on a machine without a GPU (gloo, fp32).
 
-Megatron assumes CUDA in about a dozen places (../shared/FACTS.md lists them). Rather than fork
+Megatron assumes CUDA in about a dozen places (each found by removing its adaptation and
+watching a tiny CPU run fail; listed below and in docs/engine.md). Rather than fork
 its code, this module adapts those calls in one place, and only when no GPU is present:
 
   1. ``initialize_megatron`` asserts CUDA unless ``allow_no_cuda=True``      -> wrapped
