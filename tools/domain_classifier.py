@@ -20,7 +20,6 @@ listing, review: the built-in serializations; or a template YAML file).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -88,7 +87,8 @@ def cmd_train(args) -> int:
 def cmd_filter(args) -> int:
     from tqdm import tqdm
 
-    from ellama_megatron.classify.filter import DomainFilter, filter_documents, temporary_sibling
+    from ellama_megatron.classify.filter import DomainFilter, filter_documents
+    from ellama_megatron.formats.atomic import write_json_atomic
 
     _check_inputs(args.input, "--input")
     template = _check_template(args.template, args.text_key, "--template")
@@ -113,9 +113,7 @@ def cmd_filter(args) -> int:
     summary = stats.to_dict()
     summary.update({"model": args.model, "inputs": args.input, "output": str(out), "records_skipped": counts.skipped,
                     "skipped_examples": counts.examples, "wall_seconds": round(wall, 3)})
-    tmp = temporary_sibling(stats_path)
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(stats_path)
+    write_json_atomic(stats_path, summary)
     if not args.quiet:
         print(stats.histogram_text(), file=sys.stderr)
     print(f"done: kept {stats.kept}/{stats.docs} documents ({stats.kept_bytes / 1e6:.2f}/{stats.bytes / 1e6:.2f} MB) "

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
-from ellama_megatron.eval.results_file import write_json_atomic
+from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.merge.hf_folder import MergeInputError
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ellama_megatron import CONF_DIR
 from ellama_megatron.data.blend_plan import PlanError, plan_blend
-from ellama_megatron.data.manifest import ManifestError, write_json_atomic
+from ellama_megatron.data.manifest import ManifestError
+from ellama_megatron.formats.atomic import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

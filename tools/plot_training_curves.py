@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ellama_megatron.eval.results_file import write_json_atomic
+from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
 
 

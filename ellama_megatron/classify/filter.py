@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ellama_megatron.classify.model import DomainClassifier
+from ellama_megatron.formats.atomic import atomic_file
 
 HISTOGRAM_BINS = 20  # equal-width score bins over [0, 1]
 BATCH_BYTES = 128 << 10  # text per scoring batch: large enough to amortise numpy calls, small enough for cache
@@ -141,12 +141,6 @@ def open_jsonl_writer(path: Path):
     return open(path, "w", encoding="utf-8")
 
 
-def temporary_sibling(path: Path) -> Path:
-    """Where ``path`` is written before the rename (same folder, so the rename is atomic; same
-    suffix, so the compression chosen by the name is the same)."""
-    return path.with_name(f".tmp{os.getpid()}.{path.name}")
-
-
 def filter_documents(
     docs: Iterable[tuple[dict, str]],
     domain_filter: DomainFilter,
@@ -156,20 +150,13 @@ def filter_documents(
 ) -> FilterStats:
     """Write the kept records to ``out`` (JSONL; .gz/.zst by suffix), each with its score in
     ``score_field`` (None: records unchanged). The file appears only when complete."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out)
-    try:
-        with open_jsonl_writer(tmp) as f:
-            for rec, text, score, kept in domain_filter.stream(docs):
-                if progress is not None:
-                    progress(len(text.encode("utf-8")))
-                if kept:
-                    if score_field:
-                        rec = {**rec, score_field: round(score, 6)}
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # The temporary sibling keeps the name's suffix, so it is compressed as ``out`` will be.
+    with atomic_file(out) as tmp, open_jsonl_writer(tmp) as f:
+        for rec, text, score, kept in domain_filter.stream(docs):
+            if progress is not None:
+                progress(len(text.encode("utf-8")))
+            if kept:
+                if score_field:
+                    rec = {**rec, score_field: round(score, 6)}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return domain_filter.stats

@@ -48,14 +48,6 @@ def file_sha256(path: str | Path, block: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write under a temporary name and rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(path: str | Path) -> dict:
     """Load and check a manifest. Raises ManifestError naming the file and the fix."""
     path = Path(path)

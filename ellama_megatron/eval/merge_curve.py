@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ellama_megatron.eval.heldout_data import DomainSource
-from ellama_megatron.eval.results_file import write_json_atomic, write_text_atomic
+from ellama_megatron.formats.atomic import write_json_atomic, write_text_atomic
 
 
 def markdown_table(points: list[dict], domains: list[str]) -> str:
