@@ -346,7 +346,7 @@ def validate(args) -> None:
 
 
 def shape_from_args(args):
-    from ellama_megatron.model.config import load_model_config
+    from ellama_megatron.llama.config import load_model_config
 
     try:
         cfg = load_model_config(args.model)

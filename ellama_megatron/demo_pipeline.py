@@ -379,7 +379,7 @@ def progress_line(line: str) -> str | None:
 
 def _pipeline(out: Path, opts: DemoOptions, stages: Stages, slurm: LocalSlurm, extra: list[str]) -> None:
     from ellama_megatron.data.demo_corpora import write_demo_corpora
-    from ellama_megatron.model.config import load_model_config
+    from ellama_megatron.llama.config import load_model_config
     from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer, write_random_hf_llama
 
     raw_dir, tok_dir, data_dir = out / "raw", out / "tokenizer", out / "data"

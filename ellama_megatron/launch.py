@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ellama_megatron.engine.datasets import resolve_blend
 from ellama_megatron.engine.megatron_args import data_parallel_size, train_iterations, world_size
 from ellama_megatron.engine.validate import ConfigError, validate
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.plan import LayoutError, check_fits
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
-from ellama_megatron.model.config import load_model_config
+from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.plan.flops import flops_per_token
+from ellama_megatron.llama.config import flops_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_step.py"

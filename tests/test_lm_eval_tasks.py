@@ -13,7 +13,7 @@ import pytest
 
 from ellama_megatron.eval import TASKS_DIR
 from ellama_megatron.eval.sample_tasks import LANGUAGES, TASK_TYPES, write_sample_task_data
-from ellama_megatron.model.config import load_model_config
+from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 LM_EVAL = shutil.which("lm_eval", path=str(Path(os.sys.executable).parent))

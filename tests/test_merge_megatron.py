@@ -20,7 +20,7 @@ from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
 from ellama_megatron.merge.hf_folder import MergeInputError
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints
-from ellama_megatron.model.config import load_model_config
+from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 from conftest import load_safetensors_folder as load_all

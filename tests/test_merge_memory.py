@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from ellama_megatron.model.config import load_model_config
+from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.testing.tiny_llama import hf_llama_config
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from ellama_megatron import CONF_DIR
 from ellama_megatron.plan import LayoutError, check_fits, enumerate_layouts
-from ellama_megatron.plan.flops import flops_per_token, matmul_params
+from ellama_megatron.llama.config import flops_per_token, matmul_params
 from ellama_megatron.plan.layouts import padded_vocab_size
 from ellama_megatron.plan.memory import GIB
 

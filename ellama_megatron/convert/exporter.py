@@ -14,7 +14,7 @@ from ellama_megatron.convert.importer import CONFIG_FILE, HF_FILES_DIR, carry_hf
 from ellama_megatron.convert.output_folder import refuse_existing, staged_output
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 
 def checkpoint_root(ckpt: Path) -> Path:

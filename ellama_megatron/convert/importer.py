@@ -21,7 +21,7 @@ from ellama_megatron.convert.hf_checkpoint import CARRIED_FILES, ConversionError
 from ellama_megatron.convert.output_folder import refuse_existing, staged_output
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.convert.torch_dist import CHECKPOINT_VERSION, TensorChunk, megatron_layout, write_checkpoint
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 CONFIG_FILE = "ellama_config.yaml"  # same name the engine writes beside its checkpoints
 HF_FILES_DIR = "hf"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 
 class Direct:

@@ -87,7 +87,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
 
     from ellama_megatron.convert.importer import read_record
     from ellama_megatron.convert.torch_dist import find_checkpoint
-    from ellama_megatron.model.config import LlamaConfig
+    from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.model.provider import build_gpt_model, layer_spec, resolve_impl, transformer_config
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
 

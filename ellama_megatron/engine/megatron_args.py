@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 # Megatron pads the vocab to a multiple of this x TP (Llama's 128256 = 1002 x 128).
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128

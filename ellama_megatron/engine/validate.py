@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ellama_megatron.engine.megatron_args import world_size
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 
 class ConfigError(ValueError):

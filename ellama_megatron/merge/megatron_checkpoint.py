@@ -66,7 +66,7 @@ class MegatronCheckpoint:
         from ellama_megatron.convert.hf_checkpoint import ConversionError
         from ellama_megatron.convert.importer import CONFIG_FILE, read_record
         from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
-        from ellama_megatron.model.config import LlamaConfig
+        from ellama_megatron.llama.config import LlamaConfig
 
         p = Path(path)
         root = checkpoint_root(p)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 
 def transformer_engine_available() -> bool:

@@ -8,8 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ellama_megatron.model.config import LlamaConfig
-from ellama_megatron.plan.flops import flops_per_step, flops_per_token
+from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.llama.config import flops_per_step, flops_per_token
 from ellama_megatron.plan.layouts import Layout, _get, layout_from_cfg, validate
 from ellama_megatron.plan.memory import GIB, MemoryEstimate, estimate_memory
 
@@ -28,7 +28,7 @@ class PlanReport:
 
     @property
     def flops_per_step(self) -> float:
-        return flops_per_step(self.model, self.layout)
+        return flops_per_step(self.model, self.layout.seq_length, self.layout.tokens_per_step)
 
     def as_dict(self) -> dict[str, Any]:
         L = self.layout

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 # Megatron pads the vocabulary to a multiple of this times TP (its --make-vocab-size-divisible-by).
 VOCAB_DIVISIBLE_BY = 128

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.plan.layouts import Layout, padded_vocab_size
 
 GIB = 1024**3

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ellama_megatron.model.config import LlamaConfig
+from ellama_megatron.llama.config import LlamaConfig
 
 # Llama 3's special tokens in id order, as the first ids of the tiny vocabulary (the real
 # tokenizer has them at 128000+; tiny ids keep embeddings small).

@@ -1,7 +1,15 @@
-"""The Llama 3.1 architecture as data: one dataclass, filled from conf/model/<preset>.yaml.
+"""The Llama 3.1 architecture as data: one dataclass, filled from conf/model/<preset>.yaml, with the
+numbers that follow from its dimensions alone (parameters, model FLOPs).
 
 Everything that needs a dimension (engine, converter, planner, exporter) reads it from here, so
 conf/model/*.yaml stay the single source of each number.
+
+Model FLOPs (the numerator of MFU) follow PaLM's convention (Chowdhery et al. 2022, appendix B):
+6 FLOPs per parameter per token (forward 2, backward 4) for every matrix multiply, plus the
+attention score and value products, 12 * layers * q_width * seq per token, counted without the
+causal-mask discount. Recomputation is not counted (it is hardware FLOPs, not model FLOPs). The
+input embedding is a lookup, so its table is left out of N; the output layer is a matrix multiply
+and is counted.
 """
 
 from __future__ import annotations
@@ -74,3 +82,19 @@ def load_model_config(name_or_path: str | Path) -> LlamaConfig:
             )
     with open(path) as f:
         return LlamaConfig.from_dict(yaml.safe_load(f), source=str(path))
+
+
+def matmul_params(model: LlamaConfig) -> int:
+    """Parameters that take part in a matrix multiply: all but the input embedding table and norms."""
+    embedding = model.vocab_size * model.hidden_size
+    norms = (2 * model.num_layers + 1) * model.hidden_size
+    return model.num_parameters() - embedding - norms + (embedding if model.tie_word_embeddings else 0)
+
+
+def flops_per_token(model: LlamaConfig, seq_length: int) -> float:
+    attention = 12 * model.num_layers * model.num_attention_heads * model.kv_channels * seq_length
+    return 6 * matmul_params(model) + attention
+
+
+def flops_per_step(model: LlamaConfig, seq_length: int, tokens_per_step: int) -> float:
+    return flops_per_token(model, seq_length) * tokens_per_step
