@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from ellama_megatron.llama.config import load_model_config
-from ellama_megatron.testing.tiny_llama import hf_llama_config
+from ellama_megatron.llama.hf import hf_llama_config
 
 
 def write_sharded_random_weights(out, cfg, seed, shard_bytes):

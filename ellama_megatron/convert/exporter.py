@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ellama_megatron.convert import mapping as M
 from ellama_megatron.convert.hf_checkpoint import ConversionError
-from ellama_megatron.convert.hf_writer import ShardedWriter, generation_config_dict, hf_config_dict, MAX_SHARD_BYTES
+from ellama_megatron.convert.hf_writer import MAX_SHARD_BYTES, ShardedWriter
+from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict
 from ellama_megatron.convert.importer import CONFIG_FILE, HF_FILES_DIR, carry_hf_files, read_record
 from ellama_megatron.convert.output_folder import refuse_existing, staged_output
 from ellama_megatron.convert.summary import Summary

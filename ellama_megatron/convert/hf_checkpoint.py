@@ -14,10 +14,7 @@ import torch
 
 from ellama_megatron.formats.safetensors import SafetensorsError, TensorEntry, read_header, read_tensor
 from ellama_megatron.llama.config import LlamaConfig
-
-# Megatron's Llama 3.1 RoPE scaling hard-codes these three (FACTS.md); another value would be
-# silently ignored by the engine, so such a checkpoint is refused instead.
-MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+from ellama_megatron.llama.hf import UnsupportedConfig, llama_config_from_hf
 
 # Files of a Hugging Face folder that travel with the weights (tokenizer and generation settings).
 CARRIED_FILES = (
@@ -28,71 +25,6 @@ CARRIED_FILES = (
 
 class ConversionError(ValueError):
     """Bad input: the message names the file, the field and the fix."""
-
-
-def rope_settings(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from either transformers 5's ``rope_parameters`` or 4's
-    ``rope_theta`` + ``rope_scaling``."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = params["rope_theta"]
-        scaling = params if params.get("rope_type", "default") != "default" else None
-    else:
-        theta = hf.get("rope_theta", 10000.0)
-        scaling = hf.get("rope_scaling")
-    return float(theta), scaling
-
-
-def llama_config_from_hf(hf: dict, name: str, source: str = "config.json") -> LlamaConfig:
-    """Our LlamaConfig from a Hugging Face config.json dict; refuses what Megatron's Llama can't run."""
-    def refuse(field: str, value, why: str):
-        raise ConversionError(f"{source}: {field}={value!r}: {why}")
-
-    if hf.get("model_type") != "llama":
-        refuse("model_type", hf.get("model_type"), "only Llama (model_type=llama: Llama 3, 3.1, 3.2 text) is supported")
-    arch = hf.get("architectures") or ["LlamaForCausalLM"]
-    if arch != ["LlamaForCausalLM"]:
-        refuse("architectures", arch, "only LlamaForCausalLM is supported")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            refuse(field, hf[field], "biases are not part of Llama 3 and the engine builds none")
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", hf.get("hidden_act"), "Llama uses SwiGLU (silu)")
-    theta, scaling = rope_settings(hf)
-    factor = None
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type != "llama3":
-            refuse("rope_scaling.rope_type", rope_type, "only 'llama3' (Llama 3.1/3.2) or no scaling (Llama 3) is supported")
-        for key, fixed in MEGATRON_LLAMA3_ROPE.items():
-            if float(scaling.get(key, fixed)) != fixed:
-                refuse(f"rope_scaling.{key}", scaling.get(key), f"Megatron fixes it at {fixed:g}")
-        factor = float(scaling["factor"])
-    heads = int(hf["num_attention_heads"])
-    groups = int(hf.get("num_key_value_heads") or heads)
-    hidden = int(hf["hidden_size"])
-    if heads % groups:
-        refuse("num_key_value_heads", groups, f"must divide num_attention_heads={heads}")
-    eos = hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    return LlamaConfig(
-        name=name,
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=hidden,
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=int(hf.get("head_dim") or hidden // heads),
-        vocab_size=int(hf["vocab_size"]),
-        max_position_embeddings=int(hf["max_position_embeddings"]),
-        rotary_base=theta,
-        rope_scaling_factor=factor,
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_method_std=float(hf.get("initializer_range", 0.02)),
-        bos_token_id=int(hf["bos_token_id"]) if hf.get("bos_token_id") is not None else 0,
-        eos_token_id=int(eos) if eos is not None else 0,
-    )
 
 
 def tokenizer_size(folder: Path) -> int | None:
@@ -127,8 +59,8 @@ class HFCheckpoint:
             raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
         try:
             config = llama_config_from_hf(hf_config, folder.name, str(cfg_path))
-        except KeyError as e:
-            raise ConversionError(f"{cfg_path}: required field {e} missing") from None
+        except UnsupportedConfig as e:
+            raise ConversionError(str(e)) from None
         return cls(folder, hf_config, config, _index_tensors(folder))
 
     def read(self, name: str) -> torch.Tensor:

@@ -1,8 +1,5 @@
-"""A Hugging Face Llama folder written tensor by tensor: shards <= 5 GB, index, configs.
-
-config.json carries RoPE in both forms (FACTS.md): transformers 5 reads ``rope_parameters``;
-transformers 4 reads ``rope_theta`` + ``rope_scaling`` and, without them, silently runs Llama 3.1
-with the wrong positions.
+"""A Hugging Face Llama folder's weights written tensor by tensor: shards <= 5 GB and their index.
+(config.json and generation_config.json come from ellama_megatron.llama.hf.)
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ from pathlib import Path
 import torch
 
 from ellama_megatron.formats.safetensors import StreamingWriter
-from ellama_megatron.llama.config import LlamaConfig
 
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 INDEX_FILE = "model.safetensors.index.json"
@@ -62,25 +58,3 @@ class ShardedWriter:
         weight_map = {name: self.files[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
         index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
-    """config.json for LlamaForCausalLM that transformers 4.x and 5.x both read the same way."""
-    from ellama_megatron.testing.tiny_llama import hf_llama_config
-
-    d = hf_llama_config(cfg).to_dict()
-    rope = dict(d.get("rope_parameters") or {})
-    d["rope_theta"] = float(cfg.rotary_base)
-    d["rope_scaling"] = None if cfg.rope_scaling_factor is None else {
-        k: v for k, v in rope.items() if k != "rope_theta"
-    }
-    d["architectures"] = ["LlamaForCausalLM"]
-    dtype_name = str(dtype).removeprefix("torch.")
-    d["dtype"] = dtype_name
-    d["torch_dtype"] = dtype_name  # the key transformers 4 reads
-    d.pop("transformers_version", None)
-    return d
-
-
-def generation_config_dict(cfg: LlamaConfig) -> dict:
-    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.llama.hf import hf_llama_config
 
 # Llama 3's special tokens in id order, as the first ids of the tiny vocabulary (the real
 # tokenizer has them at 128000+; tiny ids keep embeddings small).
@@ -50,42 +51,6 @@ def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     return out
 
 
-def hf_llama_config(cfg: LlamaConfig):
-    """A transformers LlamaConfig for our architecture (Llama 3.1 RoPE scaling when set)."""
-    from transformers import LlamaConfig as HFLlamaConfig
-
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
-    if cfg.rope_scaling_factor is not None:
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": float(cfg.rotary_base),
-            "factor": float(cfg.rope_scaling_factor),
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        }
-    return HFLlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups,
-        head_dim=cfg.kv_channels,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_epsilon,
-        rope_parameters=rope,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        initializer_range=cfg.init_method_std,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        torch_dtype="float32",
-    )
-
-
 def write_random_hf_llama(
     out_dir: str | Path,
     cfg: LlamaConfig,
@@ -123,4 +88,4 @@ def sample_texts(n: int = 200, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for _ in range(n)]
 
 
-__all__ = ["train_tiny_tokenizer", "write_random_hf_llama", "hf_llama_config", "sample_texts", "SPECIAL_TOKENS"]
+__all__ = ["train_tiny_tokenizer", "write_random_hf_llama", "sample_texts", "SPECIAL_TOKENS"]
