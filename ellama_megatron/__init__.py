@@ -2,5 +2,6 @@
 
 from pathlib import Path
 
-# conf/ sits beside the package in the repository (editable install); tools compose from it.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The Hydra presets are package data (ellama_megatron/conf, Hydra's pkg://ellama_megatron.conf), so an
+# installed wheel has every one of them, not only a checkout of the repository.
+CONF_DIR = Path(__file__).resolve().parent / "conf"

@@ -3,8 +3,9 @@
     python recipes/cpt.py                                   # the tiny model on this CPU
     python recipes/cpt.py model=llama31_8b parallel=llama31_8b_node train=paper cluster=slurm_h100 launch=none
 
-Composes conf/, validates it in seconds, writes ${run_dir}/config.yaml, then starts the ranks with
-torchrun (launch=torchrun) or leaves that to srun (launch=none, see slurm/launch.sh).
+Composes the presets (ellama_megatron/conf), validates them in seconds, writes ${run_dir}/config.yaml,
+then starts the ranks with torchrun (launch=torchrun) or leaves that to srun (launch=none, see
+slurm/launch.sh).
 Set ELLAMA_DRY_RUN=1 to print the plan and stop.
 """
 
@@ -15,7 +16,7 @@ import hydra
 from ellama_megatron.launch import run_recipe
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path="pkg://ellama_megatron.conf", config_name="config", version_base=None)
 def main(cfg) -> None:
     code = run_recipe(cfg)
     if code:

@@ -6,7 +6,7 @@
     python recipes/sweep.py -m hydra/launcher=slurm_cpu optim.lr=1e-3,3e-3 data.blend_file=blend.json
 
 Takes the overrides of recipes/cpt.py; `-m` with comma-separated values sweeps. hydra-submitit-launcher
-(`pip install -e .[slurm]`) submits one job per point (conf/hydra/launcher: slurm_h100 by default,
+(`pip install -e .[slurm]`) submits one job per point (ellama_megatron/conf/hydra/launcher: slurm_h100 by default,
 slurm_cpu for the local test cluster); its tasks are the ranks, one per GPU, as with slurm/*.sbatch.
 Each point trains in <sweep dir>/<point number>/ (checkpoints, config.yaml, point.json: set
 hydra.sweep.dir, not run_dir); when all
@@ -99,7 +99,7 @@ def run_rank(config_path: Path, job) -> int:
     return proc.returncode
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path="pkg://ellama_megatron.conf", config_name="config", version_base=None)
 def main(cfg) -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
