@@ -27,15 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ellama_megatron.testing.slurm import FINAL_STATES, SBATCH_CPU, LocalSlurm, SlurmClient, SlurmError, find_cluster
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = {"listings": "listing", "reviews": "review", "general_en": "plain", "general_multilingual": "plain"}
 DOMAINS = {"general": ("general_en", "general_multilingual"), "ecommerce": ("listings", "reviews")}
 # The tiny run's shape (conf/train/tiny.yaml): tokens per iteration = global batch x sequence.
 TOKENS_PER_ITERATION = 8 * 128
-# One node, two CPU tasks, no GPU: command-line #SBATCH overrides of slurm/8b.sbatch's 8-node header.
-SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=UNLIMITED"]
 TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu"]
-SLURM_STATES_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
 class DemoError(RuntimeError):
@@ -156,68 +155,20 @@ def last_line(text: str, prefix: str = "") -> str:
 
 # ---- Slurm -----------------------------------------------------------------------------------
 
-def slurm_env() -> dict | None:
-    """The environment that reaches a running Slurm cluster, or None when none answers."""
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        return None
-    candidates = []
-    if os.environ.get("SLURM_CONF"):
-        candidates.append(os.environ["SLURM_CONF"])
-    local = Path(os.environ.get("ELLAMA_SLURM_DIR", "/tmp/ellama-slurm")) / "slurm.conf"
-    candidates += [None, str(local)] if local.exists() else [None]
-    for conf in candidates:
-        env = {**os.environ}
-        if conf:
-            env["SLURM_CONF"] = conf
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env, timeout=30)
-        if proc.returncode == 0 and re.search(r"idle|mixed|alloc", proc.stdout):
-            return env
-    return None
-
-
-class LocalSlurm:
-    """scripts/slurm_local.sh: started only when asked for and none runs; stopped if we started it."""
-
-    script = REPO / "scripts" / "slurm_local.sh"
-
-    def __init__(self):
-        self.started = False
-
-    def start(self) -> dict:
-        print("    starting a local Slurm (scripts/slurm_local.sh start)", flush=True)
-        proc = subprocess.run([str(self.script), "start"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise DemoError(f"scripts/slurm_local.sh start failed:\n{proc.stdout}{proc.stderr}\n"
-                            "run with --launcher direct to train without Slurm")
-        self.started = True
-        env = slurm_env()
-        if env is None:
-            raise DemoError("the local Slurm started but its node does not answer (sinfo)")
-        return env
-
-    def stop(self) -> None:
-        if self.started:
-            subprocess.run([str(self.script), "stop"], capture_output=True, text=True)
-            print("stopped the local Slurm this demo started", flush=True)
-            self.started = False
-
-
-def sbatch_train(overrides: list[str], log: Path, env: dict, job_name: str, echo) -> int:
+def sbatch_train(overrides: list[str], log: Path, slurm: SlurmClient, job_name: str, echo) -> int:
     """Submit slurm/8b.sbatch with the tiny CPU overrides, follow its output, return its exit code."""
     if log.exists():
         log.unlink()  # --open-mode=append: a resubmission would add to the old log
-    cmd = ["sbatch", "--parsable", *SBATCH_CPU, f"--job-name={job_name}", f"--output={log}", "slurm/8b.sbatch", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**env, "ELLAMA_LOG_ROOT": str(log.parent / "slurm_logs")})
-    if proc.returncode != 0:
-        raise DemoError(f"sbatch failed: {proc.stderr.strip()}")
-    job = proc.stdout.strip().split(";")[0]
+    try:
+        job = slurm.sbatch(*SBATCH_CPU, f"--job-name={job_name}", f"--output={log}", "slurm/8b.sbatch", *overrides,
+                           env={"ELLAMA_LOG_ROOT": str(log.parent / "slurm_logs")}, cwd=REPO)
+    except SlurmError as e:
+        raise DemoError(str(e)) from None
     print(f"    submitted slurm/8b.sbatch as job {job} (1 node x 2 CPU tasks); following {log.name}", flush=True)
     seen, waiting_said = 0, False
     try:
         while True:
-            state = dict(re.findall(r"(\w+)=(\S*)", subprocess.run(
-                ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=env).stdout))
+            state = slurm.job(job)
             if log.exists():
                 text = log.read_text(errors="replace")
                 # Whole lines only: the job is still writing the last one.
@@ -230,12 +181,12 @@ def sbatch_train(overrides: list[str], log: Path, env: dict, job_name: str, echo
             if state.get("JobState") == "PENDING" and not seen and not waiting_said:
                 print(f"    job {job} is waiting for the node ({state.get('Reason', '?')})", flush=True)
                 waiting_said = True
-            if state.get("JobState") in SLURM_STATES_DONE:
+            if state.get("JobState") in FINAL_STATES:
                 code = state.get("ExitCode", "1:0").split(":")[0]
                 return 0 if state["JobState"] == "COMPLETED" else int(code or 1) or 1
             time.sleep(1)
     except BaseException:
-        subprocess.run(["scancel", job], capture_output=True, env=env)
+        slurm.cancel(job)
         print(f"    cancelled job {job}", flush=True)
         raise
 
@@ -314,7 +265,8 @@ def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False) -> Path:
     try:
         _pipeline(out, opts, stages, slurm, list(opts.overrides))
     finally:
-        slurm.stop()
+        if slurm.stop():
+            print("stopped the local Slurm this demo started", flush=True)
     total = time.time() - start
     print(f"demo done in {total:.0f} s ({sum(not r.reused for r in stages.records)} stages run, "
           f"{sum(r.reused for r in stages.records)} reused); report: {out / 'REPORT.md'}", flush=True)
@@ -347,11 +299,15 @@ def _train(run_dir: Path, overrides: list[str], opts: DemoOptions, slurm: LocalS
 
 def _launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSlurm, job_name: str) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = None if opts.launcher == "direct" else slurm_env()
-    if env is None and opts.launcher == "slurm":
-        env = slurm.start()
-    if env is not None:
-        code = sbatch_train([*TINY, f"run_dir={run_dir}", *overrides], log, env, job_name, progress_line)
+    cluster = None if opts.launcher == "direct" else find_cluster(REPO)
+    if cluster is None and opts.launcher == "slurm":
+        print("    starting a local Slurm (python -m ellama_megatron.testing.slurm start)", flush=True)
+        try:
+            cluster = slurm.start(REPO)
+        except SlurmError as e:
+            raise DemoError(f"{e}\nrun with --launcher direct to train without Slurm") from None
+    if cluster is not None:
+        code = sbatch_train([*TINY, f"run_dir={run_dir}", *overrides], log, cluster, job_name, progress_line)
         if code:
             raise DemoError(f"the Slurm job failed (exit {code}); see {log}")
         return "slurm/8b.sbatch on the local Slurm (1 node x 2 CPU tasks)"

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny indexed datasets of two domains, and a runner for real training runs."""
+"""Shared fixtures: tiny indexed datasets of two domains, a runner for real training runs, and the
+local Slurm cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from ellama_megatron.engine.train_log import parse_train_log
-from slurm_cluster import slurm_cluster  # noqa: F401  (the local Slurm, started on demand)
+from ellama_megatron.testing.slurm import LocalSlurm, SlurmError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,6 +72,37 @@ def run_cpt(run_dir: Path, data, *overrides: str, timeout: int = 600, env: dict 
                           env={**os.environ, **(env or {})})
     (Path(run_dir).parent / f"{Path(run_dir).name}.log").write_text(proc.stdout + proc.stderr)
     return proc, parse_train_log(proc.stdout + proc.stderr)
+
+
+def _slurm_unavailable(reason: str):
+    message = f"local Slurm unavailable: {reason}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " (CI=true: Slurm tests must run in CI)", pytrace=False)
+    pytest.skip("!!! " + message + " -- Slurm tests SKIPPED !!!")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm on localhost (ellama_megatron.testing.slurm), as a SlurmClient.
+
+    Started once per test session when it is not already running, and stopped at the end only if
+    this session started it. Where Slurm is absent and cannot be installed (no apt-get, not root),
+    tests that use it are skipped with the reason, except in CI (CI=true) where that is an error."""
+    local = LocalSlurm()
+    try:
+        client = local.start(cwd=REPO)
+    except SlurmError as e:
+        _slurm_unavailable(str(e))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(client.conf)
+    try:
+        yield client
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        local.stop()
 
 
 @pytest.fixture(autouse=True, scope="module")

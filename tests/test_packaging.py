@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "ellama_megatron"
 PRESETS = sorted(p.relative_to(REPO).as_posix() for p in (PACKAGE / "conf").rglob("*.yaml"))
 TASK_FILES = sorted(p.relative_to(REPO).as_posix() for p in (PACKAGE / "eval" / "tasks").glob("*") if p.suffix in (".yaml", ".py"))
+DATA_FILES = ["ellama_megatron/testing/slurm_local.sh"]  # the local Slurm of ellama_megatron.testing.slurm
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
-def test_wheel_lists_every_preset_and_task_file(wheel):
+def test_wheel_lists_every_preset_task_file_and_script(wheel):
     assert "ellama_megatron/conf/config.yaml" in PRESETS and len(PRESETS) > 20
     assert "ellama_megatron/eval/tasks/ecom.yaml" in TASK_FILES
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = [f for f in PRESETS + TASK_FILES if f not in names]
+    missing = [f for f in PRESETS + TASK_FILES + DATA_FILES if f not in names]
     assert not missing, f"not in {wheel.name}: {missing}"
 
 

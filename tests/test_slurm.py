@@ -1,4 +1,4 @@
-"""slurm/*.sbatch on a real single-node Slurm (scripts/slurm_local.sh), with the real launcher and
+"""slurm/*.sbatch on a real single-node Slurm (ellama_megatron.testing.slurm), with the real launcher and
 the real engine on the tiny CPU preset: a run, a preemption with requeue and resume, a finished
 job that does not requeue, a failing job that does not loop, the 70B dry run."""
 
@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.testing.slurm import SBATCH_CPU
 
 REPO = Path(__file__).resolve().parent.parent
-# One node, two tasks, no GPU: command-line #SBATCH overrides of slurm/8b.sbatch's header.
-SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=UNLIMITED"]
 # Periodic validation included: each evaluation is one full pass over whole DP steps, so a resumed
 # run logs the same validation losses as an uninterrupted one (compared below).
 TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5"]

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# A single-node Slurm cluster on localhost, for the test suite and for trying slurm/*.sbatch on a
-# laptop. Runs as root without systemd; munge and Slurm keep every file (keys, sockets, state,
+# A single-node Slurm cluster on localhost, for the test suite, the demo and for trying slurm/*.sbatch
+# on a laptop. Runs as root without systemd; munge and Slurm keep every file (keys, sockets, state,
 # spool, logs, pids) under one folder, so nothing in /etc or /var is touched.
+# Usually run as `python -m ellama_megatron.testing.slurm COMMAND` (this file ships with the package).
 #
-#   scripts/slurm_local.sh start    install Debian's slurm + munge if absent, start munged, slurmctld, slurmd
-#   scripts/slurm_local.sh stop     stop the three daemons by pid
-#   scripts/slurm_local.sh status   exit 0 when all three run and the node answers; print SLURM_CONF
-#   scripts/slurm_local.sh env      print `export SLURM_CONF=...` (eval it to use sbatch/squeue here)
+#   slurm_local.sh start    install Debian's slurm + munge if absent, start munged, slurmctld, slurmd
+#   slurm_local.sh stop     stop the three daemons by pid
+#   slurm_local.sh status   exit 0 when all three run and the node answers; print SLURM_CONF
+#   slurm_local.sh env      print `export SLURM_CONF=...` (eval it to use sbatch/squeue here)
 #
 # Environment:
 #   ELLAMA_SLURM_DIR   the folder (default /tmp/ellama-slurm)
 #   ELLAMA_SLURM_PORT  slurmctld port; slurmd uses the next one (default 6817)
 #
-# Settings chosen for tests (see ../shared/FACTS.md): cred_expire=10 and sched_interval=2 make a
-# requeued job restart in ~12 s instead of ~135 s; proctrack/linuxproc and task/none need no cgroups.
+# Settings chosen for tests: with cred_expire=10 and sched_interval=2 a requeued job restarts in about
+# 12 s instead of about 135 s; proctrack/linuxproc and task/none need no cgroups.
 set -euo pipefail
 
 DIR="${ELLAMA_SLURM_DIR:-/tmp/ellama-slurm}"
@@ -24,7 +25,7 @@ NODE="$(hostname -s)"
 DAEMONS=(munged slurmctld slurmd)
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -85,7 +86,7 @@ write_config() {
     node_line="$(slurmd -C | head -1)"
     [[ "$node_line" == NodeName=* ]] || die "slurmd -C did not describe this node: $node_line"
     cat >"$CONF.tmp" <<EOF
-# Written by scripts/slurm_local.sh: a one-node cluster on localhost for tests.
+# Written by ellama_megatron/testing/slurm_local.sh: a one-node cluster on localhost for tests.
 ClusterName=ellama-local
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$PORT
