@@ -77,7 +77,7 @@ def test_checkpoint_has_exactly_megatrons_keys(imported):
     from ellama_megatron.convert.importer import read_record
     from ellama_megatron.convert.verify import init_single_process_group
     from ellama_megatron.llama.config import LlamaConfig
-    from ellama_megatron.model.provider import build_gpt_model, layer_spec, transformer_config
+    from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, build_gpt_model, layer_spec, transformer_config
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
@@ -85,7 +85,7 @@ def test_checkpoint_has_exactly_megatrons_keys(imported):
     cfg = LlamaConfig.from_dict(read_record(ckpt)["model"])
     apply_cpu_runtime()
     init_single_process_group()
-    model = build_gpt_model(cfg, transformer_config(cfg), layer_spec("local", "sdpa"), 512)
+    model = build_gpt_model(cfg, transformer_config(cfg, "local", CPU_MODEL_ARGS), layer_spec("local", "sdpa"), 512)
     expected_tensors, expected_objects = {}, set()
     for sh in model.sharded_state_dict().values():
         if isinstance(sh, ShardedTensorFactory):

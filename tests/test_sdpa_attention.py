@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from ellama_megatron.model.sdpa_attention import SDPAttention, local_layer_spec_with_sdpa
+from ellama_megatron.llama.sdpa_attention import SDPAttention, local_layer_spec_with_sdpa
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 HEAD_DIM = 16

@@ -1,8 +1,9 @@
 """--verify: the Hugging Face model and the converted Megatron model on the same token sequences.
 
-The Megatron side is the engine's own model (ellama_megatron.model.provider) loaded from the
-torch_dist checkpoint through Megatron's dist_checkpointing, in one process (world size 1: gloo on
-CPU, NCCL on a GPU). Reported: max absolute logit difference over the real vocab, and top-1 agreement.
+The Megatron side is the model training builds (ellama_megatron.llama.megatron: the same
+TransformerConfig translation, see model_config) loaded from the torch_dist checkpoint through
+Megatron's dist_checkpointing, in one process (world size 1: gloo on CPU, NCCL on a GPU).
+Reported: max absolute logit difference over the real vocab, and top-1 agreement.
 
 The two models run one after the other, so peak memory is one model: in float32, 4 bytes per
 parameter (8B: 32 GB, on a CPU or one 80 GB GPU); in bfloat16, 2 (70B: 141 GB, a CPU node).
@@ -81,6 +82,16 @@ def init_single_process_group(backend: str = "gloo") -> None:
         mpu.initialize_model_parallel(1, 1)
 
 
+def model_config(cfg, on_gpu: bool, dtype: torch.dtype = torch.float32):
+    """The TransformerConfig --verify builds the model with: training's own translation, with no fused
+    kernels (the reference runs none) and, on a CPU, the arguments a CPU training run passes."""
+    from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, UNFUSED_ARGS, transformer_config
+
+    runtime = [*(UNFUSED_ARGS if on_gpu else CPU_MODEL_ARGS), *(["--bf16"] if dtype == torch.bfloat16 else [])]
+    # Parameters are made where they will run, uninitialised: the checkpoint fills every one.
+    return transformer_config(cfg, "local", runtime, perform_initialization=False)
+
+
 def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from megatron.core import dist_checkpointing
@@ -88,7 +99,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
     from ellama_megatron.convert.importer import read_record
     from ellama_megatron.convert.torch_dist import find_checkpoint
     from ellama_megatron.llama.config import LlamaConfig
-    from ellama_megatron.model.provider import build_gpt_model, layer_spec, resolve_impl, transformer_config
+    from ellama_megatron.llama.megatron import build_gpt_model, layer_spec, resolve_impl
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
 
     record = read_record(ckpt_root)
@@ -103,9 +114,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
     # The local spec runs anywhere, Transformer Engine or not; checkpoint keys are the same for both.
     impl, attention = resolve_impl("local", "sdpa")
     md_vocab = _stored_vocab(folder)
-    # Parameters are made where they will run, uninitialised: the checkpoint fills every one.
-    config = transformer_config(cfg, use_cpu_initialization=not on_gpu, perform_initialization=False,
-                                params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    config = model_config(cfg, on_gpu, dtype)
     model = build_gpt_model(cfg, config, layer_spec(impl, attention), md_vocab)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
     model.load_state_dict(loaded["model"])  # strict: every parameter must come from the checkpoint

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
 
 # Megatron pads the vocab to a multiple of this x TP (Llama's 128256 = 1002 x 128).
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -49,36 +50,14 @@ def _flag(name: str, value: Any) -> list[str]:
     return [f"--{name}", str(value)]
 
 
-def model_args(m: LlamaConfig) -> list[str]:
-    args = [
-        "--num-layers", m.num_layers,
-        "--hidden-size", m.hidden_size,
-        "--ffn-hidden-size", m.ffn_hidden_size,
-        "--num-attention-heads", m.num_attention_heads,
-        "--group-query-attention",
-        "--num-query-groups", m.num_query_groups,
-        "--kv-channels", m.kv_channels,
-        "--max-position-embeddings", m.max_position_embeddings,
-        "--position-embedding-type", "rope",
-        "--rotary-base", int(m.rotary_base),
-        "--normalization", "RMSNorm",
-        "--norm-epsilon", m.norm_epsilon,
-        "--swiglu",
-        "--disable-bias-linear",
-        "--attention-dropout", 0.0,
-        "--hidden-dropout", 0.0,
-        "--init-method-std", m.init_method_std,
+def tokenizer_args(m: LlamaConfig) -> list[str]:
+    return [
         # The datasets already hold token ids: Megatron only needs the vocab size and the EOD id.
         "--tokenizer-type", "NullTokenizer",
         "--vocab-size", m.vocab_size,
         "--null-tokenizer-eod-id", m.eos_token_id,
         "--make-vocab-size-divisible-by", MAKE_VOCAB_SIZE_DIVISIBLE_BY,
     ]
-    if m.rope_scaling_factor is not None:
-        args += ["--use-rope-scaling", "--rope-scaling-factor", m.rope_scaling_factor]
-    if not m.tie_word_embeddings:
-        args += ["--untie-embeddings-and-output-weights"]
-    return args
 
 
 def parallel_args(cfg, transformer_impl: str) -> list[str]:
@@ -190,15 +169,8 @@ def runtime_args(cfg, transformer_impl: str) -> list[str]:
     if on_cpu(cfg):
         args += [
             "--distributed-backend", "gloo",
-            "--use-cpu-initialization",
-            "--no-gradient-accumulation-fusion",
-            "--no-masked-softmax-fusion",
-            "--no-bias-swiglu-fusion",
-            "--no-bias-dropout-fusion",
-            "--no-rope-fusion",
-            "--no-persist-layer-norm",
-            # The CPU has no CUDA RNG: a plain tracker, and no CUDA RNG state to restore on resume.
-            "--inference-rng-tracker",
+            *CPU_MODEL_ARGS,
+            # The CPU has no CUDA RNG: no CUDA RNG state to restore on resume.
             "--no-load-rng",
             "--num-workers", 0,
         ]
@@ -211,6 +183,7 @@ def megatron_argv(cfg, model: LlamaConfig, transformer_impl: str) -> list[str]:
     """The complete Megatron argument list for one resolved config."""
     argv = (
         model_args(model)
+        + tokenizer_args(model)
         + parallel_args(cfg, transformer_impl)
         + train_args(cfg)
         + checkpoint_args(cfg)

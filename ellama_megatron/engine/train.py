@@ -56,7 +56,7 @@ def run(cfg) -> None:
     from ellama_megatron.engine.forward_step import forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu, train_iterations
     from ellama_megatron.llama.config import LlamaConfig
-    from ellama_megatron.model.provider import megatron_model_provider, resolve_impl
+    from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
     from ellama_megatron.runtime.wheel_fixes import apply_wheel_fixes
 

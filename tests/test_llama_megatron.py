@@ -1,0 +1,66 @@
+"""One Llama -> Megatron translation: the TransformerConfig --verify builds its model with is, field by
+field, the one a training run builds from its Megatron argument list."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ellama_megatron import CONF_DIR
+from ellama_megatron.llama.config import LlamaConfig
+
+# Fields that differ on purpose. --verify loads every parameter from the checkpoint, so it skips the
+# random initialisation a training run needs.
+VERIFY_ONLY = {"perform_initialization": False}
+
+
+def same(a, b) -> bool:
+    # Init methods are functools.partial objects: equal when they call the same thing the same way.
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return (a.func, a.args, a.keywords) == (b.func, b.args, b.keywords)
+    return a == b
+
+
+def training_config(overrides: list[str], run_dir, monkeypatch):
+    """The TransformerConfig of a CPU training run: its full argv through Megatron's parsing, then the
+    translation megatron.training and our model provider use."""
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from ellama_megatron.engine.megatron_args import megatron_argv
+    from ellama_megatron.llama.megatron import parse_megatron_args
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"run_dir={run_dir}", *overrides])
+    assert cfg.cluster.accelerator == "cpu"
+    model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    monkeypatch.setenv("WORLD_SIZE", str(int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)))
+    args = parse_megatron_args(megatron_argv(cfg, model, "local"))
+    return model, core_transformer_config_from_args(args)
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.tie_word_embeddings=true", "model.rope_scaling_factor=null"],
+], ids=["tiny", "tied_unscaled"])
+def test_verify_builds_the_config_training_builds(overrides, tmp_path, monkeypatch):
+    from ellama_megatron.convert.verify import model_config
+
+    model, trained = training_config(overrides, tmp_path / "run", monkeypatch)
+    monkeypatch.delenv("WORLD_SIZE")
+    verified = model_config(model, on_gpu=False, dtype=torch.float32)
+    assert type(verified) is type(trained)
+    differing = {f.name: (getattr(trained, f.name), getattr(verified, f.name))
+                 for f in dataclasses.fields(trained) if not same(getattr(trained, f.name), getattr(verified, f.name))}
+    assert differing == {name: (not value, value) for name, value in VERIFY_ONLY.items()}
+    # And the architecture is the model's.
+    assert (verified.num_layers, verified.hidden_size, verified.ffn_hidden_size) == (
+        model.num_layers, model.hidden_size, model.ffn_hidden_size)
+    assert (verified.num_attention_heads, verified.num_query_groups, verified.kv_channels) == (
+        model.num_attention_heads, model.num_query_groups, model.kv_channels)
+    assert verified.normalization == "RMSNorm" and verified.gated_linear_unit and not verified.add_bias_linear
+    assert verified.layernorm_epsilon == model.norm_epsilon and verified.init_method_std == model.init_method_std
