@@ -13,7 +13,7 @@ import sys
 
 import hydra
 
-from ellama_megatron.launch import run_recipe
+from ellama_megatron.launch.torchrun import run_recipe
 
 
 @hydra.main(config_path="pkg://ellama_megatron.conf", config_name="config", version_base=None)

@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, data_overrides
 from ellama_megatron import CONF_DIR
-from ellama_megatron.engine.megatron_args import megatron_argv, train_iterations
-from ellama_megatron.engine.validate import ConfigError
-from ellama_megatron.launch import model_config, prepare
+from ellama_megatron.engine.megatron_args import megatron_argv
+from ellama_megatron.launch.prepare import prepare
+from ellama_megatron.run.plan import ConfigError, RunPlan
 
 
 def composed(*overrides):
@@ -107,8 +107,9 @@ def test_invalid_config_exits_2_with_the_message(domain_data, tmp_path):
 def test_paper_presets():
     cfg = composed("model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper",
                    "cluster=slurm_h100")
-    assert train_iterations(cfg) == 84772  # ceil(1e12 / (1440 x 8192))
-    model = model_config(cfg)
+    plan = RunPlan.from_cfg(cfg)
+    assert plan.train_iterations == 84772  # ceil(1e12 / (1440 x 8192))
+    model = plan.model
     assert (model.num_layers, model.hidden_size, model.num_query_groups) == (80, 8192, 8)
     argv = megatron_argv(cfg, model, "transformer_engine")
     assert argv[argv.index("--lr") + 1] == "1.5e-05"

@@ -11,10 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ellama_megatron import CONF_DIR
-from ellama_megatron.plan import LayoutError, check_fits, enumerate_layouts
+from ellama_megatron.run.memory import GIB, check_fits, enumerate_layouts
+from ellama_megatron.run.plan import LayoutError, padded_vocab_size
 from ellama_megatron.llama.config import flops_per_token, matmul_params
-from ellama_megatron.plan.layouts import padded_vocab_size
-from ellama_megatron.plan.memory import GIB
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
@@ -36,7 +35,7 @@ def megatron_reference_args(report):
         multi_latent_attention=False, moe_latent_size=None, expert_tensor_parallel_size=L.tp,
         expert_model_parallel_size=1, pipeline_model_parallel_size=L.pp, tensor_model_parallel_size=L.tp,
         world_size=L.world_size, untie_embeddings_and_output_weights=not m.tie_word_embeddings,
-        padded_vocab_size=padded_vocab_size(m, L.tp), vocab_size=m.vocab_size,
+        padded_vocab_size=padded_vocab_size(m.vocab_size, L.tp), vocab_size=m.vocab_size,
         use_distributed_optimizer=L.distributed_optimizer, data_parallel_size=L.dp, seq_length=L.seq_length,
         micro_batch_size=L.micro_batch_size, virtual_pipeline_model_parallel_size=L.vp,
         sequence_parallel=L.sequence_parallel, recompute_granularity=L.recompute, context_parallel_size=L.cp,
@@ -105,7 +104,7 @@ def test_recompute_and_sequence_parallel_lower_memory():
 
 def test_enumerate_layouts_includes_paper_layout():
     report = check_fits(compose_cfg(PAPER_70B))
-    layouts = {(l.tp, l.pp, l.cp) for l in enumerate_layouts(report.layout, report.model)}
+    layouts = {(l.tp, l.pp, l.cp) for l in enumerate_layouts(report.layout)}
     assert (8, 4, 1) in layouts and (4, 8, 1) in layouts
     assert all(480 % (tp * pp * cp) == 0 for tp, pp, cp in layouts)
 

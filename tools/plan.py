@@ -20,17 +20,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ellama_megatron import CONF_DIR
-from ellama_megatron.plan import LayoutError, check_fits, enumerate_layouts
-from ellama_megatron.plan.check import model_from_cfg, report_for
-from ellama_megatron.plan.layouts import _get, layout_from_cfg
+from ellama_megatron.run.memory import check_fits, enumerate_layouts, report_for
+from ellama_megatron.run.plan import LayoutError, RunPlan
 
 
 def list_layouts(cfg) -> int:
-    model = model_from_cfg(cfg)
-    base = layout_from_cfg(cfg)
-    limit = _get(cfg, "cluster.gpu_memory_gb")
+    base = RunPlan.from_cfg(cfg)
+    model = base.model
+    limit = cfg.cluster.gpu_memory_gb
     reports = sorted(
-        (report_for(model, layout, limit) for layout in enumerate_layouts(base, model)),
+        (report_for(layout, limit) for layout in enumerate_layouts(base)),
         key=lambda r: (not r.fits, r.layout.tp * r.layout.pp * r.layout.cp, r.memory.total),
     )
     print(f"{model.name} on {base.nodes} nodes x {base.procs_per_node} = {base.world_size} GPUs, "

@@ -114,7 +114,7 @@ def datasets_provider(blend: dict, eod: int, vocab_size: int, cache_dir: Path):
             _, ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], built_here, cfg).build()
             dp = mpu.get_data_parallel_world_size()
             valid.append(WholeValidationBatches(ds, dp) if ds is not None else None)
-        # No test set: with --multiple-validation-sets Megatron's final test pass crashes (FACTS.md).
+        # No test set: with --multiple-validation-sets, Megatron 0.19's final test pass crashes.
         return train_ds, valid, None
 
     provide.is_distributed = True

@@ -1,36 +1,18 @@
 """The one place where our Hydra config becomes Megatron-LM command-line arguments.
 
 Everything Megatron's loop does (schedules, checkpoint format, logging) is driven by its own
-arguments; we only translate. Derived numbers (iterations from a token budget) are computed here.
+arguments; we only translate. Derived numbers (iterations from a token budget, DP, layers per
+virtual stage, the vocab padding) come from the run's RunPlan.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
-
-# Megatron pads the vocab to a multiple of this x TP (Llama's 128256 = 1002 x 128).
-MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
-
-
-def train_iterations(cfg) -> int:
-    """Iterations that spend ``train.train_tokens`` (rounded up to whole steps)."""
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
-    return max(1, math.ceil(float(cfg.train.train_tokens) / tokens_per_step))
-
-
-def world_size(cfg) -> int:
-    return int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
-
-
-def data_parallel_size(cfg) -> int:
-    p = cfg.parallel
-    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-    return world_size(cfg) // mp
+from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY, RunPlan
 
 
 def checkpoint_dir(cfg) -> Path:
@@ -56,18 +38,18 @@ def tokenizer_args(m: LlamaConfig) -> list[str]:
         "--tokenizer-type", "NullTokenizer",
         "--vocab-size", m.vocab_size,
         "--null-tokenizer-eod-id", m.eos_token_id,
-        "--make-vocab-size-divisible-by", MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+        "--make-vocab-size-divisible-by", VOCAB_DIVISIBLE_BY,
     ]
 
 
-def parallel_args(cfg, transformer_impl: str) -> list[str]:
+def parallel_args(cfg, plan: RunPlan, transformer_impl: str) -> list[str]:
     p = cfg.parallel
     args = [
         "--tensor-model-parallel-size", p.tensor_model_parallel_size,
         "--pipeline-model-parallel-size", p.pipeline_model_parallel_size,
         "--context-parallel-size", p.context_parallel_size,
     ]
-    args += _flag("num-layers-per-virtual-pipeline-stage", _layers_per_virtual_stage(cfg))
+    args += _flag("num-layers-per-virtual-pipeline-stage", plan.layers_per_virtual_stage)
     # Megatron's local spec norms (torch RMSNorm, no apex) cannot shard over the sequence: only TE can.
     sp = bool(p.sequence_parallel) and p.tensor_model_parallel_size > 1 and transformer_impl == "transformer_engine"
     args += _flag("sequence-parallel", sp)
@@ -81,16 +63,9 @@ def parallel_args(cfg, transformer_impl: str) -> list[str]:
     return args
 
 
-def _layers_per_virtual_stage(cfg) -> int | None:
-    vp = cfg.parallel.virtual_pipeline_model_parallel_size
-    if not vp:
-        return None
-    return cfg.model.num_layers // (cfg.parallel.pipeline_model_parallel_size * vp)
-
-
-def train_args(cfg) -> list[str]:
+def train_args(cfg, plan: RunPlan) -> list[str]:
     t, o = cfg.train, cfg.optim
-    iters = train_iterations(cfg)
+    iters = plan.train_iterations
     args = [
         "--seq-length", t.seq_length,
         "--micro-batch-size", t.micro_batch_size,
@@ -116,7 +91,7 @@ def train_args(cfg) -> list[str]:
         # size the evaluation step to that, so each domain is passed over exactly once (and PP
         # stages agree on the activation shape).
         "--eval-micro-batch-size", 1,
-        "--eval-global-batch-size", data_parallel_size(cfg),
+        "--eval-global-batch-size", plan.dp,
         "--log-interval", t.log_interval,
     ]
     args += _flag("exit-interval", t.exit_interval)
@@ -181,11 +156,12 @@ def runtime_args(cfg, transformer_impl: str) -> list[str]:
 
 def megatron_argv(cfg, model: LlamaConfig, transformer_impl: str) -> list[str]:
     """The complete Megatron argument list for one resolved config."""
+    plan = RunPlan.from_cfg(cfg)
     argv = (
         model_args(model)
         + tokenizer_args(model)
-        + parallel_args(cfg, transformer_impl)
-        + train_args(cfg)
+        + parallel_args(cfg, plan, transformer_impl)
+        + train_args(cfg, plan)
         + checkpoint_args(cfg)
         + logging_args(cfg)
         + runtime_args(cfg, transformer_impl)

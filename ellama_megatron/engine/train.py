@@ -8,14 +8,13 @@ Megatron's arguments and hands over to ``megatron.training.pretrain``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-DONE_FILE = "done.json"  # in run_dir once the token budget is spent; Slurm must not requeue then
+from ellama_megatron.run.progress import DONE_FILE, saved_iteration
 
 
 def slurm_env_to_torch() -> None:
@@ -54,9 +53,11 @@ def start_checkpoint_helper_ignoring_sigterm() -> None:
 def run(cfg) -> None:
     from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
     from ellama_megatron.engine.forward_step import forward_step
-    from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu, train_iterations
+    from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
     from ellama_megatron.llama.config import LlamaConfig
-    from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
+    from ellama_megatron.model.provider import megatron_model_provider, resolve_impl
+    from ellama_megatron.formats.atomic import write_json_atomic
+    from ellama_megatron.run.plan import RunPlan
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
     from ellama_megatron.runtime.wheel_fixes import apply_wheel_fixes
 
@@ -93,9 +94,8 @@ def run(cfg) -> None:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        latest = (Path(cfg.run_dir) / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
-        done = {"iteration": int(latest), "train_iters": train_iterations(cfg)}
-        (Path(cfg.run_dir) / DONE_FILE).write_text(json.dumps(done) + "\n")
+        done = {"iteration": saved_iteration(cfg.run_dir), "train_iters": RunPlan.from_cfg(cfg).train_iterations}
+        write_json_atomic(Path(cfg.run_dir) / DONE_FILE, done)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,5 +110,5 @@ def main(argv: list[str] | None = None) -> None:
     run(OmegaConf.load(opts.config))
 
 
-if __name__ == "__main__":  # the checkpoint writer spawns processes: keep the guard (FACTS.md)
+if __name__ == "__main__":  # the async checkpoint writer spawns processes that re-import this module: keep the guard
     main()

@@ -15,8 +15,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from ellama_megatron.engine.train_log import TrainLog, parse_train_log
+from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.run.progress import DONE_FILE
 
-POINT_FILE = "point.json"  # written by recipes/sweep.py in each point's run folder
+POINT_FILE = "point.json"  # written by launch/sweep.py (rank 0 of each point) in the point's run folder
 TABLE_NAME = "sweep_table"  # <sweep dir>/sweep_table.md and .json
 
 
@@ -38,7 +40,7 @@ def read_point(point_file: Path) -> dict[str, Any]:
         "overrides": point["overrides"],
         "job_id": point.get("job_id"),
         "run_dir": str(run_dir),
-        "finished": (run_dir / "done.json").exists(),
+        "finished": (run_dir / DONE_FILE).exists(),
         "iterations": last,
         "train_iters": log.train_iters,
         "train_loss": log.train_loss.get(last),
@@ -88,10 +90,8 @@ def write_tables(sweep_dir: Path) -> tuple[Path, Path, list[dict[str, Any]]]:
     sweep_dir = Path(sweep_dir)
     rows = collect_sweep(sweep_dir)
     md_path, json_path = sweep_dir / f"{TABLE_NAME}.md", sweep_dir / f"{TABLE_NAME}.json"
-    for path, text in ((md_path, markdown(rows)), (json_path, json.dumps({"points": rows}, indent=2) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_atomic(md_path, markdown(rows))
+    write_text_atomic(json_path, json.dumps({"points": rows}, indent=2) + "\n")
     return md_path, json_path, rows
 
 

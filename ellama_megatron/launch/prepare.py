@@ -1,0 +1,37 @@
+"""From a composed config to a recorded run: check it (every problem at once), resolve it and write
+it to ${run_dir}/config.yaml, which the ranks read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ellama_megatron.engine.datasets import resolve_blend
+from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.run.checks import check_config
+from ellama_megatron.run.plan import RunPlan
+
+CONFIG_FILE = "config.yaml"  # ${run_dir}/config.yaml: the resolved config the ranks start from
+CHECKPOINT_RECORD = "checkpoints/ellama_config.yaml"  # beside the checkpoints: export/merge/eval need no extra flags
+
+
+def prepare(cfg) -> Path:
+    """Check ``cfg`` (layout, choices, data, tokenizer and the planner's memory check), write it
+    resolved to ${run_dir}/config.yaml and return that path. Raises ConfigError listing every problem."""
+    prepare_plan(cfg)
+    return Path(cfg.run_dir) / CONFIG_FILE
+
+
+def prepare_plan(cfg) -> RunPlan:
+    """``prepare``, returning the run's plan (what a launcher prints and derives from)."""
+    blend = resolve_blend(cfg.data, cfg.train.train_tokens, cfg.train.seq_length)
+    plan = check_config(cfg, blend)
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    text = OmegaConf.to_yaml(OmegaConf.create(resolved))
+    for path in (run_dir / CONFIG_FILE, run_dir / CHECKPOINT_RECORD):
+        write_text_atomic(path, text)
+    return plan

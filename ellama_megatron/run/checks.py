@@ -1,0 +1,84 @@
+"""Checks a composed config before anything expensive happens (seconds, not after the model build).
+
+Each message says which key is wrong, why, and what would fix it; ``check_config`` raises one
+ConfigError listing every problem: the run's layout (RunPlan.problems), the choices, the data, the
+tokenizer and, when the layout itself is valid and the cluster names its GPU memory, the planner's
+memory refusal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ellama_megatron.run.memory import report_for
+from ellama_megatron.run.plan import ConfigError, RunPlan
+
+
+def check_data(blend: dict) -> list[str]:
+    errors = []
+    if not blend["train"]:
+        errors.append("no training data: set data.train, data.blend_file or data.groups (conf/data)")
+    if not blend["valid"]:
+        errors.append("no validation sets: set data.valid {domain: [prefix]} so each domain's loss is logged")
+    prefixes = [d["prefix"] for d in blend["train"]]
+    for domain, domain_prefixes in blend["valid"].items():
+        if not domain_prefixes:
+            errors.append(f"data.valid.{domain} is empty")
+        prefixes += list(domain_prefixes)
+    for d in blend["train"]:
+        if float(d["weight"]) <= 0:
+            errors.append(f"training blend weight {d['weight']} for {d['prefix']} must be positive")
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(str(prefix) + ext).exists():
+                errors.append(f"dataset file {prefix}{ext} not found (prefixes are paths without .bin/.idx; "
+                              f"make them with tools/preprocess_data.py)")
+    return errors
+
+
+def check_known_choices(cfg) -> list[str]:
+    errors = []
+    if cfg.cluster.accelerator not in ("cpu", "gpu"):
+        errors.append(f"cluster.accelerator={cfg.cluster.accelerator!r} must be cpu or gpu")
+    if cfg.optim.lr_decay_style not in ("cosine", "linear", "constant", "WSD", "inverse-square-root"):
+        errors.append(f"optim.lr_decay_style={cfg.optim.lr_decay_style!r} is not a Megatron decay style")
+    if cfg.optim.precision not in ("bf16", "fp32"):
+        errors.append(f"optim.precision={cfg.optim.precision!r} must be bf16 or fp32")
+    if cfg.launch not in ("torchrun", "none"):
+        errors.append(f"launch={cfg.launch!r} must be torchrun or none")
+    init = cfg.checkpoint.init_from
+    if init and not Path(init).exists():
+        errors.append(f"checkpoint.init_from={init} does not exist; convert the base model with "
+                      f"tools/convert_hf.py import --out {init}")
+    return errors
+
+
+def check_tokenizer(tokenizer_dir: str | None) -> list[str]:
+    if not tokenizer_dir:
+        return []
+    path = Path(tokenizer_dir)
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        return [f"data.tokenizer_dir={path} is not a Hugging Face tokenizer folder (no tokenizer.json)"]
+    return []
+
+
+def check_memory(cfg, plan: RunPlan) -> list[str]:
+    """The planner's refusal (with its numbers) when a valid layout does not fit cluster.gpu_memory_gb;
+    nothing when it fits or when no limit is set (CPU runs)."""
+    limit = cfg.cluster.get("gpu_memory_gb")
+    if not limit:
+        return []
+    report = report_for(plan, limit, cfg.cluster.get("gpu_peak_tflops"))
+    return [] if report.fits else [f"does not fit the GPU: {report.refusal()}"]
+
+
+def check_config(cfg, blend: dict) -> RunPlan:
+    """The run's plan, or ConfigError listing every problem found."""
+    plan = RunPlan.from_cfg(cfg)
+    layout = plan.problems()
+    errors = check_known_choices(cfg) + layout + check_data(blend) + check_tokenizer(cfg.data.get("tokenizer_dir"))
+    if not layout:  # the memory of a layout Megatron cannot run is no question
+        errors += check_memory(cfg, plan)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return plan
