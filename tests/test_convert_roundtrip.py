@@ -18,6 +18,7 @@ from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.formats.safetensors import read_header, read_tensor
 from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
 from ellama_megatron.llama.config import load_model_config
+from ellama_megatron.run.plan import padded_vocab_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +160,7 @@ def test_vocab_padding_for_target_tp(tmp_path):
     import_hf(hf, tmp_path / "ckpt", target_tp=2, quiet=True)
     reader = CheckpointReader(find_checkpoint(tmp_path / "ckpt"))
     emb = reader.read("embedding.word_embeddings.weight")
-    assert emb.shape[0] == M.padded_vocab_size(500, 2) == 512
+    assert emb.shape[0] == padded_vocab_size(500, 2) == 512
     assert torch.equal(emb[:500], hf_tensors(hf)["model.embed_tokens.weight"]) and not emb[500:].any()
     export_hf(tmp_path / "ckpt", tmp_path / "back", quiet=True)
     assert hf_tensors(tmp_path / "back")["lm_head.weight"].shape[0] == 500

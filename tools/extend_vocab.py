@@ -24,6 +24,7 @@ from pathlib import Path
 from ellama_megatron.classify.corpus import read_texts
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs
 from ellama_megatron.data.serializers import load_template
+from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--general", nargs="*", default=[], help="general-domain documents to report compression on (plain template)")
     p.add_argument("--heldout-fraction", type=float, default=0.05, help="part of the corpus kept out of learning, for the compression report (default 0.05)")
     p.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair occurs fewer times (default 2)")
-    p.add_argument("--pad-to-multiple-of", type=int, default=128, help="pad the model's vocab size to a multiple of this (default 128, Megatron's make_vocab_size_divisible_by)")
+    p.add_argument("--pad-to-multiple-of", type=int, default=VOCAB_DIVISIBLE_BY, help=f"pad the model's vocab size to a multiple of this (default {VOCAB_DIVISIBLE_BY}, Megatron's make_vocab_size_divisible_by)")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many corpus documents")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     return p

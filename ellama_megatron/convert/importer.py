@@ -22,6 +22,7 @@ from ellama_megatron.convert.output_folder import refuse_existing, staged_output
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.convert.torch_dist import CHECKPOINT_VERSION, TensorChunk, megatron_layout, write_checkpoint
 from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.run.plan import padded_vocab_size
 
 CONFIG_FILE = "ellama_config.yaml"  # same name the engine writes beside its checkpoints
 HF_FILES_DIR = "hf"
@@ -78,7 +79,7 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
     cfg = hf.config
     hf.check(M.hf_shapes(cfg))
     check_parallel(cfg, target_tp, target_pp, str(hf_dir / "config.json"))
-    padded = M.padded_vocab_size(cfg.vocab_size, target_tp)
+    padded = padded_vocab_size(cfg.vocab_size, target_tp)
     chunks = plan_chunks(hf, padded)
     total = sum(hf.tensors[n][1].nbytes for n in M.hf_shapes(cfg))
     with staged_output(out, overwrite) as tmp:

@@ -179,9 +179,3 @@ def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron's padded vocab (--make-vocab-size-divisible-by x TP)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple

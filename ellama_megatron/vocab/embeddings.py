@@ -23,10 +23,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def padded_vocab_size(needed: int, multiple: int) -> int:
-    return -(-needed // multiple) * multiple if multiple > 1 else needed
-
-
 def weight_shards(hf_dir: Path) -> dict[str, str]:
     """Tensor name -> shard file name for a HF folder (single file or sharded with an index)."""
     if (hf_dir / INDEX).is_file():

@@ -16,7 +16,8 @@ from ellama_megatron.vocab.bpe_extension import (
     learn_merges,
     next_free_id,
 )
-from ellama_megatron.vocab.embeddings import INDEX, SINGLE, padded_vocab_size, resize_checkpoint, weight_shards
+from ellama_megatron.run.plan import padded_vocab_size
+from ellama_megatron.vocab.embeddings import INDEX, SINGLE, resize_checkpoint, weight_shards
 
 REPORT_FILE = "vocab_extension.json"
 # Files rewritten here rather than copied.
@@ -108,7 +109,7 @@ def extend_vocabulary(
         if weight_files:
             config = json.loads((hf_dir / "config.json").read_text())
             needed = old_ids + len(new_tokens)
-            new_size = max(int(config["vocab_size"]), padded_vocab_size(needed, pad_to_multiple_of))
+            new_size = max(int(config["vocab_size"]), padded_vocab_size(needed, divisible_by=pad_to_multiple_of))
             report["model"] = resize_checkpoint(hf_dir, tmp, new_size, sub_tokens, old_ids)
             report["model"]["old_vocab_size"] = int(config["vocab_size"])
         elif (hf_dir / "config.json").is_file():
