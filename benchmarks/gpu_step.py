@@ -23,7 +23,7 @@ with L layers, h hidden, q = heads*head_dim, kv = groups*head_dim, f FFN width, 
 (dense + attn_full) is printed too, to compare with torchtitan's 33-39%.
 
 Which parts are the engine's and which are stand-ins: the model comes from the engine's provider
-(ellama_megatron.model.provider: TransformerConfig, layer spec with SDPAttention or TE's, GPTModel);
+(ellama_megatron.llama.megatron: TransformerConfig, layer spec with SDPAttention or TE's, GPTModel);
 the optimizer is, by default, the engine's too (Megatron DDP with an fp32 gradient buffer and the
 distributed optimizer: 18 bytes/param in bf16; bf16 weights in Megatron's Float16Module as
 megatron.training wraps them), or plain torch AdamW on the bf16 parameters
@@ -162,34 +162,28 @@ def init_single_process(device: torch.device, seed: int, attention: str) -> None
 
 def build_model(model_cfg, shape: StepShape, args: argparse.Namespace, device: torch.device,
                 transformer_impl: str, attention: str):
-    """The GPTModel the engine's provider builds, with this benchmark's layer count and settings."""
-    from ellama_megatron.model import provider
+    """The GPTModel training builds (llama/megatron.py: the same TransformerConfig translation),
+    with this benchmark's layer count and settings."""
+    from ellama_megatron.llama import megatron as llama_megatron
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     fusions = args.fusions == "on"
-    recompute = {}
+    runtime = ["--use-cpu-initialization"] if device.type == "cpu" else []
+    runtime += ["--no-gradient-accumulation-fusion", "--no-bias-dropout-fusion", "--no-persist-layer-norm"]
+    # Fusions Megatron offers without TE/apex: SwiGLU and cross entropy through torch.compile,
+    # the masked-softmax CUDA kernel for the unfused attention; RoPE fusion needs TE.
+    runtime += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"] if fusions else []
+    runtime += [] if fusions else ["--no-bias-swiglu-fusion"]
+    runtime += [] if fusions and attention == "unfused" else ["--no-masked-softmax-fusion"]
+    runtime += [] if fusions and transformer_impl == "transformer_engine" else ["--no-rope-fusion"]
+    runtime += ["--bf16"] if args.dtype == "bf16" else []
     if args.recompute == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        runtime += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif args.recompute == "selective":
-        recompute = dict(recompute_granularity="selective")
+        runtime += ["--recompute-granularity", "selective"]
     model_cfg = dataclasses.replace(model_cfg, num_layers=shape.layers)
-    config = provider.transformer_config(
-        model_cfg,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=device.type == "cpu",
-        # Fusions Megatron offers without TE/apex: SwiGLU and cross entropy through torch.compile,
-        # the masked-softmax CUDA kernel for the unfused attention; RoPE fusion needs TE.
-        bias_activation_fusion=fusions,
-        cross_entropy_loss_fusion=fusions,
-        cross_entropy_fusion_impl="native",
-        masked_softmax_fusion=fusions and attention == "unfused",
-        apply_rope_fusion=fusions and transformer_impl == "transformer_engine",
-        **recompute,
-    )
-    spec = provider.layer_spec(transformer_impl, attention)
-    model = provider.build_gpt_model(model_cfg, config, spec, shape.vocab).to(device)
+    config = llama_megatron.transformer_config(model_cfg, transformer_impl, runtime, seq_length=shape.seq)
+    spec = llama_megatron.layer_spec(transformer_impl, attention)
+    model = llama_megatron.build_gpt_model(model_cfg, config, spec, shape.vocab).to(device)
     if config.bf16:
         # As megatron.training's get_model: bf16 weights, fp32 logits/loss out of the wrapper.
         from megatron.core.transformer.module import Float16Module
@@ -428,7 +422,7 @@ def main(argv=None) -> dict:
                           ("cpu" if args.device == "auto" else args.device))
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.fusions = args.fusions or ("on" if device.type == "cuda" else "off")
-    from ellama_megatron.model.provider import resolve_impl
+    from ellama_megatron.llama.megatron import resolve_impl
 
     try:
         transformer_impl, attention = resolve_impl(args.transformer, args.attention)

@@ -55,7 +55,7 @@ def run(cfg) -> None:
     from ellama_megatron.engine.forward_step import forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
     from ellama_megatron.llama.config import LlamaConfig
-    from ellama_megatron.model.provider import megatron_model_provider, resolve_impl
+    from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
     from ellama_megatron.formats.atomic import write_json_atomic
     from ellama_megatron.run.plan import RunPlan
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
