@@ -11,10 +11,13 @@ Stages (each one a tool a full-size run uses, called as a subprocess):
      pretraining), exported to Hugging Face format
   5. tools/convert_hf.py import --verify of the base; tools/plan_blend.py with the paper's 1:1 mix
   6. continued pretraining from the imported base: through slurm/8b.sbatch when a Slurm cluster
-     answers (--launcher slurm starts scripts/slurm_local.sh and stops it afterwards), otherwise
-     recipes/cpt.py directly; a general and an e-commerce validation loss in the log
+     answers (--launcher slurm starts the local one of ellama_megatron.testing.slurm and stops it
+     afterwards), otherwise recipes/cpt.py directly; a general and an e-commerce validation loss in
+     the log
   7. tools/convert_hf.py export, tools/evaluate.py on both domains, tools/merge_curve.py
   8. demo_output/REPORT.md: stage times, blend table, loss curves, merge trade-off (PNGs)
+
+The stages are in recipes/demo/ (stages.py; runner.py, training.py, report.py).
 
 A second run reuses the stages that finished (a marker per stage in OUT/stages/) and says which;
 --clean starts over; changed options start over by themselves.
@@ -33,7 +36,9 @@ def _interrupt(signum, frame):
 
 
 def main() -> int:
-    from ellama_megatron.demo_pipeline import DemoError, DemoOptions, run_demo
+    # recipes/ is this script's folder, so the demo/ package beside it imports as `demo`.
+    from demo.runner import DemoError, DemoOptions
+    from demo.stages import run_demo
 
     d = DemoOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
