@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ellama_megatron.merge.hf_folder import MergeInputError
+from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.methods import SLERP_PARALLEL_THRESHOLD
 from ellama_megatron.llama.config import load_model_config

@@ -16,8 +16,8 @@ import torch
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
-from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
-from ellama_megatron.merge.hf_folder import MergeInputError
+from ellama_megatron.formats.megatron_checkpoint import CheckpointReader, find_checkpoint
+from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints
 from ellama_megatron.llama.config import load_model_config
@@ -58,7 +58,7 @@ def test_linear_merge_equals_export_then_hf_merge(ckpts, tmp_path):
     for out, hf_out in zip(outs, ref):
         # The importer's layout, weights only.
         assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
-        assert (out / "ellama_config.yaml").is_file() and (out / "hf" / "tokenizer.json").is_file()
+        assert (out / "checkpoint_record.yaml").is_file() and (out / "hf" / "tokenizer.json").is_file()
         export_hf(out, tmp_path / f"{out.name}_exported", quiet=True)
         got, want = load_all(tmp_path / f"{out.name}_exported"), load_all(hf_out)
         assert got.keys() == want.keys()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.formats.atomic import write_json_atomic
-from ellama_megatron.merge.hf_folder import MergeInputError
+from ellama_megatron.merge.request import MergeInputError
 
 
 def parse_args(argv=None):

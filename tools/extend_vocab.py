@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from tqdm import tqdm
 
-    from ellama_megatron.vocab.extend import extend_vocabulary, has_weights, load_base
+    from ellama_megatron.formats.hf_folder import has_weights
+    from ellama_megatron.vocab.extend import extend_vocabulary, load_base
 
     args = build_parser().parse_args(argv)
     hf_dir = Path(args.hf_dir)

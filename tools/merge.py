@@ -19,7 +19,7 @@ Megatron checkpoints (a run's checkpoints/ folder: its latest iteration; one ite
 or a tools/convert_hf.py import output) are merged tensor by tensor without exporting: the output
 is a weights-only torch_dist checkpoint in the import's layout, to start a run from
 (checkpoint.init_from=OUT) or to export (tools/convert_hf.py export --ckpt OUT). Same formulas and
-checks (model config in ellama_config.yaml, tensors, dtypes, tokenizer); every alpha is one pass
+checks (model config in the checkpoint record, tensors, dtypes, tokenizer); every alpha is one pass
 over the inputs. Both inputs must be of the same kind.
 """
 
@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ellama_megatron.merge.hf_folder import MergeInputError
-from ellama_megatron.merge.megatron_checkpoint import folder_kind
-from ellama_megatron.merge.merge_hf import DEFAULT_CHUNK_BYTES, merge_hf_folders
+from ellama_megatron.formats.megatron_checkpoint import folder_kind
+from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.methods import METHODS
+from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError
 
 
 KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
-from ellama_megatron.merge.hf_folder import MergeInputError
+from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.merge.methods import METHODS
 
 

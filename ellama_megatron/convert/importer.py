@@ -3,29 +3,30 @@
 Output layout (what Megatron's --pretrained-checkpoint loader expects, plus our records):
   CKPT_DIR/latest_checkpointed_iteration.txt   "release": loaded as iteration 0, weights only
   CKPT_DIR/release/                             torch_dist: global TP=1 PP=1 tensors, any TP/PP loads it
-  CKPT_DIR/ellama_config.yaml                   model: our LlamaConfig; convert: how it was made
+  CKPT_DIR/checkpoint_record.yaml               model: our LlamaConfig; convert: how it was made
   CKPT_DIR/hf/                                  the source config.json and tokenizer files (export reuses them)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 
-import yaml
-
-from ellama_megatron.convert import mapping as M
-from ellama_megatron.convert.hf_checkpoint import CARRIED_FILES, ConversionError, HFCheckpoint
+from ellama_megatron.llama import weights as W
+from ellama_megatron.convert.hf_checkpoint import ConversionError, HFCheckpoint
 from ellama_megatron.convert.output_folder import refuse_existing, staged_output
 from ellama_megatron.convert.summary import Summary
-from ellama_megatron.convert.torch_dist import CHECKPOINT_VERSION, TensorChunk, megatron_layout, write_checkpoint
+from ellama_megatron.formats.hf_folder import carry_hf_files
+from ellama_megatron.formats.megatron_checkpoint import (
+    CHECKPOINT_VERSION,
+    HF_FILES_DIR,
+    TensorChunk,
+    megatron_layout,
+    write_checkpoint,
+    write_record,
+)
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.run.plan import padded_vocab_size
-
-CONFIG_FILE = "ellama_config.yaml"  # same name the engine writes beside its checkpoints
-HF_FILES_DIR = "hf"
 
 
 def check_parallel(cfg: LlamaConfig, tp: int, pp: int, source: str) -> None:
@@ -45,16 +46,16 @@ def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
     """One chunk per table row and layer, produced from the Hugging Face tensors when written."""
     cfg = hf.config
     chunks = []
-    for m in M.mappings(cfg):
-        for layer in M.layers_of(m, cfg):
+    for m in W.mappings(cfg):
+        for layer in W.layers_of(m, cfg):
             names = m.hf_names(layer)
             dtypes = {hf.dtype(n) for n in names}
             if len(dtypes) != 1:
                 raise ConversionError(f"{hf.folder}: {names} have different dtypes {dtypes}")
-            shape = tuple(m.kind.megatron_shape(cfg, padded_vocab, [hf.shape(n) for n in names]))
+            shape = m.megatron_shape(cfg, padded_vocab)
 
             def produce(m=m, names=names):
-                return m.kind.to_megatron(cfg, padded_vocab, [hf.read(n) for n in names])
+                return m.to_megatron(cfg, padded_vocab, [hf.read(n) for n in names])
 
             global_shape = (cfg.num_layers,) + shape if m.per_layer else shape
             chunks.append(TensorChunk.of(m.megatron, global_shape, dtypes.pop(), layer, produce))
@@ -64,7 +65,7 @@ def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
 def extra_state_objects(cfg: LlamaConfig) -> dict[str, None]:
     n = cfg.num_layers
     return {f"decoder.layers.{mod}._extra_state/shard_{layer}_{n}": None
-            for layer in range(n) for mod in M.EXTRA_STATE_MODULES}
+            for layer in range(n) for mod in W.EXTRA_STATE_MODULES}
 
 
 def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, overwrite: bool = False,
@@ -77,11 +78,11 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
         verify_device = check_options(verify_device, verify_dtype)
     hf = HFCheckpoint.open(hf_dir)
     cfg = hf.config
-    hf.check(M.hf_shapes(cfg))
+    hf.check(W.hf_shapes(cfg))
     check_parallel(cfg, target_tp, target_pp, str(hf_dir / "config.json"))
     padded = padded_vocab_size(cfg.vocab_size, target_tp)
     chunks = plan_chunks(hf, padded)
-    total = sum(hf.tensors[n][1].nbytes for n in M.hf_shapes(cfg))
+    total = sum(hf.tensors[n][1].nbytes for n in W.hf_shapes(cfg))
     with staged_output(out, overwrite) as tmp:
         summary = Summary("import", total, quiet=quiet)
         dist_dir = megatron_layout(tmp)
@@ -99,7 +100,7 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
                 "dtype": str(next(iter(hf.tensors.values()))[1].dtype).removeprefix("torch."),
             },
         }
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+        write_record(tmp, record)
         carry_hf_files(hf_dir, tmp / HF_FILES_DIR, extra=("config.json",))
         stats = summary.close()
         if verify:
@@ -110,7 +111,7 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
 
 
 def _names_of(chunk: TensorChunk, cfg: LlamaConfig) -> list[str]:
-    m = next(m for m in M.mappings(cfg) if m.megatron == chunk.key)
+    m = next(m for m in W.mappings(cfg) if m.megatron == chunk.key)
     return m.hf_names(chunk.offset[0] if m.per_layer else None)
 
 
@@ -126,28 +127,3 @@ def _counted(chunk: TensorChunk, summary: Summary, hf: HFCheckpoint) -> TensorCh
 
     return dataclasses.replace(chunk, produce=run)
 
-
-def carry_hf_files(src: Path, dst: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    """Copy the tokenizer and generation files (and ``extra``) that exist in ``src``."""
-    carried = []
-    for name in (*extra, *CARRIED_FILES):
-        if (src / name).is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
-            carried.append(name)
-    return carried
-
-
-def read_record(root: Path) -> dict:
-    path = root / CONFIG_FILE
-    if not path.exists():
-        raise ConversionError(f"{path}: missing; the checkpoint folder must hold the ellama_config.yaml "
-                              "that recipes/cpt.py or tools/convert_hf.py import writes")
-    record = yaml.safe_load(path.read_text())
-    if not isinstance(record, dict) or "model" not in record:
-        raise ConversionError(f"{path}: has no 'model' section")
-    return record
-
-
-def json_dump(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -96,8 +96,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from megatron.core import dist_checkpointing
 
-    from ellama_megatron.convert.importer import read_record
-    from ellama_megatron.convert.torch_dist import find_checkpoint
+    from ellama_megatron.formats.megatron_checkpoint import find_checkpoint, read_record
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import build_gpt_model, layer_spec, resolve_impl
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
@@ -130,7 +129,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
 
 
 def _stored_vocab(folder: Path) -> int:
-    from ellama_megatron.convert.torch_dist import CheckpointReader
+    from ellama_megatron.formats.megatron_checkpoint import CheckpointReader
 
     return int(CheckpointReader(folder).tensor_metadata("embedding.word_embeddings.weight").size[0])
 
@@ -146,7 +145,7 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
 def verify_conversion(hf_dir: Path, ckpt_root: Path, tolerance: float | None = None, device: str = "auto",
                       dtype: str = "float32") -> dict:
     """Raises ConversionError when the logits differ by more than ``tolerance`` (default: by dtype)."""
-    from ellama_megatron.convert.importer import read_record
+    from ellama_megatron.formats.megatron_checkpoint import read_record
 
     device = check_options(device, dtype)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance

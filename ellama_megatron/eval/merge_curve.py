@@ -79,7 +79,7 @@ def run_merge_curve(
 ) -> dict:
     from ellama_megatron.eval.model_folder import hf_folder_of
     from ellama_megatron.eval.perplexity import evaluate_model_dir
-    from ellama_megatron.merge.megatron_checkpoint import folder_kind
+    from ellama_megatron.formats.megatron_checkpoint import folder_kind
     from ellama_megatron.merge.merge_hf import merge_hf_folders
 
     names = [s.name for s in sources]

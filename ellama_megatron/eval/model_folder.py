@@ -8,7 +8,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from ellama_megatron.merge.megatron_checkpoint import folder_kind
+from ellama_megatron.formats.megatron_checkpoint import folder_kind
 
 
 @contextlib.contextmanager

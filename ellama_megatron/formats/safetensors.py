@@ -43,8 +43,8 @@ class TensorEntry:
         return self.end - self.start
 
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse and check a file's header; a truncated or corrupt file raises SafetensorsError."""
+def _raw_header(path: Path) -> tuple[int, dict, int]:
+    """(header length, the header's JSON, file size); a truncated or corrupt file raises SafetensorsError."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -57,6 +57,17 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
+    return n, header, size
+
+
+def read_metadata(path: Path) -> dict[str, str] | None:
+    """The header's ``__metadata__`` (free-form strings), if any."""
+    return _raw_header(path)[1].get("__metadata__")
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse and check a file's header; a truncated or corrupt file raises SafetensorsError."""
+    n, header, size = _raw_header(path)
     entries: dict[str, TensorEntry] = {}
     data_end = 0
     for name, info in header.items():
@@ -81,15 +92,22 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
-    buf = bytearray(entry.nbytes)
+def read_tensor(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The whole tensor, or only its rows ``rows`` = (start, stop) of dim 0 (the merges work on
+    row chunks of big tensors)."""
+    shape, start, nbytes = entry.shape, entry.start, entry.nbytes
+    if rows is not None and shape:
+        row_bytes = entry.nbytes // shape[0] if shape[0] else 0
+        shape = (rows[1] - rows[0],) + shape[1:]
+        start, nbytes = entry.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+    buf = bytearray(nbytes)
     with open(path, "rb") as f:
-        f.seek(entry.start)
-        if f.readinto(buf) != entry.nbytes:
+        f.seek(start)
+        if f.readinto(buf) != nbytes:
             raise SafetensorsError(f"{path}: short read of tensor {entry.name!r} (file changed while reading?)")
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buf, dtype=entry.dtype).view(entry.shape)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=entry.dtype)
+    return torch.frombuffer(buf, dtype=entry.dtype).view(shape)
 
 
 class StreamingWriter:

@@ -12,7 +12,7 @@ Output (weights only, loads with checkpoint.init_from at any TP/PP, exports with
 tools/convert_hf.py export), the importer's layout:
   OUT/latest_checkpointed_iteration.txt  "release"
   OUT/release/                            torch_dist: global model tensors, no optimizer state
-  OUT/ellama_config.yaml                  model: the inputs' config; merge: method, alpha, inputs
+  OUT/checkpoint_record.yaml              model: the inputs' config; merge: method, alpha, inputs
   OUT/hf/                                 the base's tokenizer and generation files
 """
 
@@ -22,10 +22,20 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
-from ellama_megatron.merge.megatron_checkpoint import MegatronCheckpoint, check_megatron_mergeable
-from ellama_megatron.merge.merge_hf import (
+from ellama_megatron.formats.atomic import staged_outputs
+from ellama_megatron.formats.hf_folder import carry_hf_files
+from ellama_megatron.formats.megatron_checkpoint import (
+    CHECKPOINT_VERSION,
+    HF_FILES_DIR,
+    TensorChunk,
+    megatron_layout,
+    write_checkpoint,
+    write_record,
+)
+from ellama_megatron.merge.megatron_inputs import MegatronCheckpoint, check_megatron_mergeable
+from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk, row_ranges
+from ellama_megatron.merge.request import (
     DEFAULT_CHUNK_BYTES,
     MergeResult,
     adapted_roles,
@@ -33,15 +43,12 @@ from ellama_megatron.merge.merge_hf import (
     check_outputs,
     output_dirs,
 )
-from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk
-from ellama_megatron.formats.atomic import staged_outputs
 
 
-def _row_ranges(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int]]:
-    if len(shape) == 0 or shape[0] == 0:
-        return [(0, shape[0] if shape else 0)]
-    per = max(1, chunk_bytes // (4 * math.prod(shape[1:])))
-    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)]
+def _statistics(tensors: list[torch.Tensor], chunk_bytes: int) -> TensorStatistics:
+    """SLERP's sums over the row chunks of two whole tensors in memory."""
+    return TensorStatistics.of((tensors[0][a:b], tensors[1][a:b])
+                               for a, b in row_ranges(tuple(tensors[0].shape), chunk_bytes))
 
 
 def merge_tensor(method: str, alpha: float, tensors: list[torch.Tensor], weights: list[float] | None,
@@ -53,11 +60,9 @@ def merge_tensor(method: str, alpha: float, tensors: list[torch.Tensor], weights
     if tensors[0].dim() == 0:
         return merge_chunk(method, alpha, tensors, weights, stats)
     if method == "slerp" and stats is None:
-        stats = TensorStatistics()
-        for a, b in _row_ranges(tuple(tensors[0].shape), chunk_bytes):
-            stats.add(tensors[0][a:b], tensors[1][a:b])
+        stats = _statistics(tensors, chunk_bytes)
     out = torch.empty_like(tensors[0])
-    for a, b in _row_ranges(tuple(tensors[0].shape), chunk_bytes):
+    for a, b in row_ranges(tuple(tensors[0].shape), chunk_bytes):
         out[a:b] = merge_chunk(method, alpha, [t[a:b] for t in tensors], weights, stats)
     return out
 
@@ -68,11 +73,7 @@ def _merged_padded_vocab(cfg, method, alpha, tensors, weights, chunk_bytes) -> t
     else zero (as an import writes them) up to the base's padded size."""
     v = cfg.vocab_size
     real = [t[:v] for t in tensors]
-    stats = None
-    if method == "slerp":
-        stats = TensorStatistics()
-        for a, b in _row_ranges(tuple(real[0].shape), chunk_bytes):
-            stats.add(real[0][a:b], real[1][a:b])
+    stats = _statistics(real, chunk_bytes) if method == "slerp" else None
     if all(t.shape == tensors[0].shape for t in tensors):
         return merge_tensor(method, alpha, tensors, weights, chunk_bytes, stats)
     out = torch.zeros_like(tensors[0])
@@ -82,16 +83,16 @@ def _merged_padded_vocab(cfg, method, alpha, tensors, weights, chunk_bytes) -> t
 
 def merged_group(cfg, m, method: str, alpha: float, tensors: list[torch.Tensor], weights, chunk_bytes) -> torch.Tensor:
     """One Megatron tensor (a table row, one layer) merged in Hugging Face's split."""
-    from ellama_megatron.convert import mapping as M
+    from ellama_megatron.llama import weights as W
 
-    if m.kind is M.PADDED_VOCAB:
+    if isinstance(m, W.VocabMapping):
         return _merged_padded_vocab(cfg, method, alpha, tensors, weights, chunk_bytes)
     same = is_identity(method, alpha)
     if same is not None and same < len(tensors):
         return tensors[same]
-    parts = [m.kind.to_hf(cfg, t) for t in tensors]
+    parts = [m.to_hf(cfg, t) for t in tensors]
     merged = [merge_tensor(method, alpha, [p[i] for p in parts], weights, chunk_bytes) for i in range(len(parts[0]))]
-    return m.kind.to_megatron(cfg, None, merged)
+    return m.to_megatron(cfg, None, merged)
 
 
 def merge_megatron_checkpoints(
@@ -106,10 +107,9 @@ def merge_megatron_checkpoints(
     progress: bool = True,
 ) -> MergeResult:
     """Write one merged checkpoint per alpha (see `output_dirs`). All checks run before any writing."""
-    from ellama_megatron.convert import mapping as M
-    from ellama_megatron.convert.importer import CONFIG_FILE, HF_FILES_DIR, carry_hf_files, extra_state_objects
+    from ellama_megatron.llama import weights as W
+    from ellama_megatron.convert.importer import extra_state_objects
     from ellama_megatron.convert.summary import Summary
-    from ellama_megatron.convert.torch_dist import CHECKPOINT_VERSION, TensorChunk, megatron_layout, write_checkpoint
 
     check_merge_request(method, adapted, alphas, weights)
     b = MegatronCheckpoint.open(base, "base")
@@ -123,8 +123,8 @@ def merge_megatron_checkpoints(
     check_outputs(dests, overwrite, [p for c in inputs for p in (c.root, c.folder)], "checkpoint")
 
     cfg = b.config
-    table = [(m, layer) for m in M.mappings(cfg) for layer in M.layers_of(m, cfg)]
-    meta = {m.megatron: b.reader.tensor_metadata(m.megatron) for m in M.mappings(cfg)}
+    table = [(m, layer) for m in W.mappings(cfg) for layer in W.layers_of(m, cfg)]
+    meta = {m.megatron: b.reader.tensor_metadata(m.megatron) for m in W.mappings(cfg)}
     per_alpha = sum(math.prod(md.size) * torch.empty((), dtype=md.properties.dtype).element_size()
                     for md in meta.values())
     tokenizer_dir = b.tokenizer_dir or next((o.tokenizer_dir for o in others if o.tokenizer_dir), None)
@@ -151,7 +151,7 @@ def merge_megatron_checkpoints(
                 "merge": {"method": method, "alpha": alpha, "base": str(b.folder),
                           "adapted": [str(o.folder) for o in others], "weights": weights},
             }
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+            write_record(tmp, record)
             if tokenizer_dir is not None:
                 carry_hf_files(tokenizer_dir, tmp / HF_FILES_DIR)
             summary.close()

@@ -1,14 +1,15 @@
 """The merge formulas, applied to one chunk of one tensor at a time.
 
-Every method is a weighted sum of the input tensors, so a tensor can be merged in row chunks;
-SLERP's weights depend on the angle between the whole tensors, which a first pass over the
-chunks measures (`TensorStatistics`).
+Every method is a weighted sum of the input tensors, so a tensor can be merged in row chunks
+(`row_ranges`); SLERP's weights depend on the angle between the whole tensors, which a first pass
+over the chunks measures (`TensorStatistics.of`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Iterable
 
 import torch
 
@@ -36,6 +37,23 @@ class TensorStatistics:
         self.dot += float(b @ a)
         self.base_sq += float(b @ b)
         self.adapted_sq += float(a @ a)
+
+    @classmethod
+    def of(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "TensorStatistics":
+        """The sums over a tensor's (base, adapted) row chunks."""
+        stats = cls()
+        for base, adapted in chunks:
+            stats.add(base, adapted)
+        return stats
+
+
+def row_ranges(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges of dim 0 whose float32 working copy is about ``chunk_bytes``; a scalar or empty
+    tensor is one range."""
+    if len(shape) == 0 or shape[0] == 0:
+        return [(0, shape[0] if shape else 0)]
+    per = max(1, chunk_bytes // (4 * math.prod(shape[1:])))
+    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,7 +102,12 @@ def merge_chunk(
     linear:          (1 - alpha) * base + alpha * adapted
     slerp:           spherical interpolation at t = alpha (needs ``stats`` of the whole tensor)
     task_arithmetic: base + alpha * sum_i weights[i] * (model_i - base)
+
+    An alpha that reproduces one input gives that input's chunk itself (see `is_identity`).
     """
+    same = is_identity(method, alpha)
+    if same is not None and same < len(chunks):
+        return chunks[same]
     out_dtype = chunks[0].dtype
     if not out_dtype.is_floating_point:
         # Integer buffers (none in Llama) are not interpolated: they come from the base.

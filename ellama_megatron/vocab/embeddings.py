@@ -17,22 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ellama_megatron.formats.hf_folder import HFFolder
+
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-
-
-def weight_shards(hf_dir: Path) -> dict[str, str]:
-    """Tensor name -> shard file name for a HF folder (single file or sharded with an index)."""
-    if (hf_dir / INDEX).is_file():
-        return dict(json.loads((hf_dir / INDEX).read_text())["weight_map"])
-    if (hf_dir / SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(hf_dir / SINGLE, "pt") as f:
-            return {k: SINGLE for k in f.keys()}
-    raise ValueError(f"{hf_dir}: no {SINGLE} or {INDEX}; only safetensors checkpoints are supported")
 
 
 def grow_rows(weight: torch.Tensor, new_size: int, sub_token_ids: dict[int, list[int]], old_rows: int) -> torch.Tensor:
@@ -65,21 +53,21 @@ def resize_checkpoint(
     """
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((hf_dir / "config.json").read_text())
+    folder = HFFolder.open(hf_dir)
+    config = folder.config()
     tied = bool(config.get("tie_word_embeddings", False))
-    shards = weight_shards(hf_dir)
-    if EMBED not in shards:
+    if EMBED not in folder.tensors:
         raise ValueError(f"{hf_dir}: no tensor {EMBED!r} in the checkpoint; is it a Llama model folder?")
-    if not tied and LM_HEAD not in shards:
+    if not tied and LM_HEAD not in folder.tensors:
         raise ValueError(f"{hf_dir}: config.json says tie_word_embeddings=false but there is no {LM_HEAD!r}")
     for new_id in sub_token_ids:
         if new_id >= new_vocab_size:
             raise ValueError(f"new token id {new_id} does not fit vocab size {new_vocab_size}")
 
     resized = []
-    touched = {shards[n] for n in (EMBED, LM_HEAD) if n in shards}
+    touched = {folder.shard_of(n) for n in (EMBED, LM_HEAD) if n in folder.tensors}
     total_size = 0
-    for shard in sorted(set(shards.values())):
+    for shard in sorted(folder.shards):
         src, dst = hf_dir / shard, out_dir / shard
         if shard in touched:
             tensors = load_file(src)
@@ -92,30 +80,13 @@ def resize_checkpoint(
             del tensors
         else:
             shutil.copy2(src, dst)
-            total_size += _tensor_bytes(dst)
-    if (hf_dir / INDEX).is_file():
-        index = json.loads((hf_dir / INDEX).read_text())
+            total_size += sum(entry.nbytes for entry in folder.shard_tensors(shard))
+    if folder.index_file:
+        index = json.loads((hf_dir / folder.index_file).read_text())
         index.setdefault("metadata", {})["total_size"] = total_size
-        (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (out_dir / folder.index_file).write_text(json.dumps(index, indent=2) + "\n")
 
     config["vocab_size"] = new_vocab_size
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"resized": resized, "tied": tied, "vocab_size": new_vocab_size}
 
-
-def _tensor_bytes(path: Path) -> int:
-    from safetensors import safe_open
-
-    n = 0
-    with safe_open(path, "pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            numel = 1
-            for d in sl.get_shape():
-                numel *= d
-            n += numel * torch.tensor([], dtype=_DTYPES[sl.get_dtype()]).element_size()
-    return n
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ellama_megatron.formats.atomic import staged_output
+from ellama_megatron.formats.hf_folder import INDEX_FILE, HFFolder, has_weights
 from ellama_megatron.vocab.bpe_extension import (
     check_extendable,
     check_ids_kept,
@@ -17,11 +18,11 @@ from ellama_megatron.vocab.bpe_extension import (
     next_free_id,
 )
 from ellama_megatron.run.plan import padded_vocab_size
-from ellama_megatron.vocab.embeddings import INDEX, SINGLE, resize_checkpoint, weight_shards
+from ellama_megatron.vocab.embeddings import resize_checkpoint
 
 REPORT_FILE = "vocab_extension.json"
 # Files rewritten here rather than copied.
-_REWRITTEN = {"tokenizer.json", "config.json", INDEX, REPORT_FILE}
+_REWRITTEN = {"tokenizer.json", "config.json", INDEX_FILE, REPORT_FILE}
 
 
 def load_base(hf_dir: Path):
@@ -34,10 +35,6 @@ def load_base(hf_dir: Path):
     tok_json = json.loads(path.read_text())
     check_extendable(tok_json, str(path))
     return Tokenizer.from_file(str(path)), tok_json
-
-
-def has_weights(hf_dir: Path) -> bool:
-    return (hf_dir / SINGLE).is_file() or (hf_dir / INDEX).is_file()
 
 
 def tokens_per_doc(tokenizer, texts: Sequence[str]) -> float:
@@ -101,7 +98,7 @@ def extend_vocabulary(
     }
 
     with staged_output(out_dir) as tmp:
-        weight_files = set(weight_shards(hf_dir).values()) if has_weights(hf_dir) else set()
+        weight_files = HFFolder.open(hf_dir).weight_files() if has_weights(hf_dir) else set()
         for f in hf_dir.iterdir():
             if f.is_file() and f.name not in _REWRITTEN and f.name not in weight_files:
                 shutil.copy2(f, tmp / f.name)

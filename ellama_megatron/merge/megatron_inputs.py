@@ -1,8 +1,8 @@
-"""Megatron checkpoints among merge/evaluation inputs: recognising them, what one holds (model
-config, tokenizer, model tensors, read without loading weights) and the checks that two can be
-merged (same architecture, tensor names, shapes, dtypes and tokenizer).
+"""Megatron checkpoints as merge inputs: what one holds (model config, tokenizer, model tensors,
+read without loading weights; found and read by ellama_megatron.formats.megatron_checkpoint) and
+the checks that two can be merged (same architecture, tensor names, shapes, dtypes and tokenizer).
 
-The model tensors are the rows of the converter's weight table (ellama_megatron.convert.mapping):
+The model tensors are the rows of the converter's weight table (ellama_megatron.llama.weights):
 whatever TP/PP wrote the checkpoint and whether or not it holds optimizer state, they are read as
 global tensors, one layer's slice at a time.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ellama_megatron.merge.hf_folder import MergeInputError, compare_tokenizer_dirs, first_difference
+from ellama_megatron.formats.megatron_checkpoint import CheckpointReader, locate, record_path, tokenizer_source
+from ellama_megatron.merge.request import MergeInputError, compare_tokenizer_dirs, first_difference
 
 # Model-config fields that do not describe the trained weights: the name (an import records the
 # source folder's, a run the preset's) and the random-init scale (a run from an import keeps its
@@ -20,73 +21,37 @@ from ellama_megatron.merge.hf_folder import MergeInputError, compare_tokenizer_d
 MODEL_KEYS_IGNORED = {"name", "init_method_std"}
 
 
-def is_megatron_checkpoint(path: str | Path) -> bool:
-    """A Megatron save folder (``latest_checkpointed_iteration.txt`` / ``iter_*``) or one torch_dist iteration."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    if (p / "latest_checkpointed_iteration.txt").exists() or any(p.glob("iter_[0-9]*")):
-        return True
-    return (p / ".metadata").exists() and ((p / "common.pt").exists() or (p / "metadata.json").exists())
-
-
-def is_hf_folder(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
-def folder_kind(path: str | Path, role: str) -> str:
-    """'hf' or 'megatron'; anything else is refused here, before any work."""
-    p = Path(path)
-    if not p.exists():
-        raise MergeInputError(f"{role} {p}: does not exist")
-    if is_megatron_checkpoint(p):
-        return "megatron"
-    if is_hf_folder(p):
-        return "hf"
-    raise MergeInputError(
-        f"{role} {p}: neither a Hugging Face model folder (no config.json) nor a Megatron checkpoint "
-        "(no latest_checkpointed_iteration.txt, iter_* or torch_dist .metadata); give a save_pretrained "
-        "folder, a run's checkpoints/ folder, a tools/convert_hf.py import output or one iter_* folder in them"
-    )
-
-
 @dataclasses.dataclass
 class MegatronCheckpoint:
-    root: Path        # the folder holding ellama_config.yaml
+    root: Path        # the folder holding the checkpoint record
     folder: Path      # the torch_dist folder read (release/ or iter_*)
-    record: dict      # ellama_config.yaml
+    record: dict      # the checkpoint record
     config: object    # LlamaConfig
-    reader: object    # convert.torch_dist.CheckpointReader
+    reader: CheckpointReader
     tokenizer_dir: Path | None
     role: str
 
     @classmethod
     def open(cls, path: str | Path, role: str = "model") -> "MegatronCheckpoint":
-        from ellama_megatron.convert.exporter import checkpoint_root, tokenizer_source
-        from ellama_megatron.convert.hf_checkpoint import ConversionError
-        from ellama_megatron.convert.importer import CONFIG_FILE, read_record
-        from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
         from ellama_megatron.llama.config import LlamaConfig
 
-        p = Path(path)
-        root = checkpoint_root(p)
         try:
-            record = read_record(root)
-            cfg = LlamaConfig.from_dict(record["model"], str(root / CONFIG_FILE))
-            folder = find_checkpoint(p)
-        except (ConversionError, FileNotFoundError, ValueError) as e:
+            found = locate(Path(path))
+            cfg = LlamaConfig.from_dict(found.record["model"], str(record_path(found.root)))
+        except (FileNotFoundError, ValueError) as e:
             raise MergeInputError(f"{role}: {e}") from None
-        return cls(root, folder, record, cfg, CheckpointReader(folder), tokenizer_source(root, record), role)
+        return cls(found.root, found.folder, found.record, cfg, CheckpointReader(found.folder),
+                   tokenizer_source(found.root, found.record), role)
 
     def model_config(self) -> dict:
         return {k: v for k, v in self.config.to_dict().items() if k not in MODEL_KEYS_IGNORED}
 
     def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """{sharded key: (dtype, global shape)} of the model tensors; a missing one is refused."""
-        from ellama_megatron.convert import mapping as M
+        from ellama_megatron.llama import weights as W
 
         out = {}
-        for m in M.mappings(self.config):
+        for m in W.mappings(self.config):
             try:
                 md = self.reader.tensor_metadata(m.megatron)
             except KeyError:
@@ -106,12 +71,10 @@ def check_megatron_mergeable(base: MegatronCheckpoint, other: MegatronCheckpoint
     """Raise MergeInputError naming the first difference: architecture, tensor names, shapes (the
     padded vocab rows of the embedding and output layer may differ: padding is not a weight),
     dtypes, tokenizer. Returns notes (a tokenizer that could not be found is not compared)."""
-    from ellama_megatron.convert.importer import CONFIG_FILE
-
     diff = first_difference(base.model_config(), other.model_config())
     if diff:
         raise MergeInputError(
-            f"architecture differs: model in {base.root / CONFIG_FILE} (base) and {other.root / CONFIG_FILE} "
+            f"architecture differs: model in {record_path(base.root)} (base) and {record_path(other.root)} "
             f"({role}) differ at {diff}; only models of the same architecture can be merged"
         )
     tb, to = base.tensors(), other.tensors()
