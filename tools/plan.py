@@ -4,7 +4,7 @@
     python tools/plan.py --list-layouts model=llama31_70b train=paper cluster=slurm_h100 cluster.nodes=60
     python tools/plan.py --json model=llama31_8b parallel=llama31_8b_node train=paper cluster=slurm_h100
 
-Arguments after the options are Hydra overrides of conf/config.yaml, as for recipes/cpt.py
+Arguments after the options are Hydra overrides of ellama_megatron/conf/config.yaml, as for recipes/cpt.py
 (`+plan.list_layouts=true` is the same as --list-layouts). Exit status: 0 the layout fits,
 1 it does not fit the GPU (cluster.gpu_memory_gb), 2 the config is invalid.
 Formulas: docs/planner.md.
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list-layouts", action="store_true", help="list every valid TP/PP/CP layout for the node count, with memory")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/config.yaml (model=..., parallel=..., cluster.nodes=...)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of ellama_megatron/conf/config.yaml (model=..., parallel=..., cluster.nodes=...)")
     args = parser.parse_args(argv)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):

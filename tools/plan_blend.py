@@ -3,7 +3,7 @@
     python tools/plan_blend.py data=ellama train=paper
     python tools/plan_blend.py data=ellama train=paper data.groups.general.share=0.3 data.blend_file=runs/abl/blend.json
 
-Composes conf/ like recipes/cpt.py (any Hydra override works), reads the manifests that
+Composes ellama_megatron/conf/ like recipes/cpt.py (any Hydra override works), reads the manifests that
 tools/preprocess_data.py wrote for every source in data.groups, and prints per source: training
 tokens available, target share of all training tokens, tokens to be drawn, epochs (passes over
 the source), its cap, and the resulting Megatron weight. Fails (exit 2, nothing written) when a
