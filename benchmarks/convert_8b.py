@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ellama_megatron.convert import mapping as M  # noqa: E402
+from ellama_megatron.llama import weights as W  # noqa: E402
 from ellama_megatron.convert.hf_writer import ShardedWriter  # noqa: E402
 from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict  # noqa: E402
 from ellama_megatron.formats.safetensors import read_header, read_tensor  # noqa: E402
@@ -36,7 +36,7 @@ from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenize
 def write_random_8b(folder: Path) -> int:
     cfg = load_model_config("llama31_8b")
     folder.mkdir(parents=True)
-    shapes = M.hf_shapes(cfg)
+    shapes = W.hf_shapes(cfg)
     writer = ShardedWriter(folder, [(n, torch.bfloat16, s) for n, s in shapes.items()])
     g = torch.Generator().manual_seed(0)
     for name, shape in shapes.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.convert import mapping as M
+from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.hf_checkpoint import ConversionError
 from ellama_megatron.convert.importer import import_hf
 from test_convert_roundtrip import REPO, make_hf
@@ -108,7 +108,7 @@ def test_existing_output_needs_overwrite(hf, tmp_path):
 
 def test_failure_mid_write_leaves_nothing(hf, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = M.GatedMLP.to_megatron
+    original = W.GatedMLPMapping.to_megatron
 
     def failing(self, *args):
         calls["n"] += 1
@@ -116,7 +116,7 @@ def test_failure_mid_write_leaves_nothing(hf, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return original(self, *args)
 
-    monkeypatch.setattr(M.GatedMLP, "to_megatron", failing)
+    monkeypatch.setattr(W.GatedMLPMapping, "to_megatron", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         import_hf(hf, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ellama_megatron.convert import mapping as M
+from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.formats.safetensors import read_header, read_tensor
@@ -103,8 +103,8 @@ def test_checkpoint_has_exactly_megatrons_keys(imported):
     assert objects == expected_objects
     # The table's state-dict names (local spec) are the model's parameter names.
     names = set(model.state_dict())
-    for m in M.mappings(cfg):
-        for layer in M.layers_of(m, cfg):
+    for m in W.mappings(cfg):
+        for layer in W.layers_of(m, cfg):
             assert m.state_dict_name(layer, "local") in names
 
 
@@ -148,11 +148,12 @@ def test_fused_qkv_layout_is_per_query_group():
     q = torch.arange(4 * d).repeat_interleave(h).view(4 * d, h).float()
     k = 1000 + torch.arange(2 * d).repeat_interleave(h).view(2 * d, h).float()
     v = 2000 + torch.arange(2 * d).repeat_interleave(h).view(2 * d, h).float()
-    fused = M.FUSED_QKV.to_megatron(cfg, 512, [q, k, v])
+    qkv = next(m for m in W.mappings(cfg) if isinstance(m, W.QKVMapping))
+    fused = qkv.to_megatron(cfg, 512, [q, k, v])
     # group 0: query heads 0-1, k head 0, v head 0; group 1: query heads 2-3, k head 1, v head 1
     expected = torch.cat([q[: 2 * d], k[:d], v[:d], q[2 * d:], k[d:], v[d:]])
     assert torch.equal(fused, expected)
-    assert all(torch.equal(a, b) for a, b in zip(M.FUSED_QKV.to_hf(cfg, fused), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(qkv.to_hf(cfg, fused), (q, k, v)))
 
 
 def test_vocab_padding_for_target_tp(tmp_path):
