@@ -16,7 +16,7 @@ from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.formats.safetensors import read_header, read_tensor
-from ellama_megatron.convert.torch_dist import CheckpointReader, find_checkpoint
+from ellama_megatron.formats.megatron_checkpoint import CheckpointReader, find_checkpoint
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.run.plan import padded_vocab_size
 
@@ -75,7 +75,7 @@ def test_verify_in_bfloat16(imported):
 
 def test_checkpoint_has_exactly_megatrons_keys(imported):
     """The keys, global shapes and objects of GPTModel.sharded_state_dict() at TP=1 PP=1."""
-    from ellama_megatron.convert.importer import read_record
+    from ellama_megatron.formats.megatron_checkpoint import read_record
     from ellama_megatron.convert.verify import init_single_process_group
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, build_gpt_model, layer_spec, transformer_config

@@ -11,8 +11,9 @@ from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.hf_checkpoint import ConversionError
 from ellama_megatron.convert.hf_writer import MAX_SHARD_BYTES, ShardedWriter
 from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict
-from ellama_megatron.convert.output_folder import refuse_existing, staged_output
+from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
+from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files
 from ellama_megatron.formats.megatron_checkpoint import (
     CheckpointFormatError,
@@ -59,7 +60,7 @@ def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bo
     dtype = tensor_list[0][1]
 
     config_json = hf_config_dict(cfg, dtype)
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out) as tmp:
         writer = ShardedWriter(tmp, tensor_list, max_shard_bytes)
         summary = Summary("export", writer.total_size, quiet=quiet)
         for m, layer, outputs in plan:

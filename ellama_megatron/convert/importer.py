@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.hf_checkpoint import ConversionError, HFCheckpoint
-from ellama_megatron.convert.output_folder import refuse_existing, staged_output
+from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
+from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files
 from ellama_megatron.formats.megatron_checkpoint import (
     CHECKPOINT_VERSION,
@@ -83,7 +84,7 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
     padded = padded_vocab_size(cfg.vocab_size, target_tp)
     chunks = plan_chunks(hf, padded)
     total = sum(hf.tensors[n][1].nbytes for n in W.hf_shapes(cfg))
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out) as tmp:
         summary = Summary("import", total, quiet=quiet)
         dist_dir = megatron_layout(tmp)
         dist_dir.mkdir()

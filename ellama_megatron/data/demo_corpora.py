@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from ellama_megatron.formats.atomic import atomic_file
+
 LANGUAGES = ("en", "de", "fr")
 
 # Per language: category paths, aspect names, conditions, description and review phrases.
@@ -149,11 +151,9 @@ def make_general(rng: random.Random, lang: str, idx: int) -> dict:
 
 
 def write_jsonl(path: Path, records) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ellama_megatron.engine.train_log import TrainLog, parse_train_log
+from ellama_megatron.formats.atomic import atomic_file
 
 _VALID_TAG = "lm loss validation-"
 
@@ -64,9 +65,7 @@ def plot_training_curves(log: TrainLog, out_png: str | Path, title: str = "Train
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(out) as tmp:  # same suffix: matplotlib picks the format by it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(out)
     return out
