@@ -2,7 +2,7 @@
 
 One demo run (module fixture): training goes through slurm/8b.sbatch on the local Slurm where the
 `slurm_cluster` fixture has one (always in CI), else through recipes/cpt.py; then reruns that must
-reuse the finished stages.
+reuse the finished stages. Without running it: its iteration budgets and its output folder.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
 ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10", "--alpha", "0.5"]
 STAGES = 11
+sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
 
 
 def run_demo(out: Path, launcher: str = "direct") -> subprocess.CompletedProcess:
@@ -188,3 +189,50 @@ def test_second_run_reuses_every_stage(demo):
     assert f"(2 stages run, {STAGES - 2} reused)" in proc.stdout
     assert (out / "cpt_run" / "train.log").read_text() == before
     assert stage(out, "cpt")["iterations"] == CPT_ITERS
+
+
+def test_iteration_budgets_come_from_the_run_plan_with_the_overrides():
+    """The demo asks for iterations; the token budget it passes is iterations x the tiny run's
+    tokens per step, as RunPlan computes them, also when an override changes the batch."""
+    from demo.runner import DemoError
+    from demo.training import TINY, tokens_per_iteration
+    from hydra import compose, initialize_config_dir
+
+    from ellama_megatron import CONF_DIR
+    from ellama_megatron.run.plan import RunPlan
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[*TINY, "data=demo"])
+    assert tokens_per_iteration([]) == RunPlan.from_cfg(cfg).tokens_per_step == cfg.train.global_batch_size * cfg.train.seq_length
+    assert tokens_per_iteration(["train.global_batch_size=16"]) == 16 * cfg.train.seq_length
+    with pytest.raises(DemoError, match="train.no_such_key"):
+        tokens_per_iteration(["train.no_such_key=1"])
+
+
+def test_output_folder_is_reused_restarted_or_refused(tmp_path, capsys):
+    from demo.runner import DemoError, DemoOptions, Stages, prepare_output
+
+    out = tmp_path / "demo_output"
+    opts = DemoOptions(docs=10)
+    prepare_output(out, opts, clean=False)
+    calls = []
+    stages = Stages(out, {"a": "stage a"})
+    assert stages.run("a", lambda x: calls.append(x) or {"summary": "did a", "value": x}, 7) == {"value": 7}
+    # Same options: the finished stage is reused, not run again.
+    prepare_output(out, opts, clean=False)
+    again = Stages(out, {"a": "stage a"})
+    assert again.run("a", lambda x: calls.append(x) or {"summary": "did a", "value": x}, 8) == {"value": 7}
+    assert calls == [7] and again.records[0].reused
+    assert "reused from an earlier run" in capsys.readouterr().out
+    # Changed options start clean; a launcher change does not count.
+    prepare_output(out, DemoOptions(docs=10, launcher="direct"), clean=False)
+    assert (out / "stages" / "a.json").exists()
+    prepare_output(out, DemoOptions(docs=11), clean=False)
+    assert not (out / "stages").exists()
+    assert "options changed since the demo" in capsys.readouterr().out
+    other = tmp_path / "not_a_demo"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(DemoError, match="not a demo output folder"):
+        prepare_output(other, opts, clean=False)
+    assert (other / "precious.txt").exists()
