@@ -2,8 +2,8 @@
 SLERP or task arithmetic, at one or several alphas in one pass over the inputs.
 
   python tools/merge.py --base BASE_DIR --adapted ADAPTED_DIR --alpha 0.5 --out merged/
-  python tools/merge.py --base B --adapted A --alpha 0.25 --alpha 0.5 --alpha 0.75 --out sweep/
-      (several alphas: one folder per alpha, sweep/alpha_0.25, ...)
+  python tools/merge.py --base B --adapted A --alpha 0.25 --alpha 0.5 --alpha 0.75 --out merged/
+      (several alphas: one folder per alpha, merged/alpha_0.25, ...)
 
 linear:          w = (1 - alpha) * base + alpha * adapted      (alpha 0 = base, 1 = adapted, bit for bit)
 slerp:           spherical interpolation per tensor at t = alpha; near-parallel tensors
