@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
     args = p.parse_args()
 
-    from ellama_megatron.classify.corpus import iter_documents, read_texts
+    from ellama_megatron.data.documents import iter_documents, read_texts
     from ellama_megatron.classify.features import FeatureConfig
     from ellama_megatron.classify.filter import DomainFilter, filter_documents
     from ellama_megatron.classify.model import train_classifier

@@ -91,7 +91,7 @@ def train_demo_classifier(out: Path) -> None:
     """A classifier trained on the demo corpora (listings + reviews vs general text)."""
     import tempfile
 
-    from ellama_megatron.classify.corpus import read_texts
+    from ellama_megatron.data.documents import read_texts
     from ellama_megatron.classify.features import FeatureConfig
     from ellama_megatron.classify.model import save_classifier, train_classifier
     from ellama_megatron.data.demo_corpora import write_demo_corpora

@@ -115,7 +115,7 @@ def test_demo_corpora_held_out_precision_recall():
     against general text (en, de, fr)."""
     import tempfile
 
-    from ellama_megatron.classify.corpus import read_texts
+    from ellama_megatron.data.documents import read_texts
     from ellama_megatron.classify.model import train_classifier
     from ellama_megatron.data.demo_corpora import write_demo_corpora
 
@@ -185,7 +185,7 @@ def test_filter_object_hook_for_preprocessing(tmp_path):
     assert f.stats.docs == 20 and f.stats.kept == 10
 
     # Streaming from a file through the data readers: exactly the documents over the threshold.
-    from ellama_megatron.classify.corpus import iter_documents
+    from ellama_megatron.data.documents import iter_documents
     from ellama_megatron.classify.filter import filter_documents
     from ellama_megatron.data.serializers import load_template
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ellama_megatron.classify.corpus import ReadCounts, iter_documents, read_texts
+from ellama_megatron.data.documents import ReadCounts, iter_documents, read_texts
 from ellama_megatron.classify.features import FeatureConfig
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs
 from ellama_megatron.data.serializers import load_template

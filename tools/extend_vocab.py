@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ellama_megatron.classify.corpus import read_texts
+from ellama_megatron.data.documents import read_texts
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs
 from ellama_megatron.data.serializers import load_template
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY

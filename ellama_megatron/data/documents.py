@@ -1,5 +1,8 @@
-"""Documents for the classifier, streamed through the same readers and serializers as preprocessing
-(JSONL plain/.gz/.zst, Parquet, Hugging Face folders; structured records through a template)."""
+"""Documents as (record, text) pairs, streamed through the same readers and serializers as
+preprocessing (JSONL plain/.gz/.zst, Parquet, Hugging Face folders; structured records through a
+template): what the classifier trains on and filters, and the vocabulary extension learns from.
+It lives in data/ because it is data reading; classify/ imports nothing from data/ (data's
+preprocessing uses the classifier as a filter)."""
 
 from __future__ import annotations
 
