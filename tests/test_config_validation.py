@@ -13,7 +13,8 @@ from conftest import REPO, data_overrides
 from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch.prepare import prepare
-from ellama_megatron.run.plan import ConfigError, RunPlan
+from ellama_megatron.run.plan import RunPlan
+from ellama_megatron.run.schema import ConfigError
 
 
 def composed(*overrides):
@@ -34,7 +35,7 @@ def refused(base, *overrides) -> str:
 
 def test_a_valid_tiny_config_is_accepted_and_written(base, tmp_path):
     path = prepare(composed(*base))
-    assert path.exists() and (tmp_path / "run" / "checkpoints" / "ellama_config.yaml").exists()
+    assert path.exists() and (tmp_path / "run" / "checkpoints" / "checkpoint_record.yaml").exists()
 
 
 def test_world_size_not_divisible_by_model_parallel(base):

@@ -14,7 +14,8 @@ from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch import slurm
 from ellama_megatron.launch.prepare import prepare
 from ellama_megatron.run.memory import check_fits
-from ellama_megatron.run.plan import ConfigError, LayoutError, RunPlan, padded_vocab_size
+from ellama_megatron.run.plan import LayoutError, RunPlan, padded_vocab_size
+from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.run.progress import DONE_FILE, LATEST_ITERATION_FILE
 
 PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
@@ -66,6 +67,14 @@ def test_an_invalid_layout_is_reported_without_the_memory_check(domain_data, tmp
     assert msg.count("train.global_batch_size=6 is not divisible") == 1 and "does not fit the GPU" not in msg
     with pytest.raises(ConfigError, match="does not fit the GPU: layout TP1 PP1 CP1 DP2 of tiny"):
         prepare(composed(*base))
+
+
+def test_the_schema_names_a_key_of_the_wrong_type_or_unknown(domain_data, tmp_path):
+    base = [f"run_dir={tmp_path / 'run'}", *data_overrides(domain_data)]
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size.*'eight'"):
+        prepare(composed(*base, "train.global_batch_size=eight"))
+    with pytest.raises(ConfigError, match=r"parallel\.tensor_parallel_size.*run/schema.py ParallelConfig"):
+        prepare(composed(*base, "+parallel.tensor_parallel_size=2"))  # a typo of tensor_model_parallel_size
 
 
 def test_minutes_left_reads_squeue():

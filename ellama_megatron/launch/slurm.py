@@ -24,7 +24,8 @@ from typing import Mapping
 from omegaconf import OmegaConf
 
 from ellama_megatron.launch.prepare import prepare_plan
-from ellama_megatron.run.plan import ConfigError, RunPlan
+from ellama_megatron.run.plan import RunPlan
+from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.run.progress import is_finished, saved_iteration
 
 DEFAULT_EXIT_MARGIN_MIN = 10  # minutes kept free before the time limit for the final checkpoint

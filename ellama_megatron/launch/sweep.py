@@ -21,8 +21,8 @@ from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.launch.prepare import prepare_plan
 from ellama_megatron.launch.slurm import decide_for_run
 from ellama_megatron.launch.torchrun import RANK_MODULE
-from ellama_megatron.run.plan import ConfigError
 from ellama_megatron.run.progress import saved_iteration
+from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.sweep.table import POINT_FILE
 
 PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to validate and write the config

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
-from ellama_megatron.run.plan import ConfigError
+from ellama_megatron.run.schema import ConfigError
 
 RANK_MODULE = "ellama_megatron.engine.train"  # one rank of the engine, however it is started
 

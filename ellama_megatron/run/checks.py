@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ellama_megatron.run.memory import report_for
-from ellama_megatron.run.plan import ConfigError, RunPlan
+from ellama_megatron.run.plan import RunPlan
+from ellama_megatron.run.schema import ConfigError, typed
 
 
 def check_data(blend: dict) -> list[str]:
@@ -37,13 +38,7 @@ def check_data(blend: dict) -> list[str]:
 
 
 def check_known_choices(cfg) -> list[str]:
-    errors = []
-    if cfg.cluster.accelerator not in ("cpu", "gpu"):
-        errors.append(f"cluster.accelerator={cfg.cluster.accelerator!r} must be cpu or gpu")
-    if cfg.optim.lr_decay_style not in ("cosine", "linear", "constant", "WSD", "inverse-square-root"):
-        errors.append(f"optim.lr_decay_style={cfg.optim.lr_decay_style!r} is not a Megatron decay style")
-    if cfg.optim.precision not in ("bf16", "fp32"):
-        errors.append(f"optim.precision={cfg.optim.precision!r} must be bf16 or fp32")
+    errors = typed(cfg, "cluster").problems() + typed(cfg, "optim").problems()
     if cfg.launch not in ("torchrun", "none"):
         errors.append(f"launch={cfg.launch!r} must be torchrun or none")
     init = cfg.checkpoint.init_from

@@ -16,14 +16,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.run.schema import ConfigError, typed
 
 # Megatron pads the vocabulary to a multiple of this x TP (its --make-vocab-size-divisible-by;
 # Llama 3's 128256 = 1002 x 128), so every TP rank holds an equal, aligned slice of the embedding.
 VOCAB_DIVISIBLE_BY = 128
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the keys and the fix."""
 
 
 class LayoutError(ConfigError):
@@ -71,27 +68,26 @@ class RunPlan:
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(cfg)
         model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), "config.model")
-        p, t, cluster = cfg.parallel, cfg.train, cfg.cluster
-        accelerator = str(cluster.accelerator)
+        p, t, cluster, optim = (typed(cfg, group) for group in ("parallel", "train", "cluster", "optim"))
         return cls(
             model=model,
-            nodes=int(cluster.nodes),
-            procs_per_node=int(cluster.procs_per_node),
-            tp=int(p.tensor_model_parallel_size),
-            pp=int(p.pipeline_model_parallel_size),
-            cp=int(p.context_parallel_size),
+            nodes=cluster.nodes,
+            procs_per_node=cluster.procs_per_node,
+            tp=p.tensor_model_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            cp=p.context_parallel_size,
             vp=p.virtual_pipeline_model_parallel_size or None,
-            sequence_parallel=bool(p.sequence_parallel),
-            distributed_optimizer=bool(p.use_distributed_optimizer),
+            sequence_parallel=p.sequence_parallel,
+            distributed_optimizer=p.use_distributed_optimizer,
             recompute=p.recompute_granularity,
             recompute_num_layers=p.recompute_num_layers,
-            seq_length=int(t.seq_length),
-            micro_batch_size=int(t.micro_batch_size),
-            global_batch_size=int(t.global_batch_size),
-            train_tokens=float(t.train_tokens),
-            precision=str(cfg.optim.precision) if accelerator == "gpu" else "fp32",
-            flash_attention=accelerator == "gpu",
-            accelerator=accelerator,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            train_tokens=t.train_tokens,
+            precision=optim.precision if cluster.accelerator == "gpu" else "fp32",
+            flash_attention=cluster.accelerator == "gpu",
+            accelerator=cluster.accelerator,
         )
 
     # -- derived numbers ------------------------------------------------------------------------

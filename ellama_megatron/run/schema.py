@@ -1,0 +1,108 @@
+"""The schema of the config groups a run is planned from (parallel, train, cluster, optim): each
+key's type, and the checks that concern one key alone next to it (the rules between keys of the
+layout are RunPlan.problems).
+
+The values and their defaults live in the presets (ellama_megatron/conf/<group>/*.yaml, which
+inherit from one another), not here: a field without a default is one the preset must give. A
+composed group is read through ``typed(cfg, group)``, which refuses a key of the wrong type or one
+the schema does not know, naming it; RunPlan reads its numbers from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the keys and the fix."""
+
+
+ACCELERATORS = ("cpu", "gpu")
+PRECISIONS = ("bf16", "fp32")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")  # Megatron's
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = MISSING  # TP: each layer's matrices over GPUs of a node
+    pipeline_model_parallel_size: int = MISSING  # PP: the layers in stages
+    context_parallel_size: int = MISSING  # CP: the sequence
+    virtual_pipeline_model_parallel_size: Optional[int] = MISSING  # interleaved chunks per stage; None = off
+    sequence_parallel: bool = MISSING
+    use_distributed_optimizer: bool = MISSING
+    recompute_granularity: Optional[str] = MISSING  # null, selective or full (checked by RunPlan)
+    recompute_num_layers: Optional[int] = MISSING  # with full recomputation: layers per chunk
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seq_length: int = MISSING
+    micro_batch_size: int = MISSING
+    global_batch_size: int = MISSING
+    train_tokens: float = MISSING  # the budget; iterations are derived (RunPlan.train_iterations)
+    eval_interval: int = MISSING
+    eval_iters: int = MISSING
+    log_interval: int = MISSING
+    seed: int = MISSING
+    exit_interval: Optional[int] = MISSING
+    exit_duration_in_mins: Optional[int] = MISSING  # the Slurm launcher sets it from the job's time left
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    name: str = MISSING
+    accelerator: str = MISSING  # one of ACCELERATORS
+    nodes: int = MISSING
+    procs_per_node: int = MISSING  # ranks per node: one per GPU
+    gpu_memory_gb: Optional[float] = MISSING  # what the memory planner checks against; None = no check
+    gpu_peak_tflops: Optional[float] = MISSING  # dense bf16 peak, for MFU; None = not reported
+
+    def problems(self) -> list[str]:
+        if self.accelerator not in ACCELERATORS:
+            return [f"cluster.accelerator={self.accelerator!r} must be cpu or gpu"]
+        return []
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = MISSING
+    min_lr: float = MISSING
+    lr_decay_style: str = MISSING  # one of LR_DECAY_STYLES
+    lr_warmup_fraction: float = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_eps: float = MISSING
+    weight_decay: float = MISSING
+    clip_grad: float = MISSING
+    precision: str = MISSING  # one of PRECISIONS; CPU runs are fp32 whatever it says
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            errors.append(f"optim.lr_decay_style={self.lr_decay_style!r} is not a Megatron decay style")
+        if self.precision not in PRECISIONS:
+            errors.append(f"optim.precision={self.precision!r} must be bf16 or fp32")
+        return errors
+
+
+SCHEMAS = {"parallel": ParallelConfig, "train": TrainConfig, "cluster": ClusterConfig, "optim": OptimConfig}
+
+
+def typed(cfg: Any, group: str):
+    """The composed ``group`` of ``cfg`` as its schema's dataclass; ConfigError naming the key when a
+    value has the wrong type, a key is unknown or a key is missing."""
+    node = cfg[group]
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.create(node)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{group}.{key}: {exc.msg if hasattr(exc, 'msg') else exc}".split("\n")[0]
+                          + f" (see ellama_megatron/run/schema.py {SCHEMAS[group].__name__} and "
+                          f"ellama_megatron/conf/{group}/)") from None
