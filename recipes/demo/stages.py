@@ -49,7 +49,7 @@ class Demo:
 
     out: Path
     opts: DemoOptions
-    slurm: LocalSlurm
+    local_slurm: LocalSlurm  # started only on request (--launcher slurm), stopped at the end if so
     tokens_per_iteration: int
 
     @property
@@ -167,7 +167,7 @@ def base_pretrain(demo: Demo) -> dict:
         "data=demo", f"data.blend_file={blend}", f"checkpoint.init_from={out / 'random_megatron'}",
         f"train.train_tokens={opts.base_iters * demo.tokens_per_iteration}", f"train.eval_interval={opts.base_iters}",
         f"optim.lr={opts.base_lr}", f"optim.min_lr={opts.base_lr / 10}", "checkpoint.save_optim=false", *opts.overrides,
-    ], opts, demo.slurm, "ellama-demo-base")
+    ], opts, demo.local_slurm, "ellama-demo-base")
     run_tool(["tools/convert_hf.py", "export", "--ckpt", out / "base_run" / "checkpoints", "--out", out / "base_hf",
               "--overwrite", "--quiet"], demo.logs / "export_base.log")
     result["summary"] = (f"{result['iterations']} iterations on general text via {result['launcher']}; "
@@ -196,7 +196,7 @@ def cpt(demo: Demo, base: dict | None) -> dict:
         "data=demo", f"data.blend_file={demo.blend_file}", f"checkpoint.init_from={out / 'base_megatron'}",
         f"train.train_tokens={demo.cpt_tokens}", f"train.eval_interval={opts.eval_interval}",
         f"optim.lr={opts.cpt_lr}", f"optim.min_lr={opts.cpt_lr / 10}", *opts.overrides,
-    ], opts, demo.slurm, "ellama-demo-cpt")
+    ], opts, demo.local_slurm, "ellama-demo-cpt")
     same_sets = json.loads(demo.blend_file.read_text())["valid"] == demo.valid_sets
     if base and same_sets:
         # The base run's last validation used the same held-out sets, sequence length and seed:
@@ -265,7 +265,7 @@ def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False) -> Path:
     try:
         run_stages(demo, stages)
     finally:
-        if demo.slurm.stop():
+        if demo.local_slurm.stop():
             print("stopped the local Slurm this demo started", flush=True)
     total = time.time() - start
     print(f"demo done in {total:.0f} s ({sum(not r.reused for r in stages.records)} stages run, "

@@ -44,20 +44,20 @@ def progress_line(line: str) -> str | None:
     return short
 
 
-def sbatch_train(overrides: list[str], log: Path, slurm: SlurmClient, job_name: str) -> int:
+def sbatch_train(overrides: list[str], log: Path, cluster: SlurmClient, job_name: str) -> int:
     """Submit slurm/8b.sbatch with the tiny CPU overrides, follow its output, return its exit code."""
     if log.exists():
         log.unlink()  # --open-mode=append: a resubmission would add to the old log
     try:
-        job = slurm.sbatch(*SBATCH_CPU, f"--job-name={job_name}", f"--output={log}", "slurm/8b.sbatch", *overrides,
-                           env={"ELLAMA_LOG_ROOT": str(log.parent / "slurm_logs")}, cwd=REPO)
+        job = cluster.sbatch(*SBATCH_CPU, f"--job-name={job_name}", f"--output={log}", "slurm/8b.sbatch", *overrides,
+                             env={"ELLAMA_LOG_ROOT": str(log.parent / "slurm_logs")}, cwd=REPO)
     except SlurmError as e:
         raise DemoError(str(e)) from None
     print(f"    submitted slurm/8b.sbatch as job {job} (1 node x 2 CPU tasks); following {log.name}", flush=True)
     seen, waiting_said = 0, False
     try:
         while True:
-            state = slurm.job(job)
+            state = cluster.job(job)
             if log.exists():
                 text = log.read_text(errors="replace")
                 # Whole lines only: the job is still writing the last one.
@@ -75,19 +75,19 @@ def sbatch_train(overrides: list[str], log: Path, slurm: SlurmClient, job_name: 
                 return 0 if state["JobState"] == "COMPLETED" else int(code or 1) or 1
             time.sleep(1)
     except BaseException:
-        slurm.cancel(job)
+        cluster.cancel(job)
         print(f"    cancelled job {job}", flush=True)
         raise
 
 
-def launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSlurm, job_name: str) -> str:
+def launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, local_slurm: LocalSlurm, job_name: str) -> str:
     """Train; returns how it was launched."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = None if opts.launcher == "direct" else find_cluster(REPO)
     if cluster is None and opts.launcher == "slurm":
         print("    starting a local Slurm (python -m ellama_megatron.testing.slurm start)", flush=True)
         try:
-            cluster = slurm.start(REPO)
+            cluster = local_slurm.start(REPO)
         except SlurmError as e:
             raise DemoError(f"{e}\nrun with --launcher direct to train without Slurm") from None
     if cluster is not None:
@@ -99,7 +99,7 @@ def launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, sl
     return "recipes/cpt.py (torchrun, 2 CPU ranks)"
 
 
-def train(run_dir: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSlurm, job_name: str) -> dict:
+def train(run_dir: Path, overrides: list[str], opts: DemoOptions, local_slurm: LocalSlurm, job_name: str) -> dict:
     """One training run, or the finished one an earlier demo left; its launcher, losses and log."""
     from ellama_megatron.engine.train_log import parse_train_log
 
@@ -113,7 +113,7 @@ def train(run_dir: Path, overrides: list[str], opts: DemoOptions, slurm: LocalSl
     else:
         # An unfinished run starts over: the demo saves no intermediate checkpoints to resume from.
         shutil.rmtree(run_dir, ignore_errors=True)
-        launcher = launch(run_dir, log, overrides, opts, slurm, job_name)
+        launcher = launch(run_dir, log, overrides, opts, local_slurm, job_name)
         (run_dir / "launcher.txt").write_text(launcher + "\n")
         parsed = parse_train_log(log.read_text(errors="replace"))
     if parsed.last_iteration != parsed.train_iters or not parsed.valid_loss:
