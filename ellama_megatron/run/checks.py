@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ellama_megatron.run.memory import report_for
 from ellama_megatron.run.plan import RunPlan
-from ellama_megatron.run.schema import ConfigError, typed
+from ellama_megatron.run.schema import SCHEMAS, ConfigError, typed
 
 
 def check_data(blend: dict) -> list[str]:
@@ -38,7 +38,8 @@ def check_data(blend: dict) -> list[str]:
 
 
 def check_known_choices(cfg) -> list[str]:
-    errors = typed(cfg, "cluster").problems() + typed(cfg, "optim").problems()
+    groups = {group: typed(cfg, group) for group in SCHEMAS}  # ConfigError for a key of the wrong type or unknown
+    errors = groups["cluster"].problems() + groups["optim"].problems()
     if cfg.launch not in ("torchrun", "none"):
         errors.append(f"launch={cfg.launch!r} must be torchrun or none")
     init = cfg.checkpoint.init_from

@@ -1,4 +1,5 @@
-"""The schema of the config groups a run is planned from (parallel, train, cluster, optim): each
+"""The schema of the config groups a run is planned and started from (parallel, train, cluster,
+optim, checkpoint, logging; the model's is LlamaConfig, the data's the blend plan's): each
 key's type, and the checks that concern one key alone next to it (the rules between keys of the
 layout are RunPlan.problems).
 
@@ -89,7 +90,26 @@ class OptimConfig:
         return errors
 
 
-SCHEMAS = {"parallel": ParallelConfig, "train": TrainConfig, "cluster": ClusterConfig, "optim": OptimConfig}
+@dataclasses.dataclass
+class CheckpointConfig:
+    init_from: Optional[str] = MISSING  # a converted base model: weights only, iteration 0; None = random init
+    save_interval: int = MISSING
+    format: str = MISSING  # Megatron's --ckpt-format
+    async_save: bool = MISSING  # GPU only
+    save_optim: bool = MISSING  # needed to resume
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    tensorboard: bool = MISSING
+    wandb_project: Optional[str] = MISSING  # None = no Weights & Biases
+    wandb_entity: Optional[str] = MISSING
+    log_throughput: bool = MISSING
+    log_memory: bool = MISSING
+
+
+SCHEMAS = {"parallel": ParallelConfig, "train": TrainConfig, "cluster": ClusterConfig, "optim": OptimConfig,
+           "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
 def typed(cfg: Any, group: str):
