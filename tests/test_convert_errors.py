@@ -136,7 +136,7 @@ def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
     from ellama_megatron.convert.exporter import export_hf
 
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(ConversionError, match="ellama_config.yaml"):
+    with pytest.raises(ConversionError, match="checkpoint_record.yaml"):
         export_hf(tmp_path / "ckpt", tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
 

@@ -16,7 +16,8 @@ from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.formats.safetensors import read_header, read_tensor
-from ellama_megatron.formats.megatron_checkpoint import CheckpointReader, find_checkpoint
+from ellama_megatron.formats.megatron_checkpoint import find_checkpoint
+from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.run.plan import padded_vocab_size
 

@@ -43,7 +43,7 @@ def test_dp2_trains_and_logs_each_domain(dp2):
     assert_trained(proc, log)
     run_dir = Path(proc.args[2].split("=", 1)[1])
     assert (run_dir / "done.json").exists()
-    assert (run_dir / "checkpoints" / "ellama_config.yaml").exists()
+    assert (run_dir / "checkpoints" / "checkpoint_record.yaml").exists()
     assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
 
 

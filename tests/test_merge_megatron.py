@@ -16,7 +16,8 @@ import torch
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
-from ellama_megatron.formats.megatron_checkpoint import CheckpointReader, find_checkpoint
+from ellama_megatron.formats.megatron_checkpoint import find_checkpoint
+from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints

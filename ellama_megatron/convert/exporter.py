@@ -15,13 +15,8 @@ from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files
-from ellama_megatron.formats.megatron_checkpoint import (
-    CheckpointFormatError,
-    CheckpointReader,
-    locate,
-    record_path,
-    tokenizer_source,
-)
+from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, locate, record_path, tokenizer_source
+from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.llama.config import LlamaConfig
 
 

@@ -18,14 +18,8 @@ from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files
-from ellama_megatron.formats.megatron_checkpoint import (
-    CHECKPOINT_VERSION,
-    HF_FILES_DIR,
-    TensorChunk,
-    megatron_layout,
-    write_checkpoint,
-    write_record,
-)
+from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
+from ellama_megatron.formats.torch_dist import CHECKPOINT_VERSION, TensorChunk, write_checkpoint
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.run.plan import padded_vocab_size
 

@@ -129,7 +129,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
 
 
 def _stored_vocab(folder: Path) -> int:
-    from ellama_megatron.formats.megatron_checkpoint import CheckpointReader
+    from ellama_megatron.formats.torch_dist import CheckpointReader
 
     return int(CheckpointReader(folder).tensor_metadata("embedding.word_embeddings.weight").size[0])
 

@@ -5,6 +5,9 @@ through it; what config.json means for Llama is ellama_megatron.llama's business
 
 Everything that can make a reader fail later (missing or damaged shards, an index naming the wrong
 shard) is found when the folder is opened, reading only headers, so a bad input costs seconds.
+
+Importing this module does not import torch (the safetensors reader is imported where a shard is
+read): the launcher finds checkpoint records through this room in a process that trains nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ellama_megatron.formats.safetensors import SafetensorsError, TensorEntry, read_header, read_metadata, read_tensor
+    from ellama_megatron.formats.safetensors import TensorEntry
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -96,6 +101,8 @@ class HFFolder:
     @classmethod
     def open(cls, path: str | Path) -> "HFFolder":
         """The folder's shards and tensors, every header checked; raises HFFolderError."""
+        from ellama_megatron.formats.safetensors import SafetensorsError, read_header
+
         folder = Path(path)
         if not folder.is_dir():
             raise HFFolderError(f"{folder}: not a directory; give a Hugging Face model folder")
@@ -133,6 +140,8 @@ class HFFolder:
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A whole tensor, or its rows ``rows`` = (start, stop) of dim 0."""
+        from ellama_megatron.formats.safetensors import read_tensor
+
         path, entry = self.tensors[name]
         return read_tensor(path, entry, rows)
 
@@ -154,6 +163,8 @@ class HFFolder:
 
     def shard_metadata(self, shard: str) -> dict[str, str] | None:
         """The shard header's ``__metadata__`` (transformers writes {"format": "pt"})."""
+        from ellama_megatron.formats.safetensors import read_metadata
+
         return read_metadata(self.path / shard)
 
     def weight_files(self) -> set[str]:

@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 
 from ellama_megatron.engine.datasets import resolve_blend
 from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.formats.megatron_checkpoint import write_record
 from ellama_megatron.run.checks import check_config
 from ellama_megatron.run.plan import RunPlan
 
 CONFIG_FILE = "config.yaml"  # ${run_dir}/config.yaml: the resolved config the ranks start from
-CHECKPOINT_RECORD = "checkpoints/ellama_config.yaml"  # beside the checkpoints: export/merge/eval need no extra flags
 
 
 def prepare(cfg) -> Path:
@@ -31,7 +31,6 @@ def prepare_plan(cfg) -> RunPlan:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    text = OmegaConf.to_yaml(OmegaConf.create(resolved))
-    for path in (run_dir / CONFIG_FILE, run_dir / CHECKPOINT_RECORD):
-        write_text_atomic(path, text)
+    write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_record(run_dir / "checkpoints", resolved)  # beside the checkpoints: export/merge/eval need no extra flags
     return plan

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ellama_megatron.formats.megatron_checkpoint import CheckpointReader, locate, record_path, tokenizer_source
+from ellama_megatron.formats.megatron_checkpoint import locate, record_path, tokenizer_source
+from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.merge.request import MergeInputError, compare_tokenizer_dirs, first_difference
 
 # Model-config fields that do not describe the trained weights: the name (an import records the

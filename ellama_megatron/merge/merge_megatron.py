@@ -25,14 +25,8 @@ import torch
 
 from ellama_megatron.formats.atomic import staged_outputs
 from ellama_megatron.formats.hf_folder import carry_hf_files
-from ellama_megatron.formats.megatron_checkpoint import (
-    CHECKPOINT_VERSION,
-    HF_FILES_DIR,
-    TensorChunk,
-    megatron_layout,
-    write_checkpoint,
-    write_record,
-)
+from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
+from ellama_megatron.formats.torch_dist import CHECKPOINT_VERSION, TensorChunk, write_checkpoint
 from ellama_megatron.merge.megatron_inputs import MegatronCheckpoint, check_megatron_mergeable
 from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk, row_ranges
 from ellama_megatron.merge.request import (

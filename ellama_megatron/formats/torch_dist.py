@@ -1,0 +1,179 @@
+"""Megatron torch_dist checkpoints written and read one tensor at a time, without building a model.
+
+A torch_dist checkpoint (one ``iter_*`` or ``release`` folder of a Megatron save folder, see
+megatron_checkpoint.py) is a PyTorch Distributed Checkpoint (``.metadata`` + ``__0_0.distcp``) whose
+keys are Megatron's sharded keys, plus ``metadata.json`` naming the backend; Megatron's non-tensor
+state sits in the ``common_state`` byte object. Writing goes through torch's own FileSystemWriter
+with a planner whose items are produced on demand, so one process writes the whole (global, TP=1)
+model holding one tensor at a time; Megatron's loader cuts global tensors into any TP/PP layout, so
+such a checkpoint starts runs of any parallel layout. Reading asks the same reader for one layer's
+slice of a stacked key, whatever TP/PP wrote it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed._shard._utils import narrow_tensor_by_index
+
+BACKEND_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+COMMON_STATE_KEY = "common_state/shard_0_1"         # ShardedObject("common_state", ..., (1,), (0,)).unique_key
+CHECKPOINT_VERSION = 3.0                            # Megatron's current layout (no QKV reordering on load)
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """One chunk of a global tensor, produced when the writer reaches it."""
+    key: str
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @classmethod
+    def of(cls, key: str, global_shape: tuple[int, ...], dtype: torch.dtype, layer: int | None,
+           produce: Callable[[], torch.Tensor]) -> "TensorChunk":
+        """The whole tensor (``layer`` None), or one layer of a stacked per-layer key, whose
+        ``produce`` returns it without the layer dimension (what CheckpointReader.read gives back)."""
+        global_shape = tuple(global_shape)
+        if layer is None:
+            return cls(key, global_shape, (0,) * len(global_shape), global_shape, dtype, produce)
+        return cls(key, global_shape, (layer,) + (0,) * (len(global_shape) - 1), (1,) + global_shape[1:], dtype,
+                   lambda: produce().unsqueeze(0))
+
+
+class _OnDemandSavePlanner(DefaultSavePlanner):
+    def __init__(self, chunks: list[TensorChunk], objects: dict[str, Any], on_written: Callable[[int], None]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = {(c.key, tuple(c.offset)): c for c in chunks}
+        self._objects = objects
+        self._on_written = on_written
+
+    def create_local_plan(self) -> SavePlan:
+        items = [
+            WriteItem(
+                index=MetadataIndex(c.key, torch.Size(c.offset)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offset), sizes=torch.Size(c.shape)),
+                    properties=TensorProperties(dtype=c.dtype),
+                    size=torch.Size(c.global_shape),
+                ),
+            )
+            for c in self._chunks.values()
+        ]
+        items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            buf = io.BytesIO()
+            torch.save([self._objects[write_item.index.fqn]], buf)  # Megatron saves a list of shard objects
+            buf.seek(0)
+            return buf
+        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        tensor = chunk.produce()
+        if tuple(tensor.shape) != tuple(chunk.shape) or tensor.dtype != chunk.dtype:
+            raise AssertionError(f"{chunk.key}@{chunk.offset}: produced {tensor.dtype}{tuple(tensor.shape)}, "
+                                 f"planned {chunk.dtype}{chunk.shape}")
+        self._on_written(tensor.numel() * tensor.element_size())
+        return tensor.contiguous()
+
+
+def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str, Any], common: dict,
+                     on_written: Callable[[int], None] = lambda n: None) -> None:
+    """Write a torch_dist checkpoint into the existing empty ``folder``."""
+    objects = {**objects, COMMON_STATE_KEY: common}
+    writer = FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=True)
+    planner = _OnDemandSavePlanner(chunks, objects, on_written)
+    try:
+        torch.distributed.checkpoint.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as e:
+        # torch wraps the reading/converting error with its traceback text; raise the error itself.
+        exc, _trace = next(iter(e.failures.values()))
+        raise exc from None
+    (folder / "metadata.json").write_text(json.dumps(BACKEND_METADATA))
+
+
+class _CachedMetadataReader(FileSystemReader):
+    """Reads ``.metadata`` once (it lists every optimizer chunk too; large for big runs)."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class _SlicePlanner(DefaultLoadPlanner):
+    """Reads the region ``offsets``/``sizes`` of ``key`` into ``dest`` (a plain tensor of that size)."""
+
+    def __init__(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dest: torch.Tensor):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._key, self._offsets, self._sizes, self._dest = key, offsets, sizes, dest
+
+    def create_local_plan(self) -> LoadPlan:
+        md = self.metadata.state_dict_metadata[self._key]
+        chunk = ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=torch.Size(self._sizes))
+        return LoadPlan(create_read_items_for_chunk_list(self._key, md, [chunk]))
+
+    def resolve_tensor(self, read_item):
+        # dest_offsets are relative to our chunk; the default looks the chunk up by global offset.
+        return narrow_tensor_by_index(self._dest, read_item.dest_offsets, read_item.lengths)
+
+
+class CheckpointReader:
+    """Global tensors (or one layer of a stacked key) from a torch_dist checkpoint, any TP/PP."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._reader = _CachedMetadataReader(str(folder))
+        self.metadata = self._reader.read_metadata()
+
+    def tensor_metadata(self, key: str) -> TensorStorageMetadata:
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise KeyError(f"{self.folder}: no tensor {key!r} in the checkpoint; is it a Llama GPTModel checkpoint?")
+        return md
+
+    def read(self, key: str, layer: int | None = None) -> torch.Tensor:
+        md = self.tensor_metadata(key)
+        shape = tuple(md.size)
+        if layer is None:
+            offsets, sizes = (0,) * len(shape), shape
+        else:
+            offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
+        dest = torch.empty(sizes, dtype=md.properties.dtype)
+        planner = _SlicePlanner(key, offsets, sizes, dest)
+        torch.distributed.checkpoint.load({key: dest}, storage_reader=self._reader, planner=planner, no_dist=True)
+        return dest[0] if layer is not None else dest
+
+    def common_state(self) -> dict:
+        buf: dict[str, Any] = {COMMON_STATE_KEY: io.BytesIO()}
+        torch.distributed.checkpoint.load(buf, storage_reader=self._reader, no_dist=True)
+        data = buf[COMMON_STATE_KEY]
+        if isinstance(data, io.BytesIO):
+            data.seek(0)
+            data = torch.load(data, weights_only=False)
+        return data[0]
