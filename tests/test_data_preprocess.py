@@ -15,7 +15,7 @@ from ellama_megatron.data.demo_corpora import write_demo_corpora
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template, serialize
-from ellama_megatron.data.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
+from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
 from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
@@ -93,7 +93,7 @@ def test_output_equals_megatron_builder_document_by_document(tmp_path, tokenizer
 
 def test_int32_merge_for_large_vocabularies(tmp_path):
     from ellama_megatron.data.indexed_writer import merge_parts
-    from ellama_megatron.data.tokenizer_folder import TokenizerInfo
+    from ellama_megatron.formats.tokenizer_folder import TokenizerInfo
 
     assert TokenizerInfo("x", "x", 128256, 128001, 128000, "", "").dtype == numpy.int32
     docs = [[128000, 70000, 5, 128001], [128000, 128001]]

@@ -225,7 +225,7 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
     manifest counts what the filter saw and kept."""
     from ellama_megatron.classify.filter import DomainFilter
     from ellama_megatron.classify.model import save_classifier, train_classifier
-    from ellama_megatron.data.tokenizer_folder import load_tokenizer_folder
+    from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder
     from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from tokenizers import Tokenizer

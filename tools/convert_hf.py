@@ -76,5 +76,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the checkpoint code may spawn processes: keep the guard (FACTS.md)
+if __name__ == "__main__":  # torch's checkpoint code may start processes that import this file again: keep the guard
     sys.exit(main())

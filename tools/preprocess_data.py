@@ -37,7 +37,7 @@ from ellama_megatron.data.manifest import ManifestError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template
-from ellama_megatron.data.tokenizer_folder import TokenizerFolderError
+from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError
 
 
 def build_parser() -> argparse.ArgumentParser:

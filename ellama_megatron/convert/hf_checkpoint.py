@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ellama_megatron.formats.hf_folder import HFFolder, HFFolderError, read_config, tokenizer_size
+from ellama_megatron.formats.hf_folder import HFFolder, HFFolderError, read_config
 from ellama_megatron.formats.safetensors import TensorEntry
+from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError, tokenizer_size
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.hf import UnsupportedConfig, llama_config_from_hf
 
@@ -74,7 +75,7 @@ class HFCheckpoint:
                                       f"config.json implies {tuple(shape)}")
         try:
             vocab = tokenizer_size(self.folder)
-        except HFFolderError as e:
+        except TokenizerFolderError as e:
             raise ConversionError(str(e)) from None
         if vocab is not None and vocab > self.config.vocab_size:
             raise ConversionError(

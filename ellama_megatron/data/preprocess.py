@@ -29,7 +29,7 @@ from ellama_megatron.data.manifest import (
 )
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs, plan_units, read_unit
 from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
-from ellama_megatron.data.tokenizer_folder import load_tokenizer_folder
+from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder
 from ellama_megatron.formats.atomic import write_json_atomic
 
 MAX_EXAMPLES = 100

@@ -1,7 +1,8 @@
 """A Hugging Face model folder, read without loading weights: config.json, the safetensors shards
 (one file, or several listed by model.safetensors.index.json), each tensor's name, dtype, shape and
-place, and the tokenizer files. The converter, the merges and the vocabulary extension read folders
-through it; what config.json means for Llama is ellama_megatron.llama's business.
+place, and the files that travel with the weights. The converter, the merges and the vocabulary
+extension read folders through it; what config.json means for Llama is ellama_megatron.llama's
+business, which files make a tokenizer is tokenizer_folder.py's.
 
 Everything that can make a reader fail later (missing or damaged shards, an index naming the wrong
 shard) is found when the folder is opened, reading only headers, so a bad input costs seconds.
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ellama_megatron.formats.tokenizer_folder import TOKENIZER_FILES
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,12 +28,6 @@ if TYPE_CHECKING:
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# The files that make up a tokenizer (transformers' fast and slow formats, chat templates). Two
-# models have the same tokenizer when these are the same.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
 # What travels with the weights when a folder is converted: the tokenizer, the generation settings,
 # and the copy of the tokenizer Meta's downloads keep beside the original weights.
 CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json", "original/tokenizer.model")
@@ -42,14 +39,6 @@ class HFFolderError(ValueError):
 
 def is_hf_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
-
-
-def tokenizer_files_in(folder: Path) -> list[str]:
-    return [n for n in TOKENIZER_FILES if (folder / n).exists()]
 
 
 def carry_hf_files(src: Path, dst: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -72,19 +61,6 @@ def read_config(folder: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise HFFolderError(f"{path}: not valid JSON ({e})") from None
-
-
-def tokenizer_size(folder: Path) -> int | None:
-    """Number of token ids tokenizer.json can produce (max id + 1), or None without one."""
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        return None
-    try:
-        tok = json.loads(path.read_text())
-        ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise HFFolderError(f"{path}: not a tokenizers JSON file ({e})") from None
-    return max(ids) + 1 if ids else 0
 
 
 def has_weights(folder: Path) -> bool:
@@ -169,6 +145,3 @@ class HFFolder:
 
     def weight_files(self) -> set[str]:
         return set(self.shards) | ({self.index_file} if self.index_file else set())
-
-    def tokenizer_files(self) -> list[str]:
-        return tokenizer_files_in(self.path)

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from ellama_megatron.formats.atomic import write_text_atomic
-from ellama_megatron.formats.hf_folder import has_tokenizer, is_hf_folder
+from ellama_megatron.formats.hf_folder import is_hf_folder
+from ellama_megatron.formats.tokenizer_folder import has_tokenizer
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's pointer to the checkpoint to load
 RELEASE_DIR = "release"                             # Megatron loads it with iteration 0, no optimizer

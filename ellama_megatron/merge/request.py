@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ellama_megatron.formats.hf_folder import tokenizer_files_in
+from ellama_megatron.formats.tokenizer_folder import tokenizer_files_in
 from ellama_megatron.merge.methods import METHODS
 
 # Rows of a tensor merged at once: bounds the working memory for big tensors (the 8B model's

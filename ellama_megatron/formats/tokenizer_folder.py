@@ -1,4 +1,5 @@
-"""The user's Hugging Face tokenizer folder: checked, identified, and reduced to what workers need.
+"""A Hugging Face tokenizer folder: which files make a tokenizer, and the user's tokenizer folder
+checked, identified, and reduced to what workers need.
 
 Token ids must equal what Megatron-LM's tools/preprocess_data.py writes with
 ``--tokenizer-type HuggingFaceTokenizer``: ``tokenizer(text).input_ids`` (special tokens such as
@@ -9,14 +10,43 @@ tokenizer object transformers wraps (``backend_tokenizer``), in batches on its o
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 
+# The files that make up a tokenizer (transformers' fast and slow formats, chat templates). Two
+# models have the same tokenizer when these are the same.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
 
 class TokenizerFolderError(ValueError):
     """The tokenizer folder is missing, incomplete or not a Hugging Face fast tokenizer."""
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
+
+
+def tokenizer_files_in(folder: Path) -> list[str]:
+    return [n for n in TOKENIZER_FILES if (folder / n).exists()]
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """Number of token ids tokenizer.json can produce (max id + 1), or None without one."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return None
+    try:
+        tok = json.loads(path.read_text())
+        ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TokenizerFolderError(f"{path}: not a tokenizers JSON file ({e})") from None
+    return max(ids) + 1 if ids else 0
 
 
 @dataclass(frozen=True)
