@@ -179,10 +179,13 @@ class GatedMLPMapping(Mapping):
         return [gate.contiguous(), up.contiguous()]
 
 
+# The two vocabulary-sized Hugging Face tensors, which the vocabulary extension rewrites.
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_OUTPUT = "lm_head.weight"
 _L = "model.layers.{layer}."
 # In Hugging Face's order (embeddings, a layer's tensors, final norm, head): hf_order follows it.
 TABLE: tuple[Mapping, ...] = (
-    VocabMapping("embedding.word_embeddings.weight", hf="model.embed_tokens.weight"),
+    VocabMapping("embedding.word_embeddings.weight", hf=HF_EMBEDDING),
     DirectMapping("decoder.layers.self_attention.linear_qkv.layer_norm_weight", hf=_L + "input_layernorm.weight",
                   shape=("hidden",), local_name="decoder.layers.{layer}.input_layernorm.weight",
                   te_name="decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight"),
@@ -196,7 +199,7 @@ TABLE: tuple[Mapping, ...] = (
     GatedMLPMapping("decoder.layers.mlp.linear_fc1.weight", gate=_L + "mlp.gate_proj.weight", up=_L + "mlp.up_proj.weight"),
     DirectMapping("decoder.layers.mlp.linear_fc2.weight", hf=_L + "mlp.down_proj.weight", shape=("hidden", "ffn")),
     DirectMapping("decoder.final_layernorm.weight", hf="model.norm.weight", shape=("hidden",)),
-    VocabMapping("output_layer.weight", hf="lm_head.weight"),
+    VocabMapping("output_layer.weight", hf=HF_OUTPUT),
 )
 
 # Modules whose (empty, for Llama) ``_extra_state`` Megatron checkpoints as one object per layer;

@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 from ellama_megatron.formats.hf_folder import HFFolder
-
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
+from ellama_megatron.llama.weights import HF_EMBEDDING, HF_OUTPUT
 
 
 def grow_rows(weight: torch.Tensor, new_size: int, sub_token_ids: dict[int, list[int]], old_rows: int) -> torch.Tensor:
@@ -56,22 +54,22 @@ def resize_checkpoint(
     folder = HFFolder.open(hf_dir)
     config = folder.config()
     tied = bool(config.get("tie_word_embeddings", False))
-    if EMBED not in folder.tensors:
-        raise ValueError(f"{hf_dir}: no tensor {EMBED!r} in the checkpoint; is it a Llama model folder?")
-    if not tied and LM_HEAD not in folder.tensors:
-        raise ValueError(f"{hf_dir}: config.json says tie_word_embeddings=false but there is no {LM_HEAD!r}")
+    if HF_EMBEDDING not in folder.tensors:
+        raise ValueError(f"{hf_dir}: no tensor {HF_EMBEDDING!r} in the checkpoint; is it a Llama model folder?")
+    if not tied and HF_OUTPUT not in folder.tensors:
+        raise ValueError(f"{hf_dir}: config.json says tie_word_embeddings=false but there is no {HF_OUTPUT!r}")
     for new_id in sub_token_ids:
         if new_id >= new_vocab_size:
             raise ValueError(f"new token id {new_id} does not fit vocab size {new_vocab_size}")
 
     resized = []
-    touched = {folder.shard_of(n) for n in (EMBED, LM_HEAD) if n in folder.tensors}
+    touched = {folder.shard_of(n) for n in (HF_EMBEDDING, HF_OUTPUT) if n in folder.tensors}
     total_size = 0
     for shard in sorted(folder.shards):
         src, dst = hf_dir / shard, out_dir / shard
         if shard in touched:
             tensors = load_file(src)
-            for name in (EMBED, LM_HEAD):
+            for name in (HF_EMBEDDING, HF_OUTPUT):
                 if name in tensors:
                     tensors[name] = grow_rows(tensors[name], new_vocab_size, sub_token_ids, old_rows)
                     resized.append(name)
