@@ -7,6 +7,7 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import REPO, data_overrides
 from ellama_megatron import CONF_DIR
@@ -70,9 +71,17 @@ def test_an_invalid_layout_is_reported_without_the_memory_check(domain_data, tmp
 
 
 def test_the_schema_names_a_key_of_the_wrong_type_or_unknown(domain_data, tmp_path):
+    from hydra.errors import ConfigCompositionException
+
     base = [f"run_dir={tmp_path / 'run'}", *data_overrides(domain_data)]
+    with pytest.raises(ConfigCompositionException, match="train.global_batch_size=eight") as refused:
+        composed(*base, "train.global_batch_size=eight")  # the schema is in ConfigStore: composition checks types
+    assert "could not be converted to Integer" in str(refused.value.__cause__)
+    assert "full_key: train.global_batch_size" in str(refused.value.__cause__)
+    untyped = OmegaConf.create(OmegaConf.to_container(composed(*base)))  # as a config.yaml read back
+    untyped.train.global_batch_size = "eight"
     with pytest.raises(ConfigError, match=r"train\.global_batch_size.*'eight'"):
-        prepare(composed(*base, "train.global_batch_size=eight"))
+        RunPlan.from_cfg(untyped)
     with pytest.raises(ConfigError, match=r"parallel\.tensor_parallel_size.*run/schema.py ParallelConfig"):
         prepare(composed(*base, "+parallel.tensor_parallel_size=2"))  # a typo of tensor_model_parallel_size
 

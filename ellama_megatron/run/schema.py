@@ -4,9 +4,10 @@ key's type, and the checks that concern one key alone next to it (the rules betw
 layout are RunPlan.problems).
 
 The values and their defaults live in the presets (ellama_megatron/conf/<group>/*.yaml, which
-inherit from one another), not here: a field without a default is one the preset must give. A
-composed group is read through ``typed(cfg, group)``, which refuses a key of the wrong type or one
-the schema does not know, naming it; RunPlan reads its numbers from there.
+inherit from one another), not here: a field without a default is one the preset must give. The
+schemas are registered in Hydra's ConfigStore (``register``), so composition already checks types;
+a group is read through ``typed(cfg, group)``, which also refuses a key the schema does not know
+(Hydra's ``+group.key=`` adds one), naming it; RunPlan reads its numbers from there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -112,17 +114,37 @@ SCHEMAS = {"parallel": ParallelConfig, "train": TrainConfig, "cluster": ClusterC
            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
+def register() -> None:
+    """Store each group's schema as ``schema/<group>`` in Hydra's ConfigStore: conf/config.yaml's
+    defaults list puts them under the presets, so a preset or override of the wrong type fails
+    at composition. Done on import of this module (every recipe and tool imports it before it
+    composes); where it is not (a bare ``compose`` elsewhere), the entries are optional and
+    ``typed`` checks the same types after the fact."""
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group="schema", name=group, node=schema)
+
+
+register()
+
+
 def typed(cfg: Any, group: str):
     """The composed ``group`` of ``cfg`` as its schema's dataclass; ConfigError naming the key when a
     value has the wrong type, a key is unknown or a key is missing."""
     node = cfg[group]
     if not isinstance(node, DictConfig):
         node = OmegaConf.create(node)
+    schema = SCHEMAS[group]
+    # Checked here, not left to the merge: a typed node takes Hydra's `+group.key=` and drops it silently.
+    unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})
+    if unknown:
+        raise ConfigError(f"{group}.{unknown[0]}: not a key of {group} (unknown: {', '.join(unknown)}; "
+                          f"see ellama_megatron/run/schema.py {schema.__name__} and ellama_megatron/conf/{group}/)")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"{group}.{key}: {exc.msg if hasattr(exc, 'msg') else exc}".split("\n")[0]
-                          + f" (see ellama_megatron/run/schema.py {SCHEMAS[group].__name__} and "
+                          + f" (see ellama_megatron/run/schema.py {schema.__name__} and "
                           f"ellama_megatron/conf/{group}/)") from None
