@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import io
 import sys
+from collections.abc import Sequence
 
 from ellama_megatron.llama.config import LlamaConfig
 
@@ -68,7 +69,7 @@ def model_args(m: LlamaConfig) -> list[str]:
     return [str(a) for a in args]
 
 
-def parse_megatron_args(argv: list[str]):
+def parse_megatron_args(argv: Sequence[str]):
     """Megatron-LM's parsing and validation of ``argv``, as ``megatron.training`` does for a run,
     without its global state (no global args, tokenizer or timers are set)."""
     from megatron.training.arguments import parse_args, validate_args
@@ -85,13 +86,14 @@ def parse_megatron_args(argv: list[str]):
     return args
 
 
-def transformer_config(model: LlamaConfig, transformer_impl: str, runtime_args: list[str] = (),
+def transformer_config(model: LlamaConfig, transformer_impl: str, runtime_args: Sequence[str] = (),
                        seq_length: int | None = None, **overrides):
     """The TransformerConfig Megatron's loop builds for ``model`` with ``runtime_args`` (precision,
     fusions, recomputation, CPU: ``CPU_MODEL_ARGS``), for a model built outside that loop.
     ``overrides`` set what no Megatron argument sets (``perform_initialization``)."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
+    # Megatron's validation wants a sequence length and a micro-batch size; neither enters the config.
     argv = model_args(model) + [
         "--transformer-impl", transformer_impl,
         "--seq-length", seq_length or model.max_position_embeddings,
