@@ -65,7 +65,9 @@ class MegatronCheckpoint:
 
 
 def _is_vocab_row(key: str) -> bool:
-    return key in ("embedding.word_embeddings.weight", "output_layer.weight")
+    from ellama_megatron.llama import weights as W
+
+    return any(m.megatron == key for m in W.TABLE if isinstance(m, W.VocabMapping))
 
 
 def check_megatron_mergeable(base: MegatronCheckpoint, other: MegatronCheckpoint, role: str = "adapted") -> list[str]:
