@@ -20,6 +20,7 @@ from ellama_megatron.formats.megatron_checkpoint import (
     locate,
     megatron_layout,
     read_record,
+    saved_iteration,
     write_record,
 )
 from ellama_megatron.formats.safetensors import StreamingWriter, read_header, read_tensor
@@ -86,6 +87,13 @@ def test_record_is_found_from_the_save_folder_or_one_checkpoint_in_it(tmp_path):
     assert (found.root, found.folder, found.record["model"]) == (root, release, {"name": "tiny"})
     assert locate(root).folder == release
     assert folder_kind(root, "--base") == folder_kind(release, "--base") == "megatron"
+
+
+def test_saved_iteration_is_what_megatrons_tracker_names(tmp_path):
+    assert saved_iteration(tmp_path) == 0  # no checkpoint yet
+    for text, iteration in (("20\n", 20), ("release", 0), ("", 0)):  # "": a tracker cut short
+        (tmp_path / "latest_checkpointed_iteration.txt").write_text(text)
+        assert saved_iteration(tmp_path) == iteration
 
 
 def test_record_of_a_folder_written_under_the_old_name_is_read(tmp_path):

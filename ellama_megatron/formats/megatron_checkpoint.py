@@ -102,6 +102,14 @@ def write_record(root: Path, record: dict) -> Path:
     return write_text_atomic(root / RECORD_FILE, yaml.safe_dump(record, sort_keys=False))
 
 
+def saved_iteration(save_dir: Path) -> int:
+    """The iteration of the last complete checkpoint in a save folder, as Megatron's tracker names
+    it; 0 without a tracker, for weights without training state (release) or a tracker cut short."""
+    tracker = save_dir / TRACKER_FILE
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    return int(text) if text.isdigit() else 0
+
+
 def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
     """The torch_dist folder in a Megatron checkpoint folder: ``--iteration`` or the tracker's one;
     ``root`` may also be that folder itself."""

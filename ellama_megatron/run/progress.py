@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ellama_megatron.formats import megatron_checkpoint
+
 DONE_FILE = "done.json"  # in run_dir once the token budget is spent (written by the engine's rank 0)
-LATEST_ITERATION_FILE = "checkpoints/latest_checkpointed_iteration.txt"  # Megatron's own tracker
+LATEST_ITERATION_FILE = f"checkpoints/{megatron_checkpoint.TRACKER_FILE}"  # Megatron's own tracker
 
 
 def saved_iteration(run_dir: str | Path) -> int:
     """The iteration of the run's last complete checkpoint; 0 before the first save."""
-    path = Path(run_dir) / LATEST_ITERATION_FILE
-    digits = "".join(c for c in path.read_text() if c.isdigit()) if path.is_file() else ""
-    return int(digits) if digits else 0
+    return megatron_checkpoint.saved_iteration(Path(run_dir) / "checkpoints")
 
 
 def is_finished(run_dir: str | Path, train_iterations: int) -> bool:
