@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ellama_megatron.formats.atomic import write_text_atomic
+
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by substring of the device name.
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
 
@@ -383,13 +385,6 @@ def profiled(args):
                    record_shapes=True, with_stack=False)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def measure(model_cfg, shape, args, device, transformer_impl, attention):
     """Build the model and optimizer, run warm-up and timed steps (profiled if asked)."""
     from tqdm import tqdm
@@ -411,7 +406,7 @@ def measure(model_cfg, shape, args, device, transformer_impl, attention):
         args.profile.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(args.profile / "trace.json"))
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        write_atomically(args.profile / "kernels.txt", prof.key_averages().table(sort_by=sort, row_limit=40))
+        write_text_atomic(args.profile / "kernels.txt", prof.key_averages().table(sort_by=sort, row_limit=40))
     return times, loss
 
 
@@ -485,7 +480,7 @@ def main(argv=None) -> dict:
         "final_loss": loss,
     }
     if args.json:
-        write_atomically(args.json, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     mfu = (f"{100 * result['mfu']:.1f}% MFU ({100 * result['mfu_palm_convention']:.1f}% by the PaLM count)"
            if result["mfu"] is not None else "MFU n/a (no GPU peak)")
     print(

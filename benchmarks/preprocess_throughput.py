@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from ellama_megatron.data.demo_corpora import make_general, make_listing, make_review  # noqa: E402
 from ellama_megatron.data.serializers import load_template, serialize  # noqa: E402
+from ellama_megatron.formats.atomic import atomic_file  # noqa: E402
 
 _SYL = "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo ch st th".split()
 
@@ -55,8 +56,7 @@ def write_corpus(path: Path, target_bytes: int, seed: int = 0) -> int:
     listing, review = load_template("listing"), load_template("review")
     langs = ("en", "de", "fr")
     docs = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         while f.tell() < target_bytes:
             kind = rng.random()
             lang = langs[docs % 3]
@@ -70,7 +70,6 @@ def write_corpus(path: Path, target_bytes: int, seed: int = 0) -> int:
             text += "\n" + " ".join(_rare_word(int(r)) for r in ranks)
             f.write(json.dumps({"text": text, "language": lang}, ensure_ascii=False) + "\n")
             docs += 1
-    tmp.replace(path)
     return docs
 
 
