@@ -4,9 +4,9 @@ earlier stages' results it needs), and ``run_demo`` that runs them.
 Why the base model is pre-trained on general text first: a random model knows neither domain, and
 the demo's general text is far more regular than its listings, so continued pretraining from a
 random model lowers the general loss most (measured: general 6.24 -> 1.76, e-commerce 6.24 -> 3.22
-after 120 iterations at LR 2e-3 on the 1:1 mix). Meta's base model already knows general text; a short general-only run
-stands in for that pretraining, so continued pretraining then shows what the paper shows: the
-e-commerce loss falls much more than the general one.
+after 120 iterations at LR 2e-3 on the 1:1 mix). Meta's base model already knows general text; a
+short general-only run stands in for that pretraining, so continued pretraining then shows what the
+paper shows: the e-commerce loss falls much more than the general one.
 """
 
 from __future__ import annotations
