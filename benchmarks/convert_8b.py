@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ellama_megatron.llama import weights as W  # noqa: E402
-from ellama_megatron.convert.hf_writer import ShardedWriter  # noqa: E402
+from ellama_megatron.formats.hf_shards import ShardedWriter  # noqa: E402
 from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict  # noqa: E402
 from ellama_megatron.formats.safetensors import read_header, read_tensor  # noqa: E402
 from ellama_megatron.llama.config import load_model_config  # noqa: E402

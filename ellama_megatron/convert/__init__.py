@@ -1,6 +1,6 @@
 """Llama between Hugging Face folders and Megatron torch_dist checkpoints (tools/convert_hf.py).
 
-hf_checkpoint reads and checks a Hugging Face folder; mapping is the weight table; torch_dist writes
-and reads Megatron checkpoints tensor by tensor; hf_writer writes Hugging Face folders; importer,
-exporter and verify are the three commands.
+hf_checkpoint checks a Hugging Face folder for conversion; importer, exporter and verify are the
+three commands. The files are read and written by ellama_megatron.formats (safetensors, Hugging Face
+folders, torch_dist checkpoints and their record), the weight table is ellama_megatron.llama.weights.
 """

@@ -7,17 +7,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.hf_checkpoint import ConversionError
-from ellama_megatron.convert.hf_writer import MAX_SHARD_BYTES, ShardedWriter
-from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict
 from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files
+from ellama_megatron.formats.hf_shards import MAX_SHARD_BYTES, ShardedWriter
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, locate, record_path, tokenizer_source
 from ellama_megatron.formats.torch_dist import CheckpointReader
+from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict
 
 
 def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bool = False,

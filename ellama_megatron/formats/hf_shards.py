@@ -1,18 +1,19 @@
-"""A Hugging Face Llama folder's weights written tensor by tensor: shards <= 5 GB and their index.
-(config.json and generation_config.json come from ellama_megatron.llama.hf.)
+"""A Hugging Face folder's weights written tensor by tensor: shards <= 5 GB and their index, as
+hf_folder.py reads them. (The export writes config.json and generation_config.json from
+ellama_megatron.llama.hf.)
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ellama_megatron.formats.atomic import write_json_atomic
+from ellama_megatron.formats.hf_folder import INDEX_FILE
 from ellama_megatron.formats.safetensors import StreamingWriter
 
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int = MAX_SHARD_BYTES):
@@ -57,4 +58,4 @@ class ShardedWriter:
             self._writer.close()
         weight_map = {name: self.files[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
         index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_json_atomic(self.folder / INDEX_FILE, index)
