@@ -23,7 +23,7 @@ from typing import Mapping
 
 from omegaconf import OmegaConf
 
-from ellama_megatron.launch.prepare import prepare_plan
+from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.run.plan import RunPlan
 from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.run.progress import is_finished, saved_iteration
@@ -138,7 +138,7 @@ def prepare_job(sbatch_file: Path, preset: list[str], user: list[str], env: Mapp
     for line in plan.summary_lines():
         log(line)
     run_dir = Path(cfg.run_dir)
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG_FILE
     log_dir = job_log_dir(env)
     log_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(config, log_dir / f"config.restart{restart}.yaml")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ellama_megatron.formats.atomic import write_json_atomic
-from ellama_megatron.launch.prepare import prepare_plan
+from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.launch.slurm import decide_for_run
 from ellama_megatron.launch.torchrun import RANK_MODULE
 from ellama_megatron.run.progress import saved_iteration
@@ -45,7 +45,7 @@ def prepare_point(cfg, job, hc, restart: str) -> Path:
             raise ConfigError(f"point {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}") from None
         for line in plan.summary_lines():
             print(line, flush=True)
-        config_path = Path(cfg.run_dir) / "config.yaml"
+        config_path = Path(cfg.run_dir) / CONFIG_FILE
         write_json_atomic(point_file, {**point, "config": str(config_path)})
         return config_path
     deadline = time.monotonic() + PREPARE_TIMEOUT_S
