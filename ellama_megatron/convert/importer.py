@@ -12,14 +12,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.hf_checkpoint import ConversionError, HFCheckpoint
 from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.formats.atomic import staged_output
-from ellama_megatron.formats.hf_folder import carry_hf_files
-from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
-from ellama_megatron.formats.torch_dist import CHECKPOINT_VERSION, TensorChunk, write_checkpoint
+from ellama_megatron.formats.torch_dist import TensorChunk, write_release
+from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.run.plan import padded_vocab_size
 
@@ -78,25 +76,20 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
     padded = padded_vocab_size(cfg.vocab_size, target_tp)
     chunks = plan_chunks(hf, padded)
     total = sum(hf.tensors[n][1].nbytes for n in W.hf_shapes(cfg))
+    record = {
+        "model": cfg.to_dict(),
+        "convert": {
+            "source": hf_dir.name,
+            "target_tp": target_tp,
+            "target_pp": target_pp,
+            "padded_vocab_size": padded,
+            "dtype": str(next(iter(hf.tensors.values()))[1].dtype).removeprefix("torch."),
+        },
+    }
     with staged_output(out) as tmp:
         summary = Summary("import", total, quiet=quiet)
-        dist_dir = megatron_layout(tmp)
-        dist_dir.mkdir()
         chunks = [_counted(c, summary, hf) for c in chunks]
-        write_checkpoint(dist_dir, chunks, extra_state_objects(cfg),
-                         {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION})
-        record = {
-            "model": cfg.to_dict(),
-            "convert": {
-                "source": hf_dir.name,
-                "target_tp": target_tp,
-                "target_pp": target_pp,
-                "padded_vocab_size": padded,
-                "dtype": str(next(iter(hf.tensors.values()))[1].dtype).removeprefix("torch."),
-            },
-        }
-        write_record(tmp, record)
-        carry_hf_files(hf_dir, tmp / HF_FILES_DIR, extra=("config.json",))
+        write_release(tmp, chunks, extra_state_objects(cfg), record, hf_files_from=hf_dir, hf_extra=("config.json",))
         stats = summary.close()
         if verify:
             from ellama_megatron.convert.verify import verify_conversion

@@ -96,14 +96,14 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from megatron.core import dist_checkpointing
 
-    from ellama_megatron.formats.megatron_checkpoint import find_checkpoint, read_record
+    from ellama_megatron.formats.megatron_checkpoint import locate
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import build_gpt_model, layer_spec, resolve_impl
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
 
-    record = read_record(ckpt_root)
-    cfg = LlamaConfig.from_dict(record["model"])
-    folder = find_checkpoint(ckpt_root)
+    found = locate(ckpt_root)
+    cfg = LlamaConfig.from_dict(found.record["model"])
+    folder = found.folder
     on_gpu = device != "cpu"
     if on_gpu:
         torch.cuda.set_device(torch.device(device))

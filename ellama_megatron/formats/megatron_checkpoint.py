@@ -22,14 +22,6 @@ from ellama_megatron.formats.tokenizer_folder import has_tokenizer
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's pointer to the checkpoint to load
 RELEASE_DIR = "release"                             # Megatron loads it with iteration 0, no optimizer
-
-
-def megatron_layout(root: Path) -> Path:
-    """Mark ``root`` as a Megatron checkpoint folder whose only checkpoint is ``release/``."""
-    (root / TRACKER_FILE).write_text(RELEASE_DIR)
-    return root / RELEASE_DIR
-
-
 RECORD_FILE = "checkpoint_record.yaml"
 # What the record was called before it had a name of its own (it shared it with the run config):
 # folders written then are still read.
@@ -39,6 +31,12 @@ HF_FILES_DIR = "hf"  # beside an import's or merge's checkpoint: the tokenizer a
 
 class CheckpointFormatError(ValueError):
     """A folder is not the Megatron checkpoint it should be; the message names the file and the fix."""
+
+
+def megatron_layout(root: Path) -> Path:
+    """Mark ``root`` as a Megatron checkpoint folder whose only checkpoint is ``release/``."""
+    (root / TRACKER_FILE).write_text(RELEASE_DIR)
+    return root / RELEASE_DIR
 
 
 def is_checkpoint_folder(path: Path) -> bool:

@@ -32,6 +32,9 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed._shard._utils import narrow_tensor_by_index
 
+from ellama_megatron.formats.hf_folder import carry_hf_files
+from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
+
 BACKEND_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_STATE_KEY = "common_state/shard_0_1"         # ShardedObject("common_state", ..., (1,), (0,)).unique_key
 CHECKPOINT_VERSION = 3.0                            # Megatron's current layout (no QKV reordering on load)
@@ -111,6 +114,22 @@ def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str,
         exc, _trace = next(iter(e.failures.values()))
         raise exc from None
     (folder / "metadata.json").write_text(json.dumps(BACKEND_METADATA))
+
+
+def write_release(root: Path, chunks: list[TensorChunk], objects: dict[str, Any], record: dict,
+                  hf_files_from: Path | None = None, hf_extra: tuple[str, ...] = (),
+                  on_written: Callable[[int], None] = lambda n: None) -> None:
+    """A weights-only checkpoint folder in the empty ``root``, what the import and the Megatron
+    merge write: the tracker naming ``release/`` (Megatron loads it as iteration 0, no optimizer
+    state), the tensors there, the record, and the tokenizer and generation files (plus
+    ``hf_extra``) of ``hf_files_from`` under ``hf/``."""
+    dist_dir = megatron_layout(root)
+    dist_dir.mkdir()
+    write_checkpoint(dist_dir, chunks, objects, {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION},
+                     on_written)
+    write_record(root, record)
+    if hf_files_from is not None:
+        carry_hf_files(hf_files_from, root / HF_FILES_DIR, extra=hf_extra)
 
 
 class _CachedMetadataReader(FileSystemReader):

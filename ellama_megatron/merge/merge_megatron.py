@@ -24,9 +24,7 @@ from pathlib import Path
 import torch
 
 from ellama_megatron.formats.atomic import staged_outputs
-from ellama_megatron.formats.hf_folder import carry_hf_files
-from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
-from ellama_megatron.formats.torch_dist import CHECKPOINT_VERSION, TensorChunk, write_checkpoint
+from ellama_megatron.formats.torch_dist import TensorChunk, write_release
 from ellama_megatron.merge.megatron_inputs import MegatronCheckpoint, check_megatron_mergeable
 from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk, row_ranges
 from ellama_megatron.merge.request import (
@@ -135,18 +133,12 @@ def merge_megatron_checkpoints(
                     return merged_group(cfg, m, method, alpha, tensors, weights, chunk_bytes)
 
                 chunks.append(TensorChunk.of(m.megatron, md.size, md.properties.dtype, layer, produce))
-            dist_dir = megatron_layout(tmp)
-            dist_dir.mkdir()
-            write_checkpoint(dist_dir, chunks, extra_state_objects(cfg),
-                             {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION},
-                             on_written=summary.add)
             record = {
                 "model": cfg.to_dict(),
                 "merge": {"method": method, "alpha": alpha, "base": str(b.folder),
                           "adapted": [str(o.folder) for o in others], "weights": weights},
             }
-            write_record(tmp, record)
-            if tokenizer_dir is not None:
-                carry_hf_files(tokenizer_dir, tmp / HF_FILES_DIR)
+            write_release(tmp, chunks, extra_state_objects(cfg), record, hf_files_from=tokenizer_dir,
+                          on_written=summary.add)
             summary.close()
     return MergeResult(dests, len(table), per_alpha, notes)
