@@ -16,7 +16,7 @@ from ellama_megatron.convert.hf_checkpoint import ConversionError, HFCheckpoint
 from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.formats.atomic import staged_output
-from ellama_megatron.formats.torch_dist import TensorChunk, write_release
+from ellama_megatron.formats.torch_dist import TensorChunk, extra_state_objects, write_release
 from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.run.plan import padded_vocab_size
@@ -55,12 +55,6 @@ def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
     return chunks
 
 
-def extra_state_objects(cfg: LlamaConfig) -> dict[str, None]:
-    n = cfg.num_layers
-    return {f"decoder.layers.{mod}._extra_state/shard_{layer}_{n}": None
-            for layer in range(n) for mod in W.EXTRA_STATE_MODULES}
-
-
 def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, overwrite: bool = False,
               verify: bool = False, tolerance: float | None = None, quiet: bool = False,
               verify_device: str = "auto", verify_dtype: str = "float32") -> dict:
@@ -89,7 +83,8 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
     with staged_output(out) as tmp:
         summary = Summary("import", total, quiet=quiet)
         chunks = [_counted(c, summary, hf) for c in chunks]
-        write_release(tmp, chunks, extra_state_objects(cfg), record, hf_files_from=hf_dir, hf_extra=("config.json",))
+        write_release(tmp, chunks, extra_state_objects(W.EXTRA_STATE_MODULES, cfg.num_layers), record,
+                      hf_files_from=hf_dir, hf_extra=("config.json",))
         stats = summary.close()
         if verify:
             from ellama_megatron.convert.verify import verify_conversion

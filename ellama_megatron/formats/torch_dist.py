@@ -116,6 +116,13 @@ def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str,
     (folder / "metadata.json").write_text(json.dumps(BACKEND_METADATA))
 
 
+def extra_state_objects(modules: tuple[str, ...], num_layers: int) -> dict[str, None]:
+    """The ``_extra_state`` objects Megatron checkpoints for each layer of ``modules`` (empty for a
+    checkpoint written here; a load fails on any that is missing)."""
+    return {f"decoder.layers.{mod}._extra_state/shard_{layer}_{num_layers}": None
+            for layer in range(num_layers) for mod in modules}
+
+
 def write_release(root: Path, chunks: list[TensorChunk], objects: dict[str, Any], record: dict,
                   hf_files_from: Path | None = None, hf_extra: tuple[str, ...] = (),
                   on_written: Callable[[int], None] = lambda n: None) -> None:

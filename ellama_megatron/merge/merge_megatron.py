@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ellama_megatron.formats.atomic import staged_outputs
-from ellama_megatron.formats.torch_dist import TensorChunk, write_release
+from ellama_megatron.formats.torch_dist import TensorChunk, extra_state_objects, write_release
 from ellama_megatron.merge.megatron_inputs import MegatronCheckpoint, check_megatron_mergeable
 from ellama_megatron.merge.methods import TensorStatistics, is_identity, merge_chunk, row_ranges
 from ellama_megatron.merge.request import (
@@ -100,7 +100,6 @@ def merge_megatron_checkpoints(
 ) -> MergeResult:
     """Write one merged checkpoint per alpha (see `output_dirs`). All checks run before any writing."""
     from ellama_megatron.llama import weights as W
-    from ellama_megatron.convert.importer import extra_state_objects
     from ellama_megatron.convert.summary import Summary
 
     check_merge_request(method, adapted, alphas, weights)
@@ -138,7 +137,7 @@ def merge_megatron_checkpoints(
                 "merge": {"method": method, "alpha": alpha, "base": str(b.folder),
                           "adapted": [str(o.folder) for o in others], "weights": weights},
             }
-            write_release(tmp, chunks, extra_state_objects(cfg), record, hf_files_from=tokenizer_dir,
-                          on_written=summary.add)
+            write_release(tmp, chunks, extra_state_objects(W.EXTRA_STATE_MODULES, cfg.num_layers), record,
+                          hf_files_from=tokenizer_dir, on_written=summary.add)
             summary.close()
     return MergeResult(dests, len(table), per_alpha, notes)
