@@ -121,9 +121,6 @@ class HFFolder:
         path, entry = self.tensors[name]
         return read_tensor(path, entry, rows)
 
-    def entry(self, name: str) -> TensorEntry:
-        return self.tensors[name][1]
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1].shape
 
