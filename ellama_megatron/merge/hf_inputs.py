@@ -3,7 +3,6 @@ that two can be merged (same architecture, tensor names, shapes, dtypes and toke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ def model_config(folder: HFFolder) -> dict[str, Any]:
 
         cfg = AutoConfig.from_pretrained(str(folder.path), local_files_only=True).to_dict()
     except Exception:  # an architecture this transformers does not know: compare the raw file
-        with open(folder.path / "config.json") as f:
-            cfg = json.load(f)
+        cfg = folder.config()
     return {k: v for k, v in cfg.items() if k not in CONFIG_KEYS_IGNORED}
 
 

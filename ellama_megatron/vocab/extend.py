@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ellama_megatron.formats.atomic import staged_output
-from ellama_megatron.formats.hf_folder import INDEX_FILE, HFFolder, has_weights
+from ellama_megatron.formats.hf_folder import INDEX_FILE, HFFolder, has_weights, read_config
 from ellama_megatron.vocab.bpe_extension import (
     check_extendable,
     check_ids_kept,
@@ -104,7 +104,7 @@ def extend_vocabulary(
                 shutil.copy2(f, tmp / f.name)
         (tmp / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False, indent=2) + "\n")
         if weight_files:
-            config = json.loads((hf_dir / "config.json").read_text())
+            config = read_config(hf_dir)
             needed = old_ids + len(new_tokens)
             new_size = max(int(config["vocab_size"]), padded_vocab_size(needed, divisible_by=pad_to_multiple_of))
             report["model"] = resize_checkpoint(hf_dir, tmp, new_size, sub_tokens, old_ids)
