@@ -1,7 +1,8 @@
 """Merge Megatron torch_dist checkpoints tensor by tensor, without exporting them first.
 
 Each model tensor (one layer's slice of a stacked key) is read from every input with the
-converter's streaming reader, merged, and handed to the converter's on-demand torch_dist writer,
+streaming torch_dist reader, merged, and handed to the on-demand torch_dist writer (both in
+ellama_megatron.formats.torch_dist, the converter's too),
 so one tensor group is in memory at a time. The merge happens in Hugging Face's tensor split
 (fused QKV -> q, k, v; fc1 -> gate, up; vocab padding dropped): SLERP's per-tensor angle is then
 the same as on the exported folders, and every method gives what exporting both inputs and
@@ -9,7 +10,7 @@ merging the Hugging Face folders gives. torch's checkpoint writer writes one che
 so each alpha is one pass over the inputs.
 
 Output (weights only, loads with checkpoint.init_from at any TP/PP, exports with
-tools/convert_hf.py export), the importer's layout:
+tools/convert_hf.py export), the importer's layout (formats.torch_dist.write_release):
   OUT/latest_checkpointed_iteration.txt  "release"
   OUT/release/                            torch_dist: global model tensors, no optimizer state
   OUT/checkpoint_record.yaml              model: the inputs' config; merge: method, alpha, inputs
