@@ -103,7 +103,7 @@ def test_classifier_separates_held_out_data_and_round_trips(tmp_path):
     # The fast scoring path agrees with scikit-learn's own prediction.
     x = feature_matrix(pos2[:20] + neg2[:20], clf.features)
     np.testing.assert_allclose(clf.score(pos2[:20] + neg2[:20]), est.predict_proba(x)[:, 1], atol=1e-5)
-    save_classifier(clf, est, tmp_path / "model")
+    save_classifier(clf, tmp_path / "model")
     again = DomainClassifier.load(tmp_path / "model")
     np.testing.assert_array_equal(again.score(pos2), s_pos)
     meta = json.loads((tmp_path / "model" / "classifier.json").read_text())
@@ -142,7 +142,7 @@ def test_cli_train_then_filter_keeps_exactly_the_docs_over_threshold(tmp_path):
                         str(c["general_multilingual"]), "--out", str(model), "--hash-bits", "18"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "precision" in r.stdout and (model / "model.joblib").is_file()
+    assert "precision" in r.stdout and (model / "weights.npz").is_file()
 
     mixed_pos, mixed_neg = make_corpora(60, seed=4)
     # Some borderline documents (e-commerce lines inside general text) so scores spread out.
@@ -177,7 +177,7 @@ def test_filter_object_hook_for_preprocessing(tmp_path):
 
     pos, neg = make_corpora(120, seed=6)
     clf, est, _ = train_classifier(pos, neg, FeatureConfig(n_features=1 << 16), heldout_fraction=0.0)
-    save_classifier(clf, est, tmp_path / "m")
+    save_classifier(clf, tmp_path / "m")
     f = DomainFilter(tmp_path / "m", threshold=0.5)
     docs = pos[:5] + neg[:5]
     assert [f.keep(t) for t in docs] == [True] * 5 + [False] * 5
@@ -232,7 +232,7 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
 
     pos, neg = make_corpora(150, seed=8)
     clf, est, _ = train_classifier(pos, neg, FeatureConfig(n_features=1 << 16), heldout_fraction=0.0)
-    save_classifier(clf, est, tmp_path / "clf")
+    save_classifier(clf, tmp_path / "clf")
     tok_dir = train_tiny_tokenizer(sample_texts(200) + pos[:50], tmp_path / "tok", vocab_size=400)
 
     rng = random.Random(9)

@@ -5,7 +5,7 @@ this way).
               --negative web.jsonl --out models/ecom_clf
           fits a logistic regression over hashed word, word-pair and byte 3-5-gram features on all but
           a held-out part, prints precision/recall on that part, and writes the model folder
-          (model.joblib + classifier.json).
+          (weights.npz + classifier.json; loading it never unpickles).
   filter: python tools/domain_classifier.py filter --model models/ecom_clf --input web/ \
               --threshold 0.5 --out ecom_web.jsonl.zst
           streams documents through the same readers as tools/preprocess_data.py, writes those scoring
@@ -28,6 +28,7 @@ from ellama_megatron.data.documents import ReadCounts, iter_documents, read_text
 from ellama_megatron.classify.features import FeatureConfig
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs
 from ellama_megatron.data.serializers import load_template
+from ellama_megatron.cli import run_tool
 
 
 def _check_inputs(inputs: list[str], what: str) -> None:
@@ -74,7 +75,7 @@ def cmd_train(args) -> int:
     extra = {"inputs": {"positive": args.positive, "negative": args.negative,
                         "positive_template": args.positive_template, "negative_template": args.negative_template,
                         "text_key": args.text_key}}
-    save_classifier(clf, est, args.out, extra)
+    save_classifier(clf, args.out, extra)
     m = report.get("heldout_metrics")
     if m:
         print(f"held-out ({report['heldout']['positive']} positive, {report['heldout']['negative']} negative) "
@@ -163,4 +164,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

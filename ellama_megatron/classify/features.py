@@ -60,9 +60,28 @@ class FeatureConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureConfig":
+    def from_dict(cls, d: dict, where: str = "features") -> "FeatureConfig":
+        """Read a stored config; a missing, unknown or mistyped field is a ValueError naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+        # A default would silently hash differently from training, so every field must be stored.
+        missing = sorted(names - set(d))
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; the model was written by another "
+                             "version: retrain it with `tools/domain_classifier.py train`")
         d = dict(d)
+        if not isinstance(d["char_ngrams"], list) or not all(type(n) is int and n > 0 for n in d["char_ngrams"]):
+            raise ValueError(f"{where}.char_ngrams must be a list of positive integers, got {d['char_ngrams']!r}")
         d["char_ngrams"] = tuple(d["char_ngrams"])
+        for key in ("n_features", "max_doc_bytes"):
+            if type(d[key]) is not int or d[key] <= 0:
+                raise ValueError(f"{where}.{key} must be a positive integer, got {d[key]!r}")
+        if type(d["word_bigrams"]) is not bool:
+            raise ValueError(f"{where}.word_bigrams must be true or false, got {d['word_bigrams']!r}")
         return cls(**d)
 
 

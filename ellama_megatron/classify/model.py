@@ -1,9 +1,12 @@
 """The classifier: scikit-learn logistic regression over hashed features, saved as a folder.
 
-A model folder holds ``model.joblib`` (the fitted scikit-learn estimator, for anyone who wants to
-inspect or refit it) and ``classifier.json`` (feature settings, threshold, held-out metrics, data
-summary). Scoring does not go through scikit-learn: it reads the weight vector once and computes
-w . x + b straight from the hashed features (see features.linear_scores).
+A model folder holds ``weights.npz`` (the weight vector and bias as plain arrays) and
+``classifier.json`` (feature settings, threshold, held-out metrics, data summary). Model folders
+are shared and downloaded, so loading one must not be able to run code: numpy arrays are read with
+``allow_pickle=False`` and nothing is unpickled (the first format stored a joblib pickle of the
+estimator, which runs arbitrary code when loaded; such folders are refused, with the fix).
+Scoring does not go through scikit-learn: it computes w . x + b straight from the hashed features
+(see features.linear_scores).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import numpy as np
 from ellama_megatron.classify.features import FeatureConfig, feature_matrix, linear_scores
 from ellama_megatron.formats.atomic import staged_output
 
-FORMAT = "ellama-domain-classifier/1"
+# /1 stored a joblib pickle (model.joblib); /2 stores weights.npz, which loads without unpickling.
+FORMAT = "ellama-domain-classifier/2"
 META_FILE = "classifier.json"
-ESTIMATOR_FILE = "model.joblib"
+WEIGHTS_FILE = "weights.npz"
+PICKLED_ESTIMATOR_FILE = "model.joblib"  # format /1, refused
+_RETRAIN = "retrain it with `python tools/domain_classifier.py train ... --out {path}`"
 
 
 @dataclass
@@ -37,22 +43,50 @@ class DomainClassifier:
 
     @classmethod
     def load(cls, path: str | Path) -> "DomainClassifier":
-        import joblib
-
+        """Read a model folder; every problem is a ValueError naming the file and field."""
         path = Path(path)
         meta_path = path / META_FILE
+        retrain = _RETRAIN.format(path=path)
         if not meta_path.is_file():
-            raise ValueError(f"{path}: not a classifier folder (no {META_FILE}); train one with "
-                             "`python tools/domain_classifier.py train ... --out {path}`")
-        meta = json.loads(meta_path.read_text())
+            raise ValueError(f"{path}: not a classifier folder (no {META_FILE}); {retrain}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e}); {retrain}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {retrain}")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
-        est = joblib.load(path / ESTIMATOR_FILE)
-        cfg = FeatureConfig.from_dict(meta["features"])
-        coef = np.asarray(est.coef_, dtype=np.float32).reshape(-1)
+            if (path / PICKLED_ESTIMATOR_FILE).exists():
+                raise ValueError(
+                    f"{path / PICKLED_ESTIMATOR_FILE}: old classifier format ({meta.get('format')!r}) stored as a "
+                    f"pickle, which can run arbitrary code when loaded, so it is not read; {retrain} "
+                    f"(writes {WEIGHTS_FILE}, which loads without unpickling)")
+            raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}; {retrain}")
+        if "features" not in meta:
+            raise ValueError(f"{meta_path}: missing field 'features' (the hashing settings the model was "
+                             f"trained with); {retrain}")
+        try:
+            cfg = FeatureConfig.from_dict(meta["features"], "features")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{meta_path}: {e}") from None
+        weights_path = path / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise ValueError(f"{weights_path}: missing; {retrain}")
+        try:
+            with np.load(weights_path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("weights", "bias") if k in z.files}
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{weights_path}: unreadable ({e}); {retrain}") from None
+        for k in ("weights", "bias"):
+            if k not in arrays:
+                raise ValueError(f"{weights_path}: no array {k!r}; {retrain}")
+        coef = np.asarray(arrays["weights"], dtype=np.float32).reshape(-1)
         if coef.shape[0] != cfg.n_features:
-            raise ValueError(f"{path / ESTIMATOR_FILE}: {coef.shape[0]} weights, but {META_FILE} says n_features={cfg.n_features}")
-        return cls(cfg, coef, float(np.asarray(est.intercept_).reshape(-1)[0]), meta)
+            raise ValueError(f"{weights_path}: {coef.shape[0]} weights, but {META_FILE} says "
+                             f"features.n_features={cfg.n_features}; {retrain}")
+        if arrays["bias"].size != 1 or not np.all(np.isfinite(coef)) or not np.isfinite(arrays["bias"]).all():
+            raise ValueError(f"{weights_path}: weights or bias not finite (or bias not one number); {retrain}")
+        return cls(cfg, coef, float(arrays["bias"].reshape(-1)[0]), meta)
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
@@ -132,13 +166,12 @@ def train_classifier(
     return clf, est, report
 
 
-def save_classifier(clf: DomainClassifier, estimator, out: str | Path, extra: dict | None = None) -> Path:
+def save_classifier(clf: DomainClassifier, out: str | Path, extra: dict | None = None) -> Path:
     """Write the model folder under a temporary name, then rename it into place."""
-    import joblib
-
     out = Path(out)
     with staged_output(out) as tmp:
-        joblib.dump(estimator, tmp / ESTIMATOR_FILE)
+        np.savez(tmp / WEIGHTS_FILE, weights=np.asarray(clf.weights, dtype=np.float32),
+                 bias=np.asarray([clf.bias], dtype=np.float64))
         meta = dict(clf.metadata)
         meta.update(extra or {})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
