@@ -29,13 +29,15 @@ import argparse
 import signal
 import sys
 
+from ellama_megatron.cli import run_tool
+
 
 def _interrupt(signum, frame):
     # SIGTERM (kill, a closing terminal) cleans up like Ctrl-C: the Slurm job and any Slurm the demo started.
     raise KeyboardInterrupt
 
 
-def main() -> int:
+def main(argv=None) -> int:
     # recipes/ is this script's folder, so the demo/ package beside it imports as `demo`.
     from demo.runner import DemoError, DemoOptions
     from demo.stages import run_demo
@@ -56,7 +58,7 @@ def main() -> int:
                         help="auto: slurm/8b.sbatch if a Slurm cluster answers, else recipes/cpt.py; "
                              "slurm: start the local Slurm if none runs (stopped afterwards); direct: recipes/cpt.py")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both training runs")
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     opts = DemoOptions(docs=a.docs, base_iters=a.base_iters, base_lr=a.base_lr, cpt_iters=a.cpt_iters, cpt_lr=a.cpt_lr,
                        eval_interval=a.eval_interval, alphas=tuple(a.alpha or d.alphas), launcher=a.launcher,
                        overrides=tuple(a.overrides))
@@ -73,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

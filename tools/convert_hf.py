@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from ellama_megatron.cli import run_tool
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # torch's checkpoint code may start processes that import this file again: keep the guard
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -26,6 +26,7 @@ from pathlib import Path
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.merge.request import MergeInputError
+from ellama_megatron.cli import run_tool
 
 
 def parse_args(argv=None):
@@ -84,4 +85,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

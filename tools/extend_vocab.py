@@ -25,6 +25,7 @@ from ellama_megatron.data.documents import read_texts
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs
 from ellama_megatron.data.serializers import load_template
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY
+from ellama_megatron.cli import run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,4 +101,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -32,6 +32,7 @@ from ellama_megatron.formats.megatron_checkpoint import folder_kind
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.methods import METHODS
 from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError
+from ellama_megatron.cli import run_tool
 
 
 KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}
@@ -88,4 +89,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -20,6 +20,7 @@ import sys
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.merge.methods import METHODS
+from ellama_megatron.cli import run_tool
 
 
 def parse_args(argv=None):
@@ -64,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

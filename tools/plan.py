@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ellama_megatron import CONF_DIR
+from ellama_megatron.cli import run_tool
 from ellama_megatron.run.memory import check_fits, enumerate_layouts, report_for
 from ellama_megatron.run.plan import LayoutError, RunPlan
 
@@ -70,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

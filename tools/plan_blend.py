@@ -24,6 +24,7 @@ from ellama_megatron import CONF_DIR
 from ellama_megatron.data.blend_plan import PlanError, plan_blend
 from ellama_megatron.data.manifest import ManifestError
 from ellama_megatron.formats.atomic import write_json_atomic
+from ellama_megatron.cli import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

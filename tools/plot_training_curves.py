@@ -11,6 +11,7 @@ import sys
 
 from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
+from ellama_megatron.cli import run_tool
 
 
 def main(argv=None) -> int:
@@ -34,4 +35,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -28,6 +28,8 @@ import logging
 import sys
 import warnings
 
+from ellama_megatron.cli import run_tool
+
 # Megatron-Core's import chatter (no Transformer Engine, no CUDA, no rank) says nothing about data.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Could not determine rank).*")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -122,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

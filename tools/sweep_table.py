@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ellama_megatron.sweep.table import POINT_FILE, write_tables
+from ellama_megatron.cli import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
