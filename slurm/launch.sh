@@ -36,7 +36,17 @@ fi
 
 VARIABLES="$("$PYTHON" -m ellama_megatron.launch prepare "$SBATCH_FILE" "${PRESET[@]}" -- "$@")" || exit 2
 eval "$VARIABLES"  # ELLAMA_CONFIG RUN_DIR NODES PROCS_PER_NODE JOB_LOG_DIR START_ITER [FINISHED]
-[[ -n "${FINISHED:-}" ]] && exit 0
+[[ -n "${FINISHED:-}" ]] && { log "run already finished: nothing to start"; exit 0; }
+
+# One run per folder: `prepare` held ${RUN_DIR}/run.lock while it wrote the config; this shell holds
+# it from here until the ranks are gone (the kernel releases it if the job dies), so a second job on
+# the same run folder is refused instead of training beside this one.
+exec 9>>"$RUN_DIR/run.lock"
+if ! flock -n 9; then
+    log "error: $RUN_DIR/run.lock: run folder in use by another launch ($(cat "$RUN_DIR/run.lock")); not starting, not requeueing"
+    exit 5
+fi
+echo "host=$(hostname) pid=$$ start=$(date +%Y-%m-%dT%H:%M:%S%z) job=${SLURM_JOB_ID}" >"$RUN_DIR/run.lock"
 
 # Rendezvous on the allocation's first host, at a port from the job id (stable across requeues; not
 # the submitter's MASTER_PORT, which sbatch exports and which may be taken).

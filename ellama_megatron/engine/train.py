@@ -15,6 +15,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ellama_megatron.run.progress import DONE_FILE, saved_iteration
+from ellama_megatron.runtime.parent_death import die_with_parent
+
+if __name__ == "__mp_main__":
+    # A helper Megatron spawned from a rank (spawn re-imports the rank's main module under this
+    # name): it dies with its rank, not leaked when the rank is killed.
+    die_with_parent()
 
 
 def slurm_env_to_torch() -> None:
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", required=True, help="resolved config written by recipes/cpt.py")
     opts = parser.parse_args(argv)
+    die_with_parent()  # a rank outliving torchrun/srun would train beside the relaunch
     slurm_env_to_torch()
     start_checkpoint_helper_ignoring_sigterm()
     run(OmegaConf.load(opts.config))

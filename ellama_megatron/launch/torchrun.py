@@ -4,12 +4,15 @@ with torchrun (launch=torchrun) or stop with the config's path for srun (launch=
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
+from ellama_megatron.run.progress import is_finished, saved_iteration
 from ellama_megatron.run.schema import ConfigError
+from ellama_megatron.runtime.parent_death import die_with_parent
 
 RANK_MODULE = "ellama_megatron.engine.train"  # one rank of the engine, however it is started
 
@@ -25,13 +28,18 @@ def torchrun_command(procs_per_node: int, config_path: Path) -> list[str]:
 def run_recipe(cfg) -> int:
     """What recipes/cpt.py does; returns the process exit code."""
     try:
-        plan = prepare_plan(cfg)
+        plan = prepare_plan(cfg)  # holds the run folder's lock from here to this process's exit
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config_path = Path(cfg.run_dir) / CONFIG_FILE
     for line in plan.summary_lines():
         print(line)
+    if is_finished(cfg.run_dir, plan.train_iterations):
+        # Megatron would start, find no samples left and fail an assertion: nothing to do is success.
+        print(f"run already finished (iteration {saved_iteration(cfg.run_dir)} of {plan.train_iterations} in "
+              f"{cfg.run_dir}); nothing started")
+        return 0
     if os.environ.get("ELLAMA_DRY_RUN"):
         print(f"dry run: config written to {config_path}; nothing started")
         return 0
@@ -41,4 +49,6 @@ def run_recipe(cfg) -> int:
     if plan.nodes != 1:
         print("error: launch=torchrun starts one node; use slurm/*.sbatch for several", file=sys.stderr)
         return 2
-    return subprocess.call(torchrun_command(plan.procs_per_node, config_path))
+    # torchrun dies with this process (SIGTERM: it stops its ranks); the ranks arm the same for themselves.
+    return subprocess.call(torchrun_command(plan.procs_per_node, config_path),
+                           preexec_fn=lambda: die_with_parent(signal.SIGTERM))

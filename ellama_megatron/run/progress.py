@@ -4,9 +4,11 @@ from these, so "finished" means one thing."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ellama_megatron.formats import megatron_checkpoint
+from ellama_megatron.formats.atomic import write_text_atomic
 
 DONE_FILE = "done.json"  # in run_dir once the token budget is spent (written by the engine's rank 0)
 LATEST_ITERATION_FILE = f"checkpoints/{megatron_checkpoint.TRACKER_FILE}"  # Megatron's own tracker
@@ -21,3 +23,43 @@ def is_finished(run_dir: str | Path, train_iterations: int) -> bool:
     """done.json, or a checkpoint at the last iteration: a run killed between its last save and
     done.json must not train again."""
     return (Path(run_dir) / DONE_FILE).exists() or saved_iteration(run_dir) >= train_iterations
+
+
+def complete_iterations(save_dir: Path) -> list[int]:
+    """The iterations of the save folder's complete checkpoints (torch_dist's metadata written,
+    which it does last), oldest first."""
+    found = []
+    for folder in Path(save_dir).glob("iter_*"):
+        match = re.fullmatch(r"iter_(\d+)", folder.name)
+        if match and megatron_checkpoint.is_checkpoint_folder(folder):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def repair_tracker(run_dir: str | Path) -> str | None:
+    """Make the run's tracker name a complete checkpoint before the ranks read it.
+
+    Megatron truncates latest_checkpointed_iteration.txt before writing it, so a kill at that moment
+    leaves it empty; with an empty or unreadable tracker its loader prints an error and the run ends
+    (exit 0) without training. A tracker that is empty, not a number, or names a checkpoint that is
+    missing or incomplete is rewritten to the newest complete iter_* (returns the warning to show);
+    with no complete checkpoint to point to it is refused (CheckpointFormatError naming the file).
+    None when the tracker is absent (a new run) or sound."""
+    save_dir = Path(run_dir) / "checkpoints"
+    tracker = save_dir / megatron_checkpoint.TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == megatron_checkpoint.RELEASE_DIR and megatron_checkpoint.is_checkpoint_folder(save_dir / text):
+        return None
+    if text.isdigit() and megatron_checkpoint.is_checkpoint_folder(save_dir / f"iter_{int(text):07d}"):
+        return None
+    problem = "is empty" if not text else f"names {text!r}, which is not a complete checkpoint in {save_dir}"
+    complete = complete_iterations(save_dir)
+    if not complete:
+        raise megatron_checkpoint.CheckpointFormatError(
+            f"{tracker}: {problem}, and {save_dir} holds no complete iter_* checkpoint to resume from; "
+            "restore the checkpoints, or delete the tracker to start the run again from its beginning")
+    write_text_atomic(tracker, str(complete[-1]))  # as Megatron writes it
+    return (f"warning: {tracker} {problem}; set to {complete[-1]}, the newest complete checkpoint "
+            f"(iter_{complete[-1]:07d})")
