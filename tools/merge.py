@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (with several alphas: parent of alpha_<a>/ folders)")
     p.add_argument("--method", default="linear", choices=METHODS, help="merge formula (default: linear)")
     p.add_argument("--weight", action="append", type=float, help="task_arithmetic: weight of each --adapted model, in order (default 1)")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="allow --alpha outside [0, 1] (task arithmetic scaling beyond the adapted model)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--chunk-mb", type=int, default=DEFAULT_CHUNK_BYTES // 2**20, help="rows merged at once, in MiB of float32 (default %(default)s)")
     return p.parse_args(argv)
@@ -75,9 +77,10 @@ def main(argv=None) -> int:
             weights=args.weight,
             overwrite=args.overwrite,
             chunk_bytes=args.chunk_mb * 2**20,
+            extrapolate=args.extrapolate,
         )
     except (MergeInputError, ValueError) as e:
-        print(f"merge.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     for note in result.notes:
         print(f"merge.py: note: {note}", file=sys.stderr)

@@ -37,9 +37,10 @@ def merge_hf_folders(
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
+    extrapolate: bool = False,
 ) -> MergeResult:
     """Write one merged folder per alpha (see `output_dirs`). All checks run before any writing."""
-    check_merge_request(method, adapted, alphas, weights)
+    check_merge_request(method, adapted, alphas, weights, extrapolate)
     b = open_input(base, "base")
     roles = adapted_roles(len(adapted))
     others = [open_input(p, r) for p, r in zip(adapted, roles)]

@@ -98,12 +98,13 @@ def merge_megatron_checkpoints(
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
+    extrapolate: bool = False,
 ) -> MergeResult:
     """Write one merged checkpoint per alpha (see `output_dirs`). All checks run before any writing."""
     from ellama_megatron.llama import weights as W
     from ellama_megatron.convert.summary import Summary
 
-    check_merge_request(method, adapted, alphas, weights)
+    check_merge_request(method, adapted, alphas, weights, extrapolate)
     b = MegatronCheckpoint.open(base, "base")
     roles = adapted_roles(len(adapted))
     others = [MegatronCheckpoint.open(p, r) for p, r in zip(adapted, roles)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,22 @@ class MergeResult:
     notes: list[str] = dataclasses.field(default_factory=list)  # what the checks could not check
 
 
-def check_merge_request(method: str, adapted: list, alphas: list[float], weights: list[float] | None) -> None:
+def check_merge_request(method: str, adapted: list, alphas: list[float], weights: list[float] | None,
+                        extrapolate: bool = False) -> None:
     """The options, checked before the inputs are opened."""
     if method not in METHODS:
         raise MergeInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if not alphas:
         raise MergeInputError("no --alpha given")
+    # A NaN or infinite weight makes every merged tensor NaN; nothing downstream would notice.
+    for name, values in (("--alpha", alphas), ("--weight", weights or [])):
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise MergeInputError(f"{name} {bad[0]}: not a finite number; give a value such as 0.5")
+    outside = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if outside and not extrapolate:
+        raise MergeInputError(f"--alpha {outside[0]:g}: outside [0, 1], so the merge extrapolates beyond the "
+                              "two models; pass --extrapolate if that is meant (task arithmetic), else use 0..1")
     if method in ("linear", "slerp") and len(adapted) != 1:
         raise MergeInputError(f"--method {method} merges one adapted model, got {len(adapted)}; use task_arithmetic for several")
     if weights is not None and len(weights) != len(adapted):
