@@ -12,8 +12,10 @@ slice of a stacked key, whatever TP/PP wrote it.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -175,7 +177,12 @@ class CheckpointReader:
     def __init__(self, folder: Path):
         self.folder = folder
         self._reader = _CachedMetadataReader(str(folder))
-        self.metadata = self._reader.read_metadata()
+        # torch unpickles .metadata (a format limitation: Megatron checkpoints must be trusted).
+        try:
+            self.metadata = self._reader.read_metadata()
+        except (EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError) as e:
+            raise ValueError(f"{Path(folder) / '.metadata'}: unreadable, truncated or not written by torch "
+                             f"({type(e).__name__}: {e}); copy the checkpoint again or save it again") from None
 
     def tensor_metadata(self, key: str) -> TensorStorageMetadata:
         md = self.metadata.state_dict_metadata.get(key)
@@ -192,8 +199,33 @@ class CheckpointReader:
             offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
         dest = torch.empty(sizes, dtype=md.properties.dtype)
         planner = _SlicePlanner(key, offsets, sizes, dest)
-        torch.distributed.checkpoint.load({key: dest}, storage_reader=self._reader, planner=planner, no_dist=True)
+        try:
+            torch.distributed.checkpoint.load({key: dest}, storage_reader=self._reader, planner=planner, no_dist=True)
+        except (CheckpointException, EOFError, RuntimeError, OSError) as e:
+            raise self._read_error(key, e) from None
         return dest[0] if layer is not None else dest
+
+    def _read_error(self, key: str, error: BaseException) -> Exception:
+        """A short error naming the data file that failed: a truncated ``.distcp`` (an interrupted
+        copy) otherwise surfaces as a bare EOFError from inside torch's reader."""
+        if isinstance(error, CheckpointException):
+            error = next(iter(error.failures.values()))
+            error = error[0] if isinstance(error, tuple) else error
+        if isinstance(error, OSError) and not isinstance(error, EOFError) and error.errno is not None:
+            return error  # a missing file or an I/O failure already names its path
+        needed: dict[str, int] = {}
+        for item in (self.metadata.storage_data or {}).values():
+            name = str(item.relative_path)
+            needed[name] = max(needed.get(name, 0), item.offset + item.length)
+        for name, end in sorted(needed.items()):
+            path = self.folder / name
+            if not path.is_file():
+                return ValueError(f"{path}: missing (needed for {key!r}); copy the whole checkpoint folder again")
+            if path.stat().st_size < end:
+                return ValueError(f"{path}: truncated ({path.stat().st_size} bytes, the checkpoint's .metadata "
+                                  f"places data up to byte {end}); copy the checkpoint again")
+        return ValueError(f"{self.folder}: cannot read {key!r} ({type(error).__name__}: {error}); "
+                          "the checkpoint's .distcp files may be damaged: copy or save it again")
 
     def common_state(self) -> dict:
         buf: dict[str, Any] = {COMMON_STATE_KEY: io.BytesIO()}
@@ -201,5 +233,13 @@ class CheckpointReader:
         data = buf[COMMON_STATE_KEY]
         if isinstance(data, io.BytesIO):
             data.seek(0)
-            data = torch.load(data, weights_only=False)
+            # weights_only: never run code from a checkpoint's pickles ourselves; Megatron's own
+            # training saves its arguments as an argparse.Namespace, the one class allowed besides
+            # torch's plain types.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                try:
+                    data = torch.load(data, weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise ValueError(f"{self.folder}: common state holds objects that only unpickling with "
+                                     f"code execution could read; not loaded ({e})") from None
         return data[0]
