@@ -40,6 +40,7 @@ def check_data(blend: dict) -> list[str]:
 def check_known_choices(cfg) -> list[str]:
     groups = {group: typed(cfg, group) for group in SCHEMAS}  # ConfigError for a key of the wrong type or unknown
     errors = groups["cluster"].problems() + groups["optim"].problems()
+    errors += groups["train"].problems() + groups["checkpoint"].problems()
     if cfg.launch not in ("torchrun", "none"):
         errors.append(f"launch={cfg.launch!r} must be torchrun or none")
     init = cfg.checkpoint.init_from
@@ -70,9 +71,12 @@ def check_memory(cfg, plan: RunPlan) -> list[str]:
 
 def check_config(cfg, blend: dict) -> RunPlan:
     """The run's plan, or ConfigError listing every problem found."""
+    choices = check_known_choices(cfg)
+    if choices:  # a zero or negative size would stop the plan itself (a division by zero)
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(choices))
     plan = RunPlan.from_cfg(cfg)
     layout = plan.problems()
-    errors = check_known_choices(cfg) + layout + check_data(blend) + check_tokenizer(cfg.data.get("tokenizer_dir"))
+    errors = choices + layout + check_data(blend) + check_tokenizer(cfg.data.get("tokenizer_dir"))
     if not layout:  # the memory of a layout Megatron cannot run is no question
         errors += check_memory(cfg, plan)
     if errors:

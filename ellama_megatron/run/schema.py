@@ -54,6 +54,17 @@ class TrainConfig:
     exit_interval: Optional[int] = MISSING
     exit_duration_in_mins: Optional[int] = MISSING  # the Slurm launcher sets it from the job's time left
 
+    def problems(self) -> list[str]:
+        """Values Megatron would divide by or assert on inside the ranks, refused by key here."""
+        errors = [f"train.{key}={getattr(self, key)} must be at least 1"
+                  for key in ("seq_length", "micro_batch_size", "global_batch_size", "eval_interval", "log_interval")
+                  if getattr(self, key) < 1]
+        if not self.train_tokens > 0:  # also catches NaN
+            errors.append(f"train.train_tokens={self.train_tokens} must be positive (the token budget)")
+        if self.eval_iters < 0:
+            errors.append(f"train.eval_iters={self.eval_iters} must be 0 or more")
+        return errors
+
 
 @dataclasses.dataclass
 class ClusterConfig:
@@ -85,6 +96,15 @@ class OptimConfig:
 
     def problems(self) -> list[str]:
         errors = []
+        if not self.lr > 0:  # also catches NaN
+            errors.append(f"optim.lr={self.lr} must be positive")
+        if not self.min_lr >= 0:
+            errors.append(f"optim.min_lr={self.min_lr} must be 0 or more")
+        elif self.lr > 0 and self.min_lr > self.lr:
+            errors.append(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; the schedule decays from lr "
+                          "to min_lr, so set min_lr <= lr")
+        if not 0.0 <= self.lr_warmup_fraction <= 1.0:
+            errors.append(f"optim.lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1]")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             errors.append(f"optim.lr_decay_style={self.lr_decay_style!r} is not a Megatron decay style")
         if self.precision not in PRECISIONS:
@@ -99,6 +119,11 @@ class CheckpointConfig:
     format: str = MISSING  # Megatron's --ckpt-format
     async_save: bool = MISSING  # GPU only
     save_optim: bool = MISSING  # needed to resume
+
+    def problems(self) -> list[str]:
+        if self.save_interval < 1:
+            return [f"checkpoint.save_interval={self.save_interval} must be at least 1 (iterations between saves)"]
+        return []
 
 
 @dataclasses.dataclass
