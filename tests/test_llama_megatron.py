@@ -35,7 +35,7 @@ def training_config(overrides: list[str], run_dir, monkeypatch):
     from ellama_megatron.llama.megatron import parse_megatron_args
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"run_dir={run_dir}", *overrides])
+        cfg = compose("config", overrides=[f"run_dir={run_dir}", "model=tiny", *overrides])
     assert cfg.cluster.accelerator == "cpu"
     model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     monkeypatch.setenv("WORLD_SIZE", str(int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)))

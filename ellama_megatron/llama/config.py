@@ -68,7 +68,8 @@ class LlamaConfig:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    # auto.yaml is no preset: it stands for the model recorded beside checkpoint.init_from
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "auto")
 
 
 def load_model_config(name_or_path: str | Path) -> LlamaConfig:

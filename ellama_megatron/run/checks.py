@@ -1,7 +1,7 @@
 """Checks a composed config before anything expensive happens (seconds, not after the model build).
 
 Each message says which key is wrong, why, and what would fix it; ``check_config`` raises one
-ConfigError listing every problem: the run's layout (RunPlan.problems), the choices, the data, the
+ConfigError listing every problem: the model against the checkpoint it starts from, the run's layout (RunPlan.problems), the choices, the data, the
 tokenizer and, when the layout itself is valid and the cluster names its GPU memory, the planner's
 memory refusal.
 """
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf, open_dict
+
 from ellama_megatron.run.memory import report_for
+from ellama_megatron.run.model_source import AUTO, run_model
 from ellama_megatron.run.plan import RunPlan
 from ellama_megatron.run.schema import SCHEMAS, ConfigError, typed
 
@@ -39,8 +42,12 @@ def check_data(blend: dict) -> list[str]:
 
 def check_known_choices(cfg) -> list[str]:
     groups = {group: typed(cfg, group) for group in SCHEMAS}  # ConfigError for a key of the wrong type or unknown
-    errors = groups["cluster"].problems() + groups["optim"].problems()
+    errors = groups["cluster"].problems() + groups["optim"].problems() + groups["resilience"].problems()
     errors += groups["train"].problems() + groups["checkpoint"].problems()
+    if groups["checkpoint"].async_save and groups["cluster"].accelerator == "cpu":
+        # Megatron's async writer needs CUDA: the flag would be dropped, and the saves be synchronous.
+        errors.append("checkpoint.async_save=true needs cluster.accelerator=gpu (Megatron writes in the background "
+                      "only from GPU memory); set checkpoint.async_save=false")
     if cfg.launch not in ("torchrun", "none"):
         errors.append(f"launch={cfg.launch!r} must be torchrun or none")
     init = cfg.checkpoint.init_from
@@ -69,14 +76,27 @@ def check_memory(cfg, plan: RunPlan) -> list[str]:
     return [] if report.fits else [f"does not fit the GPU: {report.refusal()}"]
 
 
+def settle_model(cfg) -> list[str]:
+    """Replace ``cfg.model`` by the model the run trains (checkpoint.init_from's recorded one under
+    model=auto), so the config the ranks read and the run's record name real dimensions; returns
+    each field in which a preset or model.* override disagrees with that checkpoint."""
+    model, disagreements = run_model(cfg)
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(model)
+    return disagreements
+
+
 def check_config(cfg, blend: dict) -> RunPlan:
-    """The run's plan, or ConfigError listing every problem found."""
+    """The run's plan, or ConfigError listing every problem found. Settles ``cfg.model`` first."""
+    model_errors = settle_model(cfg)
+    if model_errors and cfg.model.get("name") == AUTO:  # no model to check the rest against
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(model_errors))
     choices = check_known_choices(cfg)
     if choices:  # a zero or negative size would stop the plan itself (a division by zero)
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(choices))
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(model_errors + choices))
     plan = RunPlan.from_cfg(cfg)
     layout = plan.problems()
-    errors = choices + layout + check_data(blend) + check_tokenizer(cfg.data.get("tokenizer_dir"))
+    errors = model_errors + choices + layout + check_data(blend) + check_tokenizer(cfg.data.get("tokenizer_dir"))
     if not layout:  # the memory of a layout Megatron cannot run is no question
         errors += check_memory(cfg, plan)
     if errors:

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.run.model_source import run_model
 from ellama_megatron.run.schema import ConfigError, typed
 
 # Megatron pads the vocabulary to a multiple of this x TP (its --make-vocab-size-divisible-by;
@@ -67,7 +68,7 @@ class RunPlan:
         Only reads and derives; ``check()`` says whether Megatron can run it."""
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(cfg)
-        model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), "config.model")
+        model = LlamaConfig.from_dict(run_model(cfg)[0], "config.model")
         p, t, cluster, optim = (typed(cfg, group) for group in ("parallel", "train", "cluster", "optim"))
         return cls(
             model=model,
