@@ -20,6 +20,9 @@ def write_manifest(folder, name, train_tokens, valid_tokens=0, languages=None, s
     if valid_tokens:
         splits["valid"] = {"prefix": f"{name}_valid", "documents": 3, "tokens": valid_tokens, "text_bytes": 0, "languages": {}}
     path = folder / f"{name}.manifest.json"
+    for split in splits:  # the plan checks that each manifest's dataset files exist
+        for ext in (".bin", ".idx"):
+            (folder / f"{splits[split]['prefix']}{ext}").touch()
     path.write_text(json.dumps({"format": MANIFEST_FORMAT, "source": name, "splits": splits,
                                 "tokenizer": {"tokenizer_json_sha256": sha}}))
     return str(path)

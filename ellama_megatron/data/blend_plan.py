@@ -13,13 +13,14 @@ per level may be null: it takes what the others leave, so one override changes a
 
 A source with several manifests (shards, languages) is sampled uniformly by token: each
 prefix's weight is the source's share times the prefix's fraction of the source's tokens.
-Only manifests are read, so planning is instant and needs no dataset.
+Only manifests are read (and the datasets' files checked to exist), so planning is instant.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ellama_megatron.data.manifest import dataset_prefix, read_manifest
 
@@ -196,6 +197,12 @@ def plan_blend(data_cfg, train_tokens: float, seq_length: int) -> BlendPlan:
                 vprefix = dataset_prefix(path, m, "valid")
                 if vprefix:
                     plan.valid_prefixes.append(vprefix)
+                for p in (prefix, vprefix):
+                    for ext in (".bin", ".idx") if p else ():
+                        # A stat each: a blend naming a moved or deleted dataset would fail only in the ranks.
+                        if not Path(str(p) + ext).is_file():
+                            raise PlanError(f"{path}: its dataset {p}{ext} is missing; copy the dataset beside "
+                                            "the manifest or preprocess it again (tools/preprocess_data.py)")
                 plan.tokens_available += tokens
             plan.tokens_drawn = plan.share * num_samples * seq_length
             if plan.share > 0 and plan.tokens_available == 0:
