@@ -5,10 +5,12 @@
 # decides the rest (ellama_megatron/launch/slurm.py: ranks, time left, config, requeue or not).
 # On USR1 (time limit, `#SBATCH --signal=B:USR1@...`) or TERM (preemption) the job steps get SIGTERM,
 # on which Megatron's --exit-signal-handler saves a checkpoint and exits; then the job is requeued.
+# Megatron's own exits: 16 (a rejected loss/gradient reproduced on this GPU) is requeued excluding
+# the node, 17 (the result was diagnosed) stops; both land in ${run_dir}/events.jsonl.
 # Environment (all optional; docs/slurm.md): ELLAMA_DRY_RUN=1 (print the plan, start nothing; works
 # outside Slurm), ELLAMA_SITE_ENV (default slurm/site.env), ELLAMA_CONTAINER_IMAGE/_MOUNTS, ELLAMA_VENV,
-# ELLAMA_PYTHON, ELLAMA_EXIT_MARGIN_MIN (10), ELLAMA_MAX_REQUEUES (500), ELLAMA_LOG_ROOT (slurm/logs),
-# ELLAMA_MASTER_PORT.
+# ELLAMA_PYTHON, ELLAMA_EXIT_MARGIN_MIN (10), ELLAMA_MAX_REQUEUES (500), ELLAMA_MAX_RERUNS_ELSEWHERE (3),
+# ELLAMA_LOG_ROOT (slurm/logs), ELLAMA_MASTER_PORT.
 set -uo pipefail
 SBATCH_FILE="$1"; shift
 PRESET=()

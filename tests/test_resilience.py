@@ -123,3 +123,91 @@ def test_a_second_launch_on_a_run_folder_is_refused_naming_the_first(domain_data
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "config.yaml").exists()
     assert f"pid={holder.pid}" not in (run_dir / LOCK_FILE).read_text()
+
+
+# -- Megatron's exits 16 and 17, the events log, and what the config asks of Megatron -----------
+
+REJECTED_LINE = ("ts=2026-12-02 06:49:06.1 node=gpu-017 device=3 jobID=4242 rank=5 iteration=3 "
+                 "status=RerunValidationStatus.FIRST_RERUN_REPRODUCIBLE result=1594.04 "
+                 "message='found NaN in local forward loss calculation'\n")
+
+
+def test_exit_16_and_17_are_reported_from_megatrons_rejection_log(tmp_path):
+    from ellama_megatron.run.events import RESULT_REJECTED_FILE, exit_report
+
+    (tmp_path / RESULT_REJECTED_FILE).write_text(REJECTED_LINE)
+    report = exit_report(tmp_path, 16)
+    assert report == {"kind": "rerun_elsewhere", "exit_code": 16, "iteration": 3, "node": "gpu-017", "rank": 5,
+                      "check": "found NaN in local forward loss calculation", "result": "1594.04",
+                      "status": "FIRST_RERUN_REPRODUCIBLE"}
+    assert exit_report(tmp_path, 17)["kind"] == "result_rejected"
+    assert exit_report(tmp_path, 1) is None
+
+
+def slurm_env(tmp_path, restart=0):
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "t", "SLURM_RESTART_COUNT": str(restart),
+            "ELLAMA_LOG_ROOT": str(tmp_path / "logs"), "PATH": str(tmp_path / "bin")}
+
+
+def fake_scontrol(tmp_path) -> Path:
+    """scontrol that records its arguments (the requeue and the exclusion are what we check)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return calls
+
+
+def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tmp_path, monkeypatch):
+    from ellama_megatron.launch import slurm
+    from ellama_megatron.launch.prepare import prepare
+    from ellama_megatron.run.events import RANK_EXIT_FILE, RESULT_REJECTED_FILE, read_events
+    from test_launch import composed
+
+    run_dir = tmp_path / "run"
+    config = prepare(composed(*data_overrides(domain_data), f"run_dir={run_dir}"))
+    (run_dir / RESULT_REJECTED_FILE).write_text(REJECTED_LINE)
+    calls = fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")  # never the machine's real scontrol
+    env = slurm_env(tmp_path)
+    # srun may report the killed steps' status: rank 0's record says 16.
+    (run_dir / RANK_EXIT_FILE).write_text('{"exit_code": 16}')
+    assert slurm.end_job(config, "", 137, 0, tmp_path, env) == 0
+    assert calls.read_text().splitlines() == ["update JobId=4242 ExcNodeList=gpu-017", "requeue 4242"]
+    event, = read_events(run_dir)
+    assert (event["kind"], event["iteration"], event["node"], event["excluded"]) == ("rerun_elsewhere", 3, "gpu-017", True)
+    assert event["action"] == "requeue excluding the node" and not (run_dir / RANK_EXIT_FILE).exists()
+    # Capped: after ELLAMA_MAX_RERUNS_ELSEWHERE exit-16 requeues the job stops with 16.
+    assert slurm.end_job(config, "", 16, 0, tmp_path, {**env, "ELLAMA_MAX_RERUNS_ELSEWHERE": "1"}) == 16
+    assert read_events(run_dir)[-1]["action"].startswith("stop: exit 16 again after 1 reruns")
+    # 17: stop, no requeue, reported.
+    calls.unlink()
+    assert slurm.end_job(config, "", 17, 0, tmp_path, env) == 17
+    assert not calls.exists()
+    assert read_events(run_dir)[-1]["kind"] == "result_rejected"
+
+
+def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(domain_data, tmp_path):
+    from ellama_megatron.engine.megatron_args import checkpoint_args, resilience_args
+    from ellama_megatron.launch.prepare import prepare
+    from ellama_megatron.run.schema import ConfigError
+    from test_launch import PAPER_70B, composed
+
+    cfg = composed(*data_overrides(domain_data), f"run_dir={tmp_path}", "resilience.iterations_to_skip=[7,8]")
+    args = [str(a) for a in resilience_args(cfg)]
+    assert args[:2] == ["--rerun-mode", "validate_results"] and "--check-for-spiky-loss" in args
+    assert args[args.index("--iterations-to-skip") + 1:][:2] == ["7", "8"]
+    assert "--no-check-for-nan-in-loss-and-grad" not in args
+    off = composed(*data_overrides(domain_data), "resilience.check_nan=false", "resilience.spike_factor=null")
+    assert "--no-check-for-nan-in-loss-and-grad" in resilience_args(off)
+    assert "--check-for-spiky-loss" not in resilience_args(off)
+    # Async save is really on: Megatron 0.19 drops --async-save without its persistent worker.
+    gpu = composed(*PAPER_70B, "checkpoint.async_save=true")
+    assert checkpoint_args(gpu)[-2:] == ["--async-save", "--use-persistent-ckpt-worker"]
+    with pytest.raises(ConfigError) as err:
+        prepare(composed(*data_overrides(domain_data), f"run_dir={tmp_path / 'r'}", "checkpoint.async_save=true",
+                         "resilience.spike_policy=rollback", "resilience.spike_factor=0.5"))
+    message = str(err.value)
+    assert "checkpoint.async_save=true needs cluster.accelerator=gpu" in message
+    assert "resilience.spike_policy='rollback'" in message and "resilience.spike_factor=0.5" in message

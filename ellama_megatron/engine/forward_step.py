@@ -1,8 +1,15 @@
 """Forward step and loss for Megatron's schedules: next-token cross-entropy summed over tokens,
-reported as (sum, count) so Megatron averages over the tokens of the whole global batch."""
+reported as (sum, count) so Megatron averages over the tokens of the whole global batch.
+
+Each micro-batch's loss goes through Megatron's rerun state machine, as its own GPT loss function
+does: a NaN or Inf loss, or (with resilience.spike_factor) a loss above that many times the largest
+of the recent ones, is re-run in place to tell a transient fault from a reproducible result; the
+state machine then saves the model from before the step and exits 16 (rerun elsewhere) or stops
+with 17, so no checkpoint of a model past a bad loss is written."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -59,16 +66,45 @@ def _micro_batch_size_from_tp_rank_0(batch: dict, default: int) -> int:
     return int(size.item())
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+@dataclass(frozen=True)
+class LossChecks:
+    """What the loss function validates (conf/resilience)."""
+
+    nan: bool = True  # NaN and Inf in the loss (Megatron's --no-check-for-nan-in-loss-and-grad turns it off)
+    spike_factor: float | None = None  # reject a loss >= factor x the largest of the first `spike_window`; None = off
+    spike_window: int = 100  # micro-batch losses observed before spikes are judged (Megatron's default)
+
+
+def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
+    """Megatron's pretrain_gpt checks on one micro-batch's loss, all fatal: a bad loss must stop the
+    run before the optimizer steps, not be trained through."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    machine = get_rerun_state_machine()
+    if checks.nan:
+        machine.validate_result(result=loss, rejection_func=torch.isnan,
+                                message="found NaN in local forward loss calculation", tolerance=0.0, fatal=True)
+        machine.validate_result(result=loss, rejection_func=torch.isinf,
+                                message="found Inf in local forward loss calculation", tolerance=0.0, fatal=True)
+    if checks.spike_factor:
+        machine.validate_result(
+            result=loss,
+            rejection_func=partial(machine.is_unexpectedly_large, threshold=checks.spike_factor, context="loss",
+                                   num_samples=checks.spike_window),
+            message="Spiky loss", tolerance=0.0, fatal=True)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: LossChecks = LossChecks()):
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
     loss = torch.sum(losses * mask)
+    validate_loss(loss, checks)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.float().view(1)])
     return loss, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, checks: LossChecks = LossChecks()):
     from megatron.training import get_timers
 
     timers = get_timers()
@@ -78,4 +114,4 @@ def forward_step(data_iterator, model):
     output = model(
         batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
     )
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], checks=checks)

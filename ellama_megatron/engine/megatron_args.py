@@ -12,6 +12,7 @@ from typing import Any
 
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
+from ellama_megatron.run.events import RESULT_REJECTED_FILE
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY, RunPlan
 
 
@@ -119,7 +120,28 @@ def checkpoint_args(cfg) -> list[str]:
         # Used only while ${run_dir}/checkpoints is empty: weights only, iteration 0.
         args += ["--pretrained-checkpoint", c.init_from]
     args += _flag("no-save-optim", not c.save_optim)
-    args += _flag("async-save", bool(c.async_save) and not on_cpu(cfg))
+    if c.async_save:
+        # Megatron 0.19 drops --async-save (a warning, then synchronous saves) without the persistent
+        # worker; async_save on CPU is refused by run/checks.py before we get here.
+        args += ["--async-save", "--use-persistent-ckpt-worker"]
+    return args
+
+
+def resilience_args(cfg) -> list[str]:
+    """Megatron's rerun state machine, as conf/resilience sets it; the loss checks themselves are
+    the loss function's (engine/forward_step.py, LossChecks)."""
+    r = cfg.resilience
+    args = [
+        "--rerun-mode", r.rerun_mode,
+        # Megatron reads it back on each launch: an iteration rejected twice is skipped (--iterations-to-skip).
+        "--result-rejected-tracker-filename", Path(cfg.run_dir) / RESULT_REJECTED_FILE,
+    ]
+    args += _flag("no-check-for-nan-in-loss-and-grad", not r.check_nan)
+    args += _flag("check-for-spiky-loss", r.spike_factor is not None)
+    if r.iterations_to_skip:
+        args += ["--iterations-to-skip", *r.iterations_to_skip]
+    if r.error_injection_rate:
+        args += ["--error-injection-rate", r.error_injection_rate, "--error-injection-type", r.error_injection_type]
     return args
 
 
@@ -163,6 +185,7 @@ def megatron_argv(cfg, model: LlamaConfig, transformer_impl: str) -> list[str]:
         + parallel_args(cfg, plan, transformer_impl)
         + train_args(cfg, plan)
         + checkpoint_args(cfg)
+        + resilience_args(cfg)
         + logging_args(cfg)
         + runtime_args(cfg, transformer_impl)
     )

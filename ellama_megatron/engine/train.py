@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -56,6 +57,13 @@ def start_checkpoint_helper_ignoring_sigterm() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def loss_checks(cfg):
+    from ellama_megatron.engine.forward_step import LossChecks
+
+    r = cfg.resilience
+    return LossChecks(nan=bool(r.check_nan), spike_factor=r.spike_factor, spike_window=int(r.spike_window))
+
+
 def run(cfg) -> None:
     from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
     from ellama_megatron.engine.forward_step import forward_step
@@ -93,7 +101,7 @@ def run(cfg) -> None:
         container,
         datasets_provider(blend, model.eos_token_id, model.vocab_size, cache),
         ModelType.encoder_or_decoder,
-        forward_step,
+        partial(forward_step, checks=loss_checks(cfg)),
         model_provider=megatron_model_provider(model, attention),
     )
     # pretrain returns only when the budget is spent (early exits call sys.exit after saving).
@@ -114,7 +122,22 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()  # a rank outliving torchrun/srun would train beside the relaunch
     slurm_env_to_torch()
     start_checkpoint_helper_ignoring_sigterm()
-    run(OmegaConf.load(opts.config))
+    cfg = OmegaConf.load(opts.config)
+    try:
+        run(cfg)
+    except SystemExit as exc:
+        record_rerun_exit(cfg, exc.code)
+        raise
+
+
+def record_rerun_exit(cfg, code) -> None:
+    """Rank 0 notes Megatron's exit 16/17 in the run folder: torchrun reports any failed rank as 1,
+    so the launcher would not know otherwise."""
+    from ellama_megatron.formats.atomic import write_json_atomic
+    from ellama_megatron.run.events import EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED, RANK_EXIT_FILE
+
+    if code in (EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED) and os.environ.get("RANK", "0") == "0":
+        write_json_atomic(Path(cfg.run_dir) / RANK_EXIT_FILE, {"exit_code": code, "pid": os.getpid()})
 
 
 if __name__ == "__main__":  # the async checkpoint writer spawns processes that re-import this module: keep the guard

@@ -6,6 +6,11 @@ A job is requeued when it stopped early (a time-limit or preemption signal, or M
 before the time limit) and can go on: not when the run is finished (done.json, or the last
 checkpoint at the budget's iteration), not when the ranks failed without a signal, not when they
 exited cleanly without progress (that would loop), not past ELLAMA_MAX_REQUEUES.
+
+Megatron's rerun state machine has two exits of its own: 16 (a rejected result reproduced on this
+GPU; it saved the model from before the step and must rerun on another) is requeued with the node
+excluded, at most ELLAMA_MAX_RERUNS_ELSEWHERE times per run; 17 (the result was diagnosed) stops the
+job with a report. Both are appended to ${run_dir}/events.jsonl.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from omegaconf import OmegaConf
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.run.plan import RunPlan
 from ellama_megatron.run.schema import ConfigError
+from ellama_megatron.run.events import (EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED, append_event, describe,
+                                        exit_report, read_events, take_rank_exit)
 from ellama_megatron.run.progress import is_finished, saved_iteration
 
 DEFAULT_EXIT_MARGIN_MIN = 10  # minutes kept free before the time limit for the final checkpoint
 DEFAULT_MAX_REQUEUES = 500  # a month of 4-hour slots is ~180
+DEFAULT_MAX_RERUNS_ELSEWHERE = 3  # exit-16 requeues per run: more means the fault is not one node's
 REQUEUE_LOG = "requeues.txt"  # in the job's log folder: one line per requeue
 
 
@@ -163,14 +171,28 @@ class RequeueDecision:
     requeue: bool
     exit_code: int  # the job's exit status when not requeued (0 after a requeue)
     reason: str
+    exclude_node: bool = False  # requeue away from the node the ranks ran on (exit 16)
 
 
 def requeue_decision(*, finished: bool, signalled: bool, exit_code: int, start_iteration: int, end_iteration: int,
-                     train_iterations: int, restart: int, max_requeues: int) -> RequeueDecision:
+                     train_iterations: int, restart: int, max_requeues: int, reruns_elsewhere: int = 0,
+                     max_reruns_elsewhere: int = DEFAULT_MAX_RERUNS_ELSEWHERE) -> RequeueDecision:
     """Whether a job whose ranks have exited goes on in a requeued job (the rules in the module docstring)."""
     if finished:
         return RequeueDecision(False, 0, f"run finished (iteration {end_iteration} of {train_iterations}): "
                                "not requeueing")
+    if exit_code == EXIT_RESULT_REJECTED:
+        return RequeueDecision(False, exit_code, "Megatron rejected a result and diagnosed it (exit 17): stopping, "
+                               "not requeueing; see events.jsonl and result_rejected.txt in the run folder")
+    if exit_code == EXIT_RERUN_ELSEWHERE:
+        if reruns_elsewhere >= max_reruns_elsewhere:
+            return RequeueDecision(False, exit_code, f"exit 16 again after {reruns_elsewhere} reruns on other nodes "
+                                   f"(ELLAMA_MAX_RERUNS_ELSEWHERE={max_reruns_elsewhere}): not requeueing")
+        if restart >= max_requeues:
+            return RequeueDecision(False, exit_code, f"requeue cap ELLAMA_MAX_REQUEUES={max_requeues} reached: "
+                                   "not requeueing")
+        return RequeueDecision(True, 0, f"exit 16: requeueing (restart {restart + 1}) without this node, to rerun "
+                               f"iteration {end_iteration + 1} elsewhere", exclude_node=True)
     if not signalled and exit_code != 0:
         return RequeueDecision(False, exit_code, f"ranks failed (exit {exit_code}) without a preemption or "
                                "time-limit signal: not requeueing")
@@ -191,7 +213,15 @@ def decide_for_run(config: Path, *, signalled: bool, exit_code: int, start_itera
         start_iteration=start_iteration, end_iteration=saved_iteration(run_dir), train_iterations=plan.train_iterations,
         restart=int(env.get("SLURM_RESTART_COUNT") or 0),
         max_requeues=int(env.get("ELLAMA_MAX_REQUEUES") or DEFAULT_MAX_REQUEUES),
+        reruns_elsewhere=sum(e["kind"] == "rerun_elsewhere" and e["action"].startswith("requeue")
+                             for e in read_events(run_dir)),
+        max_reruns_elsewhere=int(env.get("ELLAMA_MAX_RERUNS_ELSEWHERE") or DEFAULT_MAX_RERUNS_ELSEWHERE),
     )
+
+
+def excluded_nodes(run_dir: Path) -> list[str]:
+    """Every node an exit-16 requeue of this run has excluded so far."""
+    return sorted({e["node"] for e in read_events(run_dir) if e.get("excluded") and e.get("node")})
 
 
 def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int, log_dir: Path,
@@ -199,13 +229,27 @@ def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int
     """After the ranks: log what they did, requeue the job when it should go on; returns the job's exit status."""
     run_dir = Path(config).parent
     end = saved_iteration(run_dir)
+    exit_code = take_rank_exit(run_dir, exit_code)
     log(f"ranks exited with {exit_code}; checkpoint iteration {start_iteration} -> {end}")
     decision = decide_for_run(config, signalled=bool(signal_name), exit_code=exit_code,
                               start_iteration=start_iteration, env=env)
+    report = exit_report(run_dir, exit_code)
+    if report:
+        log(describe(report))
+        action = ("requeue excluding the node" if decision.exclude_node and decision.requeue
+                  else "stop: " + decision.reason)
+        append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"],
+                     action=action, job=env.get("SLURM_JOB_ID"), excluded=decision.exclude_node and decision.requeue)
     if not decision.requeue:
         log(decision.reason)
         return decision.exit_code
     job_id, restart = env["SLURM_JOB_ID"], int(env.get("SLURM_RESTART_COUNT") or 0)
+    if decision.exclude_node:
+        nodes = ",".join(excluded_nodes(run_dir))
+        log(f"excluding nodes {nodes} from job {job_id}")
+        if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"]) != 0:
+            log("scontrol could not set the exclusion on the running job; the requeued job may land on the same "
+                "node (then Megatron exits 16 again, within ELLAMA_MAX_RERUNS_ELSEWHERE)")
     log(f"requeueing job {job_id} (restart {restart + 1}) to resume from iteration {end}")
     with open(Path(log_dir) / REQUEUE_LOG, "a") as f:
         f.write(f"restart {restart}: {start_iteration} -> {end}, signal {signal_name or 'none'}, exit {exit_code}\n")

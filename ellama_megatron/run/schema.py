@@ -1,5 +1,5 @@
 """The schema of the config groups a run is planned and started from (parallel, train, cluster,
-optim, checkpoint, logging; the model's is LlamaConfig, the data's the blend plan's): each
+optim, checkpoint, logging, resilience; the model's is LlamaConfig, the data's the blend plan's): each
 key's type, and the checks that concern one key alone next to it (the rules between keys of the
 layout are RunPlan.problems).
 
@@ -135,8 +135,41 @@ class LoggingConfig:
     log_memory: bool = MISSING
 
 
+RERUN_MODES = ("validate_results", "disabled")  # Megatron's --rerun-mode values a training run can use
+SPIKE_POLICIES = ("stop",)  # what a spike or non-finite loss does to the run (docs/engine.md, resilience)
+ERROR_INJECTION_TYPES = ("transient_error", "persistent_error", "correct_result")  # Megatron's --error-injection-type
+
+
+@dataclasses.dataclass
+class ResilienceConfig:
+    rerun_mode: str = MISSING  # one of RERUN_MODES
+    check_nan: bool = MISSING  # NaN/Inf in the loss and in the gradients
+    spike_factor: Optional[float] = MISSING  # a loss this many times the largest seen is rejected; None = off
+    spike_window: int = MISSING  # micro-batch losses observed before spikes are judged
+    spike_policy: str = MISSING  # one of SPIKE_POLICIES
+    iterations_to_skip: list[int] = MISSING  # Megatron's --iterations-to-skip: 1-based iterations whose data is passed over
+    error_injection_rate: int = MISSING  # tests: Megatron rejects one result in this many; 0 = never
+    error_injection_type: str = MISSING  # Megatron's: transient_error, persistent_error or correct_result
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.rerun_mode not in RERUN_MODES:
+            errors.append(f"resilience.rerun_mode={self.rerun_mode!r} must be one of {', '.join(RERUN_MODES)}")
+        if self.spike_policy not in SPIKE_POLICIES:
+            errors.append(f"resilience.spike_policy={self.spike_policy!r}: only {', '.join(SPIKE_POLICIES)} is "
+                          "built (skip: set resilience.iterations_to_skip after a stop; rollback is not built yet)")
+        if self.spike_factor is not None and self.spike_factor <= 1:
+            errors.append(f"resilience.spike_factor={self.spike_factor} must be above 1 (or null to turn the check off)")
+        if self.spike_window < 1:
+            errors.append(f"resilience.spike_window={self.spike_window} must be at least 1")
+        if self.error_injection_type not in ERROR_INJECTION_TYPES:
+            errors.append(f"resilience.error_injection_type={self.error_injection_type!r} must be one of "
+                          f"{', '.join(ERROR_INJECTION_TYPES)}")
+        return errors
+
+
 SCHEMAS = {"parallel": ParallelConfig, "train": TrainConfig, "cluster": ClusterConfig, "optim": OptimConfig,
-           "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+           "checkpoint": CheckpointConfig, "logging": LoggingConfig, "resilience": ResilienceConfig}
 
 
 def register() -> None:
