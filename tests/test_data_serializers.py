@@ -56,7 +56,8 @@ def test_review_template_and_number_rendering():
 
 
 def test_plain_template_uses_text_key():
-    assert serialize({"content": "  hello world "}, load_template("plain", text_key="content")) == "hello world"
+    # Text as given (issue 15 changed this from stripped): the ids are tokenizer(text), as Megatron-LM's tool writes.
+    assert serialize({"content": "  hello world "}, load_template("plain", text_key="content")) == "  hello world "
     with pytest.raises(MissingField, match="content"):
         serialize({"text": "x"}, load_template("plain", text_key="content"))
 
@@ -84,3 +85,21 @@ def test_language_and_split_key():
     assert ser.language({}) == "und"
     assert ser.split_key({"id": 7}, "text") == "id:7"
     assert ser.split_key({}, "text") == "text"
+
+
+def test_plain_text_is_kept_byte_for_byte():
+    text = "  Indented first line\n\n\tand a tab, blank lines and a trailing newline\n\n"
+    assert serialize({"text": text}, load_template("plain")) == text
+
+
+def test_whitespace_normalisation_is_an_explicit_template_option(tmp_path):
+    spec = tmp_path / "note.yaml"
+    spec.write_text("text: \"Note: {note}\\n{body}\"\nnormalize_whitespace: true\n")
+    record = {"note": "  padded  ", "body": "\n body \n"}
+    assert serialize(record, load_template(str(spec))) == "Note: padded\nbody"
+    spec.write_text("text: \"Note: {note}\\n{body}\"\n")  # default: as given
+    assert serialize(record, load_template(str(spec))) == "Note:   padded  \n\n body \n"
+    assert load_template("listing").normalize_whitespace and not load_template("plain").normalize_whitespace
+    spec.write_text("text: \"{body}\"\nnormalize_whitespace: maybe\n")
+    with pytest.raises(ValueError, match="normalize_whitespace='maybe' must be true or false"):
+        load_template(str(spec))

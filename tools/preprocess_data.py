@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold; runs in the workers on the serialized text, before tokenization")
     p.add_argument("--domain-threshold", type=float, default=None,
                    help="keep scores strictly above this (default: the threshold stored with the classifier)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
+                        "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written")
+    p.add_argument("--eod-token", default=None,
+                   help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
+                        "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             domain_filter=args.domain_filter,
             domain_threshold=args.domain_threshold,
+            bos=args.bos,
+            eod_token=args.eod_token,
         )
         manifest = preprocess(opts)
     except (InputError, TokenizerFolderError, BadRecordError, ManifestError, ValueError) as e:

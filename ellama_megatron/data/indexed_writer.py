@@ -1,7 +1,7 @@
 """One work unit -> raw token parts per split; parts -> the final Megatron indexed dataset.
 
 Workers write each part as the .bin payload (token ids in the dataset's dtype, each document
-followed by EOD) plus the documents' lengths. The main process hands the parts, in input order,
+opened by BOS and followed by EOD as data/document_tokens.py decided) plus the documents' lengths. The main process hands the parts, in input order,
 to Megatron's own ``IndexedDatasetBuilder``, which writes the .idx: one sequence per document,
 exactly what Megatron-LM's tools/preprocess_data.py writes for the same ids (``--append-eod``,
 no sentence splitting). The result does not depend on the number of workers.
@@ -78,11 +78,13 @@ class EncodeJob:
 
     serializer: RecordSerializer
     valid_fraction: float
-    eos_id: int
+    eod_id: int  # appended after every document (data/document_tokens.py chose it)
     dtype: type
     batch_docs: int = 1000
     strict: bool = False
     domain_threshold: float | None = None  # keep documents the installed classifier scores above it
+    add_special_tokens: bool = True  # encode with the tokenizer's template (--bos auto, or always when it adds BOS)
+    prepend_bos: int | None = None  # written before each document's ids (--bos always, template without BOS)
 
 
 _BACKENDS: dict = {}
@@ -108,10 +110,10 @@ def worker_init(backend_json: str, rayon_threads: int, classifier=None) -> None:
     install_domain_classifier(classifier)
 
 
-def _encode(texts: list[str]) -> list:
+def _encode(texts: list[str], add_special_tokens: bool) -> list:
     tok = _BACKENDS["tokenizer"]
     fast = getattr(tok, "encode_batch_fast", None)  # skips offsets, which we do not need
-    return (fast or tok.encode_batch)(texts, add_special_tokens=True)
+    return (fast or tok.encode_batch)(texts, add_special_tokens=add_special_tokens)
 
 
 def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
@@ -141,6 +143,8 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
             if not ids:
                 bad(raw, "no tokens")
                 continue
+            if job.prepend_bos is not None:
+                ids = [job.prepend_bos, *ids]
             docs[split].append(ids)
             result.splits[split].add(language, len(ids) + 1, len(text.encode("utf-8")))
         for split, id_lists in docs.items():
@@ -151,7 +155,7 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
             pos = 0
             for ids, size in zip(id_lists, sizes):
                 buf[pos : pos + size - 1] = ids
-                buf[pos + size - 1] = job.eos_id
+                buf[pos + size - 1] = job.eod_id
                 pos += size
             token_files[split].write(buf.tobytes(order="C"))
             lengths[split].extend(sizes)
@@ -164,11 +168,11 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
         if not batch:
             return
         try:
-            encodings = _encode([t for _, t, _, _ in batch])
+            encodings = _encode([t for _, t, _, _ in batch], job.add_special_tokens)
         except Exception:  # noqa: BLE001 - one untokenizable text (e.g. a lone surrogate) fails the batch
             for item in batch:
                 try:
-                    encodings = _encode([item[1]])
+                    encodings = _encode([item[1]], job.add_special_tokens)
                 except Exception as e:  # noqa: BLE001
                     bad(item[0], f"cannot be tokenized ({e})")
                 else:

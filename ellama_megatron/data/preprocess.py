@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ellama_megatron.data import indexed_writer
+from ellama_megatron.data.document_tokens import document_tokens
 from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, encode_unit, merge_parts
 from ellama_megatron.data.manifest import (
     MANIFEST_FORMAT,
@@ -52,6 +53,8 @@ class PreprocessOptions:
     progress: bool = True
     domain_filter: str | None = None  # classifier folder (tools/domain_classifier.py train): keep what it scores above
     domain_threshold: float | None = None  # the filter's threshold; None: the one stored with the classifier
+    bos: str = "auto"  # auto (what the tokenizer's template adds), always, never: data/document_tokens.py
+    eod_token: str | None = None  # appended after every document; None: the folder's eos_token (chat eos refused)
 
 
 def _check_outputs(opts: PreprocessOptions) -> None:
@@ -154,6 +157,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
         raise InputError(f"--valid-fraction {opts.valid_fraction}: must be in [0, 1)")
     _check_outputs(opts)
     tok = load_tokenizer_folder(opts.tokenizer_dir)
+    specials = document_tokens(opts.tokenizer_dir, tok.backend_json, tok.bos_id, tok.eos_id, opts.bos, opts.eod_token)
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
@@ -166,7 +170,8 @@ def preprocess(opts: PreprocessOptions) -> dict:
 
     out_prefix = Path(opts.output_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    job = EncodeJob(opts.serializer, opts.valid_fraction, tok.eos_id, tok.dtype, opts.batch_docs, opts.strict, threshold)
+    job = EncodeJob(opts.serializer, opts.valid_fraction, specials.eod_id, tok.dtype, opts.batch_docs, opts.strict,
+                    threshold, specials.add_special_tokens, specials.prepend_bos)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
     try:
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
@@ -204,6 +209,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
             "template": opts.serializer.template.to_dict(),
             "language_key": opts.serializer.language_key,
             "tokenizer": tok.identity(),
+            "documents": specials.manifest(),  # the BOS and EOD really written around every document
             "inputs": [
                 {"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
                 for f, d in zip(files, checksums)
@@ -227,6 +233,10 @@ def summary_line(manifest: dict) -> str:
     total = tr["tokens"] + va["tokens"]
     df = manifest.get("domain_filter")
     filtered = f"domain filter kept {df['kept']:,}/{df['docs']:,} docs (score > {df['threshold']}), " if df else ""
+    docs = manifest.get("documents")
+    if docs:
+        bos = f"BOS {docs['bos']['token_id']}" if docs["bos"]["written"] else "no BOS"
+        filtered += f"{bos} (--bos {docs['bos']['policy']}), EOD {docs['eod']['token_id']} {docs['eod']['token']}, "
     return (
         f"{manifest['source']}: {tr['documents']:,} train docs / {tr['tokens']:,} tokens, "
         f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, {filtered}"

