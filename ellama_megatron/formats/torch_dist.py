@@ -228,18 +228,27 @@ class CheckpointReader:
                           "the checkpoint's .distcp files may be damaged: copy or save it again")
 
     def common_state(self) -> dict:
-        buf: dict[str, Any] = {COMMON_STATE_KEY: io.BytesIO()}
-        torch.distributed.checkpoint.load(buf, storage_reader=self._reader, no_dist=True)
-        data = buf[COMMON_STATE_KEY]
-        if isinstance(data, io.BytesIO):
-            data.seek(0)
-            # weights_only: never run code from a checkpoint's pickles ourselves; Megatron's own
-            # training saves its arguments as an argparse.Namespace, the one class allowed besides
-            # torch's plain types.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                try:
-                    data = torch.load(data, weights_only=True)
-                except pickle.UnpicklingError as e:
-                    raise ValueError(f"{self.folder}: common state holds objects that only unpickling with "
-                                     f"code execution could read; not loaded ({e})") from None
+        planner = _RawBytesPlanner()
+        torch.distributed.checkpoint.load({COMMON_STATE_KEY: io.BytesIO()}, storage_reader=self._reader,
+                                          planner=planner, no_dist=True)
+        # weights_only: never run code from a checkpoint's pickles ourselves; Megatron's own
+        # training saves its arguments as an argparse.Namespace, the one class allowed besides
+        # torch's plain types.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                data = torch.load(io.BytesIO(planner.raw[COMMON_STATE_KEY]), weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{self.folder}: common state holds objects that only unpickling with "
+                                 f"code execution could read; not loaded ({e})") from None
         return data[0]
+
+
+class _RawBytesPlanner(DefaultLoadPlanner):
+    """Keeps each byte object as read: torch's own planner unpickles them with weights_only=False."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.raw: dict[str, bytes] = {}
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        self.raw[read_item.dest_index.fqn] = value.read()
