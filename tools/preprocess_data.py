@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
                         "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             domain_threshold=args.domain_threshold,
             bos=args.bos,
             eod_token=args.eod_token,
+            allow_empty=args.allow_empty,
         )
         manifest = preprocess(opts)
     except (InputError, TokenizerFolderError, BadRecordError, ManifestError, ValueError) as e:

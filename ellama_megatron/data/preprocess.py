@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ class PreprocessOptions:
     domain_threshold: float | None = None  # the filter's threshold; None: the one stored with the classifier
     bos: str = "auto"  # auto (what the tokenizer's template adds), always, never: data/document_tokens.py
     eod_token: str | None = None  # appended after every document; None: the folder's eos_token (chat eos refused)
+    allow_empty: bool = False  # write a 0-document dataset instead of refusing (usually a wrong input or filter)
 
 
 def _check_outputs(opts: PreprocessOptions) -> None:
@@ -67,6 +69,45 @@ def _check_outputs(opts: PreprocessOptions) -> None:
             f"--output-prefix {opts.output_prefix}: output exists ({', '.join(existing)}). "
             "Choose another prefix or pass --overwrite."
         )
+
+
+# Each run's temporary folder holds this file (host and pid), so a later run on the same prefix
+# can tell a folder left by a killed run from one a live run is writing.
+OWNER_FILE = "owner"
+# A folder without an owner file (written before it was kept) counts as stale after this long.
+STALE_UNOWNED_SECONDS = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_folders(out_prefix: Path) -> list[Path]:
+    """Remove the temporary folders beside ``out_prefix`` left by runs that died (kill -9, a lost
+    node); returns them. A folder whose owner runs on another host or is still alive is kept."""
+    removed = []
+    host = os.uname().nodename
+    for folder in sorted(out_prefix.parent.glob(f".{out_prefix.name}.tmp-*")):
+        if not folder.is_dir():
+            continue
+        try:
+            owner_host, pid = (folder / OWNER_FILE).read_text().split()
+            stale = owner_host == host and not _pid_alive(int(pid))
+        except (OSError, ValueError):
+            try:
+                stale = time.time() - folder.stat().st_mtime > STALE_UNOWNED_SECONDS
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _preflight(units, serializer: RecordSerializer) -> None:
@@ -164,16 +205,22 @@ def preprocess(opts: PreprocessOptions) -> dict:
     # At least 4 units per worker where inputs can be cut, so no worker idles at the end.
     total = sum(os.path.getsize(f) for f in files)
     shard = opts.shard_bytes if opts.workers == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * opts.workers)))
+    if total == 0 and not opts.allow_empty:
+        raise InputError(f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
+                         "Check the path, or pass --allow-empty to write a 0-document dataset")
     units = plan_units(files, shard_bytes=shard)
     _preflight(units, opts.serializer)
     classifier, threshold = _load_domain_filter(opts)
 
     out_prefix = Path(opts.output_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    for folder in remove_stale_temp_folders(out_prefix):
+        print(f"removed {folder}: temporary folder of an earlier run on this prefix that died", file=sys.stderr)
     job = EncodeJob(opts.serializer, opts.valid_fraction, specials.eod_id, tok.dtype, opts.batch_docs, opts.strict,
                     threshold, specials.add_special_tokens, specials.prepend_bos)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
     try:
+        Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
             parts, results = _run_units(job, units, tmp_dir, tok.backend_json, opts.workers, opts.progress, classifier)
@@ -188,6 +235,11 @@ def preprocess(opts: PreprocessOptions) -> dict:
             skipped.update(r.skipped)
             examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
             records_per_file[r.unit.path] += r.records
+        if not opts.allow_empty and sum(splits[s].documents for s in SPLITS) == 0:
+            raise InputError(
+                f"--input {' '.join(map(str, files))}: no document left to write ({sum(records_per_file.values())} "
+                f"records read, {sum(skipped.values())} skipped: {dict(skipped.most_common(3))}); check --template, "
+                "--text-key and the domain filter, or pass --allow-empty to write a 0-document dataset")
         written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
         for s in written:
             merge_parts([f"{p}_{s}" for p in parts], os.path.join(tmp_dir, s), tok.dtype)
