@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ellama_megatron.eval.heldout_data import parse_domain_spec
+from ellama_megatron.eval.heldout_data import check_documents, parse_domain_spec
 from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.cli import run_tool
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
             raise ValueError("--seq-length must be >= 2 and --batch-size >= 1")
         if args.tokenizer and not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
             raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer_config.json; give a Hugging Face tokenizer folder")
+        for src in sources:  # all of the data, before a model is exported or loaded
+            check_documents(src, args.text_key, args.max_docs)
         from ellama_megatron.eval.model_folder import hf_folder_of
         from ellama_megatron.eval.perplexity import evaluate_model_dir
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
                                          args.text_key, args.max_docs, tokenizer=args.tokenizer)
         results["model"] = args.model
     except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.out:

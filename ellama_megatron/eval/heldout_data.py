@@ -50,31 +50,59 @@ def parse_domain_spec(spec: str) -> DomainSource:
     return DomainSource(name, prefix, "indexed")
 
 
+def _jsonl_records(src: DomainSource, text_key: str, max_docs: int | None):
+    """(text, language) of each record, every record checked; a bad one is a ValueError naming its line."""
+    count = 0
+    with open(src.path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if max_docs is not None and count >= max_docs:
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{src.path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
+                raise ValueError(
+                    f"{src.path}:{lineno}: record has no string field {text_key!r}; set --text-key to the text field"
+                )
+            count += 1
+            lang = rec.get("language")
+            yield rec[text_key], str(lang) if lang is not None else None
+
+
+def check_documents(src: DomainSource, text_key: str = "text", max_docs: int | None = None) -> int:
+    """Read a held-out set without a tokenizer or model, so bad data is refused before a model is
+    loaded (minutes for a large one); returns the number of documents."""
+    try:
+        if src.kind == "jsonl":
+            n = sum(1 for _ in _jsonl_records(src, text_key, max_docs))
+        else:
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+            n = len(IndexedDataset(str(src.path)))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src.path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSONL file") from None
+    except (AssertionError, OSError, IndexError) as e:  # Megatron asserts on a damaged .idx
+        raise ValueError(f"{src.path}: not a readable Megatron indexed dataset ({type(e).__name__}: {e}); "
+                         "write it again with tools/preprocess_data.py") from None
+    if not n:
+        raise ValueError(f"{src.path}: no documents (domain {src.name!r}); give a non-empty held-out set")
+    return n
+
+
 def read_documents(src: DomainSource, tokenizer=None, text_key: str = "text", max_docs: int | None = None) -> list[Document]:
     docs: list[Document] = []
     if src.kind == "jsonl":
         if tokenizer is None:
             raise ValueError(f"{src.path}: JSONL data needs the model's tokenizer")
         eos = tokenizer.eos_token_id
-        with open(src.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if max_docs is not None and len(docs) >= max_docs:
-                    break
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{src.path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
-                    raise ValueError(
-                        f"{src.path}:{lineno}: record has no string field {text_key!r}; set --text-key to the text field"
-                    )
-                ids = tokenizer(rec[text_key])["input_ids"]
-                if eos is not None:
-                    ids = ids + [eos]
-                lang = rec.get("language")
-                docs.append(Document(np.asarray(ids, dtype=np.int64), str(lang) if lang is not None else None))
+        for text, lang in _jsonl_records(src, text_key, max_docs):
+            ids = tokenizer(text)["input_ids"]
+            if eos is not None:
+                ids = ids + [eos]
+            docs.append(Document(np.asarray(ids, dtype=np.int64), lang))
     else:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
