@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                                  args.domain, args.method, args.seq_length, args.batch_size, args.device, args.dtype,
                                  args.max_docs, args.keep_merged)
     except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"merge_curve.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from ellama_megatron.eval.merge_curve import markdown_table
 

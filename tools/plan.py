@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             cfg = compose("config", overrides=args.overrides)
     except Exception as exc:  # Hydra's own message names the override that failed
-        print(f"tools/plan.py: bad override: {exc}", file=sys.stderr)
+        print(f"error: override: {exc}; see ellama_megatron/conf for the groups and keys", file=sys.stderr)
         return 2
     if args.list_layouts or OmegaConf.select(cfg, "plan.list_layouts", default=False):
         return list_layouts(cfg)
     try:
         report = check_fits(cfg)
     except LayoutError as exc:
-        print(f"tools/plan.py: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     if not report.fits:

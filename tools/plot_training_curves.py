@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     try:
         log = read_curves(args.log)
     except ValueError as e:
-        print(f"plot_training_curves.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     plot_training_curves(log, args.out, args.title)
     if args.json:
