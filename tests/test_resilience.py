@@ -94,6 +94,17 @@ def test_the_recipe_repairs_or_refuses_an_empty_tracker_before_starting(domain_d
     assert (run_dir / LATEST_ITERATION_FILE).read_text() == "5"
 
 
+def test_reading_a_checkpoint_through_an_empty_tracker_names_the_file(tmp_path):
+    from ellama_megatron.formats.megatron_checkpoint import find_checkpoint
+
+    fake_checkpoint(tmp_path, 10)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("")
+    with pytest.raises(CheckpointFormatError, match=r"latest_checkpointed_iteration.txt: is empty; pass --iteration N "
+                                                    r"for one of \['iter_0000010'\]"):
+        find_checkpoint(tmp_path)
+    assert find_checkpoint(tmp_path, 10) == tmp_path / "iter_0000010"
+
+
 # -- one run per folder --------------------------------------------------------------------------
 
 HOLDER = """
@@ -211,3 +222,81 @@ def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(dom
     message = str(err.value)
     assert "checkpoint.async_save=true needs cluster.accelerator=gpu" in message
     assert "resilience.spike_policy='rollback'" in message and "resilience.spike_factor=0.5" in message
+
+
+# -- real runs (slow): Megatron's error injection, and a killed launcher --------------------------
+
+@pytest.mark.slow
+def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_before_it(domain_data, tmp_path):
+    """Megatron injects a reproducible rejection into the first validated loss (iteration 2): it
+    saves the model of iteration 1 and exits 16; one machine has no other GPU, so the run stops."""
+    from ellama_megatron.run.events import read_events
+
+    run_dir = tmp_path / "run"
+    proc = cpt(run_dir, domain_data, "resilience.error_injection_rate=1", "resilience.error_injection_type=correct_result",
+               timeout=600)
+    assert proc.returncode == 16, proc.stderr[-3000:]
+    assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == "1"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000001"]
+    assert not (run_dir / DONE_FILE).exists()
+    event, = read_events(run_dir)
+    assert (event["kind"], event["exit_code"], event["check"]) == (
+        "rerun_elsewhere", 16, "found NaN in local forward loss calculation")
+    assert event["iteration"] > 1 and event["node"] and event["action"].startswith("stop")
+    assert "error: exit 16 (rerun_elsewhere)" in proc.stderr and "last checkpoint: iteration 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_transient_rejection_stops_with_17_and_saves_nothing_past_it(domain_data, tmp_path):
+    from ellama_megatron.run.events import read_events
+
+    run_dir = tmp_path / "run"
+    proc = cpt(run_dir, domain_data, "resilience.error_injection_rate=1", "resilience.error_injection_type=transient_error",
+               timeout=600)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert not list((run_dir / "checkpoints").glob("iter_*")), "nothing may be saved past the rejected step"
+    event, = read_events(run_dir)
+    assert (event["kind"], event["exit_code"]) == ("result_rejected", 17)
+    assert "error: exit 17 (result_rejected)" in proc.stderr
+
+
+def _descendants(pid: int):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["launcher", "launcher and torchrun"])
+def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_path):
+    import signal as signals
+
+    import psutil
+
+    from ellama_megatron.engine.train_log import parse_train_log
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}", *data_overrides(domain_data),
+           *TINY_RUN, "train.train_tokens=409600", "checkpoint.save_interval=2"]
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as out:
+        launcher = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while parse_train_log(log_path.read_text()).last_iteration < 3:  # past a save: helpers exist
+            assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        family = _descendants(launcher.pid)
+        ranks = [p for p in family if "ellama_megatron.engine.train" in " ".join(p.cmdline())
+                 and "torch.distributed.run" not in " ".join(p.cmdline())]
+        assert len(ranks) >= 2, [p.cmdline() for p in family]
+        torchrun = [p for p in family if "torch.distributed.run" in " ".join(p.cmdline())]
+        launcher.send_signal(signals.SIGKILL)
+        if killed == "launcher and torchrun":
+            for p in torchrun:
+                p.send_signal(signals.SIGKILL)
+        launcher.wait()
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"still alive 30 s after the launcher's kill -9: {[(p.pid, p.cmdline()) for p in alive]}"
+    # The lock died with its holder: a relaunch (dry) is not refused.
+    proc = cpt(run_dir, domain_data, "train.train_tokens=409600", env={"ELLAMA_DRY_RUN": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -124,6 +124,11 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
         raise FileNotFoundError(f"{tracker}: missing; --ckpt must be a Megatron checkpoint folder "
                                 "(the run's checkpoints/ or a tools/convert_hf.py import output)")
     text = tracker.read_text().strip()
+    if text != RELEASE_DIR and not text.isdigit():
+        # Megatron truncates the tracker before writing it: a kill then leaves it empty.
+        raise CheckpointFormatError(
+            f"{tracker}: {'is empty' if not text else f'holds {text!r}, not an iteration'}; pass --iteration N "
+            f"for one of {sorted(p.name for p in root.glob('iter_*'))}, or relaunch the run, which repairs it")
     folder = root / (RELEASE_DIR if text == RELEASE_DIR else f"iter_{int(text):07d}")
     if not folder.is_dir():
         raise FileNotFoundError(f"{tracker} points to {folder.name}, which does not exist")
