@@ -29,6 +29,7 @@ from typing import Mapping
 from omegaconf import OmegaConf
 
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
+from ellama_megatron.launch.run_lock import RunLockedError
 from ellama_megatron.run.plan import RunPlan
 from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.run.events import (EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED, append_event, describe,
@@ -137,6 +138,9 @@ def prepare_job(sbatch_file: Path, preset: list[str], user: list[str], env: Mapp
     try:
         cfg = compose(job_overrides(sbatch_file, preset, user, env))
         plan = prepare_plan(cfg)
+    except RunLockedError as exc:
+        log(f"{exc}\nnot starting, not requeueing")
+        return 2, {}
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         log(f"config invalid: {exc}\nnot starting, not requeueing")
         return 2, {}
