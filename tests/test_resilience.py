@@ -224,6 +224,32 @@ def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(dom
     assert "resilience.spike_policy='rollback'" in message and "resilience.spike_factor=0.5" in message
 
 
+CHAIN = """
+import subprocess, sys, time
+from ellama_megatron.runtime.parent_death import die_with_parent
+if sys.argv[1] == "child":
+    assert die_with_parent()
+    print("armed", flush=True)
+    time.sleep(120)
+else:
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", sys.argv[2]])
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_process_that_dies_with_its_parent_is_gone_after_the_parents_kill_9():
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", CHAIN, "parent", CHAIN], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert parent.stdout.readline().strip() == "armed"
+    parent.kill()
+    parent.wait()
+    gone, alive = psutil.wait_procs([child], timeout=10)
+    assert not alive, "the child outlived its parent's kill -9"
+
+
 # -- real runs (slow): Megatron's error injection, and a killed launcher --------------------------
 
 @pytest.mark.slow
