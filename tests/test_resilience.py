@@ -293,7 +293,7 @@ def _descendants(pid: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed", ["launcher", "launcher and torchrun"])
+@pytest.mark.parametrize("killed", ["launcher", "launcher and torchrun", "one rank"])
 def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_path):
     import signal as signals
 
@@ -316,13 +316,17 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
                  and "torch.distributed.run" not in " ".join(p.cmdline())]
         assert len(ranks) >= 2, [p.cmdline() for p in family]
         torchrun = [p for p in family if "torch.distributed.run" in " ".join(p.cmdline())]
-        launcher.send_signal(signals.SIGKILL)
-        if killed == "launcher and torchrun":
-            for p in torchrun:
-                p.send_signal(signals.SIGKILL)
-        launcher.wait()
+        if killed == "one rank":  # torchrun stops the others; the killed rank's helpers must not stay behind
+            ranks[0].send_signal(signals.SIGKILL)
+            launcher.wait(timeout=120)
+        else:
+            launcher.send_signal(signals.SIGKILL)
+            if killed == "launcher and torchrun":
+                for p in torchrun:
+                    p.send_signal(signals.SIGKILL)
+            launcher.wait()
         gone, alive = psutil.wait_procs(family, timeout=30)
-        assert not alive, f"still alive 30 s after the launcher's kill -9: {[(p.pid, p.cmdline()) for p in alive]}"
+        assert not alive, f"still alive 30 s after the kill -9 of {killed}: {[(p.pid, p.cmdline()) for p in alive]}"
     # The lock died with its holder: a relaunch (dry) is not refused.
     proc = cpt(run_dir, domain_data, "train.train_tokens=409600", env={"ELLAMA_DRY_RUN": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -51,8 +51,8 @@ def run_recipe(cfg) -> int:
     if plan.nodes != 1:
         print("error: launch=torchrun starts one node; use slurm/*.sbatch for several", file=sys.stderr)
         return 2
-    # torchrun dies with this process (SIGTERM: it stops its ranks); the ranks arm the same for themselves.
     take_rank_exit(cfg.run_dir, 0)  # a record a killed launch left behind is not this launch's
+    # torchrun dies with this process (SIGTERM: it stops its ranks); the ranks arm the same for themselves.
     code = subprocess.call(torchrun_command(plan.procs_per_node, config_path),
                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     return report_rejection(cfg.run_dir, take_rank_exit(cfg.run_dir, code))
@@ -67,7 +67,8 @@ def report_rejection(run_dir, code: int) -> int:
     if report is None:
         return code
     action = ("stop: a rerun on another GPU is needed, none here; the checkpoint holds the model from before the step"
-              if code == EXIT_RERUN_ELSEWHERE else "stop: the rejected result is reproducible")
+              if code == EXIT_RERUN_ELSEWHERE else "stop: Megatron's diagnosis is final (a transient fault, or a result "
+              "reproduced on another GPU)")
     append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"], action=action)
     print(f"error: {describe(report)}; {action}. Logged in {Path(run_dir) / EVENTS_FILE}; last checkpoint: "
           f"iteration {saved_iteration(run_dir)}", file=sys.stderr)
