@@ -406,3 +406,42 @@ def test_run_tool_convention(capsys):
     assert capsys.readouterr().err.startswith("error: /mnt/out.bin: no space left on the device;")
     with pytest.raises(RuntimeError):  # our own bugs keep their traceback
         run_tool(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), [])
+
+
+# ---------------------------------------------------------------- dataset against model
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tiny):
+    out = tiny["root"] / "pre"
+    r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", out / "ds",
+            "--tokenizer", tiny["tok"], "--valid-fraction", "0.2", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "ds"
+
+
+@pytest.mark.parametrize("field,value,key", [("vocab_size", 1 << 20, "model.vocab_size"),
+                                             ("eod", 3, "model.eos_token_id")])
+def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, value, key):
+    """Refused before launch from the manifest, naming it and the model's key (the ranks would
+    otherwise fail at iteration 1 with an IndexError)."""
+    folder = tmp_path / "data"
+    shutil.copytree(preprocessed.parent, folder)
+    manifest_file = folder / "ds.manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    if field == "vocab_size":
+        manifest["tokenizer"]["vocab_size"] = value
+    else:
+        manifest["documents"]["eod"]["token_id"] = value
+    manifest_file.write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"
+    r = run("recipes/cpt.py", f"run_dir={run_dir}", f"data.train=[{{prefix:{folder}/ds_train,weight:1}}]",
+            f"data.valid={{general:[{folder}/ds_valid]}}", env={"ELLAMA_DRY_RUN": "1"})
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert str(manifest_file) in r.stderr and key in r.stderr
+    assert not (run_dir / "config.yaml").exists()
+    # The untouched dataset passes the same check.
+    ok = run("recipes/cpt.py", f"run_dir={tmp_path / 'ok'}", f"data.train=[{{prefix:{preprocessed}_train,weight:1}}]",
+             f"data.valid={{general:[{preprocessed}_valid]}}", env={"ELLAMA_DRY_RUN": "1"})
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]

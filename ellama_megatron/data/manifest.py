@@ -65,6 +65,24 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def manifest_of_dataset(prefix: str | Path) -> Path | None:
+    """The manifest beside a split's Megatron prefix (``X_train`` -> ``X.manifest.json``), or None
+    for a dataset written elsewhere."""
+    for split in ("train", "valid"):
+        if str(prefix).endswith(f"_{split}"):
+            path = manifest_path(str(prefix)[: -len(split) - 1])
+            return path if path.is_file() else None
+    return None
+
+
+def written_token_ids(manifest: dict) -> tuple[int | None, int | None]:
+    """(tokenizer vocabulary size, EOD id written after every document) recorded by preprocessing;
+    None where an older manifest does not say."""
+    tok = manifest.get("tokenizer") or {}
+    eod = ((manifest.get("documents") or {}).get("eod") or {}).get("token_id", tok.get("eos_token_id"))
+    return tok.get("vocab_size"), eod
+
+
 def dataset_prefix(path: str | Path, manifest: dict, split: str) -> str | None:
     """The Megatron prefix of ``split`` (relative to the current folder when ``path`` is), or None
     when the split is absent or empty."""

@@ -40,6 +40,36 @@ def check_data(blend: dict) -> list[str]:
     return errors
 
 
+def check_data_matches_model(blend: dict, model) -> list[str]:
+    """Each dataset's recorded tokenizer against the model, from the manifests beside the datasets:
+    a token id at or above the model's vocabulary is an IndexError in every rank at iteration 1 (a
+    device-side assert on GPU), and another EOD id splits documents where there are none."""
+    from ellama_megatron.data.manifest import ManifestError, manifest_of_dataset, read_manifest, written_token_ids
+
+    errors = []
+    prefixes = [d["prefix"] for d in blend["train"]] + [p for ps in blend["valid"].values() for p in ps]
+    seen = set()
+    for prefix in prefixes:
+        path = manifest_of_dataset(prefix)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        try:
+            vocab, eod = written_token_ids(read_manifest(path))
+        except ManifestError as e:
+            errors.append(str(e))
+            continue
+        if vocab is not None and vocab > model.vocab_size:
+            errors.append(f"{path}: dataset {prefix} was tokenized with a vocabulary of {vocab} tokens, but the "
+                          f"model ({model.name}) has model.vocab_size={model.vocab_size}; preprocess it with the "
+                          "model's tokenizer (or extend the model's vocabulary: tools/extend_vocab.py)")
+        if eod is not None and eod != model.eos_token_id:
+            errors.append(f"{path}: dataset {prefix} ends documents with token {eod}, but the model ({model.name}) "
+                          f"has model.eos_token_id={model.eos_token_id}; preprocess it with the model's tokenizer "
+                          "or --eod-token matching the model")
+    return errors
+
+
 def check_known_choices(cfg) -> list[str]:
     groups = {group: typed(cfg, group) for group in SCHEMAS}  # ConfigError for a key of the wrong type or unknown
     errors = groups["cluster"].problems() + groups["optim"].problems() + groups["resilience"].problems()
@@ -97,6 +127,7 @@ def check_config(cfg, blend: dict) -> RunPlan:
     plan = RunPlan.from_cfg(cfg)
     layout = plan.problems()
     errors = model_errors + choices + layout + check_data(blend) + check_tokenizer(cfg.data.get("tokenizer_dir"))
+    errors += check_data_matches_model(blend, cfg.model)
     if not layout:  # the memory of a layout Megatron cannot run is no question
         errors += check_memory(cfg, plan)
     if errors:
