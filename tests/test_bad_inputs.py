@@ -445,3 +445,19 @@ def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, v
     ok = run("recipes/cpt.py", f"run_dir={tmp_path / 'ok'}", f"data.train=[{{prefix:{preprocessed}_train,weight:1}}]",
              f"data.valid={{general:[{preprocessed}_valid]}}", env={"ELLAMA_DRY_RUN": "1"})
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+
+
+def test_overlong_document_is_skipped_and_reported(tiny, tmp_path):
+    """A huge single line (one 50 MB line took 10 GB to tokenize) is skipped, counted and named."""
+    corpus = tmp_path / "long.jsonl"
+    lines = [json.dumps({"text": "short document number %d" % i}) for i in range(5)]
+    lines.insert(2, json.dumps({"text": "word " * 1000}))
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    r = run("tools/preprocess_data.py", "--input", corpus, "--output-prefix", out / "ds", "--tokenizer", tiny["tok"],
+            "--max-doc-chars", "1000", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "document over --max-doc-chars" in r.stderr and "line 3" in r.stderr.replace(":", " ")
+    manifest = json.loads((out / "ds.manifest.json").read_text())
+    assert manifest["skipped"]["by_reason"] == {"document over --max-doc-chars": 1}
+    assert manifest["splits"]["train"]["documents"] == 5

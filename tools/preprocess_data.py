@@ -36,7 +36,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.data.manifest import ManifestError
-from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
+from ellama_megatron.data.preprocess import DEFAULT_MAX_DOC_CHARS, PreprocessOptions, preprocess, summary_line
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template
 from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
                         "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
+                   help="skip (and count in the summary) documents longer than this many characters: tokenizing "
+                        f"costs ~200x a document's size in memory (default {DEFAULT_MAX_DOC_CHARS:,}; 0: no limit)")
     p.add_argument("--allow-empty", action="store_true",
                    help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             bos=args.bos,
             eod_token=args.eod_token,
             allow_empty=args.allow_empty,
+            max_doc_chars=args.max_doc_chars,
         )
         manifest = preprocess(opts)
     except (InputError, TokenizerFolderError, BadRecordError, ManifestError, ValueError) as e:

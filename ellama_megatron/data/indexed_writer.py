@@ -85,6 +85,7 @@ class EncodeJob:
     domain_threshold: float | None = None  # keep documents the installed classifier scores above it
     add_special_tokens: bool = True  # encode with the tokenizer's template (--bos auto, or always when it adds BOS)
     prepend_bos: int | None = None  # written before each document's ids (--bos always, template without BOS)
+    max_doc_chars: int = 0  # longer documents are skipped (reason counted); tokenizing one costs ~200x its size in memory
 
 
 _BACKENDS: dict = {}
@@ -194,6 +195,9 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
                 continue
             if not text.strip():
                 bad(raw, "empty document")
+                continue
+            if job.max_doc_chars and len(text) > job.max_doc_chars:
+                bad(raw, f"document over --max-doc-chars ({len(text):,} > {job.max_doc_chars:,} characters)")
                 continue
             key = job.serializer.split_key(raw.record, text)
             split = "valid" if is_validation(key, job.valid_fraction) else "train"

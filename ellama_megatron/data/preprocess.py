@@ -35,6 +35,7 @@ from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder
 from ellama_megatron.formats.atomic import write_json_atomic
 
 MAX_EXAMPLES = 100
+DEFAULT_MAX_DOC_CHARS = 5_000_000  # about 1 GB to tokenize; a long novel has 1-2 million characters
 PREFLIGHT_RECORDS = 100
 
 
@@ -57,6 +58,9 @@ class PreprocessOptions:
     bos: str = "auto"  # auto (what the tokenizer's template adds), always, never: data/document_tokens.py
     eod_token: str | None = None  # appended after every document; None: the folder's eos_token (chat eos refused)
     allow_empty: bool = False  # write a 0-document dataset instead of refusing (usually a wrong input or filter)
+    # Tokenizing a document takes about 200x its size in memory (a 50 MB line: 10 GB); longer ones are
+    # skipped and counted under their reason in the summary. 0 = no limit.
+    max_doc_chars: int = DEFAULT_MAX_DOC_CHARS
 
 
 def _check_outputs(opts: PreprocessOptions) -> None:
@@ -194,6 +198,8 @@ def preprocess(opts: PreprocessOptions) -> dict:
     start = time.time()
     if opts.shard_bytes < 1 or opts.workers < 1 or opts.batch_docs < 1:
         raise InputError("--shard-mb, --workers and --batch-docs must be at least 1")
+    if opts.max_doc_chars < 0:
+        raise InputError(f"--max-doc-chars {opts.max_doc_chars}: must be 0 (no limit) or more")
     if not 0.0 <= opts.valid_fraction < 1.0:
         raise InputError(f"--valid-fraction {opts.valid_fraction}: must be in [0, 1)")
     _check_outputs(opts)
@@ -217,7 +223,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
     for folder in remove_stale_temp_folders(out_prefix):
         print(f"removed {folder}: temporary folder of an earlier run on this prefix that died", file=sys.stderr)
     job = EncodeJob(opts.serializer, opts.valid_fraction, specials.eod_id, tok.dtype, opts.batch_docs, opts.strict,
-                    threshold, specials.add_special_tokens, specials.prepend_bos)
+                    threshold, specials.add_special_tokens, specials.prepend_bos, opts.max_doc_chars)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
     try:
         Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
