@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 v = stats["verify"]
                 print(f"verify: max abs logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:g}), "
                       f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens, {v['dtype']} on {v['device']}")
+                if v.get("real_text"):
+                    t = v["real_text"]
+                    print(f"verify: of which {t['tokens']} tokens of English prose (the folder's tokenizer): "
+                          f"max abs logit diff {t['max_abs_logit_diff']:.3g}, top-1 agreement {t['top1_agreement']:.4f}")
         else:
             from ellama_megatron.convert.exporter import export_hf
 

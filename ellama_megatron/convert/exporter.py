@@ -11,13 +11,13 @@ from ellama_megatron.convert.hf_checkpoint import ConversionError
 from ellama_megatron.convert.output_folder import refuse_existing
 from ellama_megatron.convert.summary import Summary
 from ellama_megatron.formats.atomic import staged_output
-from ellama_megatron.formats.hf_folder import carry_hf_files
+from ellama_megatron.formats.hf_folder import carry_hf_files, is_hf_folder, read_config
 from ellama_megatron.formats.hf_shards import MAX_SHARD_BYTES, ShardedWriter
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, locate, record_path, tokenizer_source
 from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import LlamaConfig
-from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict
+from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict, same_architecture
 
 
 def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bool = False,
@@ -54,7 +54,11 @@ def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bo
     tensor_list = [o for _, _, outs in plan for o in outs]
     dtype = tensor_list[0][1]
 
-    config_json = hf_config_dict(cfg, dtype)
+    # The files the import kept beside the checkpoint (or beside the run's init_from): the tokenizer,
+    # and the source's config.json, whose keys the export keeps while the architecture is unchanged.
+    hf_files = tokenizer_source(root, record)
+    source_config = read_config(hf_files) if hf_files is not None and is_hf_folder(hf_files) else None
+    config_json = hf_config_dict(cfg, dtype, source_config)
     with staged_output(out) as tmp:
         writer = ShardedWriter(tmp, tensor_list, max_shard_bytes)
         summary = Summary("export", writer.total_size, quiet=quiet)
@@ -66,11 +70,11 @@ def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bo
             del tensors
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        tok = tokenizer_source(root, record)
-        carried = carry_hf_files(tok, tmp) if tok is not None else []
+        carried = carry_hf_files(hf_files, tmp) if hf_files is not None else []
         if "generation_config.json" not in carried:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
         stats = summary.close()
         stats["shards"] = len(writer.files)
         stats["tokenizer"] = "carried" if any(c.startswith("tokenizer") for c in carried) else "not found"
+        stats["config"] = "source" if source_config is not None and same_architecture(cfg, source_config) else "rebuilt"
     return stats

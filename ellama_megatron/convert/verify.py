@@ -3,7 +3,9 @@
 The Megatron side is the model training builds (ellama_megatron.llama.megatron: the same
 TransformerConfig translation, see model_config) loaded from the torch_dist checkpoint through
 Megatron's dist_checkpointing, in one process (world size 1: gloo on CPU, NCCL on a GPU).
-Reported: max absolute logit difference over the real vocab, and top-1 agreement.
+Reported: max absolute logit difference over the real vocab, and top-1 agreement, over seeded
+random ids and, when the folder has a tokenizer, over a fixed English paragraph tokenized with it
+(real text exercises the ids and positions a model actually sees; random ids rarely do).
 
 The two models run one after the other, so peak memory is one model: in float32, 4 bytes per
 parameter (8B: 32 GB, on a CPU or one 80 GB GPU); in bfloat16, 2 (70B: 141 GB, a CPU node).
@@ -23,6 +25,15 @@ from ellama_megatron.convert.hf_checkpoint import ConversionError
 SEQUENCES, SEQ_LEN, SEED = 2, 32, 1234  # fixed token sequences: random ids, seeded
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5}  # max abs logit difference
+# Real prose (public domain: the United States Declaration of Independence), long enough for SEQ_LEN
+# tokens with any tokenizer.
+PARAGRAPH = (
+    "When in the Course of human events, it becomes necessary for one people to dissolve the political "
+    "bands which have connected them with another, and to assume among the powers of the earth, the "
+    "separate and equal station to which the Laws of Nature and of Nature's God entitle them, a decent "
+    "respect to the opinions of mankind requires that they should declare the causes which impel them "
+    "to the separation."
+)
 
 
 def check_options(device: str, dtype: str) -> str:
@@ -41,6 +52,18 @@ def check_options(device: str, dtype: str) -> str:
 def fixed_tokens(vocab_size: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(SEED)
     return torch.randint(0, vocab_size, (SEQUENCES, SEQ_LEN), generator=g)
+
+
+def paragraph_tokens(hf_dir: Path) -> torch.Tensor | None:
+    """PARAGRAPH's first SEQ_LEN ids (with the template's BOS) under the folder's tokenizer; None without one."""
+    from ellama_megatron.formats.tokenizer_folder import has_tokenizer
+
+    if not has_tokenizer(Path(hf_dir)):
+        return None
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(hf_dir))(PARAGRAPH).input_ids[:SEQ_LEN]
+    return torch.tensor([ids]) if len(ids) == SEQ_LEN else None
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -155,8 +178,13 @@ def verify_conversion(hf_dir: Path, ckpt_root: Path, tolerance: float | None = N
         torch.backends.cudnn.allow_tf32 = False
     vocab = int(read_record(ckpt_root)["model"]["vocab_size"])
     tokens = fixed_tokens(vocab)
+    text = paragraph_tokens(hf_dir)
+    if text is not None:  # one more row of the same batch: both models run once
+        tokens = torch.cat([tokens, text])
     reference = hf_logits(hf_dir, tokens, device, DTYPES[dtype])
-    result = compare(reference, megatron_logits(ckpt_root, tokens, device, DTYPES[dtype]))
+    candidate = megatron_logits(ckpt_root, tokens, device, DTYPES[dtype])
+    result = compare(reference, candidate)
+    result["real_text"] = None if text is None else compare(reference[SEQUENCES:], candidate[SEQUENCES:])
     result.update(tolerance=tolerance, device=device, dtype=dtype)
     if not result["max_abs_logit_diff"] <= tolerance:
         raise ConversionError(

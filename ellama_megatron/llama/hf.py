@@ -127,21 +127,53 @@ def hf_llama_config(cfg: LlamaConfig):
     )
 
 
-def hf_config_dict(cfg: LlamaConfig, dtype) -> dict:
+# Keys every transformers config carries for other model types (classification labels, encoder-decoder,
+# output switches): defaults that describe no Llama, left out of what we write.
+GENERIC_CONFIG_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
+                       "output_attentions", "output_hidden_states", "problem_type", "return_dict")
+# What a checkpoint's weights do not fix and the source config.json may differ in without being another
+# model: its label, the random-init scale, and the special ids (a model has its tokenizer's).
+NOT_ARCHITECTURE = ("name", "init_method_std", "bos_token_id", "eos_token_id")
+
+
+def same_architecture(cfg: LlamaConfig, source: dict, source_name: str = "config.json") -> bool:
+    """Whether the source config.json describes ``cfg``'s architecture (so its keys still hold)."""
+    try:
+        theirs = llama_config_from_hf(source, cfg.name, source_name).to_dict()
+    except UnsupportedConfig:
+        return False
+    ours = cfg.to_dict()
+    return all(ours[k] == theirs[k] for k in ours if k not in NOT_ARCHITECTURE)
+
+
+def hf_config_dict(cfg: LlamaConfig, dtype, source: dict | None = None) -> dict:
     """config.json for LlamaForCausalLM that transformers 4.x and 5.x both read the same way;
-    ``dtype`` is the torch dtype of the weights beside it."""
+    ``dtype`` is the torch dtype of the weights beside it. With ``source`` (the config.json the model
+    was imported from) of the same architecture, its keys are kept as they were (pad_token_id,
+    unk_token_id, a list of eos ids, ...): only the dtype and the RoPE forms ours would state are set."""
+    if source is not None and same_architecture(cfg, source):
+        d = dict(source)
+        _set_rope_and_dtype(d, cfg, dtype)
+        return d
     d = hf_llama_config(cfg).to_dict()
-    rope = dict(d.get("rope_parameters") or {})
+    for key in GENERIC_CONFIG_KEYS:
+        d.pop(key, None)
+    d["architectures"] = ["LlamaForCausalLM"]
+    d.pop("transformers_version", None)
+    _set_rope_and_dtype(d, cfg, dtype)
+    return d
+
+
+def _set_rope_and_dtype(d: dict, cfg: LlamaConfig, dtype) -> None:
+    rope = rope_parameters(cfg)
+    d["rope_parameters"] = rope
     d["rope_theta"] = float(cfg.rotary_base)
     d["rope_scaling"] = None if cfg.rope_scaling_factor is None else {
         k: v for k, v in rope.items() if k != "rope_theta"
     }
-    d["architectures"] = ["LlamaForCausalLM"]
     dtype_name = str(dtype).removeprefix("torch.")
     d["dtype"] = dtype_name
     d["torch_dtype"] = dtype_name  # the key transformers 4 reads
-    d.pop("transformers_version", None)
-    return d
 
 
 def generation_config_dict(cfg: LlamaConfig) -> dict:
