@@ -67,6 +67,12 @@ class LlamaConfig:
         return L * per_layer + emb + h
 
 
+# What a checkpoint's weights and forward pass do not depend on: the preset's label, the scale of a
+# random init that loaded weights replace, and the special ids (they describe the tokenizer and data).
+# Two configs equal in every other field are the same architecture.
+NON_ARCHITECTURE_FIELDS = ("name", "init_method_std", "bos_token_id", "eos_token_id")
+
+
 def preset_names() -> list[str]:
     # auto.yaml is no preset: it stands for the model recorded beside checkpoint.init_from
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "auto")

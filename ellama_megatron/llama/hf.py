@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.llama.config import NON_ARCHITECTURE_FIELDS, LlamaConfig
 
 # Llama 3.1's "llama3" RoPE scaling besides its factor. Megatron-Core's rotary embedding hard-codes
 # these three values, so a checkpoint with any other value would be silently run with these:
@@ -131,9 +131,6 @@ def hf_llama_config(cfg: LlamaConfig):
 # output switches): defaults that describe no Llama, left out of what we write.
 GENERIC_CONFIG_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
                        "output_attentions", "output_hidden_states", "problem_type", "return_dict")
-# What a checkpoint's weights do not fix and the source config.json may differ in without being another
-# model: its label, the random-init scale, and the special ids (a model has its tokenizer's).
-NOT_ARCHITECTURE = ("name", "init_method_std", "bos_token_id", "eos_token_id")
 
 
 def same_architecture(cfg: LlamaConfig, source: dict, source_name: str = "config.json") -> bool:
@@ -143,7 +140,7 @@ def same_architecture(cfg: LlamaConfig, source: dict, source_name: str = "config
     except UnsupportedConfig:
         return False
     ours = cfg.to_dict()
-    return all(ours[k] == theirs[k] for k in ours if k not in NOT_ARCHITECTURE)
+    return all(ours[k] == theirs[k] for k in ours if k not in NON_ARCHITECTURE_FIELDS)
 
 
 def hf_config_dict(cfg: LlamaConfig, dtype, source: dict | None = None) -> dict:

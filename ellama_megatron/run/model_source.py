@@ -1,7 +1,7 @@
 """Which model a run trains: the one checkpoint.init_from recorded, unless a preset is chosen.
 
-conf/model/auto.yaml (the default) names no dimensions (its keys are null): the model is the ``model`` section of
-init_from's record (what tools/convert_hf.py import, tools/merge.py or a run wrote beside the
+conf/model/auto.yaml (the default) names no dimensions (its keys are null): the model is the
+``model`` section of init_from's record (what tools/convert_hf.py import, tools/merge.py or a run wrote beside the
 checkpoint), or the tiny preset when the run starts from random weights. Keys set (``model.KEY=VALUE``) are
 laid over it. A preset or override that disagrees with the checkpoint it starts from would build
 a model of other shapes and fail minutes later in Megatron's loader (or, for RoPE or the norm's
@@ -16,13 +16,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, checkpoint_root, read_record, record_path
-from ellama_megatron.llama.config import load_model_config
+from ellama_megatron.llama.config import NON_ARCHITECTURE_FIELDS, load_model_config
 
 AUTO = "auto"             # conf/model/auto.yaml's name: the model comes from checkpoint.init_from
 RANDOM_INIT_PRESET = "tiny"  # auto without init_from: the preset tests and the demo train from scratch
-# Fields that do not shape the weights or the forward pass: the preset's label, the scale of a random
-# init that a checkpoint replaces, and the special ids, which describe the tokenizer and data.
-NOT_COMPARED = ("name", "init_method_std", "bos_token_id", "eos_token_id")
 
 
 def recorded_model(init_from: str | Path) -> dict[str, Any]:
@@ -51,6 +48,6 @@ def run_model(cfg: Any) -> tuple[dict[str, Any], list[str]]:
     problems = [
         f"model.{key}={model[key]!r} but checkpoint.init_from={init_from} has {key}={recorded.get(key)!r} "
         f"({source}); drop the model preset and override (model=auto, the default, trains the recorded model)"
-        for key in model if key not in NOT_COMPARED and model[key] != recorded.get(key)
+        for key in model if key not in NON_ARCHITECTURE_FIELDS and model[key] != recorded.get(key)
     ]
     return model, problems
