@@ -360,6 +360,20 @@ def test_import_onto_a_full_disk(tiny, small_mount):
     assert os.listdir(small_mount) == ["filler"]
 
 
+def test_export_onto_a_full_disk(imported, small_mount):
+    _fill(small_mount)
+    r = run("tools/convert_hf.py", "export", "--ckpt", imported, "--out", small_mount / "hf", "--quiet")
+    assert_refused(r, "no space left")
+    assert os.listdir(small_mount) == ["filler"]
+
+
+def test_import_onto_a_read_only_mount(tiny, small_mount):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    r = run("tools/convert_hf.py", "import", "--hf-dir", tiny["hf"], "--out", small_mount / "ckpt", "--quiet")
+    assert_refused(r, "read-only")
+    assert os.listdir(small_mount) == []
+
+
 def test_preprocess_onto_a_full_disk(tiny, small_mount):
     _fill(small_mount)
     r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", small_mount / "ds",
