@@ -62,6 +62,8 @@ def run_tool(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     try:
         return int(main(argv) or 0)
     except SystemExit as e:
+        if e.code in (None, 0) and ("-h" in argv or "--help" in argv):
+            print(f"\n{DEBUG_FLAG} (any tool): on an error, show the Python traceback too")
         if isinstance(e.code, str):
             print(error_line(Exception(e.code)), file=sys.stderr)
             return USER_ERROR

@@ -420,6 +420,11 @@ def test_run_tool_convention(capsys):
     assert capsys.readouterr().err.startswith("error: /mnt/out.bin: no space left on the device;")
     with pytest.raises(RuntimeError):  # our own bugs keep their traceback
         run_tool(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), [])
+    # sys.exit("...") from a tool: the same convention; --help names --debug.
+    assert run_tool(lambda argv: sys.exit("--x: must be 1"), []) == 2
+    assert capsys.readouterr().err == "error: --x: must be 1\n"
+    assert run_tool(lambda argv: sys.exit(0), ["--help"]) == 0
+    assert "--debug" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- dataset against model
