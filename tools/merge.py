@@ -31,7 +31,7 @@ import sys
 from ellama_megatron.formats.megatron_checkpoint import folder_kind
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.methods import METHODS
-from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError
+from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError, check_merge_request
 from ellama_megatron.cli import run_tool
 
 
@@ -56,6 +56,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_merge_request(args.method, args.adapted, args.alpha, args.weight, args.extrapolate)  # before any input is read
         kinds = [folder_kind(p, "--base" if i == 0 else "--adapted") for i, p in enumerate([args.base, *args.adapted])]
         if len(set(kinds)) > 1:
             raise MergeInputError(
