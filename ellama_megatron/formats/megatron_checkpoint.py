@@ -11,6 +11,7 @@ the launcher writes a run's record without paying for it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,22 @@ def megatron_layout(root: Path) -> Path:
 def is_checkpoint_folder(path: Path) -> bool:
     """One torch_dist checkpoint (an ``iter_*`` or ``release`` folder), not a save folder."""
     return (path / ".metadata").exists() and ((path / "metadata.json").exists() or (path / "common.pt").exists())
+
+
+def iteration_folder(save_dir: Path, iteration: int) -> Path:
+    """Where Megatron saves iteration ``iteration`` in a save folder (``iter_0000100``)."""
+    return save_dir / f"iter_{iteration:07d}"
+
+
+def complete_iterations(save_dir: Path) -> list[int]:
+    """The iterations of the save folder's complete checkpoints (torch_dist's metadata written,
+    which it does last), oldest first."""
+    found = []
+    for folder in Path(save_dir).glob("iter_*"):
+        match = re.fullmatch(r"iter_(\d+)", folder.name)
+        if match and is_checkpoint_folder(folder):
+            found.append(int(match.group(1)))
+    return sorted(found)
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:
@@ -114,7 +131,7 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
     if is_checkpoint_folder(root) and iteration is None:
         return root
     if iteration is not None:
-        folder = root / f"iter_{iteration:07d}"
+        folder = iteration_folder(root, iteration)
         if not folder.is_dir():
             found = sorted(p.name for p in root.glob("iter_*")) + ([RELEASE_DIR] if (root / RELEASE_DIR).is_dir() else [])
             raise FileNotFoundError(f"{folder}: no checkpoint for --iteration {iteration}; found {found}")
@@ -129,7 +146,7 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
         raise CheckpointFormatError(
             f"{tracker}: {'is empty' if not text else f'holds {text!r}, not an iteration'}; pass --iteration N "
             f"for one of {sorted(p.name for p in root.glob('iter_*'))}, or relaunch the run, which repairs it")
-    folder = root / (RELEASE_DIR if text == RELEASE_DIR else f"iter_{int(text):07d}")
+    folder = root / RELEASE_DIR if text == RELEASE_DIR else iteration_folder(root, int(text))
     if not folder.is_dir():
         raise FileNotFoundError(f"{tracker} points to {folder.name}, which does not exist")
     return folder

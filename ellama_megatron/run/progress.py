@@ -4,7 +4,6 @@ from these, so "finished" means one thing."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ellama_megatron.formats import megatron_checkpoint
@@ -25,17 +24,6 @@ def is_finished(run_dir: str | Path, train_iterations: int) -> bool:
     return (Path(run_dir) / DONE_FILE).exists() or saved_iteration(run_dir) >= train_iterations
 
 
-def complete_iterations(save_dir: Path) -> list[int]:
-    """The iterations of the save folder's complete checkpoints (torch_dist's metadata written,
-    which it does last), oldest first."""
-    found = []
-    for folder in Path(save_dir).glob("iter_*"):
-        match = re.fullmatch(r"iter_(\d+)", folder.name)
-        if match and megatron_checkpoint.is_checkpoint_folder(folder):
-            found.append(int(match.group(1)))
-    return sorted(found)
-
-
 def repair_tracker(run_dir: str | Path) -> str | None:
     """Make the run's tracker name a complete checkpoint before the ranks read it.
 
@@ -52,14 +40,15 @@ def repair_tracker(run_dir: str | Path) -> str | None:
     text = tracker.read_text().strip()
     if text == megatron_checkpoint.RELEASE_DIR and megatron_checkpoint.is_checkpoint_folder(save_dir / text):
         return None
-    if text.isdigit() and megatron_checkpoint.is_checkpoint_folder(save_dir / f"iter_{int(text):07d}"):
+    if text.isdigit() and megatron_checkpoint.is_checkpoint_folder(
+            megatron_checkpoint.iteration_folder(save_dir, int(text))):
         return None
     problem = "is empty" if not text else f"names {text!r}, which is not a complete checkpoint in {save_dir}"
-    complete = complete_iterations(save_dir)
+    complete = megatron_checkpoint.complete_iterations(save_dir)
     if not complete:
         raise megatron_checkpoint.CheckpointFormatError(
             f"{tracker}: {problem}, and {save_dir} holds no complete iter_* checkpoint to resume from; "
             "restore the checkpoints, or delete the tracker to start the run again from its beginning")
     write_text_atomic(tracker, str(complete[-1]))  # as Megatron writes it
     return (f"warning: {tracker} {problem}; set to {complete[-1]}, the newest complete checkpoint "
-            f"(iter_{complete[-1]:07d})")
+            f"({megatron_checkpoint.iteration_folder(save_dir, complete[-1]).name})")
