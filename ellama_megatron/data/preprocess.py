@@ -57,6 +57,7 @@ class PreprocessOptions:
     domain_threshold: float | None = None  # the filter's threshold; None: the one stored with the classifier
     bos: str = "auto"  # auto (what the tokenizer's template adds), always, never: data/document_tokens.py
     eod_token: str | None = None  # appended after every document; None: the folder's eos_token (chat eos refused)
+    bos_token: str | None = None  # the BOS of --bos always/auto; None: the folder's bos_token
     allow_empty: bool = False  # write a 0-document dataset instead of refusing (usually a wrong input or filter)
     # Tokenizing a document takes about 200x its size in memory (a 50 MB line: 10 GB); longer ones are
     # skipped and counted under their reason in the summary. 0 = no limit.
@@ -204,7 +205,8 @@ def preprocess(opts: PreprocessOptions) -> dict:
         raise InputError(f"--valid-fraction {opts.valid_fraction}: must be in [0, 1)")
     _check_outputs(opts)
     tok = load_tokenizer_folder(opts.tokenizer_dir)
-    specials = document_tokens(opts.tokenizer_dir, tok.backend_json, tok.bos_id, tok.eos_id, opts.bos, opts.eod_token)
+    specials = document_tokens(opts.tokenizer_dir, tok.backend_json, tok.bos_id, tok.eos_id, opts.bos, opts.eod_token,
+                               opts.bos_token)
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
