@@ -64,12 +64,20 @@ class SplitStats:
 
 @dataclass
 class UnitResult:
-    unit: WorkUnit
+    unit: WorkUnit | None  # None: the running totals of a pipeline task (data/pipeline.py)
     records: int = 0  # records read, good and bad
     splits: dict = field(default_factory=lambda: {s: SplitStats() for s in SPLITS})
     skipped: Counter = field(default_factory=Counter)  # reason kind -> count
     examples: list = field(default_factory=list)  # [{"file", "location", "reason"}], first few
     domain_filter: object = None  # classify.FilterStats of this unit when --domain-filter is on
+
+    def bad(self, raw: RawRecord, reason: str, strict: bool) -> None:
+        """Count a bad record under its reason (and keep the first few), or stop with --strict."""
+        if strict:
+            raise BadRecordError(f"{raw.path}, {raw.location}: {reason} (--strict stops at the first bad record)")
+        self.skipped[reason.split(" (")[0]] += 1
+        if len(self.examples) < MAX_EXAMPLES_PER_UNIT:
+            self.examples.append({"file": raw.path, "location": raw.location, "reason": reason})
 
 
 @dataclass(frozen=True)
@@ -117,37 +125,46 @@ def _encode(texts: list[str], add_special_tokens: bool) -> list:
     return (fast or tok.encode_batch)(texts, add_special_tokens=add_special_tokens)
 
 
-def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
-    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
-    result = UnitResult(unit)
-    token_files = {s: open(f"{part_prefix}_{s}.tokens", "wb") for s in SPLITS}
-    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-    batch: list[tuple[RawRecord, str, str, str]] = []  # (raw, text, language, split)
-    domain_filter = None
-    if job.domain_threshold is not None:
-        from ellama_megatron.classify.filter import DomainFilter
+class PartWriter:
+    """Tokenizes batches of serialized documents and appends them to raw parts, one per split
+    (``{part_prefix}_{split}.tokens`` and ``.lengths.npy``): the encode and write half of a unit,
+    shared by encode_unit and the datatrove pipeline (data/pipeline.py)."""
 
-        domain_filter = DomainFilter(_BACKENDS["domain_classifier"], job.domain_threshold)
-        result.domain_filter = domain_filter.stats
+    def __init__(self, job: EncodeJob, part_prefix: str, result: UnitResult):
+        self.job, self.part_prefix, self.result = job, part_prefix, result
+        self.token_files = {s: open(f"{part_prefix}_{s}.tokens", "wb") for s in SPLITS}
+        self.lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
 
-    def bad(raw: RawRecord, reason: str) -> None:
-        if job.strict:
-            raise BadRecordError(f"{raw.path}, {raw.location}: {reason} (--strict stops at the first bad record)")
-        result.skipped[reason.split(" (")[0]] += 1
-        if len(result.examples) < MAX_EXAMPLES_PER_UNIT:
-            result.examples.append({"file": raw.path, "location": raw.location, "reason": reason})
+    def add(self, batch: list[tuple[RawRecord, str, str, str]]) -> None:
+        """Encode and write ``batch`` of (raw, text, language, split), in order."""
+        if not batch:
+            return
+        job = self.job
+        try:
+            encodings = _encode([t for _, t, _, _ in batch], job.add_special_tokens)
+        except Exception:  # noqa: BLE001 - one untokenizable text (e.g. a lone surrogate) fails the batch
+            for item in batch:
+                try:
+                    encodings = _encode([item[1]], job.add_special_tokens)
+                except Exception as e:  # noqa: BLE001
+                    self.result.bad(item[0], f"cannot be tokenized ({e})", job.strict)
+                else:
+                    self._write([item], encodings)
+        else:
+            self._write(batch, encodings)
 
-    def write(items, encodings) -> None:
+    def _write(self, items, encodings) -> None:
+        job = self.job
         docs = {s: [] for s in SPLITS}
         for (raw, text, language, split), enc in zip(items, encodings):
             ids = enc.ids
             if not ids:
-                bad(raw, "no tokens")
+                self.result.bad(raw, "no tokens", job.strict)
                 continue
             if job.prepend_bos is not None:
                 ids = [job.prepend_bos, *ids]
             docs[split].append(ids)
-            result.splits[split].add(language, len(ids) + 1, len(text.encode("utf-8")))
+            self.result.splits[split].add(language, len(ids) + 1, len(text.encode("utf-8")))
         for split, id_lists in docs.items():
             if not id_lists:
                 continue
@@ -158,58 +175,75 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
                 buf[pos : pos + size - 1] = ids
                 buf[pos + size - 1] = job.eod_id
                 pos += size
-            token_files[split].write(buf.tobytes(order="C"))
-            lengths[split].extend(sizes)
+            self.token_files[split].write(buf.tobytes(order="C"))
+            self.lengths[split].extend(sizes)
+
+    def close(self) -> None:
+        """Close the token files; ``save`` the lengths only when the part is complete."""
+        for f in self.token_files.values():
+            f.close()
+
+    def save(self) -> None:
+        self.close()
+        for s in SPLITS:
+            numpy.save(f"{self.part_prefix}_{s}.lengths.npy", numpy.asarray(self.lengths[s], dtype=numpy.int64))
+
+
+def serialize_record(job: EncodeJob, raw: RawRecord, result: UnitResult) -> tuple[str, str, str] | None:
+    """(text, language, split) of a readable record, or None when it is bad (counted in ``result``,
+    or BadRecordError with --strict)."""
+    try:
+        text = serialize(raw.record, job.serializer.template)
+    except MissingField as e:
+        result.bad(raw, f"missing field '{e.args[0]}' (template {job.serializer.template.name})", job.strict)
+        return None
+    if not text.strip():
+        result.bad(raw, "empty document", job.strict)
+        return None
+    if job.max_doc_chars and len(text) > job.max_doc_chars:
+        result.bad(raw, f"document over --max-doc-chars ({len(text):,} > {job.max_doc_chars:,} characters)", job.strict)
+        return None
+    key = job.serializer.split_key(raw.record, text)
+    split = "valid" if is_validation(key, job.valid_fraction) else "train"
+    return text, job.serializer.language(raw.record), split
+
+
+def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
+    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
+    result = UnitResult(unit)
+    writer = PartWriter(job, part_prefix, result)
+    batch: list[tuple[RawRecord, str, str, str]] = []  # (raw, text, language, split)
+    domain_filter = None
+    if job.domain_threshold is not None:
+        from ellama_megatron.classify.filter import DomainFilter
+
+        domain_filter = DomainFilter(_BACKENDS["domain_classifier"], job.domain_threshold)
+        result.domain_filter = domain_filter.stats
 
     def flush() -> None:
         if domain_filter is not None and batch:
             # Serialized text is what the classifier was trained on; dropped documents cost no tokenization.
             kept = domain_filter.keep_batch([t for _, t, _, _ in batch])
             batch[:] = [item for item, k in zip(batch, kept) if k]
-        if not batch:
-            return
-        try:
-            encodings = _encode([t for _, t, _, _ in batch], job.add_special_tokens)
-        except Exception:  # noqa: BLE001 - one untokenizable text (e.g. a lone surrogate) fails the batch
-            for item in batch:
-                try:
-                    encodings = _encode([item[1]], job.add_special_tokens)
-                except Exception as e:  # noqa: BLE001
-                    bad(item[0], f"cannot be tokenized ({e})")
-                else:
-                    write([item], encodings)
-        else:
-            write(batch, encodings)
+        writer.add(batch)
         batch.clear()
 
     try:
         for raw in read_unit(unit):
             result.records += 1
             if raw.error is not None:
-                bad(raw, raw.error)
+                result.bad(raw, raw.error, job.strict)
                 continue
-            try:
-                text = serialize(raw.record, job.serializer.template)
-            except MissingField as e:
-                bad(raw, f"missing field '{e.args[0]}' (template {job.serializer.template.name})")
+            doc = serialize_record(job, raw, result)
+            if doc is None:
                 continue
-            if not text.strip():
-                bad(raw, "empty document")
-                continue
-            if job.max_doc_chars and len(text) > job.max_doc_chars:
-                bad(raw, f"document over --max-doc-chars ({len(text):,} > {job.max_doc_chars:,} characters)")
-                continue
-            key = job.serializer.split_key(raw.record, text)
-            split = "valid" if is_validation(key, job.valid_fraction) else "train"
-            batch.append((raw, text, job.serializer.language(raw.record), split))
+            batch.append((raw, *doc))
             if len(batch) >= job.batch_docs:
                 flush()
         flush()
     finally:
-        for f in token_files.values():
-            f.close()
-    for s in SPLITS:
-        numpy.save(f"{part_prefix}_{s}.lengths.npy", numpy.asarray(lengths[s], dtype=numpy.int64))
+        writer.close()
+    writer.save()
     return result
 
 
