@@ -1,5 +1,6 @@
 """Collects a finished sweep (recipes/sweep.py) into one table: each point's overrides, final
-training loss and final per-domain validation losses, as markdown and JSON.
+training loss and final per-domain validation losses, as markdown and JSON; the JSON also holds the
+scale each point trained at (group shares, tokens, parameters: what tools/fit_mix.py fits).
 
 Every point's rank 0 writes ``point.json`` in its run folder (overrides, Slurm job id, the folder of
 the job's logs); the losses are read from those logs with the engine's own parser, so this works
@@ -13,13 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
+from ellama_megatron.data.blend_plan import resolve_shares
 from ellama_megatron.engine.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.run.plan import RunPlan
 from ellama_megatron.run.progress import DONE_FILE
 
 POINT_FILE = "point.json"  # written by launch/sweep.py (rank 0 of each point) in the point's run folder
 TABLE_NAME = "sweep_table"  # <sweep dir>/sweep_table.md and .json
+
+
+def point_scale(config_file: Path | None) -> dict[str, Any]:
+    """What a scaling-law fit (sweep/mix_law.py) needs of a point, from the config it ran (point.json's
+    "config"): each data group's share of the training tokens (nulls resolved), the tokens it trains
+    on (whole steps) and the model's parameters. None where there is no config (the point was
+    refused) or no data groups (a blend file gives weights, not shares)."""
+    if config_file is None or not Path(config_file).exists():
+        return {"shares": None, "tokens": None, "parameters": None}
+    cfg = OmegaConf.load(config_file)
+    groups = OmegaConf.to_container(cfg.data, resolve=True).get("groups") or {}
+    shares = resolve_shares({g: (v or {}).get("share") for g, v in groups.items()}, "data.groups") if groups else None
+    plan = RunPlan.from_cfg(cfg)
+    return {"shares": shares, "tokens": plan.train_iterations * plan.tokens_per_step,
+            "parameters": plan.model.num_parameters()}
 
 
 def read_point(point_file: Path) -> dict[str, Any]:
@@ -46,6 +65,7 @@ def read_point(point_file: Path) -> dict[str, Any]:
         "train_loss": log.train_loss.get(last),
         # The last value per domain: the final pass over the whole validation set.
         "valid_loss": {d: v[max(v)] for d, v in sorted(log.valid_loss.items()) if v},
+        **point_scale(point.get("config")),
     }
 
 
