@@ -108,3 +108,19 @@ def test_sweep_table_rows_carry_each_points_shares_tokens_and_parameters(tmp_pat
     # The CPU preset is a 4 x 2 grid of shares and budgets.
     assert sweeper.params["data.groups.general.share"] == "0.2,0.4,0.6,0.8"
     assert len(str(sweeper.params["train.train_tokens"]).split(",")) == 2
+
+
+def test_the_sweeps_iteration_0_validation_is_the_reference_of_the_general_rise(tmp_path):
+    """With train.eval_at_start each point validated the base first: that general loss is the reference."""
+    table = synthetic_table(tmp_path / "sweep_table.json", budgets=(1e8, 1e9))
+    rows = json.loads(table.read_text())
+    for row in rows["points"]:
+        row["valid_loss_start"] = {"general": 1.40, "ecommerce": 3.0}
+    table.write_text(json.dumps(rows))
+    result = fit_mix(table, tmp_path / "out", tokens=1e10, max_general_rise=0.0)
+    rec = result["recommendation"]
+    assert rec["general_reference"] == 1.40 and rec["reference_kind"] == "the base model's"
+    # The limit: the predicted general loss at the recommended share is the base's, to the share grid.
+    assert rec["binding"] and rec["general_loss"] <= 1.40
+    assert float(GENERAL.loss(rec["shares"]["general"] - 0.002, 1e10)) > 1.40 - 1e-3
+    assert "the base model's; limit +0.00%, which sets the share" in (tmp_path / "out" / "fit_mix.md").read_text()

@@ -2,8 +2,8 @@
 domain's final validation loss over the sweep's shares r and token budgets D (and model sizes N when
 it has three or more), then predict each domain's loss at the target scale for any share and
 recommend the domain share with the lowest domain loss whose general loss rises by at most
---max-general-rise over the reference (the base model's, --base-loss; else the law's own general
-loss with no domain data at the target budget).
+--max-general-rise over the reference (the base model's: --base-loss, or the sweep's own validation
+at iteration 0; else the law's own general loss with no domain data at the target budget).
 
     python recipes/sweep.py -m hydra/sweeper=mix_tiny hydra/launcher=slurm_cpu ... hydra.sweep.dir=runs/sweeps/mix
     python tools/fit_mix.py runs/sweeps/mix --tokens 1e6 --max-general-rise 0.02
@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--max-general-rise", type=float, default=0.02,
                    help="allowed rise of the general loss over the reference, a fraction (default %(default)s = 2%%)")
     p.add_argument("--base-loss", type=float, help="the reference general loss: the base model's on the same "
-                   "validation set (default: the fitted general loss with no domain data)")
+                   "validation set (default: the sweep's iteration-0 validation when it ran with train.eval_at_start, "
+                   "else the fitted general loss with no domain data)")
     p.add_argument("--share", type=float, action="append", help="domain share to predict the losses at (repeatable; "
                    "default 11 shares from 0 to the most the other groups leave)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",

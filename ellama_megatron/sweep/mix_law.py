@@ -35,7 +35,7 @@ EPS = 0.01  # r + eps: a finite loss at share 0 (a domain absent from the mix), 
 EXPONENT_BOUNDS = (0.0, 3.0)  # alpha, beta, eta, gamma; loss exponents in the literature lie well inside
 LOG_AMPLITUDE_BOUNDS = (-30.0, 30.0)  # log A, log B, log C (in the fit's scaled units)
 EXPONENT_GRID = (0.05, 0.2, 0.5, 1.0, 2.0)  # starts of each exponent
-REFINED_STARTS = 8  # best grid starts refined by least_squares
+REFINED_STARTS = 4  # best grid starts refined by least_squares
 MIN_TOKEN_BUDGETS = 2  # distinct D: beta needs two
 MIN_SHARES = 3  # distinct r per domain: eta and gamma need three
 MIN_MODEL_SIZES = 3  # distinct N: A and alpha beside E need three
@@ -58,6 +58,7 @@ class MixPoint:
     tokens: float  # D: tokens trained
     parameters: float  # N
     loss: dict[str, float]  # final validation loss per domain (= data group)
+    start_loss: dict[str, float] = field(default_factory=dict)  # at iteration 0 (the base model), when validated
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def read_points(table: Path, where: dict[str, str] | None = None) -> list[MixPoi
         raise MixLawError(f"{table}: no finished point has {' '.join(f'{k}={v}' for k, v in where.items())}")
     check_one_slice(table, [given for _, given in chosen])
     return [MixPoint(int(row["num"]), {k: float(v) for k, v in row["shares"].items()}, float(row["tokens"]),
-                     float(row["parameters"]), {k: float(v) for k, v in row["valid_loss"].items()})
+                     float(row["parameters"]), {k: float(v) for k, v in row["valid_loss"].items()},
+                     {k: float(v) for k, v in (row.get("valid_loss_start") or {}).items()})
             for row, _ in chosen]
 
 
@@ -285,7 +287,7 @@ class Recommendation:
     domain_loss: float
     general_loss: float
     general_reference: float  # the loss the rise is measured from
-    reference_kind: str  # "base" (given) or "no domain data" (the fitted law at domain share 0)
+    reference_kind: str  # "the base model's" (given, or the sweep's iteration 0) or "no domain data" (the law at domain share 0)
     max_general_rise: float  # fraction of the reference
     binding: bool  # True when the limit, not the domain loss's own minimum, set the share
 
@@ -319,7 +321,7 @@ def recommend(fits: dict[str, LawFit], domain: str, general: str, fixed_shares: 
     if base_general_loss is None:
         reference, kind = float(lg[0]), "no domain data"
     else:
-        reference, kind = float(base_general_loss), "base"
+        reference, kind = float(base_general_loss), "the base model's"
     feasible = lg <= reference * (1.0 + max_general_rise)
     if not feasible.any():
         i = int(np.argmin(lg))
@@ -437,6 +439,9 @@ def fit_mix(table: Path, out_dir: Path, domain: str | None = None, general: str 
         raise MixLawError(f"--parameters {parameters:g}: the sweep trained {', '.join(f'{n:g}' for n in sizes)} parameters "
                           f"only, too few sizes ({MIN_MODEL_SIZES} needed) to fit the law's N term; drop --parameters")
     tokens = float(tokens) if tokens is not None else max(p.tokens for p in points)
+    if base_general_loss is None and all(general in p.start_loss for p in points):
+        # Every point validated the same base on the same set before its first step (train.eval_at_start).
+        base_general_loss = float(np.median([p.start_loss[general] for p in points]))
     fits = fit_sweep(points, str(table))
     rec = recommend(fits, domain, general, fixed, tokens, float(parameters), max_general_rise, base_general_loss,
                     order=list(points[0].shares))

@@ -65,6 +65,8 @@ def read_point(point_file: Path) -> dict[str, Any]:
         "train_loss": log.train_loss.get(last),
         # The last value per domain: the final pass over the whole validation set.
         "valid_loss": {d: v[max(v)] for d, v in sorted(log.valid_loss.items()) if v},
+        # Iteration 0 (train.eval_at_start): the base model's losses, the reference of tools/fit_mix.py.
+        "valid_loss_start": {d: v[0] for d, v in sorted(log.valid_loss.items()) if 0 in v},
         **point_scale(point.get("config")),
     }
 
