@@ -94,6 +94,10 @@ def run(cfg) -> None:
     from ellama_megatron.engine.tokens_log import install_tokens_per_second_log
 
     install_tokens_per_second_log()
+    if cfg.train.get("eval_at_start"):  # .get: a run folder written before the key existed
+        from ellama_megatron.engine.validate_at_start import install_validation_at_start
+
+        install_validation_at_start()
     args = parse_and_validate_args()
     container = pretrain_cfg_container_from_args(args)
     cache = Path(cfg.run_dir) / "dataset_cache"

@@ -49,6 +49,7 @@ class TrainConfig:
     train_tokens: float = MISSING  # the budget; iterations are derived (RunPlan.train_iterations)
     eval_interval: int = MISSING
     eval_iters: int = MISSING
+    eval_at_start: bool = MISSING  # validate before the first step too (iteration 0): the starting model's losses
     log_interval: int = MISSING
     seed: int = MISSING
     exit_interval: Optional[int] = MISSING
