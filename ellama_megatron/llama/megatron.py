@@ -16,6 +16,7 @@ llama/sdpa_attention.py) in place of the unfused attention that materialises the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -69,9 +70,10 @@ def model_args(m: LlamaConfig) -> list[str]:
     return [str(a) for a in args]
 
 
-def parse_megatron_args(argv: Sequence[str]):
+def parse_megatron_args(argv: Sequence[str], parsed: dict | None = None):
     """Megatron-LM's parsing and validation of ``argv``, as ``megatron.training`` does for a run,
-    without its global state (no global args, tokenizer or timers are set)."""
+    without its global state (no global args, tokenizer or timers are set). ``parsed``, if given,
+    receives the arguments as parsed, before validation changed any."""
     from megatron.training.arguments import parse_args, validate_args
 
     saved = sys.argv
@@ -80,10 +82,56 @@ def parse_megatron_args(argv: Sequence[str]):
         # validate_args prints every argument on rank 0: a training log's business, not a check's.
         with contextlib.redirect_stdout(io.StringIO()):
             args = parse_args()
+            if parsed is not None:
+                parsed.update(copy.deepcopy(vars(args)))
             validate_args(args)
     finally:
         sys.argv = saved
     return args
+
+
+# Words in a Megatron flag's help that say the flag no longer does what its name says.
+_RETIRED_FLAG_WORDS = ("deprecated", "ignored", "no-op", "no longer")
+
+
+def megatron_overrides(argv: Sequence[str]) -> list[str]:
+    """What Megatron-LM's validation does not honour in ``argv``, one line each: a flag whose value
+    ``validate_args`` replaces or removes, a flag its own help calls deprecated or ignored, a warning
+    validation raises. Megatron drops features with a warning and carries on (``--async-save``
+    without ``--use-persistent-ckpt-worker``, ``--sequence-parallel`` at TP 1, ...): a user's config
+    then silently trains without them. An empty list means Megatron runs what ``argv`` asks for.
+    Reads the process's WORLD_SIZE / RANK and CUDA_DEVICE_MAX_CONNECTIONS as a rank would."""
+    import argparse
+    import warnings
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    actions = {option: action for action in add_megatron_arguments(argparse.ArgumentParser())._actions
+               for option in action.option_strings}
+    problems, ours = [], {}
+    for flag in (str(a) for a in argv if str(a).startswith("--")):
+        action = actions.get(flag)
+        if action is None:
+            problems.append(f"{flag}: not a Megatron-LM argument")
+            continue
+        ours[action.dest] = flag
+        if any(word in (action.help or "").lower() for word in _RETIRED_FLAG_WORDS):
+            problems.append(f"{flag}: Megatron's help says: {action.help.strip()}")
+    if len(ours) < sum(str(a).startswith("--") for a in argv):
+        return problems  # parse_args would exit on the unknown flag: name it instead
+    parsed: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validated = vars(parse_megatron_args(argv, parsed))
+    for dest, flag in ours.items():
+        if dest not in validated:
+            problems.append(f"{flag}: removed by Megatron's validation (was {parsed[dest]!r})")
+        elif validated[dest] != parsed[dest]:
+            problems.append(f"{flag}: Megatron's validation changed {parsed[dest]!r} to {validated[dest]!r}")
+    # warn_rank_0 raises UserWarnings from megatron/; argparse's own DeprecationWarnings are not about argv.
+    problems += dict.fromkeys(f"warning: {w.message}" for w in caught
+                              if w.category is UserWarning and "megatron" in w.filename)
+    return problems
 
 
 def transformer_config(model: LlamaConfig, transformer_impl: str, runtime_args: Sequence[str] = (),
