@@ -105,9 +105,9 @@ def test_sweep_table_rows_carry_each_points_shares_tokens_and_parameters(tmp_pat
     assert scale["tokens"] == 20 * 8 * 128  # ceil(20000 / 1024) steps of 8 x 128 tokens
     assert scale["parameters"] == load_model_config("tiny").num_parameters()
     assert point_scale(None) == {"shares": None, "tokens": None, "parameters": None}
-    # The CPU preset is a 4 x 2 grid of shares and budgets.
+    # The CPU preset is a 4 x 3 grid of shares and budgets.
     assert sweeper.params["data.groups.general.share"] == "0.2,0.4,0.6,0.8"
-    assert len(str(sweeper.params["train.train_tokens"]).split(",")) == 2
+    assert len(str(sweeper.params["train.train_tokens"]).split(",")) == 3
 
 
 def test_the_sweeps_iteration_0_validation_is_the_reference_of_the_general_rise(tmp_path):

@@ -19,7 +19,9 @@ from omegaconf import OmegaConf
 from ellama_megatron.data.blend_plan import resolve_shares
 from ellama_megatron.engine.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import write_text_atomic
-from ellama_megatron.run.plan import RunPlan
+from ellama_megatron.llama.config import LlamaConfig
+from ellama_megatron.run.model_source import run_model
+from ellama_megatron.run.plan import train_iterations
 from ellama_megatron.run.progress import DONE_FILE
 
 POINT_FILE = "point.json"  # written by launch/sweep.py (rank 0 of each point) in the point's run folder
@@ -36,9 +38,12 @@ def point_scale(config_file: Path | None) -> dict[str, Any]:
     cfg = OmegaConf.load(config_file)
     groups = OmegaConf.to_container(cfg.data, resolve=True).get("groups") or {}
     shares = resolve_shares({g: (v or {}).get("share") for g, v in groups.items()}, "data.groups") if groups else None
-    plan = RunPlan.from_cfg(cfg)
-    return {"shares": shares, "tokens": plan.train_iterations * plan.tokens_per_step,
-            "parameters": plan.model.num_parameters()}
+    # The few keys it needs, not RunPlan.from_cfg: a config written before the schema gained a field
+    # still tabulates.
+    t = cfg.train
+    tokens_per_step = t.global_batch_size * t.seq_length
+    return {"shares": shares, "tokens": train_iterations(t.train_tokens, t.global_batch_size, t.seq_length) * tokens_per_step,
+            "parameters": LlamaConfig.from_dict(run_model(cfg)[0], f"{config_file}: model").num_parameters()}
 
 
 def read_point(point_file: Path) -> dict[str, Any]:
