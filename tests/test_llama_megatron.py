@@ -64,3 +64,49 @@ def test_verify_builds_the_config_training_builds(overrides, tmp_path, monkeypat
         model.num_attention_heads, model.num_query_groups, model.kv_channels)
     assert verified.normalization == "RMSNorm" and verified.gated_linear_unit and not verified.add_bias_linear
     assert verified.layernorm_epsilon == model.norm_epsilon and verified.init_method_std == model.init_method_std
+
+
+@pytest.mark.parametrize("optim", [
+    ["optim=cpt"],
+    ["optim=cpt_rewarm"],
+    ["optim=cpt_wsd"],
+    ["optim=cpt_wsd", "optim.lr_wsd_decay_style=exponential", "optim.lr_wsd_decay_fraction=0.1"],
+], ids=["cosine", "rewarm", "wsd", "wsd_exponential"])
+def test_lr_schedule_presets_parse_as_megatron_arguments(optim, tmp_path, monkeypatch):
+    """Each conf/optim preset's LR flags through Megatron's parsing and validation, and the curve the
+    planner prints from Megatron's scheduler: warmup from lr_warmup_init, peak, floor at the end."""
+    from ellama_megatron.engine.megatron_args import megatron_argv
+    from ellama_megatron.llama.megatron import parse_megatron_args
+    from ellama_megatron.engine.lr_schedule import lr_curve
+    from ellama_megatron.run.plan import RunPlan
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"run_dir={tmp_path}", "model=tiny", "train.train_tokens=1024000", *optim])
+    plan = RunPlan.from_cfg(cfg)
+    monkeypatch.setenv("WORLD_SIZE", str(plan.world_size))
+    args = parse_megatron_args(megatron_argv(cfg, plan.model, "local"))
+    o = cfg.optim
+    iters = plan.train_iterations  # 1000
+    assert (args.lr_decay_style, args.lr_decay_iters, args.lr_warmup_iters) == (o.lr_decay_style, iters, 10)
+    assert args.lr_warmup_init == o.lr_warmup_init
+    if o.lr_decay_style == "WSD":
+        assert args.lr_wsd_decay_style == o.lr_wsd_decay_style
+        assert args.lr_wsd_decay_iters == round(o.lr_wsd_decay_fraction * iters)
+    curve = lr_curve(cfg, [0, 10, 500, iters])
+    assert curve[0] == o.lr_warmup_init == (o.min_lr if "optim=cpt_rewarm" in optim else 0.0)
+    assert curve[10] == pytest.approx(o.lr) and curve[iters] == pytest.approx(o.min_lr)
+    # Halfway: cosine is at the mean of peak and floor; WSD still holds the peak.
+    assert curve[500] == pytest.approx(o.lr if o.lr_decay_style == "WSD" else (o.lr + o.min_lr) / 2, rel=0.02)
+
+
+def test_lr_schedule_checks_name_the_key(tmp_path):
+    from ellama_megatron.run.schema import typed
+
+    def problems(*overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=[f"run_dir={tmp_path}", *overrides])
+        return " ".join(typed(cfg, "optim").problems())
+
+    assert "optim.lr_warmup_init=0.001 must be in [0, optim.lr=3e-05]" in problems("optim.lr_warmup_init=1e-3")
+    assert "optim.lr_wsd_decay_fraction=0.995" in problems("optim=cpt_wsd", "optim.lr_wsd_decay_fraction=0.995")
+    assert "optim.lr_wsd_decay_style='sqrt' must be one of" in problems("optim.lr_wsd_decay_style=sqrt")

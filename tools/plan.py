@@ -1,4 +1,5 @@
-"""Estimate per-GPU memory and model FLOPs of a training layout, and refuse layouts that do not fit.
+"""Estimate per-GPU memory and model FLOPs of a training layout, and refuse layouts that do not fit;
+print the learning-rate curve of the run (Megatron's scheduler for the run's conf/optim flags).
 
     python tools/plan.py model=llama31_70b parallel=llama31_70b_480 optim=cpt_70b train=paper cluster=slurm_h100
     python tools/plan.py --list-layouts model=llama31_70b train=paper cluster=slurm_h100 cluster.nodes=60
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 
 from ellama_megatron import CONF_DIR
 from ellama_megatron.cli import run_tool
+from ellama_megatron.engine.lr_schedule import format_lr_curve, key_iterations, lr_curve
 from ellama_megatron.run.memory import check_fits, enumerate_layouts, report_for
 from ellama_megatron.run.plan import LayoutError, RunPlan
 
@@ -63,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except LayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    if args.json:
+        lr = lr_curve(cfg, list(key_iterations(cfg)))
+        print(json.dumps({**report.as_dict(), "learning_rate": {str(it): v for it, v in lr.items()}}, indent=2))
+    else:
+        print(report.table())
+        print(format_lr_curve(cfg))
     if not report.fits:
         print(f"REFUSED: {report.refusal()}", file=sys.stderr)
         return 1

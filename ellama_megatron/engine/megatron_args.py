@@ -13,6 +13,7 @@ from typing import Any
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
 from ellama_megatron.run.events import RESULT_REJECTED_FILE
+from ellama_megatron.engine.lr_schedule import warmup_iterations, wsd_decay_iterations
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY, RunPlan
 
 
@@ -64,6 +65,25 @@ def parallel_args(cfg, plan: RunPlan, transformer_impl: str) -> list[str]:
     return args
 
 
+def lr_args(cfg, plan: RunPlan) -> list[str]:
+    """The LR schedule (conf/optim); engine/lr_schedule.py prints the curve Megatron makes of these."""
+    o = cfg.optim
+    iters = plan.train_iterations
+    args = [
+        "--lr", o.lr,
+        "--min-lr", o.min_lr,
+        "--lr-decay-style", o.lr_decay_style,
+        "--lr-decay-iters", iters,
+        "--lr-warmup-iters", warmup_iterations(o, iters),
+        # Warmup starts here: 0 from scratch; the base model's final LR to re-warm (Ibrahim et al. 2024).
+        "--lr-warmup-init", o.lr_warmup_init,
+    ]
+    decay = wsd_decay_iterations(o, iters)
+    if decay is not None:
+        args += ["--lr-wsd-decay-style", o.lr_wsd_decay_style, "--lr-wsd-decay-iters", decay]
+    return args
+
+
 def train_args(cfg, plan: RunPlan) -> list[str]:
     t, o = cfg.train, cfg.optim
     iters = plan.train_iterations
@@ -73,11 +93,7 @@ def train_args(cfg, plan: RunPlan) -> list[str]:
         "--global-batch-size", t.global_batch_size,
         "--train-iters", iters,
         "--seed", t.seed,
-        "--lr", o.lr,
-        "--min-lr", o.min_lr,
-        "--lr-decay-style", o.lr_decay_style,
-        "--lr-decay-iters", iters,
-        "--lr-warmup-iters", int(round(float(o.lr_warmup_fraction) * iters)),
+        *lr_args(cfg, plan),
         "--adam-beta1", o.adam_beta1,
         "--adam-beta2", o.adam_beta2,
         "--adam-eps", o.adam_eps,

@@ -43,6 +43,9 @@ def run_recipe(cfg) -> int:
               f"{cfg.run_dir}); nothing started")
         return 0
     if os.environ.get("ELLAMA_DRY_RUN"):
+        from ellama_megatron.engine.lr_schedule import format_lr_curve
+
+        print(format_lr_curve(cfg))
         print(f"dry run: config written to {config_path}; nothing started")
         return 0
     if cfg.launch == "none":

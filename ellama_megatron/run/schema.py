@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 ACCELERATORS = ("cpu", "gpu")
 PRECISIONS = ("bf16", "fp32")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")  # Megatron's
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # Megatron's --lr-wsd-decay-style
 
 
 @dataclasses.dataclass
@@ -88,6 +89,9 @@ class OptimConfig:
     min_lr: float = MISSING
     lr_decay_style: str = MISSING  # one of LR_DECAY_STYLES
     lr_warmup_fraction: float = MISSING
+    lr_warmup_init: float = MISSING  # LR at the start of warmup (Megatron's --lr-warmup-init)
+    lr_wsd_decay_style: str = MISSING  # one of WSD_DECAY_STYLES: WSD's final decay
+    lr_wsd_decay_fraction: float = MISSING  # WSD: the final decay's share of the iterations
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING
     adam_eps: float = MISSING
@@ -104,8 +108,18 @@ class OptimConfig:
         elif self.lr > 0 and self.min_lr > self.lr:
             errors.append(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; the schedule decays from lr "
                           "to min_lr, so set min_lr <= lr")
-        if not 0.0 <= self.lr_warmup_fraction <= 1.0:
-            errors.append(f"optim.lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1]")
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:  # Megatron asserts warmup < decay iterations
+            errors.append(f"optim.lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1)")
+        if not 0.0 <= self.lr_warmup_init <= max(self.lr, 0.0):  # Megatron asserts init_lr <= max_lr
+            errors.append(f"optim.lr_warmup_init={self.lr_warmup_init} must be in [0, optim.lr={self.lr}]: warmup "
+                          "rises from it to the peak")
+        if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+            errors.append(f"optim.lr_wsd_decay_style={self.lr_wsd_decay_style!r} must be one of "
+                          f"{', '.join(WSD_DECAY_STYLES)}")
+        if self.lr_decay_style == "WSD" and not (
+                0.0 < self.lr_wsd_decay_fraction <= 1.0 - self.lr_warmup_fraction):
+            errors.append(f"optim.lr_wsd_decay_fraction={self.lr_wsd_decay_fraction} must be in (0, 1 - "
+                          f"lr_warmup_fraction={1.0 - self.lr_warmup_fraction:g}]: the decay follows the warmup")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             errors.append(f"optim.lr_decay_style={self.lr_decay_style!r} is not a Megatron decay style")
         if self.precision not in PRECISIONS:
