@@ -185,7 +185,8 @@ def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tm
     # srun may report the killed steps' status: rank 0's record says 16.
     (run_dir / RANK_EXIT_FILE).write_text('{"exit_code": 16}')
     assert slurm.end_job(config, "", 137, 0, tmp_path, env) == 0
-    assert calls.read_text().splitlines() == ["update JobId=4242 ExcNodeList=gpu-017", "requeue 4242"]
+    # Slurm sets an exclusion only on a pending job: requeue first.
+    assert calls.read_text().splitlines() == ["requeue 4242", "update JobId=4242 ExcNodeList=gpu-017"]
     event, = read_events(run_dir)
     assert (event["kind"], event["iteration"], event["node"], event["excluded"]) == ("rerun_elsewhere", 3, "gpu-017", True)
     assert event["action"] == "requeue excluding the node" and not (run_dir / RANK_EXIT_FILE).exists()
@@ -218,10 +219,10 @@ def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(dom
     assert checkpoint_args(gpu)[-2:] == ["--async-save", "--use-persistent-ckpt-worker"]
     with pytest.raises(ConfigError) as err:
         prepare(composed(*data_overrides(domain_data), f"run_dir={tmp_path / 'r'}", "checkpoint.async_save=true",
-                         "resilience.spike_policy=rollback", "resilience.spike_factor=0.5"))
+                         "resilience.spike_policy=restart", "resilience.spike_factor=0.5"))
     message = str(err.value)
     assert "checkpoint.async_save=true needs cluster.accelerator=gpu" in message
-    assert "resilience.spike_policy='rollback'" in message and "resilience.spike_factor=0.5" in message
+    assert "resilience.spike_policy='restart'" in message and "resilience.spike_factor=0.5" in message
 
 
 CHAIN = """

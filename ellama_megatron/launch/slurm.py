@@ -10,7 +10,9 @@ exited cleanly without progress (that would loop), not past ELLAMA_MAX_REQUEUES.
 Megatron's rerun state machine has two exits of its own: 16 (a rejected result reproduced on this
 GPU; it saved the model from before the step and must rerun on another) is requeued with the node
 excluded, at most ELLAMA_MAX_RERUNS_ELSEWHERE times per run; 17 (the result was diagnosed) stops the
-job with a report. Both are appended to ${run_dir}/events.jsonl.
+job with a report, unless resilience.spike_policy is skip or rollback and the result reproduced on
+the other node (bad data): then the job is requeued to go on past it (run/recovery.py). All are
+appended to ${run_dir}/events.jsonl.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +38,7 @@ from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.run.events import (EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED, append_event, describe,
                                         exit_report, read_events, take_rank_exit)
 from ellama_megatron.run.progress import is_finished, saved_iteration
+from ellama_megatron.run.recovery import after_rejection
 
 DEFAULT_EXIT_MARGIN_MIN = 10  # minutes kept free before the time limit for the final checkpoint
 DEFAULT_MAX_REQUEUES = 500  # a month of 4-hour slots is ~180
@@ -235,6 +239,14 @@ def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int
     end = saved_iteration(run_dir)
     exit_code = take_rank_exit(run_dir, exit_code)
     log(f"ranks exited with {exit_code}; checkpoint iteration {start_iteration} -> {end}")
+    resilience = OmegaConf.load(config).resilience
+    if exit_code == EXIT_RESULT_REJECTED and resilience.spike_policy != "stop":
+        # 17 after the rerun on another node (an exit-16 requeue): a result that reproduced there is the
+        # data's, and skip/rollback set the save folder up for the next launch (run/recovery.py).
+        if not after_rejection(run_dir, resilience, exit_code):
+            return exit_code
+        log(f"requeueing job {env['SLURM_JOB_ID']} to go on after the {resilience.spike_policy}")
+        return subprocess.call(["scontrol", "requeue", env["SLURM_JOB_ID"]])
     decision = decide_for_run(config, signalled=bool(signal_name), exit_code=exit_code,
                               start_iteration=start_iteration, env=env)
     report = exit_report(run_dir, exit_code)
@@ -248,13 +260,26 @@ def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int
         log(decision.reason)
         return decision.exit_code
     job_id, restart = env["SLURM_JOB_ID"], int(env.get("SLURM_RESTART_COUNT") or 0)
-    if decision.exclude_node:
-        nodes = ",".join(excluded_nodes(run_dir))
-        log(f"excluding nodes {nodes} from job {job_id}")
-        if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"]) != 0:
-            log("scontrol could not set the exclusion on the running job; the requeued job may land on the same "
-                "node (then Megatron exits 16 again, within ELLAMA_MAX_RERUNS_ELSEWHERE)")
     log(f"requeueing job {job_id} (restart {restart + 1}) to resume from iteration {end}")
     with open(Path(log_dir) / REQUEUE_LOG, "a") as f:
         f.write(f"restart {restart}: {start_iteration} -> {end}, signal {signal_name or 'none'}, exit {exit_code}\n")
-    return subprocess.call(["scontrol", "requeue", job_id])
+    if not decision.exclude_node:
+        return subprocess.call(["scontrol", "requeue", job_id])
+    # Slurm takes an ExcNodeList only from a pending job ("Job is no longer pending execution" while
+    # it runs), and a requeued job is pending (while completing) at once: requeue, then exclude. The
+    # requeue SIGTERMs this batch job within KillWait; ignored here (and by scontrol, which inherits
+    # it) so that the exclusion is still set. The job cannot start before it has completed, so it
+    # never starts without the exclusion.
+    handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        status = subprocess.call(["scontrol", "requeue", job_id])
+        if status != 0:
+            return status
+        nodes = ",".join(excluded_nodes(run_dir))
+        log(f"excluding nodes {nodes} from job {job_id}")
+        if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"]) != 0:
+            log("scontrol could not set the exclusion on the requeued job; it may land on the same node (then "
+                "Megatron exits 16 again, within ELLAMA_MAX_RERUNS_ELSEWHERE)")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)
