@@ -2,14 +2,18 @@
 reported as (sum, count) so Megatron averages over the tokens of the whole global batch.
 
 Each micro-batch's loss goes through Megatron's rerun state machine, as its own GPT loss function
-does: a NaN or Inf loss, or (with resilience.spike_factor) a loss above that many times the largest
-of the recent ones, is re-run in place to tell a transient fault from a reproducible result; the
-state machine then saves the model from before the step and exits 16 (rerun elsewhere) or stops
-with 17, so no checkpoint of a model past a bad loss is written."""
+does: a NaN or Inf loss, or (with resilience.spike_factor) a loss that many times the run's
+reference (SpikeReference, from its first micro-batch on), is re-run in place to tell a transient
+fault from a reproducible result; the state machine then saves the model from before the step and
+exits 16 (rerun elsewhere) or stops with 17, so no checkpoint of a model past a bad loss is written.
+What the run does next is resilience.spike_policy's (run/recovery.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import os
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -71,8 +75,66 @@ class LossChecks:
     """What the loss function validates (conf/resilience)."""
 
     nan: bool = True  # NaN and Inf in the loss (Megatron's --no-check-for-nan-in-loss-and-grad turns it off)
-    spike_factor: float | None = None  # reject a loss >= factor x the largest of the first `spike_window`; None = off
-    spike_window: int = 100  # micro-batch losses observed before spikes are judged (Megatron's default)
+    spike_factor: float | None = None  # reject a loss >= factor x the reference (SpikeReference); None = off
+    spike_window: int = 100  # accepted micro-batch losses the reference is the largest of
+    reference_file: str | None = None  # where the spike reference outlives a launch (LOSS_REFERENCE_FILE); None = per launch
+    inject_at: int | None = None  # tests: this 1-based training iteration's loss is made bad, as bad data would
+    inject_kind: str = "spike"  # nan, or spike (x INJECTED_SPIKE)
+
+    def for_evaluation(self) -> "LossChecks":
+        """Validation losses are other data (other domains, other batch sizes): checked for NaN/Inf
+        only, never judged against the training reference nor injected into."""
+        return replace(self, spike_factor=None, inject_at=None)
+
+
+INJECTED_SPIKE = 1e4  # what resilience.inject_loss_kind=spike multiplies the loss by: far past any spike_factor
+LOSS_REFERENCE_FILE = "loss_reference.json"  # in run_dir: SpikeReference's state, so that it outlives a launch
+
+
+class SpikeReference:
+    """The loss a spike is judged against: the largest of the run's first ``window`` accepted
+    micro-batch losses, judged from the second one on.
+
+    Megatron's ``is_unexpectedly_large`` judges only after its window (100) is full, and each
+    launch starts it afresh: a CPT run that blows up at iteration 2 (lr=1e3: 6.2 -> 1e7) is trained
+    through and checkpointed, and so is a relaunch whose model is already broken. A run that starts
+    from a trained model knows its loss from the first micro-batch: that is the reference from then
+    on, kept in the run folder (rank 0 writes it while it grows; every rank reads it at the start of
+    a launch) so that a relaunch judges its first iteration against the run's losses, not its own.
+    A rejected loss is not taken into it, so the rerun in place of a spike is rejected again (a
+    reproducible result)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.largest = 0.0
+
+    def load(self, path: str) -> None:
+        """The run's reference so far; read by every rank before any trains (rank 0 rewrites it)."""
+        if os.path.exists(path):
+            state = json.loads(open(path).read())
+            self.count, self.largest = int(state["count"]), float(state["largest"])
+
+    def observe(self, value: float, window: int, path: str | None) -> None:
+        if self.count >= window or not math.isfinite(value):
+            return
+        self.count += 1
+        self.largest = max(self.largest, abs(value))
+        if path is not None and torch.distributed.get_rank() == 0:
+            from ellama_megatron.formats.atomic import write_json_atomic
+
+            write_json_atomic(path, {"count": self.count, "largest": self.largest})
+
+    def is_spike(self, result: torch.Tensor, checks: "LossChecks") -> bool:
+        value = result.item()
+        if not math.isfinite(value):
+            return False  # the NaN/Inf checks' business
+        spike = self.count > 0 and abs(value) >= self.largest * checks.spike_factor
+        if not spike:
+            self.observe(value, checks.spike_window, checks.reference_file)
+        return spike
+
+
+SPIKE_REFERENCE = SpikeReference()  # one per rank: each judges its own micro-batches (any rejection reruns all)
 
 
 def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
@@ -87,20 +149,40 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
         machine.validate_result(result=loss, rejection_func=torch.isinf,
                                 message="found Inf in local forward loss calculation", tolerance=0.0, fatal=True)
     if checks.spike_factor:
-        machine.validate_result(
-            result=loss,
-            rejection_func=partial(machine.is_unexpectedly_large, threshold=checks.spike_factor, context="loss",
-                                   num_samples=checks.spike_window),
-            message="Spiky loss", tolerance=0.0, fatal=True)
+        if not machine.first_iteration_complete:
+            # Not validated (nothing could be saved before the optimizer's first step), but observed:
+            # a new run's first losses are the reference its second iteration is judged against.
+            SPIKE_REFERENCE.observe(loss.item(), checks.spike_window, checks.reference_file)
+        machine.validate_result(result=loss, rejection_func=partial(SPIKE_REFERENCE.is_spike, checks=checks),
+                                message="Spiky loss", tolerance=0.0, fatal=True)
+
+
+def injected(loss: torch.Tensor, checks: LossChecks) -> torch.Tensor:
+    """The loss as resilience.inject_loss_at makes it (tests): bad on every run of that iteration,
+    reruns in place included, as a bad batch of data would be."""
+    from megatron.training import get_args
+
+    if checks.inject_at is None or get_args().curr_iteration + 1 != checks.inject_at:
+        return loss
+    return loss * (float("nan") if checks.inject_kind == "nan" else INJECTED_SPIKE)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: LossChecks = LossChecks()):
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
-    loss = torch.sum(losses * mask)
-    validate_loss(loss, checks)
+    loss = injected(torch.sum(losses * mask), checks)
+    # A copy: the state machine keeps the rejected result to compare the rerun with, and Megatron's
+    # schedule then divides the loss in place (by tokens and micro-batches): kept by reference, a
+    # reproduced spike would compare unequal and be diagnosed a transient fault (exit 17).
+    validate_loss(loss.detach().clone(), checks)
+    from megatron.training import get_args
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.float().view(1)])
+    if not machine.first_iteration_complete and get_args().iteration > 0:
+        # Megatron validates nothing in a launch's first iteration: a new run has no optimizer step to
+        # save before it. A resumed one has (the checkpoint it loaded): its first iteration, after a
+        # skip or rollback the very one that follows the skipped data, is validated like any other.
+        machine.first_iteration_complete = True
     return loss, num_tokens, {"lm loss": report}
 
 
@@ -109,6 +191,7 @@ def forward_step(data_iterator, model, checks: LossChecks = LossChecks()):
 
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
+    checks = checks if model.training else checks.for_evaluation()
     batch = get_batch(data_iterator)
     timers("batch-generator").stop()
     output = model(

@@ -15,6 +15,7 @@ from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
 from ellama_megatron.run.events import RESULT_REJECTED_FILE
 from ellama_megatron.engine.lr_schedule import warmup_iterations, wsd_decay_iterations
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY, RunPlan
+from ellama_megatron.run.recovery import skipped_iterations
 
 
 def checkpoint_dir(cfg) -> Path:
@@ -154,8 +155,10 @@ def resilience_args(cfg) -> list[str]:
     ]
     args += _flag("no-check-for-nan-in-loss-and-grad", not r.check_nan)
     args += _flag("check-for-spiky-loss", r.spike_factor is not None)
-    if r.iterations_to_skip:
-        args += ["--iterations-to-skip", *r.iterations_to_skip]
+    # The user's, and those the run's skip/rollback relaunches passed over (events.jsonl).
+    skipped = sorted(set(r.iterations_to_skip) | set(skipped_iterations(cfg.run_dir)))
+    if skipped:
+        args += ["--iterations-to-skip", *skipped]
     if r.error_injection_rate:
         args += ["--error-injection-rate", r.error_injection_rate, "--error-injection-type", r.error_injection_type]
     return args

@@ -58,15 +58,58 @@ def start_checkpoint_helper_ignoring_sigterm() -> None:
 
 
 def loss_checks(cfg):
-    from ellama_megatron.engine.forward_step import LossChecks
+    from ellama_megatron.engine.forward_step import LOSS_REFERENCE_FILE, LossChecks
 
     r = cfg.resilience
-    return LossChecks(nan=bool(r.check_nan), spike_factor=r.spike_factor, spike_window=int(r.spike_window))
+    return LossChecks(nan=bool(r.check_nan), spike_factor=r.spike_factor, spike_window=int(r.spike_window),
+                      reference_file=str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE),
+                      inject_at=r.inject_loss_at, inject_kind=r.inject_loss_kind)
+
+
+def install_checkpoint_retention(cfg) -> None:
+    """checkpoint.keep_last/keep_every, applied by rank 0 each time a save returns (every save of
+    Megatron's loop goes through training.save_checkpoint: periodic, final, on a signal, for a rerun).
+
+    Megatron's own --save-retain-interval keeps only the newest checkpoint besides every N-th, and
+    deletes the previous one as soon as a save ends: one checkpoint, not K, and not the older one a
+    rollback resumes from. Under resilience.spike_policy=rollback the checkpoints a rejection at the
+    next iteration would roll back to, and all newer ones, are kept too."""
+    from functools import wraps
+
+    import torch
+    from megatron.training import training
+
+    from ellama_megatron.engine.megatron_args import checkpoint_dir
+    from ellama_megatron.formats.megatron_checkpoint import complete_iterations, prune_checkpoints
+    from ellama_megatron.run.recovery import rollback_target
+
+    c, r = cfg.checkpoint, cfg.resilience
+    if c.keep_last is None:
+        return
+    save_dir = checkpoint_dir(cfg)
+    original = training.save_checkpoint
+
+    @wraps(original)
+    def save_checkpoint(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if torch.distributed.get_rank() == 0:
+            keep_from = None
+            if r.spike_policy == "rollback":
+                complete = complete_iterations(save_dir)
+                target = rollback_target(complete, complete[-1] + 1, r.rollback_distance) if complete else None
+                keep_from = 0 if target is None else target  # none that old yet: any may become the target
+            deleted = prune_checkpoints(save_dir, c.keep_last, c.keep_every, keep_from)
+            if deleted:
+                print(f"deleted checkpoints of iterations {deleted} (checkpoint.keep_last={c.keep_last}, "
+                      f"keep_every={c.keep_every})", flush=True)
+        return result
+
+    training.save_checkpoint = save_checkpoint
 
 
 def run(cfg) -> None:
     from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
-    from ellama_megatron.engine.forward_step import forward_step
+    from ellama_megatron.engine.forward_step import LOSS_REFERENCE_FILE, SPIKE_REFERENCE, forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
@@ -99,6 +142,8 @@ def run(cfg) -> None:
 
         install_validation_at_start()
     args = parse_and_validate_args()
+    install_checkpoint_retention(cfg)
+    SPIKE_REFERENCE.load(str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE))  # before any rank trains and rank 0 rewrites it
     container = pretrain_cfg_container_from_args(args)
     cache = Path(cfg.run_dir) / "dataset_cache"
     training.pretrain(

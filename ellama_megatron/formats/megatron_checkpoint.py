@@ -11,7 +11,9 @@ the launcher writes a run's record without paying for it.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,60 @@ def complete_iterations(save_dir: Path) -> list[int]:
         if match and is_checkpoint_folder(folder):
             found.append(int(match.group(1)))
     return sorted(found)
+
+
+def retained_iterations(complete: list[int], keep_last: int | None, keep_every: int | None,
+                        keep_from: int | None = None) -> set[int]:
+    """Which of a save folder's complete checkpoints (iterations) a retention policy keeps: the
+    newest ``keep_last`` (all when None), every iteration divisible by ``keep_every``, and every
+    one at or after ``keep_from`` (what a rollback may still need)."""
+    if keep_last is None:
+        return set(complete)
+    kept = set(sorted(complete)[-keep_last:])
+    kept |= {i for i in complete if keep_every and i % keep_every == 0}
+    kept |= {i for i in complete if keep_from is not None and i >= keep_from}
+    return kept
+
+
+def _delete_checkpoint(save_dir: Path, iteration: int) -> None:
+    """Renamed first (atomic), then removed: a kill mid-delete leaves no iter_* folder that looks
+    complete, only a hidden leftover a later delete of the same iteration clears."""
+    folder = iteration_folder(save_dir, iteration)
+    doomed = folder.with_name(f".deleting-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def prune_checkpoints(save_dir: Path, keep_last: int | None, keep_every: int | None,
+                      keep_from: int | None = None) -> list[int]:
+    """Delete the complete checkpoints ``retained_iterations`` does not keep, never the one the
+    tracker names (an async save may be complete before the tracker moves to it); incomplete
+    folders (a save in flight, or one a kill cut short) are left alone. Returns the deleted ones."""
+    save_dir = Path(save_dir)
+    complete = complete_iterations(save_dir)
+    kept = retained_iterations(complete, keep_last, keep_every, keep_from) | {saved_iteration(save_dir)}
+    doomed = [i for i in complete if i not in kept]
+    for iteration in doomed:
+        _delete_checkpoint(save_dir, iteration)
+    return doomed
+
+
+def roll_back_to(save_dir: Path, iteration: int) -> list[int]:
+    """Make the complete checkpoint ``iteration`` the one the next launch resumes from: the
+    tracker names it, and every checkpoint after it (a branch of the run being abandoned, and
+    which a later save of the same iteration would overwrite only in part) is deleted. Returns
+    the deleted iterations."""
+    save_dir = Path(save_dir)
+    if not is_checkpoint_folder(iteration_folder(save_dir, iteration)):
+        raise CheckpointFormatError(f"{iteration_folder(save_dir, iteration)}: not a complete checkpoint to roll "
+                                    "back to")
+    write_text_atomic(save_dir / TRACKER_FILE, str(iteration))  # first: a kill after it resumes from there
+    newer = sorted(int(f.name[5:]) for f in save_dir.glob("iter_*") if f.name[5:].isdigit()
+                   and int(f.name[5:]) > iteration)
+    for later in newer:
+        _delete_checkpoint(save_dir, later)
+    return newer
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
-from ellama_megatron.run.events import (EVENTS_FILE, EXIT_RERUN_ELSEWHERE, append_event, describe, exit_report,
-                                        take_rank_exit)
+from ellama_megatron.run.events import take_rank_exit
 from ellama_megatron.run.progress import is_finished, saved_iteration
+from ellama_megatron.run.recovery import after_rejection
 from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.runtime.parent_death import die_with_parent
 
@@ -55,24 +55,12 @@ def run_recipe(cfg) -> int:
         print("error: launch=torchrun starts one node; use slurm/*.sbatch for several", file=sys.stderr)
         return 2
     take_rank_exit(cfg.run_dir, 0)  # a record a killed launch left behind is not this launch's
-    # torchrun dies with this process (SIGTERM: it stops its ranks); the ranks arm the same for themselves.
-    code = subprocess.call(torchrun_command(plan.procs_per_node, config_path),
-                           preexec_fn=lambda: die_with_parent(signal.SIGTERM))
-    return report_rejection(cfg.run_dir, take_rank_exit(cfg.run_dir, code))
-
-
-def report_rejection(run_dir, code: int) -> int:
-    """After the ranks: Megatron's exit 16 or 17 is recorded in events.jsonl and reported; the run
-    stops either way. One machine has no other GPU to rerun on, and a relaunch here would exit 16
-    again: the model from before the rejected step is the last checkpoint, to resume (after
-    resilience.iterations_to_skip, or on a Slurm job that excludes this node) when understood."""
-    report = exit_report(run_dir, code)
-    if report is None:
-        return code
-    action = ("stop: a rerun on another GPU is needed, none here; the checkpoint holds the model from before the step"
-              if code == EXIT_RERUN_ELSEWHERE else "stop: Megatron's diagnosis is final (a transient fault, or a result "
-              "reproduced on another GPU)")
-    append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"], action=action)
-    print(f"error: {describe(report)}; {action}. Logged in {Path(run_dir) / EVENTS_FILE}; last checkpoint: "
-          f"iteration {saved_iteration(run_dir)}", file=sys.stderr)
-    return code
+    while True:
+        # torchrun dies with this process (SIGTERM: it stops its ranks); the ranks arm the same for themselves.
+        code = subprocess.call(torchrun_command(plan.procs_per_node, config_path),
+                               preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+        code = take_rank_exit(cfg.run_dir, code)
+        # Megatron's exit 16/17 (a rejected loss): logged and reported; resilience.spike_policy says
+        # whether the run goes on (the ranks read the iterations to skip from events.jsonl).
+        if not after_rejection(cfg.run_dir, cfg.resilience, code):
+            return code

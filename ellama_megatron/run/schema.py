@@ -134,11 +134,20 @@ class CheckpointConfig:
     format: str = MISSING  # Megatron's --ckpt-format
     async_save: bool = MISSING  # GPU only
     save_optim: bool = MISSING  # needed to resume
+    keep_last: Optional[int] = MISSING  # the newest K complete checkpoints are kept; None = all are kept
+    keep_every: Optional[int] = MISSING  # also kept: every iteration divisible by N (a multiple of save_interval)
 
     def problems(self) -> list[str]:
         if self.save_interval < 1:
             return [f"checkpoint.save_interval={self.save_interval} must be at least 1 (iterations between saves)"]
-        return []
+        errors = []
+        if self.keep_last is not None and self.keep_last < 1:
+            errors.append(f"checkpoint.keep_last={self.keep_last} must be at least 1 (the checkpoint a relaunch "
+                          "resumes from), or null to keep every checkpoint")
+        if self.keep_every is not None and (self.keep_every < 1 or self.keep_every % self.save_interval):
+            errors.append(f"checkpoint.keep_every={self.keep_every} must be a positive multiple of "
+                          f"checkpoint.save_interval={self.save_interval} (only saved iterations can be kept)")
+        return errors
 
 
 @dataclasses.dataclass
@@ -151,28 +160,44 @@ class LoggingConfig:
 
 
 RERUN_MODES = ("validate_results", "disabled")  # Megatron's --rerun-mode values a training run can use
-SPIKE_POLICIES = ("stop",)  # what a spike or non-finite loss does to the run (docs/engine.md, resilience)
+SPIKE_POLICIES = ("stop", "skip", "rollback")  # what a rejected loss does to the run (docs/engine.md, resilience)
 ERROR_INJECTION_TYPES = ("transient_error", "persistent_error", "correct_result")  # Megatron's --error-injection-type
+INJECTED_LOSS_KINDS = ("nan", "spike")  # tests: what resilience.inject_loss_at makes of that iteration's loss
 
 
 @dataclasses.dataclass
 class ResilienceConfig:
     rerun_mode: str = MISSING  # one of RERUN_MODES
     check_nan: bool = MISSING  # NaN/Inf in the loss and in the gradients
-    spike_factor: Optional[float] = MISSING  # a loss this many times the largest seen is rejected; None = off
-    spike_window: int = MISSING  # micro-batch losses observed before spikes are judged
+    spike_factor: Optional[float] = MISSING  # a loss this many times the reference is rejected; None = off
+    spike_window: int = MISSING  # the reference: the largest of the run's first this-many accepted micro-batch losses
     spike_policy: str = MISSING  # one of SPIKE_POLICIES
+    max_relaunches: int = MISSING  # skip/rollback: relaunches after rejected losses before the run stops
+    rollback_distance: int = MISSING  # rollback: resume from the newest checkpoint at least this many iterations back
     iterations_to_skip: list[int] = MISSING  # Megatron's --iterations-to-skip: 1-based iterations whose data is passed over
     error_injection_rate: int = MISSING  # tests: Megatron rejects one result in this many; 0 = never
     error_injection_type: str = MISSING  # Megatron's: transient_error, persistent_error or correct_result
+    inject_loss_at: Optional[int] = MISSING  # tests: this 1-based iteration's loss is made bad each time it runs
+    inject_loss_kind: str = MISSING  # one of INJECTED_LOSS_KINDS
 
     def problems(self) -> list[str]:
         errors = []
         if self.rerun_mode not in RERUN_MODES:
             errors.append(f"resilience.rerun_mode={self.rerun_mode!r} must be one of {', '.join(RERUN_MODES)}")
         if self.spike_policy not in SPIKE_POLICIES:
-            errors.append(f"resilience.spike_policy={self.spike_policy!r}: only {', '.join(SPIKE_POLICIES)} is "
-                          "built (skip: set resilience.iterations_to_skip after a stop; rollback is not built yet)")
+            errors.append(f"resilience.spike_policy={self.spike_policy!r} must be one of {', '.join(SPIKE_POLICIES)}")
+        if self.max_relaunches < 0:
+            errors.append(f"resilience.max_relaunches={self.max_relaunches} must be 0 or more")
+        if self.rollback_distance < 2:
+            errors.append(f"resilience.rollback_distance={self.rollback_distance} must be at least 2: the checkpoint "
+                          "one iteration before the rejected one holds the model that produced the rejected loss "
+                          "(resuming from it is spike_policy=skip)")
+        if self.spike_policy != "stop" and self.rerun_mode == "disabled":
+            errors.append(f"resilience.spike_policy={self.spike_policy} needs resilience.rerun_mode=validate_results "
+                          "(with reruns disabled a rejected loss raises, nothing is saved for the relaunch)")
+        if self.inject_loss_kind not in INJECTED_LOSS_KINDS:
+            errors.append(f"resilience.inject_loss_kind={self.inject_loss_kind!r} must be one of "
+                          f"{', '.join(INJECTED_LOSS_KINDS)}")
         if self.spike_factor is not None and self.spike_factor <= 1:
             errors.append(f"resilience.spike_factor={self.spike_factor} must be above 1 (or null to turn the check off)")
         if self.spike_window < 1:

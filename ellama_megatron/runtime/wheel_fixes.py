@@ -1,4 +1,4 @@
-"""Three defects of the megatron-core 0.19.2 wheel that break runs on GPU as well as CPU.
+"""Four defects of the megatron-core 0.19.2 wheel that break runs on GPU as well as CPU.
 
 1. ``compile_helpers`` runs ``make`` on a Makefile the wheel does not ship, and exits on failure,
    although the compiled dataset helpers are in the wheel.
@@ -17,7 +17,14 @@
    tracking on ("a view of a leaf Variable that requires grad is being used in an in-place
    operation"): the copy runs under ``torch.no_grad()``.
 
-Both are applied by ``apply_wheel_fixes`` in every run; tests/test_cpu_runtime.py checks the pins.
+4. A checkpoint saved for a rerun (a rejected loss reproduced: the model from before iteration k,
+   with the rerun state machine's state WILL_RERUN_FROM_CHECKPOINT) is re-run on load even when
+   ``--iterations-to-skip`` passes over iteration k: the skip's dummy step consumes that state, the
+   next iteration runs no forward-backward at all and the run exits 17. A pending rerun of an
+   iteration that is skipped is ignored (run/recovery.py's skip and rollback resume from there, as
+   Megatron's own skip of an iteration from its rejection log would).
+
+All are applied by ``apply_wheel_fixes`` in every run; tests/test_cpu_runtime.py checks the pins.
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
     ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "sharded_state_dict"),
     ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "load_state_dict"),
     ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "_set_main_param_and_optimizer_states"),
+    ("megatron.core.rerun_state_machine.RerunStateMachine", "validate_state_dict"),
 ]
 PINNED_SOURCE_FACTS: list[tuple[str, str]] = [
     ("megatron.core.datasets.utils", 'command = ["make", "-C"'),
     ("megatron.core.optimizer.distrib_optimizer", 'steps = list(set([s["step"].item() for s in inner_state_dict["state"].values()]))'),
     ("megatron.core.optimizer.distrib_optimizer", "dst_tensors[key].copy_(tensors[key])"),
     ("megatron.core.optimizer.distrib_optimizer", 's["step"] = step'),
+    ("megatron.core.rerun_state_machine", "if 'state' not in state_dict or state_dict['state'] == RerunState.NOT_RUNNING_YET:"),
+    ("megatron.training.training", "rerun_state_machine.current_iteration = iteration"),
 ]
 
 _applied = False
@@ -118,6 +128,25 @@ def fix_fp32_resume_copy() -> None:
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
+def fix_rerun_of_a_skipped_iteration() -> None:
+    cls = importlib.import_module("megatron.core.rerun_state_machine").RerunStateMachine
+    original = cls.validate_state_dict
+
+    @functools.wraps(original)
+    def validate_state_dict(self, state_dict):
+        if not original(self, state_dict):
+            return False
+        from megatron.training import get_args
+
+        # The machine's counter during iteration k (1-based, as --iterations-to-skip counts) is k, not
+        # k-1 as its docstring says: training.py sets it to the loop's 0-based iteration before the
+        # increment of the step (pinned above).
+        pending = state_dict["current_iteration"]
+        return pending not in (get_args().iterations_to_skip or [])
+
+    cls.validate_state_dict = validate_state_dict
+
+
 def apply_wheel_fixes() -> None:
     global _applied
     if _applied:
@@ -125,4 +154,5 @@ def apply_wheel_fixes() -> None:
     fix_compile_helpers()
     fix_distributed_optimizer_resume()
     fix_fp32_resume_copy()
+    fix_rerun_of_a_skipped_iteration()
     _applied = True
