@@ -141,8 +141,14 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
     """Megatron's pretrain_gpt checks on one micro-batch's loss, all fatal: a bad loss must stop the
     run before the optimizer steps, not be trained through."""
     from megatron.core.rerun_state_machine import get_rerun_state_machine
+    from megatron.training import get_args
 
     machine = get_rerun_state_machine()
+    if not machine.first_iteration_complete and get_args().iteration > 0:
+        # Megatron validates nothing in a launch's first iteration: a new run has no optimizer step to
+        # save before it. A resumed one has (the checkpoint it loaded): its first iteration, after a
+        # skip or rollback the very one that follows the skipped data, is validated like any other.
+        machine.first_iteration_complete = True
     if checks.nan:
         machine.validate_result(result=loss, rejection_func=torch.isnan,
                                 message="found NaN in local forward loss calculation", tolerance=0.0, fatal=True)
@@ -175,14 +181,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: Loss
     # schedule then divides the loss in place (by tokens and micro-batches): kept by reference, a
     # reproduced spike would compare unequal and be diagnosed a transient fault (exit 17).
     validate_loss(loss.detach().clone(), checks)
-    from megatron.training import get_args
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.float().view(1)])
-    if not machine.first_iteration_complete and get_args().iteration > 0:
-        # Megatron validates nothing in a launch's first iteration: a new run has no optimizer step to
-        # save before it. A resumed one has (the checkpoint it loaded): its first iteration, after a
-        # skip or rollback the very one that follows the skipped data, is validated like any other.
-        machine.first_iteration_complete = True
     return loss, num_tokens, {"lm loss": report}
 
 
