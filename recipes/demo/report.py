@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -22,8 +23,9 @@ def change(before: float, after: float) -> str:
     return f"{'rose' if after > before else 'fell'} {before:.2f} -> {after:.2f} ({(after / before - 1) * 100:+.1f}%)"
 
 
-def what_it_shows(evaluation: dict) -> list[str]:
-    """The paper's three findings, stated with this run's held-out perplexities (whatever they are)."""
+def what_it_shows(evaluation: dict, points: list[dict]) -> list[str]:
+    """The paper's three findings, stated with this run's held-out perplexities (whatever they are);
+    ``points``: the merge curve's."""
     ppl = {label: {d: math.exp(v) for d, v in losses.items()} for label, losses in evaluation["loss"].items()}
     base, adapted = ppl["base"], ppl["adapted"]
     learnt = adapted["ecommerce"] < base["ecommerce"]
@@ -32,11 +34,13 @@ def what_it_shows(evaluation: dict) -> list[str]:
             f"- E-commerce perplexity {change(base['ecommerce'], adapted['ecommerce'])}: "
             + ("the model learnt the domain." if learnt else "the run did not learn the domain (too few iterations?)."),
             f"- General perplexity (the Python reference, never trained on) {change(base['general'], adapted['general'])}: "
-            + ("what continued pretraining costs outside the domain, the paper's small loss of general ability."
+            + ("what continued pretraining costs outside the domain (the paper's loss of general ability)."
                if forgot else "no loss of general ability in this run, unlike the paper's (a short run, or replay "
                               "text close to the validation text)."),
-            "- Merging with the base trades one against the other: the table below goes from the base (alpha 0) "
-            "to the adapted model (alpha 1).", ""]
+            "- Merging with the base trades one against the other (the table below goes from the base, alpha 0, to "
+            "the adapted model, alpha 1): " + "; ".join(
+                f"alpha {p['alpha']:g} e-commerce {p['domains']['ecommerce']['perplexity']:.2f}, general "
+                f"{p['domains']['general']['perplexity']:.2f}" for p in points if p["label"] == "merged") + ".", ""]
 
 
 def write_report(out: Path, model: str | None, stages: Stages, base: dict | None, cpt: dict, evaluation: dict) -> Path:
@@ -49,7 +53,8 @@ def write_report(out: Path, model: str | None, stages: Stages, base: dict | None
                  f"Continued pretraining of {model} with its own tokenizer on a 1:1 mix of real general prose (licence texts that ship with Debian and Python) "
                  "and e-commerce listings and reviews, on CPU, through the same tools as a full-size run. General "
                  "perplexity is measured on the Python language reference, which the run never trains on. Written by "
-                 "`python recipes/demo.py --real`.", "", *what_it_shows(evaluation)]
+                 "`python recipes/demo.py --real`.", "",
+                 *what_it_shows(evaluation, json.loads((out / "merge_curve" / "curve.json").read_text())["points"])]
     else:
         intro = ["# e-Llama in miniature: report", "",
                  "Continued pretraining of a tiny Llama 3.1-shaped model on a 1:1 mix of general and e-commerce "
