@@ -99,8 +99,8 @@ class SpikeReference:
     launch starts it afresh: a CPT run that blows up at iteration 2 (lr=1e3: 6.2 -> 1e7) is trained
     through and checkpointed, and so is a relaunch whose model is already broken. A run that starts
     from a trained model knows its loss from the first micro-batch: that is the reference from then
-    on, kept in the run folder (rank 0 writes it while it grows; every rank reads it at the start of
-    a launch) so that a relaunch judges its first iteration against the run's losses, not its own.
+    on, kept in the run folder (one loss rank writes it while it grows; every rank reads it at the
+    start of a launch) so that a relaunch judges its first iteration against the run's losses, not its own.
     A rejected loss is not taken into it, so the rerun in place of a spike is rejected again (a
     reproducible result)."""
 
@@ -109,7 +109,7 @@ class SpikeReference:
         self.largest = 0.0
 
     def load(self, path: str) -> None:
-        """The run's reference so far; read by every rank before any trains (rank 0 rewrites it)."""
+        """The run's reference so far; read by every rank before any trains (one loss rank rewrites it)."""
         if os.path.exists(path):
             state = json.loads(open(path).read())
             self.count, self.largest = int(state["count"]), float(state["largest"])
@@ -119,7 +119,7 @@ class SpikeReference:
             return
         self.count += 1
         self.largest = max(self.largest, abs(value))
-        if path is not None and torch.distributed.get_rank() == 0:
+        if path is not None and _first_of_the_loss_ranks():
             from ellama_megatron.formats.atomic import write_json_atomic
 
             write_json_atomic(path, {"count": self.count, "largest": self.largest})
@@ -132,6 +132,14 @@ class SpikeReference:
         if not spike:
             self.observe(value, checks.spike_window, checks.reference_file)
         return spike
+
+
+def _first_of_the_loss_ranks() -> bool:
+    """One writer of the reference: the losses are computed on the last pipeline stage, by every
+    data- and tensor-parallel rank of it (global rank 0 is on the first stage)."""
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_rank(with_context_parallel=True) == 0 and mpu.get_tensor_model_parallel_rank() == 0
 
 
 SPIKE_REFERENCE = SpikeReference()  # one per rank: each judges its own micro-batches (any rejection reruns all)

@@ -143,7 +143,7 @@ def run(cfg) -> None:
         install_validation_at_start()
     args = parse_and_validate_args()
     install_checkpoint_retention(cfg)
-    SPIKE_REFERENCE.load(str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE))  # before any rank trains and rank 0 rewrites it
+    SPIKE_REFERENCE.load(str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE))  # before any rank trains and rewrites it
     container = pretrain_cfg_container_from_args(args)
     cache = Path(cfg.run_dir) / "dataset_cache"
     training.pretrain(
