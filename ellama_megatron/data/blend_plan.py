@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ellama_megatron.data.manifest import dataset_prefix, read_manifest
+from ellama_megatron.data.manifest import dataset_prefixes, read_manifest
 
 DEFAULT_MAX_EPOCHS = 1.0
 SHARE_TOLERANCE = 1e-6
@@ -188,17 +188,16 @@ def plan_blend(data_cfg, train_tokens: float, seq_length: int) -> BlendPlan:
             for path in manifests:
                 m = read_manifest(path)
                 tokenizers[str(path)] = m["tokenizer"]["tokenizer_json_sha256"]
-                prefix = dataset_prefix(path, m, "train")
-                tokens = m["splits"]["train"]["tokens"] if prefix else 0
-                if prefix:
-                    plan.train_prefixes.append((prefix, tokens))
+                train = dataset_prefixes(path, m, "train")
+                tokens = sum(n for _, n in train)
+                plan.train_prefixes.extend(train)
+                if train:
                     for lang, e in m["splits"]["train"].get("languages", {}).items():
                         plan.languages[lang] = plan.languages.get(lang, 0) + e["tokens"]
-                vprefix = dataset_prefix(path, m, "valid")
-                if vprefix:
-                    plan.valid_prefixes.append(vprefix)
-                for p in (prefix, vprefix):
-                    for ext in (".bin", ".idx") if p else ():
+                vprefixes = [p for p, _ in dataset_prefixes(path, m, "valid")]
+                plan.valid_prefixes.extend(vprefixes)
+                for p in [p for p, _ in train] + vprefixes:
+                    for ext in (".bin", ".idx"):
                         # A stat each: a blend naming a moved or deleted dataset would fail only in the ranks.
                         if not Path(str(p) + ext).is_file():
                             raise PlanError(f"{path}: its dataset {p}{ext} is missing; copy the dataset beside "

@@ -7,6 +7,9 @@ Layout for ``--output-prefix data/listings``::
     data/listings_valid.bin / .idx     held-out documents (when --valid-fraction > 0)
     data/listings.manifest.json        this file, written last: its presence means "complete"
 
+tools/prepare_data.py with N tasks writes one such set per task (``data/listings-00000-of-0000N``)
+and a source manifest that sums them, whose splits list the task prefixes as ``parts``.
+
 Prefixes inside the manifest are relative to the manifest's folder, so the folder can be moved.
 """
 
@@ -83,10 +86,12 @@ def written_token_ids(manifest: dict) -> tuple[int | None, int | None]:
     return tok.get("vocab_size"), eod
 
 
-def dataset_prefix(path: str | Path, manifest: dict, split: str) -> str | None:
-    """The Megatron prefix of ``split`` (relative to the current folder when ``path`` is), or None
-    when the split is absent or empty."""
+def dataset_prefixes(path: str | Path, manifest: dict, split: str) -> list[tuple[str, int]]:
+    """The Megatron prefixes of ``split`` with their tokens (relative to the current folder when
+    ``path`` is): the one of a tools/preprocess_data.py manifest, or each non-empty task's of a
+    tools/prepare_data.py source manifest (its ``parts``); [] when the split is absent or empty."""
     entry = manifest["splits"].get(split)
     if not entry or entry.get("documents", 0) == 0:
-        return None
-    return os.path.join(os.path.dirname(str(path)), entry["prefix"])
+        return []
+    folder = os.path.dirname(str(path))
+    return [(os.path.join(folder, p["prefix"]), p["tokens"]) for p in entry.get("parts", [entry]) if p["documents"] > 0]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ellama_megatron.data import indexed_writer
-from ellama_megatron.data.document_tokens import document_tokens
+from ellama_megatron.data.document_tokens import DocumentTokens, document_tokens
 from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, encode_unit, merge_parts
 from ellama_megatron.data.manifest import (
     MANIFEST_FORMAT,
@@ -29,9 +29,9 @@ from ellama_megatron.data.manifest import (
     output_files,
     split_prefix,
 )
-from ellama_megatron.data.readers import InputError, check_readable, expand_inputs, plan_units, read_unit
-from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
-from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder
+from ellama_megatron.data.readers import InputError, WorkUnit, check_readable, expand_inputs, plan_units, read_unit
+from ellama_megatron.data.serializers import MissingField, RecordSerializer, load_template, serialize
+from ellama_megatron.formats.tokenizer_folder import TokenizerInfo, load_tokenizer_folder
 from ellama_megatron.formats.atomic import write_json_atomic
 
 MAX_EXAMPLES = 100
@@ -157,14 +157,14 @@ def _load_domain_filter(opts: PreprocessOptions):
     return f.classifier, f.threshold
 
 
-def _domain_filter_manifest(opts: PreprocessOptions, threshold: float, results) -> dict:
-    """What the filter saw and kept over all units, and which classifier it was."""
+def domain_filter_manifest(opts: PreprocessOptions, threshold: float, parts) -> dict:
+    """What the filter saw and kept over all ``parts`` (classify.FilterStats), and which classifier it was."""
     from ellama_megatron.classify.filter import FilterStats
     from ellama_megatron.classify.model import META_FILE
 
     stats = FilterStats(threshold)
-    for r in results:
-        stats.merge(r.domain_filter)
+    for part in parts:
+        stats.merge(part)
     meta = Path(opts.domain_filter) / META_FILE
     return {"model": str(opts.domain_filter), "model_sha256": file_sha256(meta), **stats.to_dict()}
 
@@ -194,44 +194,100 @@ def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers
     return parts, results
 
 
-def preprocess(opts: PreprocessOptions) -> dict:
-    """Run the whole pipeline; returns the manifest (also written to ``<prefix>.manifest.json``)."""
-    start = time.time()
+@dataclass
+class PreprocessPlan:
+    """What the checks found, before any tokenization: shared by preprocess() and the datatrove
+    pipeline (data/pipeline.py)."""
+
+    tok: TokenizerInfo
+    specials: DocumentTokens
+    files: list[Path]
+    units: list[WorkUnit]
+    job: EncodeJob
+    classifier: object  # classify.DomainClassifier with --domain-filter, else None
+    threshold: float | None
+
+
+def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_outputs: bool = True) -> PreprocessPlan:
+    """Every check that can fail cheaply (options, outputs, tokenizer, inputs readable, template fits
+    the data, classifier), and the inputs cut into work units for ``parallel`` readers (default
+    --workers). InputError (or the tokenizer's and BOS/EOD's errors) naming the option and the fix."""
     if opts.shard_bytes < 1 or opts.workers < 1 or opts.batch_docs < 1:
         raise InputError("--shard-mb, --workers and --batch-docs must be at least 1")
     if opts.max_doc_chars < 0:
         raise InputError(f"--max-doc-chars {opts.max_doc_chars}: must be 0 (no limit) or more")
     if not 0.0 <= opts.valid_fraction < 1.0:
         raise InputError(f"--valid-fraction {opts.valid_fraction}: must be in [0, 1)")
-    _check_outputs(opts)
+    if check_outputs:
+        _check_outputs(opts)
     tok = load_tokenizer_folder(opts.tokenizer_dir)
     specials = document_tokens(opts.tokenizer_dir, tok.backend_json, tok.bos_id, tok.eos_id, opts.bos, opts.eod_token,
                                opts.bos_token)
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
-    # At least 4 units per worker where inputs can be cut, so no worker idles at the end.
+    # At least 4 units per reader where inputs can be cut, so no reader idles at the end.
+    parallel = opts.workers if parallel is None else parallel
     total = sum(os.path.getsize(f) for f in files)
-    shard = opts.shard_bytes if opts.workers == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * opts.workers)))
+    shard = opts.shard_bytes if parallel == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * parallel)))
     if total == 0 and not opts.allow_empty:
         raise InputError(f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
                          "Check the path, or pass --allow-empty to write a 0-document dataset")
     units = plan_units(files, shard_bytes=shard)
     _preflight(units, opts.serializer)
     classifier, threshold = _load_domain_filter(opts)
+    job = EncodeJob(opts.serializer, opts.valid_fraction, specials.eod_id, tok.dtype, opts.batch_docs, opts.strict,
+                    threshold, specials.add_special_tokens, specials.prepend_bos, opts.max_doc_chars)
+    return PreprocessPlan(tok, specials, files, units, job, classifier, threshold)
 
+
+def build_manifest(opts: PreprocessOptions, plan: PreprocessPlan, splits: dict, inputs: list[dict], skipped: Counter,
+                   examples: list, domain_filter: dict | None, seconds: float, **extra) -> dict:
+    """The manifest of one output prefix; ``splits``: {split: {"prefix", **SplitStats.to_dict()}} of
+    the splits written; ``extra`` fields (a pipeline task's rank) go at the end."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "source": opts.source or Path(opts.output_prefix).name,
+        "splits": splits,
+        "valid_fraction": opts.valid_fraction,
+        "split_by": f"id:{opts.serializer.id_key}" if opts.serializer.id_key else "text",
+        "template": opts.serializer.template.to_dict(),
+        "language_key": opts.serializer.language_key,
+        "tokenizer": plan.tok.identity(),
+        "documents": plan.specials.manifest(),  # the BOS and EOD really written around every document
+        "inputs": inputs,
+        "records": sum(i["records"] for i in inputs),
+        "skipped": {"count": sum(skipped.values()), "by_reason": dict(skipped.most_common()), "examples": examples},
+        "domain_filter": domain_filter,
+        "seconds": round(seconds, 2),
+        "workers": opts.workers,
+        **extra,
+    }
+
+
+def no_document_error(files, records: int, skipped: Counter) -> InputError:
+    return InputError(
+        f"--input {' '.join(map(str, files))}: no document left to write ({records} records read, "
+        f"{sum(skipped.values())} skipped: {dict(skipped.most_common(3))}); check --template, "
+        "--text-key and the domain filter, or pass --allow-empty to write a 0-document dataset")
+
+
+def preprocess(opts: PreprocessOptions) -> dict:
+    """Run the whole pipeline; returns the manifest (also written to ``<prefix>.manifest.json``)."""
+    start = time.time()
+    plan = plan_preprocess(opts)
+    files, job = plan.files, plan.job
     out_prefix = Path(opts.output_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     for folder in remove_stale_temp_folders(out_prefix):
         print(f"removed {folder}: temporary folder of an earlier run on this prefix that died", file=sys.stderr)
-    job = EncodeJob(opts.serializer, opts.valid_fraction, specials.eod_id, tok.dtype, opts.batch_docs, opts.strict,
-                    threshold, specials.add_special_tokens, specials.prepend_bos, opts.max_doc_chars)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
     try:
         Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
-            parts, results = _run_units(job, units, tmp_dir, tok.backend_json, opts.workers, opts.progress, classifier)
+            parts, results = _run_units(job, plan.units, tmp_dir, plan.tok.backend_json, opts.workers, opts.progress,
+                                        plan.classifier)
             checksums = list(digests)
         splits = {s: SplitStats() for s in SPLITS}
         skipped: Counter = Counter()
@@ -244,13 +300,10 @@ def preprocess(opts: PreprocessOptions) -> dict:
             examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
             records_per_file[r.unit.path] += r.records
         if not opts.allow_empty and sum(splits[s].documents for s in SPLITS) == 0:
-            raise InputError(
-                f"--input {' '.join(map(str, files))}: no document left to write ({sum(records_per_file.values())} "
-                f"records read, {sum(skipped.values())} skipped: {dict(skipped.most_common(3))}); check --template, "
-                "--text-key and the domain filter, or pass --allow-empty to write a 0-document dataset")
+            raise no_document_error(files, sum(records_per_file.values()), skipped)
         written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
         for s in written:
-            merge_parts([f"{p}_{s}" for p in parts], os.path.join(tmp_dir, s), tok.dtype)
+            merge_parts([f"{p}_{s}" for p in parts], os.path.join(tmp_dir, s), job.dtype)
         # From here on the outputs change: old ones (when overwriting) go first, manifest first, so
         # an interruption never leaves a manifest describing datasets it does not match.
         for p in output_files(out_prefix):
@@ -258,28 +311,16 @@ def preprocess(opts: PreprocessOptions) -> dict:
         for s in written:
             for ext in (".bin", ".idx"):
                 os.replace(os.path.join(tmp_dir, s + ext), split_prefix(out_prefix, s) + ext)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "source": opts.source or out_prefix.name,
-            "splits": {
-                s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written
-            },
-            "valid_fraction": opts.valid_fraction,
-            "split_by": f"id:{opts.serializer.id_key}" if opts.serializer.id_key else "text",
-            "template": opts.serializer.template.to_dict(),
-            "language_key": opts.serializer.language_key,
-            "tokenizer": tok.identity(),
-            "documents": specials.manifest(),  # the BOS and EOD really written around every document
-            "inputs": [
-                {"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
-                for f, d in zip(files, checksums)
-            ],
-            "records": sum(records_per_file.values()),
-            "skipped": {"count": sum(skipped.values()), "by_reason": dict(skipped.most_common()), "examples": examples},
-            "domain_filter": _domain_filter_manifest(opts, threshold, results) if classifier is not None else None,
-            "seconds": round(time.time() - start, 2),
-            "workers": opts.workers,
-        }
+        manifest = build_manifest(
+            opts, plan,
+            splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
+            inputs=[{"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
+                    for f, d in zip(files, checksums)],
+            skipped=skipped, examples=examples,
+            domain_filter=(domain_filter_manifest(opts, plan.threshold, [r.domain_filter for r in results])
+                           if plan.classifier is not None else None),
+            seconds=time.time() - start,
+        )
         write_json_atomic(manifest_path(out_prefix), manifest)
         return manifest
     finally:
@@ -301,4 +342,80 @@ def summary_line(manifest: dict) -> str:
         f"{manifest['source']}: {tr['documents']:,} train docs / {tr['tokens']:,} tokens, "
         f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, {filtered}"
         f"{manifest['skipped']['count']:,} skipped, {total / secs:,.0f} tokens/s ({manifest['seconds']} s)"
+    )
+
+
+def add_preprocess_arguments(p) -> None:
+    """The options of preprocessing on an argparse parser: tools/preprocess_data.py's, which
+    tools/prepare_data.py shares (one definition, one help text)."""
+    p.add_argument("--input", nargs="+", required=True, help="input files or folders (all formats above)")
+    p.add_argument("--output-prefix", required=True, help="output path without suffix, e.g. data/ellama/reviews_de")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with tokenizer.json)")
+    p.add_argument("--template", default="plain",
+                   help="listing | review | plain | path to a template YAML (keys: text, required, html_fields). Default: plain")
+    p.add_argument("--text-key", default="text", help="record key holding the text for --template plain (default: text)")
+    p.add_argument("--language-key", default="language", help="record key holding a language code (default: language)")
+    p.add_argument("--default-language", default="und", help="language recorded for records without one (default: und)")
+    p.add_argument("--id-key", default=None,
+                   help="record key identifying a document; the validation split hashes it (default: hash the text)")
+    p.add_argument("--valid-fraction", type=float, default=0.0,
+                   help="fraction of documents held out for validation, e.g. 0.005 (default: 0)")
+    p.add_argument("--source", default=None, help="source name recorded in the manifest (default: the prefix's file name)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes; each reads its own shards and batch-encodes on its own threads (default: 1)")
+    p.add_argument("--shard-mb", type=float, default=64, help="plain JSONL/Parquet inputs are cut into shards of this size (default: 64)")
+    p.add_argument("--batch-docs", type=int, default=1000, help="documents per tokenizer batch (default: 1000)")
+    p.add_argument("--domain-filter", default=None, metavar="MODEL_DIR",
+                   help="keep only documents this classifier (tools/domain_classifier.py train) scores above the "
+                        "threshold; runs in the workers on the serialized text, before tokenization")
+    p.add_argument("--domain-threshold", type=float, default=None,
+                   help="keep scores strictly above this (default: the threshold stored with the classifier)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
+                        "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written")
+    p.add_argument("--bos-token", default=None,
+                   help="the BOS token (default: the folder's bos_token); for a folder that names none, e.g. a bare "
+                        "tokenizer.json: --bos always --bos-token '<|begin_of_text|>'")
+    p.add_argument("--eod-token", default=None,
+                   help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
+                        "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
+                   help="skip (and count in the summary) documents longer than this many characters: tokenizing "
+                        f"costs ~200x a document's size in memory (default {DEFAULT_MAX_DOC_CHARS:,}; 0: no limit)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def preprocess_options(args) -> PreprocessOptions:
+    """PreprocessOptions from the parsed ``add_preprocess_arguments`` options (errors of the
+    template: InputError/ValueError naming it)."""
+    serializer = RecordSerializer(
+        template=load_template(args.template, text_key=args.text_key),
+        language_key=args.language_key,
+        default_language=args.default_language,
+        id_key=args.id_key,
+    )
+    return PreprocessOptions(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_dir=args.tokenizer,
+        serializer=serializer,
+        source=args.source,
+        valid_fraction=args.valid_fraction,
+        workers=args.workers,
+        shard_bytes=int(args.shard_mb * (1 << 20)),
+        batch_docs=args.batch_docs,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        domain_filter=args.domain_filter,
+        domain_threshold=args.domain_threshold,
+        bos=args.bos,
+        eod_token=args.eod_token,
+        bos_token=args.bos_token,
+        allow_empty=args.allow_empty,
+        max_doc_chars=args.max_doc_chars,
     )
