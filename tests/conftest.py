@@ -45,7 +45,7 @@ def domain_data(tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 def data_overrides(data: dict[str, dict[str, str]]) -> list[str]:
-    train = ",".join(f"{{prefix:{d['train']},weight:1}}" for d in data.values())
+    train = ",".join(f"{{prefix:{d['train']},weight:1,group:{name}}}" for name, d in data.items())
     valid = ",".join(f"{name}:[{d['valid']}]" for name, d in data.items())
     return [f"data.train=[{train}]", f"data.valid={{{valid}}}"]
 

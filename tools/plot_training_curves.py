@@ -1,5 +1,6 @@
-"""Plot training loss and per-domain validation loss against iteration from a Megatron training
-log (the engine's stdout, e.g. ${run_dir}/train.log) or its TensorBoard folder.
+"""Plot training loss (overall and, when logging.train_loss_by is set, per data group and source) and
+per-domain validation loss against iteration from a Megatron training log (the engine's stdout,
+e.g. ${run_dir}/train.log) or its TensorBoard folder.
 
   python tools/plot_training_curves.py runs/demo/train.log --out reports/curves.png [--json curves.json]
 """
@@ -28,9 +29,13 @@ def main(argv=None) -> int:
         return 2
     plot_training_curves(log, args.out, args.title)
     if args.json:
-        write_json_atomic(args.json, {"train_loss": log.train_loss, "valid_loss": log.valid_loss})
+        write_json_atomic(args.json, {"train_loss": log.train_loss, "valid_loss": log.valid_loss,
+                                      "domain_train_loss": log.domain_train_loss,
+                                      "domain_train_tokens": log.domain_train_tokens})
     domains = ", ".join(f"{d} ({len(v)} points)" for d, v in sorted(log.valid_loss.items())) or "none"
-    print(f"{len(log.train_loss)} training points, validation domains: {domains} -> {args.out}")
+    trained = ", ".join(f"{level}: {', '.join(sorted(d))}" for level, d in log.domain_train_loss.items()) or "none"
+    print(f"{len(log.train_loss)} training points, training domains: {trained}, validation domains: {domains} "
+          f"-> {args.out}")
     return 0
 
 

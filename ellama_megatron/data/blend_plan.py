@@ -60,20 +60,23 @@ class BlendPlan:
     sources: list[SourcePlan]
     valid: dict = field(default_factory=dict)  # validation set name -> [prefix, ...]
 
-    def train_weights(self) -> list[tuple[str, float]]:
+    def train_entries(self) -> list[tuple[SourcePlan, str, float]]:
+        """(source, prefix, weight) of each dataset the blend draws from."""
         out = []
         for s in self.sources:
             if s.share <= 0:
                 continue
             for prefix, tokens in s.train_prefixes:
                 if tokens > 0:
-                    out.append((prefix, s.share * tokens / s.tokens_available))
+                    out.append((s, prefix, s.share * tokens / s.tokens_available))
         return out
 
     def to_blend_dict(self) -> dict:
-        """The shape the training engine reads (data.blend_file)."""
+        """The shape the training engine reads (data.blend_file); group and source name each entry's
+        domain for the per-domain training loss (engine/domain_loss.py)."""
         return {
-            "train": [{"prefix": p, "weight": w} for p, w in self.train_weights()],
+            "train": [{"prefix": p, "weight": w, "group": s.group, "source": s.source}
+                      for s, p, w in self.train_entries()],
             "valid": {name: list(prefixes) for name, prefixes in self.valid.items()},
         }
 

@@ -21,7 +21,7 @@ import torch
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
 
 
-def get_batch(data_iterator):
+def get_batch(data_iterator, with_dataset_id: bool = False):
     from megatron.core import parallel_state as mpu
     from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
     from megatron.training import get_args
@@ -33,10 +33,11 @@ def get_batch(data_iterator):
         return {k: None for k in BATCH_KEYS}  # middle pipeline stages take activations, not data
 
     tp_rank = mpu.get_tensor_model_parallel_rank()
-    batch = {}
+    batch, dataset_id = {}, None
     if tp_rank == 0:
         raw = next(data_iterator)
         batch = {k: (raw[k].cuda(non_blocking=True) if raw.get(k) is not None else None) for k in BATCH_KEYS}
+        dataset_id = raw.get("dataset_id")  # absent when the blend has one dataset: then every sample is entry 0
     micro_batch_size = _micro_batch_size_from_tp_rank_0(batch, args.micro_batch_size)
     batch = get_batch_on_this_tp_rank(
         batch,
@@ -54,7 +55,26 @@ def get_batch(data_iterator):
         is_pipeline_first_stage=first,
         is_pipeline_last_stage=last,
     )
-    return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
+    batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
+    if with_dataset_id and last:
+        batch["dataset_id"] = _dataset_id_from_tp_rank_0(dataset_id, micro_batch_size)
+    return batch
+
+
+def _dataset_id_from_tp_rank_0(dataset_id, micro_batch_size: int) -> torch.Tensor:
+    """Each sample's blend entry (engine/domain_loss.py), on every TP rank of the last stage: only
+    TP rank 0 reads data, and Megatron's batch broadcast carries the sequence tensors only."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_tensor_model_parallel_rank() == 0:
+        ids = (torch.as_tensor(dataset_id, dtype=torch.long) if dataset_id is not None
+               else torch.zeros(micro_batch_size, dtype=torch.long)).cuda(non_blocking=True)
+    else:
+        ids = torch.empty(micro_batch_size, dtype=torch.long, device="cuda")
+    if mpu.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(ids, mpu.get_tensor_model_parallel_src_rank(),
+                                    group=mpu.get_tensor_model_parallel_group())
+    return ids
 
 
 def _micro_batch_size_from_tp_rank_0(batch: dict, default: int) -> int:
@@ -181,7 +201,8 @@ def injected(loss: torch.Tensor, checks: LossChecks) -> torch.Tensor:
     return loss * (float("nan") if checks.inject_kind == "nan" else INJECTED_SPIKE)
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: LossChecks = LossChecks()):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: LossChecks = LossChecks(),
+              domain_loss=None, dataset_id: torch.Tensor | None = None):
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
     loss = injected(torch.sum(losses * mask), checks)
@@ -190,19 +211,25 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: Loss
     # reproduced spike would compare unequal and be diagnosed a transient fault (exit 17).
     validate_loss(loss.detach().clone(), checks)
     num_tokens = mask.sum().clone().detach().to(torch.int)
+    if domain_loss is not None:  # training only: the same per-token losses, summed per sample's domain
+        domain_loss.add(dataset_id, losses.detach().view(loss_mask.shape), mask.view(loss_mask.shape))
     report = torch.cat([loss.clone().detach().view(1), num_tokens.float().view(1)])
     return loss, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model, checks: LossChecks = LossChecks()):
+def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain_loss=None):
+    """``domain_loss`` (engine/domain_loss.py, None = off) collects training losses per domain;
+    evaluation (the model in eval mode) is left out of it."""
     from megatron.training import get_timers
 
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
+    domain_loss = domain_loss if model.training else None
     checks = checks if model.training else checks.for_evaluation()
-    batch = get_batch(data_iterator)
+    batch = get_batch(data_iterator, with_dataset_id=domain_loss is not None)
     timers("batch-generator").stop()
     output = model(
         batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
     )
-    return output, partial(loss_func, batch["loss_mask"], checks=checks)
+    return output, partial(loss_func, batch["loss_mask"], checks=checks, domain_loss=domain_loss,
+                           dataset_id=batch.get("dataset_id"))

@@ -1,12 +1,14 @@
-"""Training curves per domain: training loss and each validation domain's loss against iteration,
-from Megatron training logs (parsed by the engine's `parse_train_log`) or TensorBoard event files
-(Megatron's tags `lm loss` and `lm loss validation-<domain>`).
+"""Training curves per domain: training loss (the blend's and, with logging.train_loss_by, each
+domain's) and each validation domain's loss against iteration, from Megatron training logs (parsed by
+the engine's `parse_train_log`) or TensorBoard event files (Megatron's tags `lm loss` and
+`lm loss validation-<domain>`, ours `lm loss by <level>/<domain>` and `tokens by <level>/<domain>`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ellama_megatron.engine.domain_loss import parse_tag
 from ellama_megatron.engine.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import atomic_file
 
@@ -25,6 +27,12 @@ def read_tensorboard(path: str | Path) -> TrainLog:
             log.train_loss.update({e.step: e.value for e in acc.Scalars(tag)})
         elif tag.startswith(_VALID_TAG) and not tag.endswith((" vs samples", " ppl")):
             log.valid_loss.setdefault(tag[len(_VALID_TAG):], {}).update({e.step: e.value for e in acc.Scalars(tag)})
+        elif domain_tag := parse_tag(tag):  # "lm loss by group/general", "tokens by group/general"
+            kind, level, domain = domain_tag
+            curves = log.domain_train_loss if kind == "loss" else log.domain_train_tokens
+            convert = float if kind == "loss" else int
+            curves.setdefault(level, {}).setdefault(domain, {}).update(
+                {e.step: convert(e.value) for e in acc.Scalars(tag)})
     return log
 
 
@@ -56,9 +64,16 @@ def plot_training_curves(log: TrainLog, out_png: str | Path, title: str = "Train
     if log.train_loss:
         it = sorted(log.train_loss)
         ax.plot(it, [log.train_loss[i] for i in it], color="0.6", lw=1, label="train")
+    colors = {}  # a domain's training and validation curves share a color
+    for level, style in (("group", "-"), ("source", ":")):
+        for domain, losses in sorted(log.domain_train_loss.get(level, {}).items()):
+            it = sorted(losses)
+            line, = ax.plot(it, [losses[i] for i in it], style, lw=1, color=colors.get(domain),
+                            label=f"train {domain}")
+            colors[domain] = line.get_color()
     for domain, losses in sorted(log.valid_loss.items()):
         it = sorted(losses)
-        ax.plot(it, [losses[i] for i in it], "o-", ms=3, label=f"validation {domain}")
+        ax.plot(it, [losses[i] for i in it], "o-", ms=3, color=colors.get(domain), label=f"validation {domain}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("lm loss")
     ax.set_title(title)

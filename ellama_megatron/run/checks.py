@@ -73,7 +73,7 @@ def check_data_matches_model(blend: dict, model) -> list[str]:
 def check_known_choices(cfg) -> list[str]:
     groups = {group: typed(cfg, group) for group in SCHEMAS}  # ConfigError for a key of the wrong type or unknown
     errors = groups["cluster"].problems() + groups["optim"].problems() + groups["resilience"].problems()
-    errors += groups["train"].problems() + groups["checkpoint"].problems()
+    errors += groups["train"].problems() + groups["checkpoint"].problems() + groups["logging"].problems()
     if groups["checkpoint"].async_save and groups["cluster"].accelerator == "cpu":
         # Megatron's async writer needs CUDA: the flag would be dropped, and the saves be synchronous.
         errors.append("checkpoint.async_save=true needs cluster.accelerator=gpu (Megatron writes in the background "

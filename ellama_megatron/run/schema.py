@@ -28,6 +28,7 @@ ACCELERATORS = ("cpu", "gpu")
 PRECISIONS = ("bf16", "fp32")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")  # Megatron's
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # Megatron's --lr-wsd-decay-style
+TRAIN_LOSS_LEVELS = ("group", "source")  # logging.train_loss_by: per data group, or per group and source
 
 
 @dataclasses.dataclass
@@ -157,6 +158,12 @@ class LoggingConfig:
     wandb_entity: Optional[str] = MISSING
     log_throughput: bool = MISSING
     log_memory: bool = MISSING
+    train_loss_by: Optional[str] = MISSING  # None, or one of TRAIN_LOSS_LEVELS (engine/domain_loss.py)
+
+    def problems(self) -> list[str]:
+        if self.train_loss_by is not None and self.train_loss_by not in TRAIN_LOSS_LEVELS:
+            return [f"logging.train_loss_by={self.train_loss_by!r} must be group, source or null (off)"]
+        return []
 
 
 RERUN_MODES = ("validate_results", "disabled")  # Megatron's --rerun-mode values a training run can use
