@@ -45,3 +45,18 @@ def test_cuda_to_cpu_mode_maps_factories():
         assert torch.ones(2, device=0).device.type == "cpu"
         assert torch.ones(2).to("cuda").device.type == "cpu"
         assert torch.ones(2).cuda().device.type == "cpu"
+
+
+def test_full_recompute_can_save_the_rng_state():
+    """Full recompute saves the CUDA RNG state through torch.cuda.random, not torch.cuda: mapped too
+    (recompute_granularity=full on CPU failed with 'Found no NVIDIA driver')."""
+    import subprocess
+    import sys
+
+    code = ("from ellama_megatron.runtime.cpu import apply_cpu_runtime\n"
+            "assert apply_cpu_runtime()\n"
+            "from megatron.core.tensor_parallel.random import _get_all_rng_states\n"
+            "cpu_state, cuda_state, _ = _get_all_rng_states()\n"
+            "assert cpu_state.numel() > 0 and cuda_state.numel() == 0\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

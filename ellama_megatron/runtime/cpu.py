@@ -11,7 +11,8 @@ its code, this module adapts those calls in one place, and only when no GPU is p
   4. ``torch.cuda.current_device()`` is used as a device                      -> returns the CPU device
   5. ``torch.cuda.synchronize()``                                             -> no-op
   6. ``torch.cuda.Stream/current_stream/stream``                              -> inert stand-ins
-  7. ``torch.cuda.get_rng_state/set_rng_state`` in checkpointing              -> empty state / no-op
+  7. ``torch.cuda.get_rng_state/set_rng_state`` in checkpointing, and         -> empty state / no-op
+     ``torch.cuda.random.get_rng_state`` in full recompute's RNG capture
   8. argument validation and TP>1 set-up read CUDA properties                 -> env + stand-ins
   9. ~100 ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` in Megatron        -> a TorchFunctionMode
  10. ``param.grad.type() == 'torch.cuda.FloatTensor'`` asserts                -> CPU float types report
@@ -50,6 +51,7 @@ PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
     ("torch.cuda", "stream"),
     ("torch.cuda", "get_rng_state"),
     ("torch.cuda", "set_rng_state"),
+    ("torch.cuda.random", "get_rng_state"),
     ("torch.cuda", "set_device"),
     ("torch.cuda", "get_device_capability"),
     ("torch.Tensor", "type"),
@@ -63,6 +65,7 @@ PINNED_SOURCE_FACTS: list[tuple[str, str]] = [
     ("megatron.training.initialize", 'assert torch.cuda.is_available(), "Megatron requires CUDA."'),
     ("megatron.training.initialize", "if device_count > 0 and not skip_model_parallel_init:"),
     ("megatron.core.optimizer.clip_grads", "assert param.grad.type() == 'torch.cuda.FloatTensor'"),
+    ("megatron.core.tensor_parallel.random", "return torch.cuda.random.get_rng_state(device=device)"),
     ("megatron.training.initialize", 'args.ffn_hidden_size // args.tensor_model_parallel_size, dtype=dtype, device="cuda"'),
 ]
 
@@ -185,6 +188,8 @@ def apply_cpu_runtime(force: bool = False) -> bool:
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.get_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     cuda.set_rng_state = lambda *a, **k: None
+    # Megatron's recompute (tensor_parallel/random.py) asks the submodule, not torch.cuda.
+    cuda.random.get_rng_state = cuda.get_rng_state
     cuda.set_device = lambda *a, **k: None
     # Read by argument validation and TP set-up to pick kernels; Hopper answers are harmless here.
     cuda.get_device_capability = lambda *a, **k: (9, 0)
