@@ -158,7 +158,9 @@ def step_presets(check: Check) -> dict:
         import megatron.training.arguments as arguments
 
         arguments.get_device_arch_version = lambda: 9  # no GPU to ask: an H100's answer
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # as slurm/launch.sh gives each rank
+    from ellama_megatron.engine.train import RANK_ENVIRONMENT
+
+    os.environ.update(RANK_ENVIRONMENT)  # as every rank sets it
     os.environ["RANK"] = "0"
     transformer_impl, _ = resolve_impl("auto", "auto")
     results = {}
@@ -200,7 +202,8 @@ def engine_overrides(check: Check, data: dict) -> list[str]:
               f"train.train_tokens={ENGINE_ITERATIONS * 2 * seq}", "train.eval_interval=1000",
               "train.log_interval=1", f"checkpoint.save_interval={ENGINE_SAVE_AT}", "logging.wandb_project=null"]
     if check.args.dry_run:
-        return ["model=tiny", "cluster=local_cpu", "cluster.procs_per_node=1", *common]
+        # bf16 on the CPU: the GPU's numerics (Float16Module, fp32 main params) through the same engine.
+        return ["model=tiny", "cluster=local_cpu", "cluster.procs_per_node=1", "optim.precision=bf16", *common]
     return ["model=llama31_8b", f"model.num_layers={check.args.engine_layers}", "cluster=slurm_h100",
             "cluster.nodes=1", "cluster.procs_per_node=1", *common]
 
@@ -284,13 +287,11 @@ def step_engine(check: Check) -> dict:
     result["resume_diff"] = {it3: abs(log.train_loss.get(it3, math.nan) - ref.train_loss.get(it3, math.nan)),
                              it4: abs(log.train_loss.get(it4, math.nan) - expected4)}
     dtypes = result["checkpoint_dtypes"]
-    weights = {"bfloat16"} if result["precision"] == "bf16" else {"float32"}
     result["ok"] = bool(
         finite and min(log.train_loss, default=0) == it3
         and result["resume_diff"][it3] == 0.0  # restored state: the same forward, bit for bit
         and result["resume_diff"][it4] <= 2e-6 * abs(expected4)  # printed to 7 digits, averaged
-        and set(dtypes["model"]) == weights and set(dtypes["optimizer"]) == {"float32"}
-        and (check.args.dry_run or result["precision"] == "bf16")
+        and result["precision"] == "bf16" and set(dtypes["model"]) == {"bfloat16"} and set(dtypes["optimizer"]) == {"float32"}
     )
     return result
 
@@ -305,7 +306,9 @@ def step_gpu_step(check: Check) -> dict:
     """MFU at the 8B layer shape without and with full recompute, then a short profile."""
     base = [sys.executable, "benchmarks/gpu_step.py"]
     if check.args.dry_run:
-        base += ["--tiny", "--device", "cpu", "--dtype", "bf16", "--steps", "1"]
+        # --tiny's shape, without --tiny's fixed step counts (the profile needs 2 warm-up steps).
+        base += ["--model", "tiny", "--layers", "2", "--seq", "64", "--device", "cpu", "--dtype", "bf16",
+                 "--steps", "1", "--warmup", "1"]
     runs = {}
     for recompute in ("none", "full"):
         path = check.work / f"gpu_step_{recompute}.json"
@@ -319,8 +322,7 @@ def step_gpu_step(check: Check) -> dict:
         runs[recompute]["seq"] = r["shape"]["seq"]
         runs[recompute]["planner_error"] = r["planner_estimate_gib"] / r["peak_memory_gib"] - 1
     profile = check.work / "profile"
-    layers = [] if check.args.dry_run else ["--layers", "2"]
-    check.run([*base, *layers, "--steps", "2", "--warmup", "2", "--profile", profile], limit=120)
+    check.run([*base, "--layers", "2", "--steps", "2", "--warmup", "2", "--profile", profile], limit=120)
     shutil.copyfile(profile / "kernels.txt", check.out / "kernels.txt")
     on_gpu = not check.args.dry_run
     ok = all(math.isfinite(r["final_loss"]) for r in runs.values())

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
+from ellama_megatron.engine.train import RANK_ENVIRONMENT
 from ellama_megatron.llama.megatron import megatron_overrides, parse_megatron_args
 from ellama_megatron.run.plan import RunPlan
 
@@ -28,12 +29,13 @@ PRESETS = {
 @pytest.fixture
 def h100_rank(monkeypatch):
     """What argument validation reads of a rank's surroundings: the GPU generation (9: Hopper), the
-    rank, and the environment slurm/launch.sh gives every rank (Megatron asserts it under TP)."""
+    rank, and the environment every rank sets (Megatron asserts CUDA_DEVICE_MAX_CONNECTIONS under TP)."""
     import megatron.training.arguments as arguments
 
     monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    for name, value in RANK_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
 
     def argv_for(preset: str, transformer_impl: str, tmp_path) -> tuple[RunPlan, list[str]]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

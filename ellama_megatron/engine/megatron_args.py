@@ -114,7 +114,7 @@ def train_args(cfg, plan: RunPlan) -> list[str]:
     ]
     args += _flag("exit-interval", t.exit_interval)
     args += _flag("exit-duration-in-mins", t.exit_duration_in_mins)
-    if not on_cpu(cfg) and o.precision == "bf16":
+    if plan.precision == "bf16":
         args += ["--bf16"]
     return args
 

@@ -24,6 +24,12 @@ if __name__ == "__mp_main__":
     die_with_parent()
 
 
+# Set in every rank before CUDA starts, unless the launch set it. Megatron asserts it whenever TP or CP
+# > 1 on Hopper and older GPUs (one CUDA work queue keeps TP communication in order with compute):
+# slurm/launch.sh exported it, a torchrun launch on a GPU node had only the user's shell.
+RANK_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
 def slurm_env_to_torch() -> None:
     """Under srun each task is a rank: expose Slurm's ids under the names torch.distributed reads."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
@@ -174,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     die_with_parent()  # a rank outliving torchrun/srun would train beside the relaunch
     slurm_env_to_torch()
+    for name, value in RANK_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     start_checkpoint_helper_ignoring_sigterm()
     cfg = OmegaConf.load(opts.config)
     try:

@@ -57,7 +57,7 @@ class RunPlan:
     micro_batch_size: int
     global_batch_size: int
     train_tokens: float
-    precision: str  # bf16 or fp32 (a CPU run is always fp32)
+    precision: str  # bf16 or fp32: optim.precision, with auto resolved for the accelerator
     flash_attention: bool  # GPU runs use fused attention kernels (no s^2 activations kept)
     accelerator: str = "gpu"  # cpu or gpu
 
@@ -86,7 +86,9 @@ class RunPlan:
             micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size,
             train_tokens=t.train_tokens,
-            precision=optim.precision if cluster.accelerator == "gpu" else "fp32",
+            # auto: bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are slow and only worth it to
+            # run the GPU's numerics (bf16 weights, fp32 main params) without one.
+            precision=("bf16" if cluster.accelerator == "gpu" else "fp32") if optim.precision == "auto" else optim.precision,
             flash_attention=cluster.accelerator == "gpu",
             accelerator=cluster.accelerator,
         )

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 ACCELERATORS = ("cpu", "gpu")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on a GPU, fp32 on a CPU (run/plan.py)
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")  # Megatron's
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # Megatron's --lr-wsd-decay-style
 TRAIN_LOSS_LEVELS = ("group", "source")  # logging.train_loss_by: per data group, or per group and source
@@ -98,7 +98,7 @@ class OptimConfig:
     adam_eps: float = MISSING
     weight_decay: float = MISSING
     clip_grad: float = MISSING
-    precision: str = MISSING  # one of PRECISIONS; CPU runs are fp32 whatever it says
+    precision: str = MISSING  # one of PRECISIONS
 
     def problems(self) -> list[str]:
         errors = []
@@ -124,7 +124,7 @@ class OptimConfig:
         if self.lr_decay_style not in LR_DECAY_STYLES:
             errors.append(f"optim.lr_decay_style={self.lr_decay_style!r} is not a Megatron decay style")
         if self.precision not in PRECISIONS:
-            errors.append(f"optim.precision={self.precision!r} must be bf16 or fp32")
+            errors.append(f"optim.precision={self.precision!r} must be auto, bf16 or fp32")
         return errors
 
 
