@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ellama_megatron.sweep.mix_law import DcptLaw, LawFit, MixLawError, fit_mix, fit_sweep, read_points, recommend
+from ellama_megatron.data.blend_plan import resolve_shares
+from ellama_megatron.sweep.mix_law import (DcptLaw, LawFit, MixLawError, fit_law, fit_mix, fit_sweep, read_points,
+                                           recommend)
 
 REPO = Path(__file__).resolve().parent.parent
+MEASURED = REPO / "tests" / "data" / "mix_sweep_tiny" / "sweep_table.json"  # made by recipes/sweep.py (README there)
 
 # Two known laws, each in its own group's share (the general loss rises as its share shrinks).
 ECOMMERCE = DcptLaw(E=1.5, A=0.0, alpha=0.0, B=30.0, beta=0.3, eta=0.5, C=0.4, gamma=0.5)
@@ -55,6 +58,42 @@ def test_fit_recovers_a_known_dcpt_law_and_its_recommended_share(tmp_path):
     # The domain loss at any share is the true law's.
     r = np.linspace(0.05, 1.0, 20)
     assert fits["ecommerce"].law.loss(r, 1e10) == pytest.approx(ECOMMERCE.loss(r, 1e10), rel=1e-3)
+
+
+def test_the_measured_tiny_sweep_report_lists_each_held_out_points_error(tmp_path):
+    """The real sweep (4 general shares x 3 token budgets of CPT from the demo's tiny base through
+    recipes/sweep.py and the local Slurm): the report gives, per point and domain, the error of a fit
+    on the other 11 points predicting it. Measured: e-commerce within 5.3%, general within 17.9%:
+    the issue's 5% is not reached on this tiny CPU sweep (docs/data.md says why); the bounds below
+    guard those figures."""
+    proc = subprocess.run([sys.executable, "tools/fit_mix.py", str(MEASURED), "--out", str(tmp_path), "--tokens", "245760"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "fit_mix.json").read_text())
+    points = read_points(MEASURED)
+    assert result["points"] == len(points) == 12
+    for domain, bound in (("ecommerce", 0.055), ("general", 0.185)):
+        law = result["laws"][domain]
+        assert [p["num"] for p in law["leave_one_out"]] == [p.num for p in points]
+        errors = [abs(p["error"]) for p in law["leave_one_out"]]
+        assert max(errors) < bound, (domain, errors)
+        assert law["max_held_out_error"] == pytest.approx(max(errors))
+        # Each held-out figure is a fit without that point: redo one.
+        rest = [p for p in points if p.num != 11]
+        again = fit_law(domain, [p.shares[domain] for p in rest], [p.tokens for p in rest], [p.loss[domain] for p in rest])
+        held = next(p for p in points if p.num == 11)
+        want = float(again.law.loss(held.shares[domain], held.tokens)) / held.loss[domain] - 1
+        assert law["leave_one_out"][11]["error"] == pytest.approx(want, abs=1e-6)
+    report = (tmp_path / "fit_mix.md").read_text()
+    assert "held out" in report and report.count("\n| ") >= 2 + 12 + 11
+    rec = result["recommendation"]
+    # What the blend config takes: the override line sets every group and the planner accepts the shares.
+    shares = {o.split("=")[0].split(".")[2]: float(o.split("=")[1]) for o in rec["overrides"].split()}
+    assert shares == rec["shares"] and resolve_shares(shares, "data.groups") == shares
+    assert f"  ecommerce:\n    share: {rec['shares']['ecommerce']:g}\n" in rec["yaml"]
+    assert rec["general_loss"] <= rec["general_reference"] * 1.02 + 1e-9
+    assert (tmp_path / "fit_mix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "recommended data.groups.general.share=" in proc.stdout.splitlines()[-1]
 
 
 def test_bad_tables_are_refused_naming_the_file_and_the_field(tmp_path):
