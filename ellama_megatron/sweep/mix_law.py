@@ -263,7 +263,9 @@ def fit_sweep(points: list[MixPoint], source: str = "sweep table", leave_one_out
         for point, row in zip(own, fit.points):
             row["num"] = point.num
         if leave_one_out and len(own) >= n_params + 2:  # each fit without one point still has one to spare
-            for i, point in enumerate(own):
+            from tqdm import tqdm
+
+            for i, point in enumerate(tqdm(own, desc=f"{domain}: leave-one-out fits", unit="fit", leave=False)):
                 rest = [[v for j, v in enumerate(col) if j != i] for col in args]
                 law = fit_law(domain, *rest).law
                 predicted = float(law.loss(point.shares[domain], point.tokens, point.parameters))
