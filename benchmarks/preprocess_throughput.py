@@ -100,7 +100,7 @@ def train_demo_classifier(out: Path) -> None:
         pos = read_texts([str(c["listings"])], "listing")[0] + read_texts([str(c["reviews"])], "review")[0]
         neg = read_texts([str(c["general_en"]), str(c["general_multilingual"])], "plain")[0]
     clf, est, _ = train_classifier(pos, neg, FeatureConfig(), heldout_fraction=0.0)
-    save_classifier(clf, est, out)
+    save_classifier(clf, out)
 
 
 def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int, domain_filter: Path | None = None) -> dict:

@@ -194,10 +194,18 @@ class WriteIndexedDatasets(PipelineStep):
         tmp.mkdir(parents=True)
         fail = os.environ.get(FAIL_TASK_ENV) == str(rank)
         job = self.plan.job
-        with ThreadPoolExecutor(1) as hasher:  # checksums of the files this task starts, beside tokenization
+        # Checksums of the files whose first unit this task reads, on a thread beside tokenization.
+        with ThreadPoolExecutor(1) as hasher:
+            checksums: dict = {}
+
+            def hash_new_files() -> None:
+                for path in self.ledger.checksummed - checksums.keys():
+                    checksums[path] = hasher.submit(file_sha256, path)
+
             writer = PartWriter(job, str(tmp / "part"), self.ledger.totals)
             try:
                 for batch in batched(data, job.batch_docs):
+                    hash_new_files()
                     with self.track_time(unit="batch"):
                         writer.add([(d.metadata["raw"], d.text, d.metadata["language"], d.metadata["split"]) for d in batch])
                     self.stat_update("documents", value=len(batch))
@@ -206,7 +214,8 @@ class WriteIndexedDatasets(PipelineStep):
             finally:
                 writer.close()
             writer.save()
-            digests = dict(zip(sorted(self.ledger.checksummed), hasher.map(file_sha256, sorted(self.ledger.checksummed))))
+            hash_new_files()
+            digests = {path: f.result() for path, f in checksums.items()}
         splits = self.ledger.totals.splits
         written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
         for s in written:
