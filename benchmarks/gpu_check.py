@@ -246,9 +246,7 @@ def step_engine(check: Check) -> dict:
 
     model = load_model_config("tiny" if check.args.dry_run else "llama31_8b")
     layers = model.num_layers if check.args.dry_run else check.args.engine_layers
-    h, f = model.hidden_size, model.ffn_hidden_size
-    q, kv = model.num_attention_heads * model.kv_channels, model.num_query_groups * model.kv_channels
-    params = layers * (h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h) + (1 if model.tie_word_embeddings else 2) * model.vocab_size * h
+    params = dataclasses.replace(model, num_layers=layers).num_parameters()
     place = _run_dir_place(check, 2 * 14 * params)
     data = write_token_datasets(check.work / "tokens", model.vocab_size, docs=64 if check.args.dry_run else 24,
                                 doc_tokens=300 if check.args.dry_run else 12000)
