@@ -115,6 +115,8 @@ def test_bad_tables_are_refused_naming_the_file_and_the_field(tmp_path):
     with pytest.raises(MixLawError, match=r"differ in optim\.lr \(1e-5, 3e-5\).*--where optim\.lr=1e-5"):
         read_points(two_lrs)
     assert len(read_points(two_lrs, {"optim.lr": "3e-5"})) == 12
+    with pytest.raises(MixLawError, match=r"no finished point has optim\.lr=0\.00003; .*optim\.lr: 1e-5, 3e-5"):
+        read_points(two_lrs, {"optim.lr": "0.00003"})
     # Through the tool: one line naming the file and the field, exit 2, nothing written.
     proc = subprocess.run([sys.executable, "tools/fit_mix.py", str(two_lrs), "--out", str(tmp_path / "out")],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -134,7 +134,11 @@ def read_points(table: Path, where: dict[str, str] | None = None) -> list[MixPoi
                                   "the law needs one validation loss per group: data.valid_by=group")
         chosen.append((row, given))
     if where and not chosen:
-        raise MixLawError(f"{table}: no finished point has {' '.join(f'{k}={v}' for k, v in where.items())}")
+        seen = {k: sorted({o.partition("=")[2] for r in rows for o in r.get("overrides", []) if o.partition("=")[0] == k})
+                for k in where}
+        raise MixLawError(f"{table}: no finished point has {' '.join(f'{k}={v}' for k, v in where.items())}; the "
+                          "overrides as written in the table: " + "; ".join(f"{k}: {', '.join(v) or 'never set'}"
+                                                                             for k, v in seen.items()))
     check_one_slice(table, [given for _, given in chosen])
     return [MixPoint(int(row["num"]), {k: float(v) for k, v in row["shares"].items()}, float(row["tokens"]),
                      float(row["parameters"]), {k: float(v) for k, v in row["valid_loss"].items()},
