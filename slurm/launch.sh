@@ -83,5 +83,7 @@ while true; do  # `wait` returns early when a trapped signal arrives; wait until
     RC=$?
     kill -0 "$SRUN_PID" 2>/dev/null || break
 done
+# The ranks are gone: a signal now (the SIGTERM of end-job's own requeue) has nothing to ask of them.
+trap '' USR1 TERM
 "$PYTHON" -m ellama_megatron.launch end-job "$ELLAMA_CONFIG" "$SIGNALLED" "$RC" "$START_ITER" "$JOB_LOG_DIR"
 exit $?
