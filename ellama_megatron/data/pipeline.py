@@ -482,10 +482,15 @@ def _slurm_executor(pipeline: list, settings: ExecutorSettings, rdir: Path):
     )
 
 
-def _wait_for_slurm(job_id: str, poll_s: float = 2.0) -> None:
-    """Until no element of the array job is pending or running."""
+def _wait_for_slurm(job_id: str, poll_s: float = 2.0, max_failures: int = 30) -> None:
+    """Until no element of the array job is pending or running (squeue failing for a minute: an error)."""
+    failures = 0
     while True:
         out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
-        if out.returncode == 0 and not out.stdout.strip():
+        if (out.returncode == 0 and not out.stdout.strip()) or "Invalid job id" in out.stderr:  # ended (and purged)
             return
+        failures = failures + 1 if out.returncode != 0 else 0
+        if failures >= max_failures:
+            raise InputError(f"squeue -j {job_id} keeps failing ({out.stderr.strip()}); the job may still run: "
+                             "rerun the same command later (completed tasks are kept)")
         time.sleep(poll_s)
