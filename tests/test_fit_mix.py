@@ -149,6 +149,7 @@ def test_sweep_table_rows_carry_each_points_shares_tokens_and_parameters(tmp_pat
     # The CPU preset is a 4 x 3 grid of shares and budgets.
     assert sweeper.params["data.groups.general.share"] == "0.2,0.4,0.6,0.8"
     assert len(str(sweeper.params["train.train_tokens"]).split(",")) == 3
+    assert str(sweeper.params["train.eval_at_start"]) == "True"  # the base's losses: fit_mix's reference
 
 
 def test_the_sweeps_iteration_0_validation_is_the_reference_of_the_general_rise(tmp_path):
