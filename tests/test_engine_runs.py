@@ -140,3 +140,35 @@ def test_sigterm_saves_then_relaunch_resumes(domain_data, tmp_path):
                             f"train.exit_interval={saved + 3}")
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert min(second.train_loss) == saved + 1 and second.last_iteration == saved + 3
+
+
+def test_bf16_on_cpu_follows_fp32_and_resumes_exactly(dp2, domain_data, tmp_path):
+    """The GPU's numerics through the same engine on CPU (optim.precision=bf16): bf16 weights in
+    Megatron's Float16Module, fp32 main params and Adam moments in the distributed optimizer, an fp32
+    gradient buffer reduced over gloo. What stays for a GPU: NCCL, CUDA kernels, TE's spec."""
+    from ellama_megatron.formats.megatron_checkpoint import TRACKER_FILE, iteration_folder
+    from ellama_megatron.formats.torch_dist import CheckpointReader
+
+    run_dir = tmp_path / "run"
+    proc, log = run_cpt(run_dir, domain_data, "optim.precision=bf16")
+    assert_trained(proc, log)
+    assert "using torch.bfloat16 for parameters" in proc.stdout
+    _, ref = dp2
+    # bf16 rounds each weight to 8 bits of mantissa: the fp32 curve within a few hundredths.
+    assert max(abs(log.train_loss[i] - ref.train_loss[i]) for i in ref.train_loss) < 0.05
+    assert log.train_loss != ref.train_loss
+    saved = iteration_folder(run_dir / "checkpoints", 10)
+    dtypes = {(key.startswith("optimizer."), str(md.properties.dtype))
+              for key, md in CheckpointReader(saved).metadata.state_dict_metadata.items() if hasattr(md, "properties")}
+    assert dtypes == {(False, "torch.bfloat16"), (True, "torch.float32")}
+
+    # A relaunch from the iteration-10 checkpoint alone repeats the run exactly (2 iterations of it).
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved, resumed / "checkpoints" / saved.name)
+    (resumed / "checkpoints" / TRACKER_FILE).write_text("10")
+    proc, again = run_cpt(resumed, domain_data, "optim.precision=bf16", "train.exit_interval=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert min(again.train_loss) == 11 and again.last_iteration == 12
+    assert again.train_loss[11] == log.train_loss[11]
+    assert abs(again.train_loss[12] - (log.train_loss[11] + log.train_loss[12]) / 2) <= 1e-6
