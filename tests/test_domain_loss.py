@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import run_cpt
 from ellama_megatron.engine.domain_loss import DomainLoss
-from ellama_megatron.eval.training_curves import read_tensorboard
+from ellama_megatron.eval.training_curves import plot_training_curves, read_curves, read_tensorboard
 
 ITERATIONS = 6
 # Logged at Megatron's first iteration (not reset), then every 2: intervals of 2 iterations.
@@ -86,10 +86,14 @@ def test_domain_losses_add_up_to_the_lm_loss(dp2):
     assert groups["repetitive"][ITERATIONS] < groups["repetitive"][1] - 0.8  # 6.28 -> 5.12 when written
     # One source per group here: the source level repeats the group level under its own names.
     assert log.domain_train_loss["source"]["random_train"] == groups["random"]
-    # TensorBoard holds the same figures (float32).
+    # TensorBoard holds the same figures (float32), and the curves tool draws them from either.
     board = read_tensorboard(run_dir / "tensorboard")
     for d, losses in groups.items():
         assert board.domain_train_loss["group"][d] == pytest.approx(losses, rel=1e-6)
+        assert board.domain_train_tokens["group"][d] == tokens[d]
+    text = read_curves(run_dir.parent / "run.log")  # what run_cpt saved of the run's output
+    assert text.domain_train_loss == log.domain_train_loss
+    assert plot_training_curves(text, run_dir.parent / "curves.png").stat().st_size > 0
 
 
 @pytest.mark.slow
