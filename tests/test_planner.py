@@ -113,6 +113,9 @@ def test_plan_cli_exit_codes():
     ok = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "480 = 60 nodes x 8" in ok.stdout and "fits" in ok.stdout
+    # The run's LR curve from Megatron's scheduler: optim=cpt_70b's peak after 1% of 84,772 iterations.
+    assert "learning rate (cosine, Megatron's scheduler) over 84,772 iterations" in ok.stdout
+    assert "iteration       848  lr 1.500e-05  peak (end of warmup)" in ok.stdout
     bad = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B, "parallel.pipeline_model_parallel_size=1",
                           "parallel.virtual_pipeline_model_parallel_size=null", "parallel.tensor_model_parallel_size=1"],
                          cwd=REPO, capture_output=True, text=True)
