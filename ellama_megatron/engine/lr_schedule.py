@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 import warnings
 
@@ -48,16 +49,29 @@ def megatron_scheduler(cfg):
     argv += ["--train-iters", str(plan.train_iterations), "--global-batch-size", str(plan.global_batch_size),
              "--weight-decay", str(cfg.optim.weight_decay)]
     saved = sys.argv
+    loggers = {name: logging.getLogger(name) for name in ("megatron", "torch.utils.cpp_extension")}
+    levels = {name: log.level for name, log in loggers.items()}
     sys.argv = [saved[0] if saved else "ellama_megatron", *argv]
+    # Quiet: Megatron's import-time notes (Apex, TE, FSDP, no CUDA) and its scheduler's INFO line,
+    # which a Hydra recipe's logging would print.
+    for log in loggers.values():
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # Megatron's import-time notes about Apex and TE
+            warnings.simplefilter("ignore")
             from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
             from megatron.training.arguments import parse_args
 
             args = parse_args()
+            return _scheduler(OptimizerParamScheduler, args), args
     finally:
         sys.argv = saved
+        for name, log in loggers.items():
+            log.setLevel(levels[name])
+
+
+def _scheduler(OptimizerParamScheduler, args):
+    """As get_optimizer_param_scheduler builds it for --train-iters (its steps count samples)."""
     gbs = args.global_batch_size
     return OptimizerParamScheduler(
         _ParamGroups(),
@@ -73,7 +87,7 @@ def megatron_scheduler(cfg):
         wd_incr_style="constant",
         wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
-    ), args
+    )
 
 
 def lr_curve(cfg, iterations: list[int] | None = None) -> dict[int, float]:
