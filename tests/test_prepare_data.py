@@ -114,6 +114,8 @@ def test_rerun_skips_completed_tasks_and_redoes_a_failed_one(tmp_path, local_run
     # Other options on the same prefix: refused before any work, naming what differs.
     with pytest.raises(InputError, match=r"other options \(differing: tasks\).*--overwrite"):
         prepare(opts, ExecutorSettings("local", tasks=3))
+    with pytest.raises(InputError, match="--partition: needed with --executor slurm"):
+        prepare(opts, ExecutorSettings("slurm", tasks=4))
 
     # Task 2 fails after its first batch: the local executor stops there (tasks 0 and 1 are done),
     # the source manifest waits.
