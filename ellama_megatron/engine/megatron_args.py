@@ -15,11 +15,12 @@ from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
 from ellama_megatron.run.events import RESULT_REJECTED_FILE
 from ellama_megatron.engine.lr_schedule import warmup_iterations, wsd_decay_iterations
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY, RunPlan
+from ellama_megatron.run.progress import save_folder
 from ellama_megatron.run.recovery import skipped_iterations
 
 
 def checkpoint_dir(cfg) -> Path:
-    return Path(cfg.run_dir) / "checkpoints"
+    return save_folder(cfg.run_dir)
 
 
 def on_cpu(cfg) -> bool:

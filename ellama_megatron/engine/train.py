@@ -116,7 +116,7 @@ def install_checkpoint_retention(cfg) -> None:
 def run(cfg) -> None:
     from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
     from ellama_megatron.engine.domain_loss import DomainLoss, install_domain_loss_log
-    from ellama_megatron.engine.forward_step import LOSS_REFERENCE_FILE, SPIKE_REFERENCE, forward_step
+    from ellama_megatron.engine.forward_step import SPIKE_REFERENCE, forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
@@ -149,7 +149,8 @@ def run(cfg) -> None:
 
         install_validation_at_start()
     install_checkpoint_retention(cfg)
-    SPIKE_REFERENCE.load(str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE))  # before any rank trains and rewrites it
+    checks = loss_checks(cfg)
+    SPIKE_REFERENCE.load(checks.reference_file)  # before any rank trains and rewrites it
     domain_loss = DomainLoss.from_blend(blend["train"], cfg.logging.train_loss_by)
     if domain_loss is not None:
         install_domain_loss_log(domain_loss)
@@ -160,7 +161,7 @@ def run(cfg) -> None:
         container,
         datasets_provider(blend, model.eos_token_id, model.vocab_size, cache),
         ModelType.encoder_or_decoder,
-        partial(forward_step, checks=loss_checks(cfg), domain_loss=domain_loss),
+        partial(forward_step, checks=checks, domain_loss=domain_loss),
         model_provider=megatron_model_provider(model, attention),
     )
     # pretrain returns only when the budget is spent (early exits call sys.exit after saving).

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ellama_megatron.eval.heldout_data import DomainSource
-from ellama_megatron.formats.atomic import atomic_file, write_json_atomic, write_text_atomic
+from ellama_megatron.formats.atomic import write_figure_atomic, write_json_atomic, write_text_atomic
 
 
 def markdown_table(points: list[dict], domains: list[str]) -> str:
@@ -60,10 +60,7 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
     ax2.set_title("Trade-off (lower-left is better)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(out_png) as tmp:  # same suffix: matplotlib picks the format by it
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return out_png
+    return write_figure_atomic(out_png, fig)
 
 
 def run_merge_curve(

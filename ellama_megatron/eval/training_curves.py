@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ellama_megatron.engine.domain_loss import parse_tag
 from ellama_megatron.engine.train_log import TrainLog, parse_train_log
-from ellama_megatron.formats.atomic import atomic_file
+from ellama_megatron.formats.atomic import write_figure_atomic
 
 _VALID_TAG = "lm loss validation-"
 
@@ -80,7 +80,4 @@ def plot_training_curves(log: TrainLog, out_png: str | Path, title: str = "Train
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(out) as tmp:  # same suffix: matplotlib picks the format by it
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return out
+    return write_figure_atomic(out, fig)

@@ -48,6 +48,17 @@ def write_json_atomic(path: str | Path, obj, **dumps_options) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, **dumps_options) + "\n")
 
 
+def write_figure_atomic(path: str | Path, fig, dpi: int = 120) -> Path:
+    """A matplotlib figure saved to ``path`` (format from its suffix, which the temporary name keeps),
+    then closed: plotting tools draw one figure each and must not accumulate them."""
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def staged_outputs(outs: list[Path]):
     """Yields one empty temporary folder beside each of ``outs``; when the block succeeds renames

@@ -15,7 +15,7 @@ from ellama_megatron.formats.megatron_checkpoint import write_record
 from ellama_megatron.launch.run_lock import hold_run_lock
 from ellama_megatron.run.checks import check_config
 from ellama_megatron.run.plan import RunPlan
-from ellama_megatron.run.progress import repair_tracker
+from ellama_megatron.run.progress import repair_tracker, save_folder
 
 CONFIG_FILE = "config.yaml"  # ${run_dir}/config.yaml: the resolved config the ranks start from
 
@@ -38,7 +38,7 @@ def prepare_plan(cfg) -> RunPlan:
     plan = check_config(cfg, blend)
     run_dir = Path(cfg.run_dir)
     hold_run_lock(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_folder(run_dir).mkdir(parents=True, exist_ok=True)
     warning = repair_tracker(run_dir)
     if warning:
         print(warning, file=sys.stderr, flush=True)

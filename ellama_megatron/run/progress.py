@@ -10,12 +10,18 @@ from ellama_megatron.formats import megatron_checkpoint
 from ellama_megatron.formats.atomic import write_text_atomic
 
 DONE_FILE = "done.json"  # in run_dir once the token budget is spent (written by the engine's rank 0)
-LATEST_ITERATION_FILE = f"checkpoints/{megatron_checkpoint.TRACKER_FILE}"  # Megatron's own tracker
+SAVE_FOLDER = "checkpoints"  # in run_dir: Megatron's --save and --load
+LATEST_ITERATION_FILE = f"{SAVE_FOLDER}/{megatron_checkpoint.TRACKER_FILE}"  # Megatron's own tracker
+
+
+def save_folder(run_dir: str | Path) -> Path:
+    """Where the run's checkpoints are (Megatron's save folder: iter_* and the tracker)."""
+    return Path(run_dir) / SAVE_FOLDER
 
 
 def saved_iteration(run_dir: str | Path) -> int:
     """The iteration of the run's last complete checkpoint; 0 before the first save."""
-    return megatron_checkpoint.saved_iteration(Path(run_dir) / "checkpoints")
+    return megatron_checkpoint.saved_iteration(save_folder(run_dir))
 
 
 def is_finished(run_dir: str | Path, train_iterations: int) -> bool:
@@ -33,7 +39,7 @@ def repair_tracker(run_dir: str | Path) -> str | None:
     missing or incomplete is rewritten to the newest complete iter_* (returns the warning to show);
     with no complete checkpoint to point to it is refused (CheckpointFormatError naming the file).
     None when the tracker is absent (a new run) or sound."""
-    save_dir = Path(run_dir) / "checkpoints"
+    save_dir = save_folder(run_dir)
     tracker = save_dir / megatron_checkpoint.TRACKER_FILE
     if not tracker.is_file():
         return None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ellama_megatron.formats import megatron_checkpoint
 from ellama_megatron.run.events import EVENTS_FILE, EXIT_RERUN_ELSEWHERE, append_event, describe, exit_report, read_events
+from ellama_megatron.run.progress import save_folder
 
 RELAUNCH_POLICIES = ("skip", "rollback")
 # Megatron's statuses (result_rejected.txt) of a rejected result that reproduced: data, not hardware.
@@ -67,7 +68,7 @@ def after_rejection(run_dir: str | Path, resilience, code: int) -> bool:
     report = exit_report(run_dir, code)
     if report is None:
         return False
-    save_dir = Path(run_dir) / "checkpoints"
+    save_dir = save_folder(run_dir)
     # The rejected iteration (1-based, as --iterations-to-skip counts) follows the model Megatron saved
     # for the rerun. Not the rejection log's number: 0.19's loop sets the rerun state machine's
     # counter one ahead, so the log names the iteration after it.

@@ -355,7 +355,7 @@ def plot_fit(fits: dict[str, LawFit], points: list[MixPoint], rec: Recommendatio
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ellama_megatron.formats.atomic import atomic_file
+    from ellama_megatron.formats.atomic import write_figure_atomic
 
     other = sum(s for g, s in rec.shares.items() if g not in (rec.domain, rec.general))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -389,10 +389,7 @@ def plot_fit(fits: dict[str, LawFit], points: list[MixPoint], rec: Recommendatio
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_file(out_png) as tmp:  # same suffix: matplotlib picks the format by it
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return out_png
+    return write_figure_atomic(out_png, fig)
 
 
 # -- the whole analysis (tools/fit_mix.py) -----------------------------------------------------
