@@ -24,6 +24,7 @@ skipped.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,11 @@ def install_domain_loss_log(domain_loss: DomainLoss) -> None:
             domain_loss.interval.zero_()
         if training.is_last_rank():
             writer, wandb_writer = training.get_tensorboard_writer(), training.get_wandb_writer()
+            # One write for all levels: print() writes the text and its newline apart, and another
+            # rank's output landing between them would join the lines.
+            sys.stdout.write("".join(format_line(iteration, level, losses) + "\n" for level, losses in levels.items()))
+            sys.stdout.flush()
             for level, losses in levels.items():
-                print(format_line(iteration, level, losses), flush=True)
                 scalars = {}
                 for name, (loss, tokens) in losses.items():
                     scalars[TAG.format(level=level, name=name)] = loss

@@ -15,7 +15,8 @@ _TRAIN = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.Ee+-]+) 
 # " validation-general loss at iteration 20 on validation set | ..." (the final pass)
 _LR = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| learning rate: ([0-9.Ee+-]+) \|")
 # " iteration       20 | lm loss by group | general: 5.123456789E+00 (1024 tokens) | ecommerce: ... |"
-_DOMAIN_TRAIN = re.compile(r"^ iteration\s+(\d+) \| lm loss by (\w+) \| (.*)\|\s*$", re.MULTILINE)
+# Not anchored to the line's ends: another rank writing at the same moment can share the line.
+_DOMAIN_TRAIN = re.compile(r"iteration\s+(\d+) \| lm loss by (\w+) \| ([^\n]*)")
 _DOMAIN_CELL = re.compile(r"(\S+): ([0-9.Ee+-]+) \((\d+) tokens\)")
 _VALID = re.compile(r"validation-(\S+) loss at iteration (\d+)( on validation set)? \| lm loss value: ([0-9.Ee+-]+)")
 
