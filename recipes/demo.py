@@ -65,6 +65,14 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-model", default=None, metavar="DIR",
                         help="with --real: this Hugging Face Llama-architecture folder (with its tokenizer) instead of "
                              "SmolLM2-135M, e.g. Llama 3.2 1B on a faster machine")
+    parser.add_argument("--general", choices=("synthetic", "prose"), default=None,
+                        help="the tiny demo's general text: synthetic sentences (default), or real prose (Debian's and "
+                             "Python's licences and the Python reference, a tenth held out), which a tiny model cannot "
+                             "memorise: the base of the mix sweep (docs/data.md)")
+    parser.add_argument("--domain", choices=("ecommerce", "code"), default=None,
+                        help="the tiny demo's domain: synthetic e-commerce listings and reviews (default), or Python's "
+                             "own source code (real text; with --general prose; --docs counts its records): the mix "
+                             "sweep's proxy, whose losses the D-CPT law fits (docs/data.md)")
     parser.add_argument("--docs", type=int, default=None, help=f"documents per demo corpus ({default('docs')})")
     parser.add_argument("--base-iters", type=int, default=None,
                         help=f"general-only iterations that make the base model (default {d.base_iters}; 0: the random model "
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
                              "slurm: start the local Slurm if none runs (stopped afterwards); direct: recipes/cpt.py")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both training runs")
     a = parser.parse_args(argv)
-    given = {"docs": a.docs, "base_iters": a.base_iters, "base_lr": a.base_lr, "cpt_iters": a.cpt_iters, "cpt_lr": a.cpt_lr,
+    given = {"general": a.general, "domain": a.domain, "docs": a.docs, "base_iters": a.base_iters, "base_lr": a.base_lr, "cpt_iters": a.cpt_iters, "cpt_lr": a.cpt_lr,
              "eval_interval": a.eval_interval, "alphas": tuple(a.alpha) if a.alpha else None}
     opts = replace(DemoOptions.defaults(a.real), launcher=a.launcher, overrides=tuple(a.overrides),
                    hf_model=str(Path(a.hf_model).resolve()) if a.hf_model else None,

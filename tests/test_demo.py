@@ -239,3 +239,46 @@ def test_output_folder_is_reused_restarted_or_refused(tmp_path, capsys):
     with pytest.raises(DemoError, match="not a demo output folder"):
         prepare_output(other, opts, clean=False)
     assert (other / "precious.txt").exists()
+
+
+def test_real_text_corpora_and_blends(tmp_path):
+    """--general prose: the tiny demo's general text is every licence paragraph and every Python
+    reference record in one corpus with a held-out tenth (conf/data/demo_prose_blend.yaml); with
+    --domain code (the mix sweep's proxy, docs/data.md) the domain is the first --docs records of
+    Python's own source (conf/data/demo_code_blend.yaml). Refused where they do not apply."""
+    from demo.runner import DemoError, DemoOptions
+    from demo.stages import Demo, corpora
+    from demo.training import TINY
+    from hydra import compose, initialize_config_dir
+
+    from ellama_megatron import CONF_DIR
+    from ellama_megatron.data.real_prose import licence_paragraphs, python_reference_records, python_source_records
+    from ellama_megatron.testing.slurm import LocalSlurm
+
+    def records(path):
+        return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+    prose = licence_paragraphs() + [r["text"] for r in python_reference_records()]
+    for domain, names, config in (("ecommerce", ["general_prose", "listings", "reviews"], "demo_prose_blend"),
+                                  ("code", ["code_python", "general_prose"], "demo_code_blend")):
+        opts = DemoOptions(docs=10, general="prose", domain=domain)
+        opts.check()
+        demo = Demo(tmp_path / domain, opts, LocalSlurm(), 1024)
+        files = corpora(demo)["files"]
+        assert sorted(files) == names == sorted(demo.corpora) and demo.domains == ("general", domain)
+        general = records(files["general_prose"])
+        assert [r["text"] for r in general] == prose and len({r["id"] for r in general}) == len(general)
+        assert all(c.valid_fraction > 0 for c in demo.corpora.values())  # each validated on its own held-out part
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=[*TINY, f"data={demo.data_config}", f"data.root={demo.data_dir}"])
+        assert sorted(cfg.data.groups) == sorted(demo.domains)
+        manifests = [m for g in cfg.data.groups.values() for s in g.sources.values() for m in s.manifests]
+        assert sorted(manifests) == sorted(f"{demo.data_dir}/{n}.manifest.json" for n in names)
+    code = records(files["code_python"])
+    assert code == python_source_records(10) and code[0]["id"].split("/")[0].endswith(".py")
+    for bad, message in ((dict(real=True, base_iters=0, general="prose"), "--general prose is for the tiny demo"),
+                         (dict(general="web"), "use synthetic or prose"),
+                         (dict(domain="code"), "use it with --general prose"),
+                         (dict(domain="law", general="prose"), "use ecommerce or code")):
+        with pytest.raises(DemoError, match=message):
+            DemoOptions(**bad).check()

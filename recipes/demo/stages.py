@@ -48,7 +48,20 @@ REAL_CORPORA = {
     "prose_licences": Corpus("plain", "general", 0.0),
     "prose_python_reference": Corpus("plain", "general", 0.5),
 }
-DOMAINS = ("general", "ecommerce")
+# --general prose: the tiny demo with real prose as its general text, replayed and validated on
+# (a tenth held out by id): the mix sweep's proxy (docs/data.md), whose general loss behaves like a
+# real model's instead of falling towards a memorised floor.
+PROSE_CORPORA = {
+    "listings": CORPORA["listings"],
+    "reviews": CORPORA["reviews"],
+    "general_prose": Corpus("plain", "general", 0.1),
+}
+# --domain code (with --general prose): Python's own source as the domain, real text whose loss
+# follows a power law in the tokens trained, as the D-CPT law assumes; a tenth held out.
+CODE_CORPORA = {
+    "general_prose": PROSE_CORPORA["general_prose"],
+    "code_python": Corpus("plain", "code", 0.1),
+}
 TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; general text)",
     "tokenizer": "tiny tokenizer trained on the corpora",
@@ -82,7 +95,25 @@ class Demo:
 
     @property
     def corpora(self) -> dict[str, Corpus]:
-        return REAL_CORPORA if self.opts.real else CORPORA
+        if self.opts.real:
+            return REAL_CORPORA
+        if self.opts.domain == "code":
+            return CODE_CORPORA
+        return PROSE_CORPORA if self.opts.general == "prose" else CORPORA
+
+    @property
+    def domains(self) -> tuple[str, str]:
+        """The validation groups: general and the domain."""
+        return "general", self.opts.domain
+
+    @property
+    def data_config(self) -> str:
+        """The conf/data group of the CPT blend over these corpora."""
+        if self.opts.real:
+            return "demo_real_blend"
+        if self.opts.domain == "code":
+            return "demo_code_blend"
+        return "demo_prose_blend" if self.opts.general == "prose" else "demo_blend"
 
     @property
     def model_description(self) -> str | None:
@@ -124,7 +155,7 @@ class Demo:
     @property
     def valid_sets(self) -> dict[str, list[str]]:
         return {d: [str(self.data_dir / f"{n}_valid") for n, c in self.corpora.items() if c.domain == d and c.valid_fraction]
-                for d in DOMAINS}
+                for d in self.domains}
 
     @property
     def cpt_tokens(self) -> int:
@@ -154,9 +185,15 @@ def merge_indexed(prefixes: list[Path], out_prefix: Path) -> Path:
 
 def corpora(demo: Demo) -> dict:
     from ellama_megatron.data.demo_corpora import write_demo_corpora
-    from ellama_megatron.data.real_prose import write_real_prose
+    from ellama_megatron.data.real_prose import write_general_prose, write_python_source, write_real_prose
 
-    paths = write_demo_corpora(demo.raw_dir, docs=demo.opts.docs, seed=0, general=not demo.opts.real)
+    if demo.opts.domain == "code":  # --docs: records of Python source
+        paths = write_python_source(demo.raw_dir, records=demo.opts.docs)
+    else:
+        synthetic_general = not demo.opts.real and demo.opts.general == "synthetic"
+        paths = write_demo_corpora(demo.raw_dir, docs=demo.opts.docs, seed=0, general=synthetic_general)
+    if demo.opts.general == "prose":
+        paths |= write_general_prose(demo.raw_dir)
     if demo.opts.real:
         # A tenth as many reference records as listings: half held out, about as many general
         # validation tokens as e-commerce ones.
@@ -260,7 +297,7 @@ def import_base(demo: Demo) -> dict:
 
 
 def plan_blend(demo: Demo) -> dict:
-    text = run_tool(["tools/plan_blend.py", *run_overrides(demo.opts), "data=demo_real_blend" if demo.opts.real else "data=demo_blend",
+    text = run_tool(["tools/plan_blend.py", *run_overrides(demo.opts), f"data={demo.data_config}",
                      f"data.root={demo.data_dir}",
                      f"data.blend_file={demo.blend_file}", f"train.train_tokens={demo.cpt_tokens}"],
                     demo.logs / "plan_blend.log")
@@ -289,13 +326,13 @@ def export(demo: Demo) -> dict:
 
 def merge_curve(demo: Demo) -> dict:
     out = demo.out
-    heldout = [f"{d}={out / 'heldout' / d}" for d in DOMAINS]
+    heldout = [f"{d}={out / 'heldout' / d}" for d in demo.domains]
     run_tool(["tools/merge_curve.py", "--base", demo.base_hf, "--adapted", out / "adapted_hf",
               *sum((["--data", h] for h in heldout), []), *sum((["--alpha", str(a)] for a in demo.opts.alphas), []),
-              "--seq-length", "128", "--device", "cpu", "--out", out / "merge_curve"], demo.logs / "merge_curve.log")
+              "--domain", demo.opts.domain, "--seq-length", "128", "--device", "cpu", "--out", out / "merge_curve"], demo.logs / "merge_curve.log")
     points = json.loads((out / "merge_curve" / "curve.json").read_text())["points"]
     loss = {p["label"]: {d: v["mean_loss"] for d, v in p["domains"].items()} for p in points if p["label"] != "merged"}
-    change = ", ".join(f"{d} {loss['base'][d]:.3f} -> {loss['adapted'][d]:.3f}" for d in DOMAINS)
+    change = ", ".join(f"{d} {loss['base'][d]:.3f} -> {loss['adapted'][d]:.3f}" for d in demo.domains)
     return {"loss": loss, "summary": f"{len(points)} alphas on both domains; held-out loss base -> adapted: {change}"}
 
 
@@ -335,6 +372,8 @@ def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False) -> Path:
     opts.check()
     prepare_output(out, opts, clean)
     titles = dict(REAL_TITLES if opts.real else TITLES)
+    if opts.domain == "code":
+        titles["corpora"] = "demo corpora (real prose; Python's own source as the domain)"
     if opts.base_iters == 0:
         titles.pop("base_pretrain", None)
     stages = Stages(out, titles)
