@@ -73,6 +73,7 @@ def test_domain_names_of_a_blend():
 def test_domain_losses_add_up_to_the_lm_loss(dp2):
     run_dir, log = dp2
     assert sorted(log.train_loss) == [1, 2, 4, 6]
+    assert sorted(log.iteration_ms) == [1, 2, 4, 6] and min(log.iteration_ms.values()) > 0  # benchmarks/domain_loss_cost.py reads these
     groups, tokens = log.domain_train_loss["group"], log.domain_train_tokens["group"]
     assert set(groups) == {"random", "repetitive"}
     for it, lm_loss in log.train_loss.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 _TRAIN = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.Ee+-]+) \|")
 # " validation-general loss at iteration 20 | lm loss value: 5.85E+00 | ..." (periodic) and
 # " validation-general loss at iteration 20 on validation set | ..." (the final pass)
+_ITERATION_MS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| elapsed time per iteration \(ms\): ([0-9.]+) \|")
 _LR = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| learning rate: ([0-9.Ee+-]+) \|")
 # " iteration       20 | lm loss by group | general: 5.123456789E+00 (1024 tokens) | ecommerce: ... |"
 # Not anchored to the line's ends: another rank writing at the same moment can share the line.
@@ -25,6 +26,7 @@ _VALID = re.compile(r"validation-(\S+) loss at iteration (\d+)( on validation se
 class TrainLog:
     train_loss: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
     learning_rate: dict[int, float] = field(default_factory=dict)  # iteration -> LR Megatron logged there
+    iteration_ms: dict[int, float] = field(default_factory=dict)  # iteration -> its wall time (mean over the log interval)
     valid_loss: dict[str, dict[int, float]] = field(default_factory=dict)  # domain -> iteration -> loss
     final_valid_loss: dict[str, float] = field(default_factory=dict)  # domain -> loss of the end-of-run pass
     # logging.train_loss_by: level (group, source) -> domain -> iteration -> loss over the log interval,
@@ -45,6 +47,8 @@ def parse_train_log(text: str) -> TrainLog:
         log.train_iters = int(m.group(2))
     for m in _LR.finditer(text):
         log.learning_rate[int(m.group(1))] = float(m.group(2))
+    for m in _ITERATION_MS.finditer(text):
+        log.iteration_ms[int(m.group(1))] = float(m.group(2))
     for m in _DOMAIN_TRAIN.finditer(text):
         iteration, level = int(m.group(1)), m.group(2)
         for cell in _DOMAIN_CELL.finditer(m.group(3)):
