@@ -26,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "recipes"))  # the demo's tiny run: recipes/demo/training.py
+
+from demo.training import TINY, tokens_per_iteration  # noqa: E402
 
 from ellama_megatron.engine.train_log import parse_train_log  # noqa: E402
 
@@ -34,9 +37,8 @@ WARMUP = 10  # iterations left out of each launch's median: process start-up, fi
 
 
 def launch(demo: Path, data: str, iters: int, train_loss_by: str, run_dir: Path) -> list[float]:
-    cmd = [sys.executable, "recipes/cpt.py", "model=tiny", "parallel=single", "train=tiny", "optim=cpt",
-           "cluster=local_cpu", f"data={data}", f"data.root={demo / 'data'}", f"run_dir={run_dir}",
-           f"train.train_tokens={iters * 1024}", f"train.eval_interval={iters}", "train.log_interval=1",
+    cmd = [sys.executable, "recipes/cpt.py", *TINY, f"data={data}", f"data.root={demo / 'data'}", f"run_dir={run_dir}",
+           f"train.train_tokens={iters * tokens_per_iteration([])}", f"train.eval_interval={iters}", "train.log_interval=1",
            f"logging.train_loss_by={train_loss_by}", "data.max_epochs=10"]
     if (demo / "base_megatron").is_dir():
         cmd.append(f"checkpoint.init_from={demo / 'base_megatron'}")

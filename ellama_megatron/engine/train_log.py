@@ -11,14 +11,14 @@ import re
 from dataclasses import dataclass, field
 
 _TRAIN = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.Ee+-]+) \|")
-# " validation-general loss at iteration 20 | lm loss value: 5.85E+00 | ..." (periodic) and
-# " validation-general loss at iteration 20 on validation set | ..." (the final pass)
 _ITERATION_MS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| elapsed time per iteration \(ms\): ([0-9.]+) \|")
 _LR = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| learning rate: ([0-9.Ee+-]+) \|")
 # " iteration       20 | lm loss by group | general: 5.123456789E+00 (1024 tokens) | ecommerce: ... |"
 # Not anchored to the line's ends: another rank writing at the same moment can share the line.
 _DOMAIN_TRAIN = re.compile(r"iteration\s+(\d+) \| lm loss by (\w+) \| ([^\n]*)")
 _DOMAIN_CELL = re.compile(r"(\S+): ([0-9.Ee+-]+) \((\d+) tokens\)")
+# " validation-general loss at iteration 20 | lm loss value: 5.85E+00 | ..." (periodic) and
+# " validation-general loss at iteration 20 on validation set | ..." (the final pass)
 _VALID = re.compile(r"validation-(\S+) loss at iteration (\d+)( on validation set)? \| lm loss value: ([0-9.Ee+-]+)")
 
 

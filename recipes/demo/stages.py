@@ -62,6 +62,13 @@ CODE_CORPORA = {
     "general_prose": PROSE_CORPORA["general_prose"],
     "code_python": Corpus("plain", "code", 0.1),
 }
+# Each kind of demo's corpora and the conf/data blend over them.
+VARIANTS = {
+    "synthetic": (CORPORA, "demo_blend"),
+    "prose": (PROSE_CORPORA, "demo_prose_blend"),
+    "code": (CODE_CORPORA, "demo_code_blend"),
+    "real": (REAL_CORPORA, "demo_real_blend"),
+}
 TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; general text)",
     "tokenizer": "tiny tokenizer trained on the corpora",
@@ -94,26 +101,25 @@ class Demo:
     tokens_per_iteration: int
 
     @property
-    def corpora(self) -> dict[str, Corpus]:
+    def variant(self) -> str:
+        """Which corpora: real (--real), code (--domain code), prose (--general prose) or synthetic."""
         if self.opts.real:
-            return REAL_CORPORA
-        if self.opts.domain == "code":
-            return CODE_CORPORA
-        return PROSE_CORPORA if self.opts.general == "prose" else CORPORA
+            return "real"
+        return "code" if self.opts.domain == "code" else self.opts.general
+
+    @property
+    def corpora(self) -> dict[str, Corpus]:
+        return VARIANTS[self.variant][0]
+
+    @property
+    def data_config(self) -> str:
+        """The conf/data group of the CPT blend over these corpora."""
+        return VARIANTS[self.variant][1]
 
     @property
     def domains(self) -> tuple[str, str]:
         """The validation groups: general and the domain."""
         return "general", self.opts.domain
-
-    @property
-    def data_config(self) -> str:
-        """The conf/data group of the CPT blend over these corpora."""
-        if self.opts.real:
-            return "demo_real_blend"
-        if self.opts.domain == "code":
-            return "demo_code_blend"
-        return "demo_prose_blend" if self.opts.general == "prose" else "demo_blend"
 
     @property
     def model_description(self) -> str | None:
