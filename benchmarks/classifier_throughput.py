@@ -44,11 +44,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
     args = p.parse_args()
 
-    from ellama_megatron.data.documents import iter_documents, read_texts
     from ellama_megatron.classify.features import FeatureConfig
     from ellama_megatron.classify.filter import DomainFilter, filter_documents
     from ellama_megatron.classify.model import train_classifier
     from ellama_megatron.data.demo_corpora import write_demo_corpora
+    from ellama_megatron.data.documents import iter_documents, read_texts
     from ellama_megatron.data.serializers import load_template
 
     with tempfile.TemporaryDirectory() as d:
@@ -59,12 +59,14 @@ def main() -> None:
         clf, _, report = train_classifier(listings[:1000] + reviews[:1000], general[:2000], FeatureConfig())
         texts = listings + reviews + general
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-        print(f"corpus: {len(texts)} docs, {mb:.2f} MB, mean {1e6 * mb / len(texts):.0f} bytes/doc; "
-              f"held-out precision {report['heldout_metrics']['precision']:.3f} recall {report['heldout_metrics']['recall']:.3f}")
+        print(
+            f"corpus: {len(texts)} docs, {mb:.2f} MB, mean {1e6 * mb / len(texts):.0f} bytes/doc; "
+            f"held-out precision {report['heldout_metrics']['precision']:.3f} recall {report['heldout_metrics']['recall']:.3f}"
+        )
 
         def score_only():
             f = DomainFilter(clf, 0.5)
-            for _ in f.stream(((None, t) for t in texts)):
+            for _ in f.stream((None, t) for t in texts):
                 pass
 
         # The whole filter over a JSONL file of the same texts (read + parse + score + write).
@@ -74,19 +76,25 @@ def main() -> None:
                 fh.write(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n")
 
         def whole_filter():
-            filter_documents(iter_documents([str(mixed)], load_template("plain")), DomainFilter(clf, 0.5),
-                             Path(d) / "kept.jsonl")
+            filter_documents(
+                iter_documents([str(mixed)], load_template("plain")), DomainFilter(clf, 0.5), Path(d) / "kept.jsonl"
+            )
 
         from sklearn.feature_extraction.text import HashingVectorizer
 
         def sklearn_char():
             HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), n_features=1 << 20).transform(texts)
 
-        for name, fn in (("scoring (features + dot product)", score_only), ("whole filter (read, score, write)", whole_filter),
-                         ("sklearn HashingVectorizer char_wb 3-5 (features only)", sklearn_char)):
+        for name, fn in (
+            ("scoring (features + dot product)", score_only),
+            ("whole filter (read, score, write)", whole_filter),
+            ("sklearn HashingVectorizer char_wb 3-5 (features only)", sklearn_char),
+        ):
             wall, cpu = timed(fn, args.repeats if fn is not sklearn_char else 1)
-            print(f"{name}: {mb / statistics.median(cpu):.1f} MB per CPU-second (median; best "
-                  f"{mb / min(cpu):.1f}), wall {mb / statistics.median(wall):.1f} MB/s ({len(wall)} runs, 1 thread)")
+            print(
+                f"{name}: {mb / statistics.median(cpu):.1f} MB per CPU-second (median; best "
+                f"{mb / min(cpu):.1f}), wall {mb / statistics.median(wall):.1f} MB/s ({len(wall)} runs, 1 thread)"
+            )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ellama_megatron.llama import weights as W  # noqa: E402
 from ellama_megatron.formats.hf_shards import ShardedWriter  # noqa: E402
-from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict  # noqa: E402
 from ellama_megatron.formats.safetensors import read_header, read_tensor  # noqa: E402
+from ellama_megatron.llama import weights as W  # noqa: E402
 from ellama_megatron.llama.config import load_model_config  # noqa: E402
+from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict  # noqa: E402
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer  # noqa: E402
 
 
@@ -55,8 +55,9 @@ def write_random_8b(folder: Path) -> int:
 
 def run_tool(*args: str) -> tuple[float, dict]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "tools/convert_hf.py", *args, "--quiet"], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_hf.py", *args, "--quiet"], cwd=REPO, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
@@ -82,7 +83,9 @@ def bit_identical(a: Path, b: Path) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="scratch folder on a disk with ~50 GB free (removed at the end)")
+    p.add_argument(
+        "--work", type=Path, required=True, help="scratch folder on a disk with ~50 GB free (removed at the end)"
+    )
     p.add_argument("--append-docs", action="store_true", help="append the figures to docs/benchmarks.md")
     args = p.parse_args()
     work = args.work / "convert_8b_bench"
@@ -99,10 +102,16 @@ def main() -> None:
         same = bit_identical(work / "hf", work / "back")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"bytes": nbytes, "generate_s": round(gen, 1), "copy_s": round(copy, 1),
-              "import_wall_s": round(imp_wall, 1), "import_peak_rss_gib": round(imp["peak_rss_bytes"] / 2**30, 2),
-              "export_wall_s": round(exp_wall, 1), "export_peak_rss_gib": round(exp["peak_rss_bytes"] / 2**30, 2),
-              "round_trip_bit_identical": same}
+    result = {
+        "bytes": nbytes,
+        "generate_s": round(gen, 1),
+        "copy_s": round(copy, 1),
+        "import_wall_s": round(imp_wall, 1),
+        "import_peak_rss_gib": round(imp["peak_rss_bytes"] / 2**30, 2),
+        "export_wall_s": round(exp_wall, 1),
+        "export_peak_rss_gib": round(exp["peak_rss_bytes"] / 2**30, 2),
+        "round_trip_bit_identical": same,
+    }
     print(json.dumps(result))
     if args.append_docs:
         text = (

@@ -37,9 +37,19 @@ WARMUP = 10  # iterations left out of each launch's median: process start-up, fi
 
 
 def launch(demo: Path, data: str, iters: int, train_loss_by: str, run_dir: Path) -> list[float]:
-    cmd = [sys.executable, "recipes/cpt.py", *TINY, f"data={data}", f"data.root={demo / 'data'}", f"run_dir={run_dir}",
-           f"train.train_tokens={iters * tokens_per_iteration([])}", f"train.eval_interval={iters}", "train.log_interval=1",
-           f"logging.train_loss_by={train_loss_by}", "data.max_epochs=10"]
+    cmd = [
+        sys.executable,
+        "recipes/cpt.py",
+        *TINY,
+        f"data={data}",
+        f"data.root={demo / 'data'}",
+        f"run_dir={run_dir}",
+        f"train.train_tokens={iters * tokens_per_iteration([])}",
+        f"train.eval_interval={iters}",
+        "train.log_interval=1",
+        f"logging.train_loss_by={train_loss_by}",
+        "data.max_epochs=10",
+    ]
     if (demo / "base_megatron").is_dir():
         cmd.append(f"checkpoint.init_from={demo / 'base_megatron'}")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -51,10 +61,17 @@ def launch(demo: Path, data: str, iters: int, train_loss_by: str, run_dir: Path)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", type=Path, default=REPO / "demo_output",
-                   help="a recipes/demo.py output folder: its data/ (and base_megatron/ if there) (default demo_output)")
-    p.add_argument("--data", default="demo_blend",
-                   help="the conf/data blend over that folder's data (demo_blend; demo_prose_blend after --general prose)")
+    p.add_argument(
+        "--demo",
+        type=Path,
+        default=REPO / "demo_output",
+        help="a recipes/demo.py output folder: its data/ (and base_megatron/ if there) (default demo_output)",
+    )
+    p.add_argument(
+        "--data",
+        default="demo_blend",
+        help="the conf/data blend over that folder's data (demo_blend; demo_prose_blend after --general prose)",
+    )
     p.add_argument("--iters", type=int, default=200, help="iterations per launch (default 200)")
     p.add_argument("--repeats", type=int, default=3, help="launches per setting (default 3)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -68,19 +85,30 @@ def main(argv: list[str] | None = None) -> int:
             for label, value in SETTINGS.items():
                 times = launch(a.demo.resolve(), a.data, a.iters, value, Path(tmp) / f"{label}_{r}")
                 per_launch[label].append(statistics.median(times))
-                print(f"repeat {r + 1}/{a.repeats} {label:>6}: median {per_launch[label][-1]:.1f} ms per iteration "
-                      f"({len(times)} iterations)", flush=True)
+                print(
+                    f"repeat {r + 1}/{a.repeats} {label:>6}: median {per_launch[label][-1]:.1f} ms per iteration "
+                    f"({len(times)} iterations)",
+                    flush=True,
+                )
     base = statistics.median(per_launch["off"])
-    result = {label: {"median_ms": statistics.median(v), "launches_ms": v,
-                      "overhead": statistics.median(v) / base - 1} for label, v in per_launch.items()}
-    print("\n| logging.train_loss_by | ms per iteration (median of launches) | launches | vs off |\n|---|---:|---|---:|")
+    result = {
+        label: {"median_ms": statistics.median(v), "launches_ms": v, "overhead": statistics.median(v) / base - 1}
+        for label, v in per_launch.items()
+    }
+    print(
+        "\n| logging.train_loss_by | ms per iteration (median of launches) | launches | vs off |\n|---|---:|---|---:|"
+    )
     for label, r in result.items():
-        print(f"| {SETTINGS[label]} | {r['median_ms']:.1f} | {', '.join(f'{x:.1f}' for x in r['launches_ms'])} | "
-              f"{r['overhead']:+.1%} |")
+        print(
+            f"| {SETTINGS[label]} | {r['median_ms']:.1f} | {', '.join(f'{x:.1f}' for x in r['launches_ms'])} | "
+            f"{r['overhead']:+.1%} |"
+        )
     if a.json:
         a.json.write_text(json.dumps({"iters": a.iters, "repeats": a.repeats, "settings": result}, indent=2))
-    print(f"domain_loss_cost: {a.repeats * len(SETTINGS)} launches of {a.iters} iterations in {time.time() - start:.0f} s; "
-          f"per group {result['group']['overhead']:+.1%}, per source {result['source']['overhead']:+.1%} vs off")
+    print(
+        f"domain_loss_cost: {a.repeats * len(SETTINGS)} launches of {a.iters} iterations in {time.time() - start:.0f} s; "
+        f"per group {result['group']['overhead']:+.1%}, per source {result['source']['overhead']:+.1%} vs off"
+    )
     return 0
 
 

@@ -88,8 +88,14 @@ class Check:
         self.log("$ " + " ".join(map(str, cmd)))
         start = time.monotonic()
         try:
-            proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=limit,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            proc = subprocess.run(
+                [str(c) for c in cmd],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=limit,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
         except subprocess.TimeoutExpired as e:
             self.log(_text(e.stdout) + _text(e.stderr))
             raise TimeoutError(f"{Path(str(cmd[1])).name} ran past {limit:.0f} s") from None
@@ -128,12 +134,20 @@ def environment(dry_run: bool) -> dict:
     env["transformer_engine_imports"] = transformer_engine_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                   cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+        )
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             env["driver"] = None
     else:
@@ -197,15 +211,30 @@ def engine_overrides(check: Check, data: dict) -> list[str]:
     train = ",".join(f"{{prefix:{d['train']},weight:1}}" for d in data.values())
     valid = ",".join(f"{name}:[{d['valid']}]" for name, d in data.items())
     seq = 128 if check.args.dry_run else 8192
-    common = [f"data.train=[{train}]", f"data.valid={{{valid}}}", "train=tiny", f"train.seq_length={seq}",
-              "train.micro_batch_size=1", "train.global_batch_size=2",
-              f"train.train_tokens={ENGINE_ITERATIONS * 2 * seq}", "train.eval_interval=1000",
-              "train.log_interval=1", f"checkpoint.save_interval={ENGINE_SAVE_AT}", "logging.wandb_project=null"]
+    common = [
+        f"data.train=[{train}]",
+        f"data.valid={{{valid}}}",
+        "train=tiny",
+        f"train.seq_length={seq}",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=2",
+        f"train.train_tokens={ENGINE_ITERATIONS * 2 * seq}",
+        "train.eval_interval=1000",
+        "train.log_interval=1",
+        f"checkpoint.save_interval={ENGINE_SAVE_AT}",
+        "logging.wandb_project=null",
+    ]
     if check.args.dry_run:
         # bf16 on the CPU: the GPU's numerics (Float16Module, fp32 main params) through the same engine.
         return ["model=tiny", "cluster=local_cpu", "cluster.procs_per_node=1", "optim.precision=bf16", *common]
-    return ["model=llama31_8b", f"model.num_layers={check.args.engine_layers}", "cluster=slurm_h100",
-            "cluster.nodes=1", "cluster.procs_per_node=1", *common]
+    return [
+        "model=llama31_8b",
+        f"model.num_layers={check.args.engine_layers}",
+        "cluster=slurm_h100",
+        "cluster.nodes=1",
+        "cluster.procs_per_node=1",
+        *common,
+    ]
 
 
 def checkpoint_dtypes(folder: Path) -> dict[str, dict[str, int]]:
@@ -229,8 +258,10 @@ def _run_dir_place(check: Check, needed_bytes: float) -> Path:
     if shm.is_dir() and shutil.disk_usage(shm).free > 1.2 * needed_bytes:
         return shm / "gpu_check"
     if shutil.disk_usage(check.work).free < 1.2 * needed_bytes:
-        raise RuntimeError(f"{check.work}: {shutil.disk_usage(check.work).free / 1e9:.0f} GB free, the engine's "
-                           f"two checkpoints need {needed_bytes / 1e9:.0f} GB; lower --engine-layers")
+        raise RuntimeError(
+            f"{check.work}: {shutil.disk_usage(check.work).free / 1e9:.0f} GB free, the engine's "
+            f"two checkpoints need {needed_bytes / 1e9:.0f} GB; lower --engine-layers"
+        )
     return check.work
 
 
@@ -248,8 +279,12 @@ def step_engine(check: Check) -> dict:
     layers = model.num_layers if check.args.dry_run else check.args.engine_layers
     params = dataclasses.replace(model, num_layers=layers).num_parameters()
     place = _run_dir_place(check, 2 * 14 * params)
-    data = write_token_datasets(check.work / "tokens", model.vocab_size, docs=64 if check.args.dry_run else 24,
-                                doc_tokens=300 if check.args.dry_run else 12000)
+    data = write_token_datasets(
+        check.work / "tokens",
+        model.vocab_size,
+        docs=64 if check.args.dry_run else 24,
+        doc_tokens=300 if check.args.dry_run else 12000,
+    )
     overrides = engine_overrides(check, data)
     first, resumed = place / "engine_run", place / "engine_resumed"
     for d in (first, resumed):
@@ -271,7 +306,9 @@ def step_engine(check: Check) -> dict:
         shutil.copytree(saved, target / saved.name, copy_function=os.link)
         (target / TRACKER_FILE).write_text(str(ENGINE_SAVE_AT))
         start = time.monotonic()
-        log = parse_train_log(check.run([sys.executable, "recipes/cpt.py", f"run_dir={resumed}", *overrides], limit=240))
+        log = parse_train_log(
+            check.run([sys.executable, "recipes/cpt.py", f"run_dir={resumed}", *overrides], limit=240)
+        )
         result["resumed_launch_s"] = round(time.monotonic() - start, 1)
         result["resumed_losses"] = log.train_loss
     finally:
@@ -282,14 +319,19 @@ def step_engine(check: Check) -> dict:
     # Megatron prints a relaunch's first iteration without resetting its loss accumulator: the next
     # printed loss is the mean of both (tests/test_engine_runs.py, assert_same_losses_after_resume).
     expected4 = (ref.train_loss.get(it3, math.nan) + ref.train_loss.get(it4, math.nan)) / 2
-    result["resume_diff"] = {it3: abs(log.train_loss.get(it3, math.nan) - ref.train_loss.get(it3, math.nan)),
-                             it4: abs(log.train_loss.get(it4, math.nan) - expected4)}
+    result["resume_diff"] = {
+        it3: abs(log.train_loss.get(it3, math.nan) - ref.train_loss.get(it3, math.nan)),
+        it4: abs(log.train_loss.get(it4, math.nan) - expected4),
+    }
     dtypes = result["checkpoint_dtypes"]
     result["ok"] = bool(
-        finite and min(log.train_loss, default=0) == it3
+        finite
+        and min(log.train_loss, default=0) == it3
         and result["resume_diff"][it3] == 0.0  # restored state: the same forward, bit for bit
         and result["resume_diff"][it4] <= 2e-6 * abs(expected4)  # printed to 7 digits, averaged
-        and result["precision"] == "bf16" and set(dtypes["model"]) == {"bfloat16"} and set(dtypes["optimizer"]) == {"float32"}
+        and result["precision"] == "bf16"
+        and set(dtypes["model"]) == {"bfloat16"}
+        and set(dtypes["optimizer"]) == {"float32"}
     )
     return result
 
@@ -305,17 +347,49 @@ def step_gpu_step(check: Check) -> dict:
     base = [sys.executable, "benchmarks/gpu_step.py"]
     if check.args.dry_run:
         # --tiny's shape, without --tiny's fixed step counts (the profile needs 2 warm-up steps).
-        base += ["--model", "tiny", "--layers", "2", "--seq", "64", "--device", "cpu", "--dtype", "bf16",
-                 "--steps", "1", "--warmup", "1"]
+        base += [
+            "--model",
+            "tiny",
+            "--layers",
+            "2",
+            "--seq",
+            "64",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+        ]
     runs = {}
     for recompute in ("none", "full"):
         path = check.work / f"gpu_step_{recompute}.json"
         check.run([*base, "--recompute", recompute, "--json", path], limit=200)
         r = json.loads(path.read_text())
-        runs[recompute] = {k: r[k] for k in (
-            "device", "transformer_impl", "attention", "dtype", "recompute", "fusions", "step_s_median",
-            "tokens_per_s", "model_tflops", "model_tflops_no_attention", "model_tflops_palm_convention", "mfu",
-            "mfu_palm_convention", "peak_memory_gib", "peak_memory_kind", "planner_estimate_gib", "final_loss")}
+        runs[recompute] = {
+            k: r[k]
+            for k in (
+                "device",
+                "transformer_impl",
+                "attention",
+                "dtype",
+                "recompute",
+                "fusions",
+                "step_s_median",
+                "tokens_per_s",
+                "model_tflops",
+                "model_tflops_no_attention",
+                "model_tflops_palm_convention",
+                "mfu",
+                "mfu_palm_convention",
+                "peak_memory_gib",
+                "peak_memory_kind",
+                "planner_estimate_gib",
+                "final_loss",
+            )
+        }
         runs[recompute]["layers"] = r["shape"]["layers"]
         runs[recompute]["seq"] = r["shape"]["seq"]
         runs[recompute]["planner_error"] = r["planner_estimate_gib"] / r["peak_memory_gib"] - 1
@@ -326,12 +400,18 @@ def step_gpu_step(check: Check) -> dict:
     ok = all(math.isfinite(r["final_loss"]) for r in runs.values())
     if on_gpu:
         ok = ok and all(abs(r["planner_error"]) <= MEMORY_TARGET for r in runs.values())
-    return {"ok": ok, "runs": runs, "mfu_target": MFU_TARGET if on_gpu else None,
-            "mfu_target_met": runs["none"]["mfu"] >= MFU_TARGET if on_gpu else None}
+    return {
+        "ok": ok,
+        "runs": runs,
+        "mfu_target": MFU_TARGET if on_gpu else None,
+        "mfu_target_met": runs["none"]["mfu"] >= MFU_TARGET if on_gpu else None,
+    }
 
 
-_VERIFY = re.compile(r"verify: max abs logit diff (\S+) \(tolerance (\S+)\), top-1 agreement (\S+) over (\d+) "
-                     r"tokens, (\w+) on (\S+)")
+_VERIFY = re.compile(
+    r"verify: max abs logit diff (\S+) \(tolerance (\S+)\), top-1 agreement (\S+) over (\d+) "
+    r"tokens, (\w+) on (\S+)"
+)
 
 
 def step_convert(check: Check) -> dict:
@@ -343,9 +423,17 @@ def step_convert(check: Check) -> dict:
         cfg, device, dtype = load_model_config("tiny"), "cpu", "float32"
     else:
         # Llama 3.2 1B: 16 layers of 2048 wide, 8192 FFN, 32 heads over 8 KV groups, tied embeddings.
-        cfg = dataclasses.replace(load_model_config("llama31_8b"), name="llama32_1b_shape", num_layers=16,
-                                  hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
-                                  num_query_groups=8, kv_channels=64, tie_word_embeddings=True)
+        cfg = dataclasses.replace(
+            load_model_config("llama31_8b"),
+            name="llama32_1b_shape",
+            num_layers=16,
+            hidden_size=2048,
+            ffn_hidden_size=8192,
+            num_attention_heads=32,
+            num_query_groups=8,
+            kv_channels=64,
+            tie_word_embeddings=True,
+        )
         device, dtype = "cuda", "bfloat16"
     hf_dir, out = check.work / "hf_random", check.work / "megatron_random"
     for d in (hf_dir, out):
@@ -353,17 +441,43 @@ def step_convert(check: Check) -> dict:
     start = time.monotonic()
     write_random_hf_llama(hf_dir, cfg)
     written_s = time.monotonic() - start
-    text = check.run([sys.executable, "tools/convert_hf.py", "import", "--hf-dir", hf_dir, "--out", out, "--verify",
-                      "--verify-device", device, "--verify-dtype", dtype, "--quiet"], limit=200)
+    text = check.run(
+        [
+            sys.executable,
+            "tools/convert_hf.py",
+            "import",
+            "--hf-dir",
+            hf_dir,
+            "--out",
+            out,
+            "--verify",
+            "--verify-device",
+            device,
+            "--verify-dtype",
+            dtype,
+            "--quiet",
+        ],
+        limit=200,
+    )
     shutil.rmtree(hf_dir, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     m = _VERIFY.search(text)
     if m is None:
         raise RuntimeError("convert_hf.py printed no 'verify:' line")
     diff, tolerance = float(m.group(1)), float(m.group(2))
-    return {"ok": diff <= tolerance, "model": cfg.name, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
-            "random_model_written_s": round(written_s, 1), "max_abs_logit_diff": diff, "tolerance": tolerance,
-            "top1_agreement": float(m.group(3)), "tokens": int(m.group(4)), "dtype": m.group(5), "device": m.group(6)}
+    return {
+        "ok": diff <= tolerance,
+        "model": cfg.name,
+        "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size,
+        "random_model_written_s": round(written_s, 1),
+        "max_abs_logit_diff": diff,
+        "tolerance": tolerance,
+        "top1_agreement": float(m.group(3)),
+        "tokens": int(m.group(4)),
+        "dtype": m.group(5),
+        "device": m.group(6),
+    }
 
 
 STEP_FUNCTIONS = {"presets": step_presets, "engine": step_engine, "gpu_step": step_gpu_step, "convert": step_convert}
@@ -375,24 +489,35 @@ STEP_FUNCTIONS = {"presets": step_presets, "engine": step_engine, "gpu_step": st
 
 def markdown(result: dict) -> str:
     env = result.get("environment", {})
-    lines = [f"# GPU check, {result['date']}{' (dry run on CPU)' if result['dry_run'] else ''}", "",
-             f"GPU {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, driver {env.get('driver')}), torch "
-             f"{env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, NCCL {env.get('nccl')}), "
-             f"megatron-core {env.get('megatron-core')}, transformers {env.get('transformers')}, Transformer Engine "
-             f"{env.get('transformer-engine') if env.get('transformer_engine_imports') else 'not importable'}.", "",
-             "| step | passed | seconds | figures |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU check, {result['date']}{' (dry run on CPU)' if result['dry_run'] else ''}",
+        "",
+        f"GPU {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, driver {env.get('driver')}), torch "
+        f"{env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, NCCL {env.get('nccl')}), "
+        f"megatron-core {env.get('megatron-core')}, transformers {env.get('transformers')}, Transformer Engine "
+        f"{env.get('transformer-engine') if env.get('transformer_engine_imports') else 'not importable'}.",
+        "",
+        "| step | passed | seconds | figures |",
+        "|---|---|---|---|",
+    ]
     for name, s in result["steps"].items():
         lines.append(f"| {name} | {'yes' if s.get('ok') else 'NO'} | {s.get('seconds', '')} | {_figures(name, s)} |")
     gpu_step = result["steps"].get("gpu_step", {}).get("runs")
     if gpu_step:
-        lines += ["", "| recompute | layers | seq | step (ms) | tokens/s | model TFLOP/s | MFU | MFU (PaLM count) "
-                      "| peak GiB | planner GiB | planner error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| recompute | layers | seq | step (ms) | tokens/s | model TFLOP/s | MFU | MFU (PaLM count) "
+            "| peak GiB | planner GiB | planner error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in gpu_step.items():
             mfu = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-            lines.append(f"| {name} | {r['layers']} | {r['seq']} | {1e3 * r['step_s_median']:.1f} | "
-                         f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu(r['mfu'])} | "
-                         f"{mfu(r['mfu_palm_convention'])} | {r['peak_memory_gib']:.2f} | "
-                         f"{r['planner_estimate_gib']:.2f} | {100 * r['planner_error']:+.1f}% |")
+            lines.append(
+                f"| {name} | {r['layers']} | {r['seq']} | {1e3 * r['step_s_median']:.1f} | "
+                f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu(r['mfu'])} | "
+                f"{mfu(r['mfu_palm_convention'])} | {r['peak_memory_gib']:.2f} | "
+                f"{r['planner_estimate_gib']:.2f} | {100 * r['planner_error']:+.1f}% |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -404,14 +529,19 @@ def _figures(name: str, s: dict) -> str:
         return f"{s['transformer_impl']} spec; " + ("no flag overridden" if not flagged else f"overridden: {flagged}")
     if name == "engine":
         losses = ", ".join(f"{k}: {v:.4f}" for k, v in s["losses"].items())
-        return (f"{s['layers']} layers ({s['parameters'] / 1e9:.2f} B params), losses {losses}; resumed "
-                f"diffs {s['resume_diff']}; checkpoint {s['checkpoint_gb']} GB, dtypes {s['checkpoint_dtypes']}")
+        return (
+            f"{s['layers']} layers ({s['parameters'] / 1e9:.2f} B params), losses {losses}; resumed "
+            f"diffs {s['resume_diff']}; checkpoint {s['checkpoint_gb']} GB, dtypes {s['checkpoint_dtypes']}"
+        )
     if name == "convert":
-        return (f"{s['model']}: max abs logit diff {s['max_abs_logit_diff']:.3g} (tolerance {s['tolerance']:g}), "
-                f"top-1 agreement {s['top1_agreement']:.4f} over {s['tokens']} tokens, {s['dtype']} on {s['device']}")
+        return (
+            f"{s['model']}: max abs logit diff {s['max_abs_logit_diff']:.3g} (tolerance {s['tolerance']:g}), "
+            f"top-1 agreement {s['top1_agreement']:.4f} over {s['tokens']} tokens, {s['dtype']} on {s['device']}"
+        )
     if name == "gpu_step":
-        return "see the table below" + (f"; MFU target {s['mfu_target']:.0%} met: {s['mfu_target_met']}"
-                                        if s.get("mfu_target") else "")
+        return "see the table below" + (
+            f"; MFU target {s['mfu_target']:.0%} met: {s['mfu_target_met']}" if s.get("mfu_target") else ""
+        )
     return ""
 
 
@@ -419,15 +549,19 @@ def _figures(name: str, s: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See docs/gpu_speed.md.",
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " See docs/gpu_speed.md.",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="results folder (created; files there are replaced)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder for data and models [OUT/../gpu_check_work]")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)} [all]")
     p.add_argument("--budget", type=float, default=470, help="seconds for everything; a step past it fails [470]")
     p.add_argument("--engine-layers", type=int, default=2, help="layers of the engine step's 8B-wide model [2]")
-    p.add_argument("--dry-run", action="store_true",
-                   help="on a CPU: tiny model, gloo, CPU shapes; checks the script, not the GPU")
+    p.add_argument(
+        "--dry-run", action="store_true", help="on a CPU: tiny model, gloo, CPU shapes; checks the script, not the GPU"
+    )
     args = p.parse_args(argv)
     unknown = sorted(set(args.steps.split(",")) - set(STEPS))
     if unknown:
@@ -463,8 +597,11 @@ def main(argv=None) -> int:
         check.save()
         check.say(f"{name}: {'passed' if step['ok'] else 'FAILED'} in {step['seconds']} s; {_figures(name, step)}")
     passed = [n for n, s in check.result["steps"].items() if s["ok"]]
-    print(f"gpu_check: {len(passed)}/{len(check.result['steps'])} steps passed "
-          f"({', '.join(passed) or 'none'}); results in {args.out}/gpu_check.json and .md", flush=True)
+    print(
+        f"gpu_check: {len(passed)}/{len(check.result['steps'])} steps passed "
+        f"({', '.join(passed) or 'none'}); results in {args.out}/gpu_check.json and .md",
+        flush=True,
+    )
     return 0 if len(passed) == len(check.result["steps"]) else 1
 
 

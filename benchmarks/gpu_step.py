@@ -55,6 +55,7 @@ from ellama_megatron.formats.atomic import write_text_atomic
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by substring of the device name.
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
 
+
 @dataclasses.dataclass
 class StepShape:
     """What one benchmark step computes."""
@@ -101,11 +102,21 @@ def planned_memory_bytes(model_cfg, shape: StepShape, args) -> float:
 
     plan = RunPlan(
         model=dataclasses.replace(model_cfg, num_layers=shape.layers),
-        nodes=1, procs_per_node=1, tp=1, pp=1, cp=1, vp=None, sequence_parallel=False,
-        distributed_optimizer=True, recompute=None if args.recompute == "none" else args.recompute,
-        recompute_num_layers=1 if args.recompute == "full" else None, seq_length=shape.seq,
-        micro_batch_size=shape.micro_batch, global_batch_size=shape.micro_batch * shape.accum,
-        train_tokens=float(shape.tokens_per_step), precision=args.dtype,
+        nodes=1,
+        procs_per_node=1,
+        tp=1,
+        pp=1,
+        cp=1,
+        vp=None,
+        sequence_parallel=False,
+        distributed_optimizer=True,
+        recompute=None if args.recompute == "none" else args.recompute,
+        recompute_num_layers=1 if args.recompute == "full" else None,
+        seq_length=shape.seq,
+        micro_batch_size=shape.micro_batch,
+        global_batch_size=shape.micro_batch * shape.accum,
+        train_tokens=float(shape.tokens_per_step),
+        precision=args.dtype,
         flash_attention=args.attention != "unfused",
     )
     return estimate_memory(plan).total
@@ -114,9 +125,11 @@ def planned_memory_bytes(model_cfg, shape: StepShape, args) -> float:
 def layers_that_fit(model_cfg, shape: StepShape, args, memory_bytes: int) -> int:
     """Most layers (at most the model's own count) the planner fits in ``headroom`` of the memory."""
     layers = 1
-    while layers < model_cfg.num_layers and planned_memory_bytes(
-        model_cfg, dataclasses.replace(shape, layers=layers + 1), args
-    ) <= args.headroom * memory_bytes:
+    while (
+        layers < model_cfg.num_layers
+        and planned_memory_bytes(model_cfg, dataclasses.replace(shape, layers=layers + 1), args)
+        <= args.headroom * memory_bytes
+    ):
         layers += 1
     return layers
 
@@ -162,8 +175,9 @@ def init_single_process(device: torch.device, seed: int, attention: str) -> None
     )
 
 
-def build_model(model_cfg, shape: StepShape, args: argparse.Namespace, device: torch.device,
-                transformer_impl: str, attention: str):
+def build_model(
+    model_cfg, shape: StepShape, args: argparse.Namespace, device: torch.device, transformer_impl: str, attention: str
+):
     """The GPTModel training builds (llama/megatron.py: the same TransformerConfig translation),
     with this benchmark's layer count and settings."""
     from ellama_megatron.llama import megatron as llama_megatron
@@ -223,8 +237,14 @@ class MegatronAdam:
         )
         self.model = DistributedDataParallel(config, ddp_config, model)
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.1, bf16=args.dtype == "bf16",
-                            use_distributed_optimizer=True, clip_grad=1.0),
+            OptimizerConfig(
+                optimizer="adam",
+                lr=1e-5,
+                weight_decay=0.1,
+                bf16=args.dtype == "bf16",
+                use_distributed_optimizer=True,
+                clip_grad=1.0,
+            ),
             [self.model],
         )
 
@@ -289,36 +309,67 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="FLOP formula and memory accounting: see the top of this file and docs/gpu_speed.md.",
     )
-    p.add_argument("--model", default="llama31_8b", help="model preset in conf/model (widths, vocab, RoPE) [llama31_8b]")
-    p.add_argument("--layers", default="auto", help="transformer layers, or 'auto': as many as the memory estimate fits [auto]")
+    p.add_argument(
+        "--model", default="llama31_8b", help="model preset in conf/model (widths, vocab, RoPE) [llama31_8b]"
+    )
+    p.add_argument(
+        "--layers", default="auto", help="transformer layers, or 'auto': as many as the memory estimate fits [auto]"
+    )
     p.add_argument("--seq", type=int, default=8192, help="sequence length [8192]")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward [1]")
     p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per optimizer step [1]")
     p.add_argument("--steps", type=int, default=10, help="timed steps [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compile) [3]")
-    p.add_argument("--transformer", default="auto", choices=["auto", "te", "local"],
-                   help="layer implementation, as the config's impl.transformer: TE when it imports (auto) [auto]")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "unfused"],
-                   help="local spec's core attention, as impl.attention: auto = sdpa [auto]")
-    p.add_argument("--optimizer", default="megatron", choices=["megatron", "torch"],
-                   help="megatron: the engine's DDP + distributed optimizer (fp32 main params); "
-                        "torch: AdamW on the bf16 params (less memory, no fp32 copy) [megatron]")
-    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
-                   help="activation recomputation [none]")
-    p.add_argument("--fusions", default=None, choices=["on", "off"],
-                   help="Megatron's torch.compile SwiGLU / cross-entropy fusions [on for CUDA, off on CPU]")
+    p.add_argument(
+        "--transformer",
+        default="auto",
+        choices=["auto", "te", "local"],
+        help="layer implementation, as the config's impl.transformer: TE when it imports (auto) [auto]",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "sdpa", "unfused"],
+        help="local spec's core attention, as impl.attention: auto = sdpa [auto]",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="megatron",
+        choices=["megatron", "torch"],
+        help="megatron: the engine's DDP + distributed optimizer (fp32 main params); "
+        "torch: AdamW on the bf16 params (less memory, no fp32 copy) [megatron]",
+    )
+    p.add_argument(
+        "--recompute", default="none", choices=["none", "selective", "full"], help="activation recomputation [none]"
+    )
+    p.add_argument(
+        "--fusions",
+        default=None,
+        choices=["on", "off"],
+        help="Megatron's torch.compile SwiGLU / cross-entropy fusions [on for CUDA, off on CPU]",
+    )
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="[bf16 on CUDA, fp32 on CPU]")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="[cuda if available]")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak for MFU [from the GPU name: H100/H200 989]")
-    p.add_argument("--headroom", type=float, default=1.0,
-                   help="fraction of GPU memory 'auto' lets the planner's estimate (allowances included) use [1.0]")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="write a PyTorch profiler trace (Chrome JSON) and a kernel table to this folder")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU [from the GPU name: H100/H200 989]"
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=1.0,
+        help="fraction of GPU memory 'auto' lets the planner's estimate (allowances included) use [1.0]",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write a PyTorch profiler trace (Chrome JSON) and a kernel table to this folder",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
     p.add_argument("--seed", type=int, default=0, help="random tokens and weights [0]")
-    p.add_argument("--tiny", action="store_true",
-                   help="smoke shape: tiny model, 2 layers, seq 64, 2+1 steps (CPU, seconds)")
+    p.add_argument(
+        "--tiny", action="store_true", help="smoke shape: tiny model, 2 layers, seq 64, 2+1 steps (CPU, seconds)"
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.model, args.seq, args.steps, args.warmup = "tiny", 64, 2, 1
@@ -352,19 +403,32 @@ def shape_from_args(args):
     if args.seq > cfg.max_position_embeddings:
         raise SystemExit(f"gpu_step: --seq {args.seq} exceeds {cfg.name}'s max_position_embeddings")
     return cfg, StepShape(
-        preset=cfg.name, layers=0 if args.layers == "auto" else int(args.layers),
-        hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size, heads=cfg.num_attention_heads,
-        groups=cfg.num_query_groups, head_dim=cfg.kv_channels, vocab=cfg.vocab_size, seq=args.seq,
-        micro_batch=args.micro_batch, accum=args.accum, rotary_base=cfg.rotary_base,
-        rope_scaling_factor=cfg.rope_scaling_factor, norm_epsilon=cfg.norm_epsilon,
+        preset=cfg.name,
+        layers=0 if args.layers == "auto" else int(args.layers),
+        hidden=cfg.hidden_size,
+        ffn=cfg.ffn_hidden_size,
+        heads=cfg.num_attention_heads,
+        groups=cfg.num_query_groups,
+        head_dim=cfg.kv_channels,
+        vocab=cfg.vocab_size,
+        seq=args.seq,
+        micro_batch=args.micro_batch,
+        accum=args.accum,
+        rotary_base=cfg.rotary_base,
+        rope_scaling_factor=cfg.rope_scaling_factor,
+        norm_epsilon=cfg.norm_epsilon,
     )
 
 
 def software_versions() -> dict[str, str]:
     import megatron.core
 
-    versions = {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
-                "cuda": str(torch.version.cuda), "python": sys.version.split()[0]}
+    versions = {
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": sys.version.split()[0],
+    }
     with contextlib.suppress(Exception):
         versions["cudnn"] = str(torch.backends.cudnn.version())
     with contextlib.suppress(Exception):
@@ -381,8 +445,12 @@ def profiled(args):
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     # Skip the warm-up steps, record the next two.
-    return profile(activities=activities, schedule=schedule(wait=max(args.warmup - 1, 0), warmup=1, active=2),
-                   record_shapes=True, with_stack=False)
+    return profile(
+        activities=activities,
+        schedule=schedule(wait=max(args.warmup - 1, 0), warmup=1, active=2),
+        record_shapes=True,
+        with_stack=False,
+    )
 
 
 def measure(model_cfg, shape, args, device, transformer_impl, attention):
@@ -394,6 +462,7 @@ def measure(model_cfg, shape, args, device, transformer_impl, attention):
     bar = tqdm(total=args.warmup + args.steps, desc="steps", unit="step")
     try:
         with profiled(args) as prof:
+
             def on_step(_step):
                 bar.update()
                 if prof is not None:
@@ -413,8 +482,11 @@ def measure(model_cfg, shape, args, device, transformer_impl, attention):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     validate(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.fusions = args.fusions or ("on" if device.type == "cuda" else "off")
     from ellama_megatron.llama.megatron import resolve_impl
@@ -434,9 +506,12 @@ def main(argv=None) -> dict:
 
     init_single_process(device, args.seed, attention)
     torch.manual_seed(args.seed)
-    print(f"gpu_step: {shape.preset} shape, {shape.layers} layers, seq {shape.seq}, micro-batch "
-          f"{shape.micro_batch} x {shape.accum}, {args.dtype}, attention {attention}, recompute "
-          f"{args.recompute}, fusions {args.fusions}, on {device_name}", flush=True)
+    print(
+        f"gpu_step: {shape.preset} shape, {shape.layers} layers, seq {shape.seq}, micro-batch "
+        f"{shape.micro_batch} x {shape.accum}, {args.dtype}, attention {attention}, recompute "
+        f"{args.recompute}, fusions {args.fusions}, on {device_name}",
+        flush=True,
+    )
     while True:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the attempt that runs
@@ -465,9 +540,16 @@ def main(argv=None) -> dict:
         "device": device_name,
         "software": software_versions(),
         "shape": dataclasses.asdict(shape),
-        "transformer_impl": transformer_impl, "attention": attention, "recompute": args.recompute, "optimizer": args.optimizer, "fusions": args.fusions, "dtype": args.dtype,
+        "transformer_impl": transformer_impl,
+        "attention": attention,
+        "recompute": args.recompute,
+        "optimizer": args.optimizer,
+        "fusions": args.fusions,
+        "dtype": args.dtype,
         "parameters": parameter_count(shape),
-        "step_s_median": step_s, "step_s_all": times, "tokens_per_s": tokens_s,
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "tokens_per_s": tokens_s,
         "model_tflops": model_tflops,
         "model_tflops_no_attention": tflops["dense"],
         "model_tflops_palm_convention": tflops["dense"] + tflops["attn_full"],
@@ -475,14 +557,18 @@ def main(argv=None) -> dict:
         "mfu": model_tflops / peak_tflops if peak_tflops else None,
         "mfu_no_attention": tflops["dense"] / peak_tflops if peak_tflops else None,
         "mfu_palm_convention": (tflops["dense"] + tflops["attn_full"]) / peak_tflops if peak_tflops else None,
-        "peak_memory_gib": peak_mem / 2**30, "peak_memory_kind": peak_kind,
+        "peak_memory_gib": peak_mem / 2**30,
+        "peak_memory_kind": peak_kind,
         "planner_estimate_gib": planned_memory_bytes(model_cfg, shape, args) / 2**30,
         "final_loss": loss,
     }
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
-    mfu = (f"{100 * result['mfu']:.1f}% MFU ({100 * result['mfu_palm_convention']:.1f}% by the PaLM count)"
-           if result["mfu"] is not None else "MFU n/a (no GPU peak)")
+    mfu = (
+        f"{100 * result['mfu']:.1f}% MFU ({100 * result['mfu_palm_convention']:.1f}% by the PaLM count)"
+        if result["mfu"] is not None
+        else "MFU n/a (no GPU peak)"
+    )
     print(
         f"gpu_step: {shape.layers} x {shape.preset} layers, step {step_s * 1e3:.1f} ms, "
         f"{tokens_s:,.0f} tokens/s, {model_tflops:.4g} model TFLOP/s ({tflops['dense']:.4g} without "

@@ -28,7 +28,8 @@ def _tokenizer_args(tokenizer_dir: str) -> argparse.Namespace:
     from megatron.training.arguments import _add_tokenizer_args
 
     args = _add_tokenizer_args(argparse.ArgumentParser()).parse_args(
-        ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir])
+        ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
+    )
     args.rank, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size, args.vocab_extra_ids = 1, 128, 1, 0
     return args
 
@@ -48,8 +49,9 @@ def _encode(line: str):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--input", required=True, help="JSON Lines with a 'text' field")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx")
@@ -63,8 +65,10 @@ def main() -> None:
     vocab = build_tokenizer(_tokenizer_args(args.tokenizer)).vocab_size
     builder = IndexedDatasetBuilder(f"{args.output_prefix}.bin", dtype=DType.optimal_dtype(vocab))
     docs = tokens = 0
-    with open(args.input, encoding="utf-8") as fin, \
-            multiprocessing.Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool:
+    with (
+        open(args.input, encoding="utf-8") as fin,
+        multiprocessing.Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool,
+    ):
         for ids, _ in pool.imap(_encode, fin, 32):
             if ids:
                 builder.add_document(ids, [len(ids)])
@@ -72,8 +76,17 @@ def main() -> None:
                 tokens += len(ids)
     builder.finalize(f"{args.output_prefix}.idx")
     wall = time.time() - start
-    print(json.dumps({"workers": args.workers, "documents": docs, "tokens": tokens, "wall_s": round(wall, 1),
-                      "tokens_per_s": round(tokens / wall)}))
+    print(
+        json.dumps(
+            {
+                "workers": args.workers,
+                "documents": docs,
+                "tokens": tokens,
+                "wall_s": round(wall, 1),
+                "tokens_per_s": round(tokens / wall),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

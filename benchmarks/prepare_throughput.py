@@ -38,20 +38,44 @@ def llama3_tokenizer() -> Path:
 def _run(cmd: list[str], core: int) -> float:
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}
     start = time.time()
-    subprocess.run(["taskset", "-c", str(core), *cmd], check=True, cwd=REPO, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        ["taskset", "-c", str(core), *cmd],
+        check=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     return time.time() - start
 
 
 def _tool(tool: str, corpus: Path, tok: Path, prefix: Path, core: int, *extra: str) -> dict:
-    cmd = [sys.executable, str(REPO / "tools" / tool), "--input", str(corpus), "--tokenizer", str(tok),
-           "--output-prefix", str(prefix), "--quiet", "--overwrite", *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / tool),
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        "--output-prefix",
+        str(prefix),
+        "--quiet",
+        "--overwrite",
+        *extra,
+    ]
     wall = _run(cmd, core)
     m = json.loads(Path(f"{prefix}.manifest.json").read_text())
     tokens = sum(s["tokens"] for s in m["splits"].values())
-    out = {"tool": tool, "args": " ".join(extra), "wall_s": round(wall, 1), "tool_s": m["seconds"], "tokens": tokens,
-           "tokens_per_s_per_core": round(tokens / wall), "in_tool_tokens_per_s": round(tokens / m["seconds"]),
-           "input_mb_per_s": round(corpus.stat().st_size / 1e6 / wall, 2)}
+    out = {
+        "tool": tool,
+        "args": " ".join(extra),
+        "wall_s": round(wall, 1),
+        "tool_s": m["seconds"],
+        "tokens": tokens,
+        "tokens_per_s_per_core": round(tokens / wall),
+        "in_tool_tokens_per_s": round(tokens / m["seconds"]),
+        "input_mb_per_s": round(corpus.stat().st_size / 1e6 / wall, 2),
+    }
     if m.get("domain_filter"):
         df = m["domain_filter"]
         out["domain_filter"] = {k: df[k] for k in ("docs", "kept", "scoring_seconds", "scoring_mb_per_s")}
@@ -74,9 +98,13 @@ def datatrove_tokenizer_run(corpus: str, tok: str, out: str) -> None:
     opts = PreprocessOptions([corpus], out, tok, RecordSerializer(load_template("plain")), progress=False)
     plan = plan_preprocess(opts, check_outputs=False)
     ledger = TaskLedger()
-    pipeline = [ReadRecords([plan.units], ledger, False), SerializeRecords(plan.job, ledger),
-                MegatronDocumentTokenizer(out, tokenizer_name_or_path=str(Path(tok) / "tokenizer.json"),
-                                          eos_token="<|end_of_text|>", batch_size=1000)]
+    pipeline = [
+        ReadRecords([plan.units], ledger, False),
+        SerializeRecords(plan.job, ledger),
+        MegatronDocumentTokenizer(
+            out, tokenizer_name_or_path=str(Path(tok) / "tokenizer.json"), eos_token="<|end_of_text|>", batch_size=1000
+        ),
+    ]
     LocalPipelineExecutor(pipeline, tasks=1, logging_dir=f"{out}/logs", skip_completed=False).run()
 
 
@@ -97,30 +125,69 @@ def main() -> None:
         write_corpus(corpus, args.mb << 20)
     if not (clf / "classifier.json").exists():
         train_demo_classifier(clf)
-    print(f"corpus {corpus.stat().st_size / 2**20:.0f} MB, tokenizer {tok}, pinned to core {args.core}, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"corpus {corpus.stat().st_size / 2**20:.0f} MB, tokenizer {tok}, pinned to core {args.core}, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     results = [
         _tool("preprocess_data.py", corpus, tok, work / "preprocess", args.core),
         _tool("prepare_data.py", corpus, tok, work / "prepare1", args.core, "--executor", "local", "--tasks", "1"),
         _tool("prepare_data.py", corpus, tok, work / "prepare4", args.core, "--executor", "local", "--tasks", "4"),
         _tool("preprocess_data.py", corpus, tok, work / "preprocess_f", args.core, "--domain-filter", str(clf)),
-        _tool("prepare_data.py", corpus, tok, work / "prepare1_f", args.core, "--executor", "local", "--tasks", "1",
-              "--domain-filter", str(clf)),
+        _tool(
+            "prepare_data.py",
+            corpus,
+            tok,
+            work / "prepare1_f",
+            args.core,
+            "--executor",
+            "local",
+            "--tasks",
+            "1",
+            "--domain-filter",
+            str(clf),
+        ),
         # The filter's scan alone (threshold 1: nothing kept, nothing tokenized): read, parse, serialize, score.
-        _tool("prepare_data.py", corpus, tok, work / "prepare1_scan", args.core, "--executor", "local", "--tasks", "1",
-              "--domain-filter", str(clf), "--domain-threshold", "1.0", "--allow-empty"),
+        _tool(
+            "prepare_data.py",
+            corpus,
+            tok,
+            work / "prepare1_scan",
+            args.core,
+            "--executor",
+            "local",
+            "--tasks",
+            "1",
+            "--domain-filter",
+            str(clf),
+            "--domain-threshold",
+            "1.0",
+            "--allow-empty",
+        ),
     ]
     for r in results:
         print(json.dumps(r), flush=True)
-    same = all(filecmp.cmp(work / f"preprocess_train{e}", work / f"prepare1-00000-of-00001_train{e}", shallow=False)
-               for e in (".bin", ".idx"))
+    same = all(
+        filecmp.cmp(work / f"preprocess_train{e}", work / f"prepare1-00000-of-00001_train{e}", shallow=False)
+        for e in (".bin", ".idx")
+    )
     print(f"one task's .bin/.idx identical to preprocess_data.py's: {same}", flush=True)
     dt_out = work / "datatrove_tokenizer"
     wall = _run([sys.executable, __file__, "--datatrove-run", str(corpus), str(tok), str(dt_out)], args.core)
     stats = json.loads((dt_out / "logs" / "stats.json").read_text())
     tokens = next(s["stats"]["tokens"]["total"] for s in stats if "TOKENIZER" in s["name"])
-    print(json.dumps({"tool": "our reader + template, datatrove MegatronDocumentTokenizer", "wall_s": round(wall, 1),
-                      "tokens": tokens, "tokens_per_s_per_core": round(tokens / wall)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "tool": "our reader + template, datatrove MegatronDocumentTokenizer",
+                "wall_s": round(wall, 1),
+                "tokens": tokens,
+                "tokens_per_s_per_core": round(tokens / wall),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

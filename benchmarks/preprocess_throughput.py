@@ -90,10 +90,10 @@ def train_demo_classifier(out: Path) -> None:
     """A classifier trained on the demo corpora (listings + reviews vs general text)."""
     import tempfile
 
-    from ellama_megatron.data.documents import read_texts
     from ellama_megatron.classify.features import FeatureConfig
     from ellama_megatron.classify.model import save_classifier, train_classifier
     from ellama_megatron.data.demo_corpora import write_demo_corpora
+    from ellama_megatron.data.documents import read_texts
 
     with tempfile.TemporaryDirectory() as d:
         c = write_demo_corpora(d, docs=2000, seed=1)
@@ -104,8 +104,20 @@ def train_demo_classifier(out: Path) -> None:
 
 
 def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int, domain_filter: Path | None = None) -> dict:
-    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--tokenizer", str(tok),
-           "--output-prefix", str(prefix), "--workers", str(workers), "--quiet", "--overwrite"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "preprocess_data.py"),
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        "--output-prefix",
+        str(prefix),
+        "--workers",
+        str(workers),
+        "--quiet",
+        "--overwrite",
+    ]
     if domain_filter is not None:
         cmd += ["--domain-filter", str(domain_filter)]
     start = time.time()
@@ -113,9 +125,15 @@ def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int, domain_filter:
     wall = time.time() - start
     manifest = json.loads(Path(f"{prefix}.manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"]
-    result = {"workers": workers, "wall_s": round(wall, 1), "tool_s": manifest["seconds"], "tokens": tokens,
-              "documents": manifest["splits"]["train"]["documents"], "tokens_per_s": round(tokens / wall),
-              "input_mb_per_s": round(corpus.stat().st_size / 1e6 / wall, 2)}
+    result = {
+        "workers": workers,
+        "wall_s": round(wall, 1),
+        "tool_s": manifest["seconds"],
+        "tokens": tokens,
+        "documents": manifest["splits"]["train"]["documents"],
+        "tokens_per_s": round(tokens / wall),
+        "input_mb_per_s": round(corpus.stat().st_size / 1e6 / wall, 2),
+    }
     if domain_filter is not None:
         df = manifest["domain_filter"]
         result["domain_filter"] = {k: df[k] for k in ("docs", "kept", "scoring_seconds", "scoring_mb_per_s")}
@@ -124,7 +142,9 @@ def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int, domain_filter:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="/tmp/ellama_bench", help="corpus, tokenizer and outputs (reused when present)")
+    p.add_argument(
+        "--work-dir", default="/tmp/ellama_bench", help="corpus, tokenizer and outputs (reused when present)"
+    )
     p.add_argument("--mb", type=int, default=220, help="corpus size in MB (at least 200 for the issue's figure)")
     p.add_argument("--tokenizer-mb", type=int, default=40, help="MB of the corpus the 128k BPE is trained on")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
@@ -139,7 +159,9 @@ def main() -> None:
     if not corpus.exists():
         t = time.time()
         docs = write_corpus(corpus, args.mb << 20)
-        print(f"corpus: {docs:,} documents, {corpus.stat().st_size / 2**20:.0f} MB in {time.time() - t:.0f} s", flush=True)
+        print(
+            f"corpus: {docs:,} documents, {corpus.stat().st_size / 2**20:.0f} MB in {time.time() - t:.0f} s", flush=True
+        )
     if not (tok / "tokenizer.json").exists():
         t = time.time()
         train_tokenizer(corpus, tok, args.tokenizer_mb)
@@ -147,32 +169,60 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size()
-    print(f"corpus {corpus.stat().st_size / 2**20:.0f} MB, vocabulary {vocab:,}, cores {len(os.sched_getaffinity(0))}, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"corpus {corpus.stat().st_size / 2**20:.0f} MB, vocabulary {vocab:,}, cores {len(os.sched_getaffinity(0))}, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     results = []
     for w in args.workers:
-        best = max((run_tool(corpus, tok, work / f"out_w{w}", w) for _ in range(args.repeats)), key=lambda r: r["tokens_per_s"])
+        best = max(
+            (run_tool(corpus, tok, work / f"out_w{w}", w) for _ in range(args.repeats)), key=lambda r: r["tokens_per_s"]
+        )
         results.append(best)
         print(json.dumps(best), flush=True)
     first = work / f"out_w{args.workers[0]}_train"
-    same = all(filecmp.cmp(f"{first}{e}", f"{work / f'out_w{w}_train'}{e}", shallow=False) for w in args.workers for e in (".bin", ".idx"))
+    same = all(
+        filecmp.cmp(f"{first}{e}", f"{work / f'out_w{w}_train'}{e}", shallow=False)
+        for w in args.workers
+        for e in (".bin", ".idx")
+    )
     print(f"outputs identical across worker counts: {same}")
     if args.baseline:
         for w in args.workers:
             prefix = work / f"megatron_lm_w{w}"
-            out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "megatron_lm_preprocess_baseline.py"),
-                                  "--input", str(corpus), "--tokenizer", str(tok), "--output-prefix", str(prefix),
-                                  "--workers", str(w)], check=True, cwd=REPO, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "benchmarks" / "megatron_lm_preprocess_baseline.py"),
+                    "--input",
+                    str(corpus),
+                    "--tokenizer",
+                    str(tok),
+                    "--output-prefix",
+                    str(prefix),
+                    "--workers",
+                    str(w),
+                ],
+                check=True,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["same_bytes_as_ours"] = all(filecmp.cmp(f"{first}{e}", f"{prefix}{e}", shallow=False) for e in (".bin", ".idx"))
+            result["same_bytes_as_ours"] = all(
+                filecmp.cmp(f"{first}{e}", f"{prefix}{e}", shallow=False) for e in (".bin", ".idx")
+            )
             print(json.dumps({"megatron_lm": True, **result}), flush=True)
     if args.with_domain_filter:
         clf = work / "domain_classifier"
         if not (clf / "classifier.json").exists():
             train_demo_classifier(clf)
         for w in args.workers:
-            best = max((run_tool(corpus, tok, work / f"filtered_w{w}", w, clf) for _ in range(args.repeats)),
-                       key=lambda r: r["tokens_per_s"])
+            best = max(
+                (run_tool(corpus, tok, work / f"filtered_w{w}", w, clf) for _ in range(args.repeats)),
+                key=lambda r: r["tokens_per_s"],
+            )
             print(json.dumps({"domain_filter": True, **best}), flush=True)
 
 

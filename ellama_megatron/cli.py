@@ -13,15 +13,19 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 USER_ERROR = 2
 DEBUG_FLAG = "--debug"
 
 # Failures of the machine the user can fix (space, permissions), reported as one line.
-_USER_OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
-                   errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
-                   errno.EPERM: "operation not permitted"}
+_USER_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "read-only file system",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
 class UserError(Exception):
@@ -46,8 +50,9 @@ def is_user_error(e: BaseException) -> bool:
     if isinstance(e, (UserError, ValueError, KeyError)):
         return True
     if isinstance(e, OSError):
-        return e.errno in _USER_OS_ERRORS or isinstance(e, (FileNotFoundError, NotADirectoryError,
-                                                            IsADirectoryError, FileExistsError))
+        return e.errno in _USER_OS_ERRORS or isinstance(
+            e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+        )
     return False
 
 

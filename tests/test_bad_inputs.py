@@ -8,19 +8,16 @@ the marker never appears. Disk-full and read-only rows mount a small tmpfs (root
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import data_overrides, write_domain_datasets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,8 +35,14 @@ class WritesMarker:
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [PY, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_refused(r: subprocess.CompletedProcess, *names: str, code: int = 2) -> None:
@@ -92,16 +95,34 @@ def test_old_joblib_classifier_is_refused_without_unpickling(tiny, tmp_path):
     model.mkdir()
     (model / "classifier.json").write_text(json.dumps(_classifier_meta("ellama-domain-classifier/1")))
     (model / "model.joblib").write_bytes(pickle.dumps(WritesMarker(marker)))
-    r = run("tools/domain_classifier.py", "filter", "--model", model, "--input", tiny["corpus"],
-            "--out", tmp_path / "kept.jsonl")
+    r = run(
+        "tools/domain_classifier.py",
+        "filter",
+        "--model",
+        model,
+        "--input",
+        tiny["corpus"],
+        "--out",
+        tmp_path / "kept.jsonl",
+    )
     assert_refused(r, model / "model.joblib", "retrain")
     assert not marker.exists()
     assert not (tmp_path / "kept.jsonl").exists()
     # The same folder as preprocessing's --domain-filter.
     out = tmp_path / "out"
     out.mkdir()
-    r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", out / "ds",
-            "--tokenizer", tiny["tok"], "--domain-filter", model, "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        tiny["corpus"],
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--domain-filter",
+        model,
+        "--quiet",
+    )
     assert_refused(r, "model.joblib")
     assert not marker.exists()
     assert os.listdir(out) == []
@@ -117,8 +138,16 @@ def test_classifier_weights_with_a_pickled_object_array_are_refused(tiny, tmp_pa
     evil = np.empty(1, dtype=object)
     evil[0] = WritesMarker(marker)
     np.savez(model / "weights.npz", weights=evil, bias=np.zeros(1))
-    r = run("tools/domain_classifier.py", "filter", "--model", model, "--input", tiny["corpus"],
-            "--out", tmp_path / "kept.jsonl")
+    r = run(
+        "tools/domain_classifier.py",
+        "filter",
+        "--model",
+        model,
+        "--input",
+        tiny["corpus"],
+        "--out",
+        tmp_path / "kept.jsonl",
+    )
     assert_refused(r, model / "weights.npz")
     assert not marker.exists()
 
@@ -161,8 +190,16 @@ def test_classifier_json_missing_field_is_named(tiny, tmp_path, field):
         del meta["features"][field]
     (model / "classifier.json").write_text(json.dumps(meta))
     np.savez(model / "weights.npz", weights=np.zeros(1 << 10, np.float32), bias=np.zeros(1))
-    r = run("tools/domain_classifier.py", "filter", "--model", model, "--input", tiny["corpus"],
-            "--out", tmp_path / "kept.jsonl")
+    r = run(
+        "tools/domain_classifier.py",
+        "filter",
+        "--model",
+        model,
+        "--input",
+        tiny["corpus"],
+        "--out",
+        tmp_path / "kept.jsonl",
+    )
     assert_refused(r, "classifier.json", field)
     assert not (tmp_path / "kept.jsonl").exists()
 
@@ -170,8 +207,9 @@ def test_classifier_json_missing_field_is_named(tiny, tmp_path, field):
 # ---------------------------------------------------------------- merge
 
 
-@pytest.mark.parametrize("alpha,needle", [("nan", "finite"), ("inf", "finite"), ("1.5", "--extrapolate"),
-                                          ("-0.5", "--extrapolate")])
+@pytest.mark.parametrize(
+    "alpha,needle", [("nan", "finite"), ("inf", "finite"), ("1.5", "--extrapolate"), ("-0.5", "--extrapolate")]
+)
 def test_merge_alpha(tiny, tmp_path, alpha, needle):
     out = tmp_path / "merged"
     r = run("tools/merge.py", "--base", tiny["hf"], "--adapted", tiny["hf"], f"--alpha={alpha}", "--out", out)
@@ -181,8 +219,9 @@ def test_merge_alpha(tiny, tmp_path, alpha, needle):
 
 def test_merge_extrapolate_allows_alpha_outside_0_1(tiny, tmp_path):
     out = tmp_path / "merged"
-    r = run("tools/merge.py", "--base", tiny["hf"], "--adapted", tiny["hf"], "--alpha=1.5", "--extrapolate",
-            "--out", out)
+    r = run(
+        "tools/merge.py", "--base", tiny["hf"], "--adapted", tiny["hf"], "--alpha=1.5", "--extrapolate", "--out", out
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "config.json").is_file()
 
@@ -195,12 +234,29 @@ def test_empty_input_is_refused_unless_allowed(tiny, tmp_path):
     empty.write_text("")
     out = tmp_path / "out"
     out.mkdir()
-    r = run("tools/preprocess_data.py", "--input", empty, "--output-prefix", out / "ds", "--tokenizer", tiny["tok"],
-            "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        empty,
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+    )
     assert_refused(r, str(empty), "--allow-empty")
     assert os.listdir(out) == []
-    r = run("tools/preprocess_data.py", "--input", empty, "--output-prefix", out / "ds", "--tokenizer", tiny["tok"],
-            "--quiet", "--allow-empty")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        empty,
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+        "--allow-empty",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "ds.manifest.json").read_text())["splits"]["train"]["documents"] == 0
 
@@ -217,8 +273,16 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(tiny, tmp_path):
     live = out / ".ds.tmp-live"
     live.mkdir()
     (live / "owner").write_text(f"{os.uname().nodename} {os.getpid()}\n")
-    r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", out / "ds",
-            "--tokenizer", tiny["tok"], "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        tiny["corpus"],
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert str(stale) in r.stderr
     assert not stale.exists() and live.exists()  # a live run's folder is left alone
@@ -228,8 +292,16 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(tiny, tmp_path):
 def test_existing_output_is_refused_without_overwrite(tiny, tmp_path):  # already handled: stays handled
     out = tmp_path / "out"
     out.mkdir()
-    args = ("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", out / "ds",
-            "--tokenizer", tiny["tok"], "--quiet")
+    args = (
+        "tools/preprocess_data.py",
+        "--input",
+        tiny["corpus"],
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+    )
     assert run(*args).returncode == 0
     before = set(os.listdir(out))
     assert_refused(run(*args), "--overwrite")
@@ -239,8 +311,16 @@ def test_existing_output_is_refused_without_overwrite(tiny, tmp_path):  # alread
 def test_missing_input_is_named(tiny, tmp_path):  # already handled
     out = tmp_path / "out"
     out.mkdir()
-    r = run("tools/preprocess_data.py", "--input", tmp_path / "nope.jsonl", "--output-prefix", out / "ds",
-            "--tokenizer", tiny["tok"], "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        tmp_path / "nope.jsonl",
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+    )
     assert_refused(r, "nope.jsonl")
     assert os.listdir(out) == []
 
@@ -253,11 +333,23 @@ def test_plan_blend_refuses_a_manifest_whose_dataset_is_missing(tiny, tmp_path):
     from ellama_megatron.data.manifest import MANIFEST_FORMAT
 
     manifest = tmp_path / "src.manifest.json"
-    manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "source": "src", "tokenizer": {"tokenizer_json_sha256": "x"},
-                                    "splits": {"train": {"prefix": "src_train", "documents": 1, "tokens": 1000,
-                                                         "text_bytes": 0, "languages": {}}}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "source": "src",
+                "tokenizer": {"tokenizer_json_sha256": "x"},
+                "splits": {
+                    "train": {"prefix": "src_train", "documents": 1, "tokens": 1000, "text_bytes": 0, "languages": {}}
+                },
+            }
+        )
+    )
     (tmp_path / "src_train.idx").touch()
-    cfg = {"valid_by": "group", "groups": {"g": {"share": 1.0, "sources": {"s": {"share": 1.0, "manifests": [str(manifest)]}}}}}
+    cfg = {
+        "valid_by": "group",
+        "groups": {"g": {"share": 1.0, "sources": {"s": {"share": 1.0, "manifests": [str(manifest)]}}}},
+    }
     with pytest.raises(PlanError, match=r"src\.manifest\.json: its dataset .*src_train\.bin is missing"):
         plan_blend(cfg, 1e4, 64)
 
@@ -265,16 +357,20 @@ def test_plan_blend_refuses_a_manifest_whose_dataset_is_missing(tiny, tmp_path):
 # ---------------------------------------------------------------- training config values
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.seq_length=0", "train.seq_length"),
-    ("checkpoint.save_interval=-1", "checkpoint.save_interval"),
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.min_lr=1", "optim.min_lr"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.seq_length=0", "train.seq_length"),
+        ("checkpoint.save_interval=-1", "checkpoint.save_interval"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.min_lr=1", "optim.min_lr"),
+    ],
+)
 def test_training_values_refused_in_validation(tiny, tmp_path, override, key):
     run_dir = tmp_path / "run"
-    r = run("recipes/cpt.py", f"run_dir={run_dir}", *data_overrides(tiny["data"]), override,
-            env={"ELLAMA_DRY_RUN": "1"})
+    r = run(
+        "recipes/cpt.py", f"run_dir={run_dir}", *data_overrides(tiny["data"]), override, env={"ELLAMA_DRY_RUN": "1"}
+    )
     assert r.returncode == 2, (r.returncode, (r.stdout + r.stderr)[-3000:])
     assert "Traceback" not in r.stdout + r.stderr and "ZeroDivisionError" not in r.stderr
     assert key in r.stderr
@@ -288,8 +384,15 @@ def test_evaluate_checks_data_before_the_model(tiny, tmp_path):
     bad = tmp_path / "heldout.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     # The model does not exist: an error about the data proves the data came first.
-    r = run("tools/evaluate.py", "--model", tmp_path / "no_model", "--data", f"general={bad}",
-            "--out", tmp_path / "ppl.json")
+    r = run(
+        "tools/evaluate.py",
+        "--model",
+        tmp_path / "no_model",
+        "--data",
+        f"general={bad}",
+        "--out",
+        tmp_path / "ppl.json",
+    )
     assert_refused(r, f"{bad}:2", "--text-key")
     assert not (tmp_path / "ppl.json").exists()
 
@@ -376,16 +479,32 @@ def test_import_onto_a_read_only_mount(tiny, small_mount):
 
 def test_preprocess_onto_a_full_disk(tiny, small_mount):
     _fill(small_mount)
-    r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", small_mount / "ds",
-            "--tokenizer", tiny["tok"], "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        tiny["corpus"],
+        "--output-prefix",
+        small_mount / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+    )
     assert_refused(r, "no space left")
     assert os.listdir(small_mount) == ["filler"]
 
 
 def test_preprocess_onto_a_read_only_mount(tiny, small_mount):
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
-    r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", small_mount / "ds",
-            "--tokenizer", tiny["tok"], "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        tiny["corpus"],
+        "--output-prefix",
+        small_mount / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--quiet",
+    )
     assert_refused(r, "read-only")
     assert os.listdir(small_mount) == []
 
@@ -393,12 +512,38 @@ def test_preprocess_onto_a_read_only_mount(tiny, small_mount):
 # ---------------------------------------------------------------- the convention itself
 
 
-@pytest.mark.parametrize("args,name", [
-    (("tools/extend_vocab.py", "--hf-dir", "/nonexistent/hf", "--corpus", "x.jsonl", "--num-tokens", "10",
-      "--out", "/tmp/never"), "/nonexistent/hf"),
-    (("tools/domain_classifier.py", "train", "--positive", "/nonexistent/p.jsonl", "--negative", "n.jsonl",
-      "--out", "/tmp/never"), "--positive"),
-])
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        (
+            (
+                "tools/extend_vocab.py",
+                "--hf-dir",
+                "/nonexistent/hf",
+                "--corpus",
+                "x.jsonl",
+                "--num-tokens",
+                "10",
+                "--out",
+                "/tmp/never",
+            ),
+            "/nonexistent/hf",
+        ),
+        (
+            (
+                "tools/domain_classifier.py",
+                "train",
+                "--positive",
+                "/nonexistent/p.jsonl",
+                "--negative",
+                "n.jsonl",
+                "--out",
+                "/tmp/never",
+            ),
+            "--positive",
+        ),
+    ],
+)
 def test_sys_exit_messages_follow_the_convention(args, name):
     """Messages a tool gives through sys.exit("...") come out as `error: ...` with exit 2."""
     assert_refused(run(*args), name)
@@ -433,14 +578,25 @@ def test_run_tool_convention(capsys):
 @pytest.fixture(scope="module")
 def preprocessed(tiny):
     out = tiny["root"] / "pre"
-    r = run("tools/preprocess_data.py", "--input", tiny["corpus"], "--output-prefix", out / "ds",
-            "--tokenizer", tiny["tok"], "--valid-fraction", "0.2", "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        tiny["corpus"],
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--valid-fraction",
+        "0.2",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return out / "ds"
 
 
-@pytest.mark.parametrize("field,value,key", [("vocab_size", 1 << 20, "model.vocab_size"),
-                                             ("eod", 3, "model.eos_token_id")])
+@pytest.mark.parametrize(
+    "field,value,key", [("vocab_size", 1 << 20, "model.vocab_size"), ("eod", 3, "model.eos_token_id")]
+)
 def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, value, key):
     """Refused before launch from the manifest, naming it and the model's key (the ranks would
     otherwise fail at iteration 1 with an IndexError)."""
@@ -454,15 +610,25 @@ def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, v
         manifest["documents"]["eod"]["token_id"] = value
     manifest_file.write_text(json.dumps(manifest))
     run_dir = tmp_path / "run"
-    r = run("recipes/cpt.py", f"run_dir={run_dir}", f"data.train=[{{prefix:{folder}/ds_train,weight:1}}]",
-            f"data.valid={{general:[{folder}/ds_valid]}}", env={"ELLAMA_DRY_RUN": "1"})
+    r = run(
+        "recipes/cpt.py",
+        f"run_dir={run_dir}",
+        f"data.train=[{{prefix:{folder}/ds_train,weight:1}}]",
+        f"data.valid={{general:[{folder}/ds_valid]}}",
+        env={"ELLAMA_DRY_RUN": "1"},
+    )
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     assert "Traceback" not in r.stdout + r.stderr
     assert str(manifest_file) in r.stderr and key in r.stderr
     assert not (run_dir / "config.yaml").exists()
     # The untouched dataset passes the same check.
-    ok = run("recipes/cpt.py", f"run_dir={tmp_path / 'ok'}", f"data.train=[{{prefix:{preprocessed}_train,weight:1}}]",
-             f"data.valid={{general:[{preprocessed}_valid]}}", env={"ELLAMA_DRY_RUN": "1"})
+    ok = run(
+        "recipes/cpt.py",
+        f"run_dir={tmp_path / 'ok'}",
+        f"data.train=[{{prefix:{preprocessed}_train,weight:1}}]",
+        f"data.valid={{general:[{preprocessed}_valid]}}",
+        env={"ELLAMA_DRY_RUN": "1"},
+    )
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
 
 
@@ -473,8 +639,18 @@ def test_overlong_document_is_skipped_and_reported(tiny, tmp_path):
     lines.insert(2, json.dumps({"text": "word " * 1000}))
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    r = run("tools/preprocess_data.py", "--input", corpus, "--output-prefix", out / "ds", "--tokenizer", tiny["tok"],
-            "--max-doc-chars", "1000", "--quiet")
+    r = run(
+        "tools/preprocess_data.py",
+        "--input",
+        corpus,
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tiny["tok"],
+        "--max-doc-chars",
+        "1000",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "document over --max-doc-chars" in r.stderr and "line 3" in r.stderr.replace(":", " ")
     manifest = json.loads((out / "ds.manifest.json").read_text())

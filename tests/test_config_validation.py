@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, data_overrides
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, data_overrides
 from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch.prepare import prepare
@@ -89,25 +89,46 @@ def test_unknown_choices(base):
 
 
 def test_unknown_preset_name_is_refused_by_the_recipe_in_seconds(domain_data, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "cpt.py"), "model=llama31_9b",
-                           f"run_dir={tmp_path}/run", *data_overrides(domain_data)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "cpt.py"),
+            "model=llama31_9b",
+            f"run_dir={tmp_path}/run",
+            *data_overrides(domain_data),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "llama31_9b" in proc.stderr and "llama31_8b" in proc.stderr  # Hydra lists the presets
 
 
 def test_invalid_config_exits_2_with_the_message(domain_data, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "cpt.py"), "train.global_batch_size=6",
-                           f"run_dir={tmp_path}/run", *data_overrides(domain_data)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "cpt.py"),
+            "train.global_batch_size=6",
+            f"run_dir={tmp_path}/run",
+            *data_overrides(domain_data),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "train.global_batch_size=6" in proc.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_paper_presets():
-    cfg = composed("model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper",
-                   "cluster=slurm_h100")
+    cfg = composed(
+        "model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"
+    )
     plan = RunPlan.from_cfg(cfg)
     assert plan.train_iterations == 84772  # ceil(1e12 / (1440 x 8192))
     model = plan.model

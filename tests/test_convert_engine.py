@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cpt
+from test_convert_roundtrip import make_hf
+
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
-from test_convert_roundtrip import make_hf
 
 pytestmark = pytest.mark.slow
 
@@ -54,16 +54,25 @@ def base(tmp_path_factory):
 
 # pp2 stops after iteration 1 (train.exit_interval): the engine's end-of-run full validation at
 # PP=2 fails on this data (micro-batch shapes [256] vs [128] in the loss; reported to the engine).
-RUNS = {"tp2": ["train.train_tokens=2048", "train.eval_interval=2"],
-        "pp2": ["train.train_tokens=2048", "train.exit_interval=1"]}
+RUNS = {
+    "tp2": ["train.train_tokens=2048", "train.eval_interval=2"],
+    "pp2": ["train.train_tokens=2048", "train.exit_interval=1"],
+}
 
 
 @pytest.mark.parametrize("parallel", sorted(RUNS))
 def test_cpt_starts_from_the_base_models_loss_and_exports(base, tmp_path, parallel):
     root, data, hf_loss = base
     run_dir = tmp_path / "run"
-    proc, log = run_cpt(run_dir, data, f"parallel={parallel}", f"checkpoint.init_from={root / 'ckpt'}",
-                        "checkpoint.save_interval=2", "optim.lr=1e-3", *RUNS[parallel])
+    proc, log = run_cpt(
+        run_dir,
+        data,
+        f"parallel={parallel}",
+        f"checkpoint.init_from={root / 'ckpt'}",
+        "checkpoint.save_interval=2",
+        "optim.lr=1e-3",
+        *RUNS[parallel],
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert log.last_iteration >= 1
     # Megatron logs 6 significant digits; fp32 TP/PP reductions differ from transformers' in the last bits.

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_convert_roundtrip import REPO, make_hf
 
-from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.hf_checkpoint import ConversionError
 from ellama_megatron.convert.importer import import_hf
-from test_convert_roundtrip import REPO, make_hf
+from ellama_megatron.llama import weights as W
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,27 @@ def test_corrupt_header(hf, tmp_path):
     assert_refused(hf, tmp_path / "out", "corrupt")
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"model_type": "mistral"}, "model_type='mistral'"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0}}, "rope_type"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 2.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, "low_freq_factor"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0}}, "rope_type"),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "low_freq_factor",
+        ),
+    ],
+)
 def test_other_architecture(hf, tmp_path, changes, match):
     edit_config(hf, **changes)
     assert_refused(hf, tmp_path / "out", match)
@@ -79,8 +93,17 @@ def test_other_architecture(hf, tmp_path, changes, match):
 
 def test_tokenizer_vocab_disagreeing_with_embedding(hf, tmp_path):
     tok = json.loads((hf / "tokenizer.json").read_text())
-    tok["added_tokens"].append({"id": 700, "content": "<|extra|>", "single_word": False, "lstrip": False,
-                                "rstrip": False, "normalized": False, "special": True})
+    tok["added_tokens"].append(
+        {
+            "id": 700,
+            "content": "<|extra|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     (hf / "tokenizer.json").write_text(json.dumps(tok))
     assert_refused(hf, tmp_path / "out", "tokenizer has 701 ids but the embedding has 512 rows")
 
@@ -91,8 +114,9 @@ def test_config_disagreeing_with_weights(hf, tmp_path):
 
 
 def test_tp_not_dividing_query_groups(hf, tmp_path):
-    assert_refused(hf, tmp_path / "out", r"num_key_value_heads \(query groups\)=2 is not divisible by --target-tp 4",
-                   target_tp=4)
+    assert_refused(
+        hf, tmp_path / "out", r"num_key_value_heads \(query groups\)=2 is not divisible by --target-tp 4", target_tp=4
+    )
 
 
 def test_existing_output_needs_overwrite(hf, tmp_path):
@@ -125,8 +149,13 @@ def test_failure_mid_write_leaves_nothing(hf, tmp_path, monkeypatch):
 
 def test_cli_reports_error_and_exit_code(hf, tmp_path):
     edit_config(hf, model_type="gemma")
-    proc = subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(hf), "--out",
-                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(hf), "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "config.json: model_type='gemma'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

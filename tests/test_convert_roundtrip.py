@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ellama_megatron.llama import weights as W
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
-from ellama_megatron.formats.safetensors import read_header, read_tensor
 from ellama_megatron.formats.megatron_checkpoint import find_checkpoint
+from ellama_megatron.formats.safetensors import read_header, read_tensor
 from ellama_megatron.formats.torch_dist import CheckpointReader
+from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.run.plan import padded_vocab_size
 
@@ -76,12 +76,13 @@ def test_verify_in_bfloat16(imported):
 
 def test_checkpoint_has_exactly_megatrons_keys(imported):
     """The keys, global shapes and objects of GPTModel.sharded_state_dict() at TP=1 PP=1."""
-    from ellama_megatron.formats.megatron_checkpoint import read_record
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
     from ellama_megatron.convert.verify import init_single_process_group
+    from ellama_megatron.formats.megatron_checkpoint import read_record
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, build_gpt_model, layer_spec, transformer_config
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
     _, ckpt, _ = imported
     cfg = LlamaConfig.from_dict(read_record(ckpt)["model"])
@@ -152,7 +153,7 @@ def test_fused_qkv_layout_is_per_query_group():
     qkv = next(m for m in W.mappings(cfg) if isinstance(m, W.QKVMapping))
     fused = qkv.to_megatron(cfg, 512, [q, k, v])
     # group 0: query heads 0-1, k head 0, v head 0; group 1: query heads 2-3, k head 1, v head 1
-    expected = torch.cat([q[: 2 * d], k[:d], v[:d], q[2 * d:], k[d:], v[d:]])
+    expected = torch.cat([q[: 2 * d], k[:d], v[:d], q[2 * d :], k[d:], v[d:]])
     assert torch.equal(fused, expected)
     assert all(torch.equal(a, b) for a, b in zip(qkv.to_hf(cfg, fused), (q, k, v)))
 
@@ -169,8 +170,13 @@ def test_vocab_padding_for_target_tp(tmp_path):
 
 
 def _peak_rss_of_import(hf: Path, out: Path) -> int:
-    proc = subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(hf), "--out", str(out),
-                           "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(hf), "--out", str(out), "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
@@ -179,8 +185,17 @@ def _peak_rss_of_import(hf: Path, out: Path) -> int:
 def test_import_memory_is_bounded_by_a_tensor_not_the_model(tmp_path):
     """Peak RSS above the same tool's on a tiny model stays well under the modest model's size."""
     tiny = make_hf(tmp_path / "tiny")
-    modest = make_hf(tmp_path / "modest", shard="60MB", num_layers=8, hidden_size=512, ffn_hidden_size=2048,
-                     num_attention_heads=8, num_query_groups=2, kv_channels=64, vocab_size=8192)
+    modest = make_hf(
+        tmp_path / "modest",
+        shard="60MB",
+        num_layers=8,
+        hidden_size=512,
+        ffn_hidden_size=2048,
+        num_attention_heads=8,
+        num_query_groups=2,
+        kv_channels=64,
+        vocab_size=8192,
+    )
     model_bytes = sum(f.stat().st_size for f in modest.glob("*.safetensors"))
     largest_group = 2 * 8192 * 512 * 4  # the embedding and its padded copy
     baseline = _peak_rss_of_import(tiny, tmp_path / "tiny_ckpt")

@@ -53,10 +53,12 @@ def test_full_recompute_can_save_the_rng_state():
     import subprocess
     import sys
 
-    code = ("from ellama_megatron.runtime.cpu import apply_cpu_runtime\n"
-            "assert apply_cpu_runtime()\n"
-            "from megatron.core.tensor_parallel.random import _get_all_rng_states\n"
-            "cpu_state, cuda_state, _ = _get_all_rng_states()\n"
-            "assert cpu_state.numel() > 0 and cuda_state.numel() == 0\n")
+    code = (
+        "from ellama_megatron.runtime.cpu import apply_cpu_runtime\n"
+        "assert apply_cpu_runtime()\n"
+        "from megatron.core.tensor_parallel.random import _get_all_rng_states\n"
+        "cpu_state, cuda_state, _ = _get_all_rng_states()\n"
+        "assert cpu_state.numel() > 0 and cuda_state.numel() == 0\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

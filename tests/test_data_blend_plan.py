@@ -15,16 +15,34 @@ SHA = "0" * 64
 
 
 def write_manifest(folder, name, train_tokens, valid_tokens=0, languages=None, sha=SHA):
-    splits = {"train": {"prefix": f"{name}_train", "documents": max(1, train_tokens // 100), "tokens": train_tokens,
-                        "text_bytes": 0, "languages": {lang: {"documents": 1, "tokens": t} for lang, t in (languages or {"en": train_tokens}).items()}}}
+    splits = {
+        "train": {
+            "prefix": f"{name}_train",
+            "documents": max(1, train_tokens // 100),
+            "tokens": train_tokens,
+            "text_bytes": 0,
+            "languages": {
+                lang: {"documents": 1, "tokens": t} for lang, t in (languages or {"en": train_tokens}).items()
+            },
+        }
+    }
     if valid_tokens:
-        splits["valid"] = {"prefix": f"{name}_valid", "documents": 3, "tokens": valid_tokens, "text_bytes": 0, "languages": {}}
+        splits["valid"] = {
+            "prefix": f"{name}_valid",
+            "documents": 3,
+            "tokens": valid_tokens,
+            "text_bytes": 0,
+            "languages": {},
+        }
     path = folder / f"{name}.manifest.json"
     for split in splits:  # the plan checks that each manifest's dataset files exist
         for ext in (".bin", ".idx"):
             (folder / f"{splits[split]['prefix']}{ext}").touch()
-    path.write_text(json.dumps({"format": MANIFEST_FORMAT, "source": name, "splits": splits,
-                                "tokenizer": {"tokenizer_json_sha256": sha}}))
+    path.write_text(
+        json.dumps(
+            {"format": MANIFEST_FORMAT, "source": name, "splits": splits, "tokenizer": {"tokenizer_json_sha256": sha}}
+        )
+    )
     return str(path)
 
 
@@ -33,15 +51,28 @@ def mix(d):
     return {
         "valid_by": "group",
         "groups": {
-            "general": {"share": 0.5, "sources": {
-                "english": {"share": None, "manifests": [write_manifest(d, "en", 90_000, 500)]},
-                "non_english": {"share": 0.1, "max_epochs": 3, "manifests": [write_manifest(d, "de", 2_000, 50, {"de": 1_500, "fr": 500})]},
-            }},
-            "ecommerce": {"share": None, "sources": {
-                "listings": {"share": 0.4, "manifests": [write_manifest(d, "lst_a", 10_000, 100), write_manifest(d, "lst_b", 30_000)]},
-                "reviews": {"share": 0.2, "max_epochs": 2.0, "manifests": write_manifest(d, "rev", 5_000, 70)},
-                "web": {"share": None, "manifests": [write_manifest(d, "web", 100_000)]},
-            }},
+            "general": {
+                "share": 0.5,
+                "sources": {
+                    "english": {"share": None, "manifests": [write_manifest(d, "en", 90_000, 500)]},
+                    "non_english": {
+                        "share": 0.1,
+                        "max_epochs": 3,
+                        "manifests": [write_manifest(d, "de", 2_000, 50, {"de": 1_500, "fr": 500})],
+                    },
+                },
+            },
+            "ecommerce": {
+                "share": None,
+                "sources": {
+                    "listings": {
+                        "share": 0.4,
+                        "manifests": [write_manifest(d, "lst_a", 10_000, 100), write_manifest(d, "lst_b", 30_000)],
+                    },
+                    "reviews": {"share": 0.2, "max_epochs": 2.0, "manifests": write_manifest(d, "rev", 5_000, 70)},
+                    "web": {"share": None, "manifests": [write_manifest(d, "web", 100_000)]},
+                },
+            },
         },
     }
 
@@ -65,11 +96,21 @@ def test_hand_computed_plan(tmp_path):
     blend = plan.to_blend_dict()
     weights = {e["prefix"].rsplit("/", 1)[-1]: e["weight"] for e in blend["train"]}
     # listings' 0.2 split by tokens over its two manifests: 10k/40k and 30k/40k.
-    assert weights == pytest.approx({"en_train": 0.45, "de_train": 0.05, "lst_a_train": 0.05, "lst_b_train": 0.15,
-                                     "rev_train": 0.10, "web_train": 0.20})
+    assert weights == pytest.approx(
+        {
+            "en_train": 0.45,
+            "de_train": 0.05,
+            "lst_a_train": 0.05,
+            "lst_b_train": 0.15,
+            "rev_train": 0.10,
+            "web_train": 0.20,
+        }
+    )
     assert sum(weights.values()) == pytest.approx(1.0)
     assert {k: [p.rsplit("/", 1)[-1] for p in v] for k, v in blend["valid"].items()} == {
-        "general": ["en_valid", "de_valid"], "ecommerce": ["lst_a_valid", "rev_valid"]}
+        "general": ["en_valid", "de_valid"],
+        "ecommerce": ["lst_a_valid", "rev_valid"],
+    }
     assert all(p.startswith(str(tmp_path)) for p in [e["prefix"] for e in blend["train"]])
     # non-English: 5% of the mix, split 3:1 by the manifest's language counts.
     langs = plan.language_shares()
@@ -119,7 +160,9 @@ def test_epoch_cap_and_missing_manifest_fail(tmp_path):
 
 def test_different_tokenizers_fail(tmp_path):
     cfg = mix(tmp_path)
-    cfg["groups"]["ecommerce"]["sources"]["web"]["manifests"] = [write_manifest(tmp_path, "web2", 100_000, sha="1" * 64)]
+    cfg["groups"]["ecommerce"]["sources"]["web"]["manifests"] = [
+        write_manifest(tmp_path, "web2", 100_000, sha="1" * 64)
+    ]
     with pytest.raises(PlanError, match="different tokenizers"):
         plan_blend(cfg, 100_000, 100)
 
@@ -131,7 +174,12 @@ def test_plan_blend_tool(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import plan_blend as tool
 
-    for name, tokens in [("general_en", 90_000), ("general_multilingual", 10_000), ("listings", 50_000), ("reviews", 50_000)]:
+    for name, tokens in [
+        ("general_en", 90_000),
+        ("general_multilingual", 10_000),
+        ("listings", 50_000),
+        ("reviews", 50_000),
+    ]:
         write_manifest(tmp_path, name, tokens, 100)
     base = ["data=demo_blend", f"data.root={tmp_path}", "train=tiny", f"run_dir={tmp_path}/run"]
     assert tool.main(base) == 0
@@ -174,9 +222,17 @@ def _blended(prefix_weights, seed, cache):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     cfg = GPTDatasetConfig(
-        random_seed=seed, sequence_length=64, blend=([p for p, _ in prefix_weights], [w for _, w in prefix_weights]),
-        split="100,0,0", tokenizer=_Tok(2, 3000), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(cache), mmap_bin_files=True,
+        random_seed=seed,
+        sequence_length=64,
+        blend=([p for p, _ in prefix_weights], [w for _, w in prefix_weights]),
+        split="100,0,0",
+        tokenizer=_Tok(2, 3000),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache),
+        mmap_bin_files=True,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [10_000, 0, 0], lambda: True, cfg).build()
     return train
@@ -185,16 +241,34 @@ def _blended(prefix_weights, seed, cache):
 def test_blended_dataset_draws_the_planned_token_shares(tmp_path):
     d = tmp_path
     sources = {  # name: (id range start, tokens)
-        "en": (10, 120_000), "de": (510, 8_000), "lst_a": (1010, 20_000), "lst_b": (1010, 60_000),
-        "rev": (1510, 40_000), "web": (2010, 150_000),
+        "en": (10, 120_000),
+        "de": (510, 8_000),
+        "lst_a": (1010, 20_000),
+        "lst_b": (1010, 60_000),
+        "rev": (1510, 40_000),
+        "web": (2010, 150_000),
     }
     m = {name: _build_source(d, name, lo, n, i) for i, (name, (lo, n)) in enumerate(sources.items())}
-    cfg = {"max_epochs": 10, "groups": {
-        "general": {"share": 0.5, "sources": {"english": {"share": None, "manifests": [m["en"]]},
-                                              "non_english": {"share": 0.1, "manifests": [m["de"]]}}},
-        "ecommerce": {"share": None, "sources": {"listings": {"share": 0.4, "manifests": [m["lst_a"], m["lst_b"]]},
-                                                 "reviews": {"share": 0.2, "manifests": [m["rev"]]},
-                                                 "web": {"share": None, "manifests": [m["web"]]}}}}}
+    cfg = {
+        "max_epochs": 10,
+        "groups": {
+            "general": {
+                "share": 0.5,
+                "sources": {
+                    "english": {"share": None, "manifests": [m["en"]]},
+                    "non_english": {"share": 0.1, "manifests": [m["de"]]},
+                },
+            },
+            "ecommerce": {
+                "share": None,
+                "sources": {
+                    "listings": {"share": 0.4, "manifests": [m["lst_a"], m["lst_b"]]},
+                    "reviews": {"share": 0.2, "manifests": [m["rev"]]},
+                    "web": {"share": None, "manifests": [m["web"]]},
+                },
+            },
+        },
+    }
     plan = plan_blend(cfg, train_tokens=10_000 * 64, seq_length=64)
     weights = [(e["prefix"], e["weight"]) for e in plan.to_blend_dict()["train"]]
     ds = _blended(weights, seed=1234, cache=d / "cache1")
@@ -225,7 +299,13 @@ def test_paper_mix_config_at_1t_tokens(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import plan_blend as tool
 
-    sizes = {"general_en": 500e9, "general_multilingual": 30e9, "listings": 60e9, "reviews": 30e9, "ecommerce_web": 150e9}
+    sizes = {
+        "general_en": 500e9,
+        "general_multilingual": 30e9,
+        "listings": 60e9,
+        "reviews": 30e9,
+        "ecommerce_web": 150e9,
+    }
     for name, tokens in sizes.items():
         write_manifest(tmp_path, name, int(tokens), 1000)
     out = tmp_path / "blend.json"
@@ -236,8 +316,19 @@ def test_paper_mix_config_at_1t_tokens(tmp_path, capsys):
     # 1T tokens of 8192: listings draw 200B of 60B = 3.33 epochs (cap 4); non-English 50B of 30B = 1.67 (cap 2).
     assert "122,070,313 samples of 8192" in table
     assert " 3.33 " in table and " 1.67 " in table
-    assert tool.main(["data=ellama", "train=paper", f"data.root={tmp_path}", f"data.blend_file={out}",
-                      "data.groups.ecommerce.sources.listings.share=0.6", "data.groups.ecommerce.sources.reviews.share=0.1"]) == 2
+    assert (
+        tool.main(
+            [
+                "data=ellama",
+                "train=paper",
+                f"data.root={tmp_path}",
+                f"data.blend_file={out}",
+                "data.groups.ecommerce.sources.listings.share=0.6",
+                "data.groups.ecommerce.sources.reviews.share=0.1",
+            ]
+        )
+        == 2
+    )
 
 
 def test_validation_per_source(tmp_path):

@@ -25,9 +25,20 @@ def test_tiny_cpt_on_preprocessed_demo_corpora_logs_both_domains(tmp_path):
     tok = train_tiny_tokenizer(texts, tmp_path / "tok", vocab_size=512)  # ids fit model=tiny (vocab 512, EOS 2)
     for name, path in raw.items():
         ser = RecordSerializer(load_template(TEMPLATES[name]), id_key="id")
-        preprocess(PreprocessOptions([str(path)], str(tmp_path / "data" / name), str(tok), ser, valid_fraction=0.1, progress=False))
-    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={tmp_path / 'run'}", "data=demo_blend",
-           f"data.root={tmp_path / 'data'}", "optim.lr=2e-3", "optim.min_lr=2e-4"]
+        preprocess(
+            PreprocessOptions(
+                [str(path)], str(tmp_path / "data" / name), str(tok), ser, valid_fraction=0.1, progress=False
+            )
+        )
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "cpt.py"),
+        f"run_dir={tmp_path / 'run'}",
+        "data=demo_blend",
+        f"data.root={tmp_path / 'data'}",
+        "optim.lr=2e-3",
+        "optim.min_lr=2e-4",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

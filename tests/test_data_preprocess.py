@@ -12,11 +12,11 @@ import numpy
 import pytest
 
 from ellama_megatron.data.demo_corpora import write_demo_corpora
+from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template, serialize
 from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
-from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,9 @@ def _read_docs(prefix):
 def test_round_trip_equals_tokenizer_output_plus_eod(tmp_path, tokenizer_dir, corpora):
     from transformers import AutoTokenizer
 
-    manifest = _run([corpora["listings"]], tmp_path / "out" / "listings", tokenizer_dir, valid_fraction=0.1, id_key="id")
+    manifest = _run(
+        [corpora["listings"]], tmp_path / "out" / "listings", tokenizer_dir, valid_fraction=0.1, id_key="id"
+    )
     hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tpl = load_template("listing")
     records = [json.loads(line) for line in corpora["listings"].read_text().splitlines()]
@@ -72,7 +74,9 @@ def test_round_trip_equals_tokenizer_output_plus_eod(tmp_path, tokenizer_dir, co
         assert list(ds.document_indices) == list(range(len(ds) + 1))  # one sequence per document
     on_disk = json.loads((tmp_path / "out" / "listings.manifest.json").read_text())
     assert on_disk == manifest
-    assert on_disk["inputs"][0]["records"] == 120 and on_disk["inputs"][0]["bytes"] == corpora["listings"].stat().st_size
+    assert (
+        on_disk["inputs"][0]["records"] == 120 and on_disk["inputs"][0]["bytes"] == corpora["listings"].stat().st_size
+    )
     assert on_disk["tokenizer"]["vocab_size"] == len(hf) and on_disk["tokenizer"]["eos_token_id"] == hf.eos_token_id
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
 
@@ -111,7 +115,15 @@ def test_same_output_for_any_workers_shards_and_order(tmp_path, tokenizer_dir, c
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("".join(lines))
     a = _run([corpora["listings"]], tmp_path / "a", tokenizer_dir, valid_fraction=0.2, id_key="id")
-    b = _run([corpora["listings"]], tmp_path / "b", tokenizer_dir, valid_fraction=0.2, id_key="id", workers=2, shard_bytes=20_000)
+    b = _run(
+        [corpora["listings"]],
+        tmp_path / "b",
+        tokenizer_dir,
+        valid_fraction=0.2,
+        id_key="id",
+        workers=2,
+        shard_bytes=20_000,
+    )
     c = _run([shuffled], tmp_path / "c", tokenizer_dir, valid_fraction=0.2, id_key="id")
     for ext in (".bin", ".idx"):
         for split in ("train", "valid"):
@@ -147,7 +159,9 @@ def test_bad_records_are_counted_reported_and_skipped(tmp_path, tokenizer_dir):
         "not UTF-8": 1,
         "missing field 'title'": 2,
     }
-    assert [(e["location"], e["file"]) for e in m["skipped"]["examples"]] == [(f"line {i}", str(src)) for i in (2, 3, 4, 5)]
+    assert [(e["location"], e["file"]) for e in m["skipped"]["examples"]] == [
+        (f"line {i}", str(src)) for i in (2, 3, 4, 5)
+    ]
 
 
 def test_empty_documents_are_skipped(tmp_path, tokenizer_dir):
@@ -158,7 +172,9 @@ def test_empty_documents_are_skipped(tmp_path, tokenizer_dir):
     assert m["skipped"]["by_reason"] == {"missing field 'text'": 1}
     tpl = tmp_path / "t.yaml"  # a template whose fields are all optional can render an empty document
     tpl.write_text('text: "{text}"\n')
-    opts = PreprocessOptions([str(src)], str(tmp_path / "o2"), str(tokenizer_dir), RecordSerializer(load_template(str(tpl))), progress=False)
+    opts = PreprocessOptions(
+        [str(src)], str(tmp_path / "o2"), str(tokenizer_dir), RecordSerializer(load_template(str(tpl))), progress=False
+    )
     assert preprocess(opts)["skipped"]["by_reason"] == {"empty document": 1}
 
 
@@ -198,8 +214,19 @@ def test_template_that_fits_no_record_fails_before_work(tmp_path, tokenizer_dir,
 @pytest.mark.slow
 def test_cli_summary_and_errors(tmp_path, tokenizer_dir, corpora):
     def cli(tokenizer, prefix):
-        cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpora["general_en"]),
-               "--tokenizer", str(tokenizer), "--output-prefix", str(prefix), "--quiet", "--valid-fraction", "0.1"]
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(corpora["general_en"]),
+            "--tokenizer",
+            str(tokenizer),
+            "--output-prefix",
+            str(prefix),
+            "--quiet",
+            "--valid-fraction",
+            "0.1",
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
 
     out = cli(tokenizer_dir, tmp_path / "g")

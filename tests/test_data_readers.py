@@ -73,12 +73,7 @@ def test_folder_is_searched_recursively_and_sorted(tmp_path):
 def test_bad_lines_are_reported_with_line_and_reason(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(
-        b'{"text": "ok"}\n'
-        b'{"text": "broken"\n'
-        b'{"text": "caf\xe9 in latin-1"}\n'
-        b"\n"
-        b"[1, 2]\n"
-        b'{"text": "also ok"}\n'
+        b'{"text": "ok"}\n{"text": "broken"\n{"text": "caf\xe9 in latin-1"}\n\n[1, 2]\n{"text": "also ok"}\n'
     )
     rows = list(read_records([str(path)]))
     assert [r.location for r in rows] == [f"line {i}" for i in range(1, 7)]

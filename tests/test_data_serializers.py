@@ -14,7 +14,11 @@ from ellama_megatron.data.serializers import (
 LISTING = {
     "title": "Acme Skillet 28 cm",
     "category_path": ["Home & Garden", "Kitchen", "Cookware"],
-    "aspects": [{"name": "Brand", "value": "Acme"}, {"name": "Material", "value": "Cast Iron"}, {"name": "Size", "value": ""}],
+    "aspects": [
+        {"name": "Brand", "value": "Acme"},
+        {"name": "Material", "value": "Cast Iron"},
+        {"name": "Size", "value": ""},
+    ],
     "condition": "New",
     "description": "<p>Pre-seasoned &amp; ready.</p><ul><li>Oven safe</li><li>Induction</li></ul><script>track()</script>",
     "language": "en",
@@ -43,7 +47,11 @@ def test_optional_field_missing_drops_its_line():
 
 
 def test_required_field_missing_or_empty_is_an_error():
-    for rec in ({k: v for k, v in LISTING.items() if k != "title"}, {**LISTING, "title": ""}, {**LISTING, "title": None}):
+    for rec in (
+        {k: v for k, v in LISTING.items() if k != "title"},
+        {**LISTING, "title": ""},
+        {**LISTING, "title": None},
+    ):
         with pytest.raises(MissingField, match="title"):
             serialize(rec, load_template("listing"))
 
@@ -94,12 +102,12 @@ def test_plain_text_is_kept_byte_for_byte():
 
 def test_whitespace_normalisation_is_an_explicit_template_option(tmp_path):
     spec = tmp_path / "note.yaml"
-    spec.write_text("text: \"Note: {note}\\n{body}\"\nnormalize_whitespace: true\n")
+    spec.write_text('text: "Note: {note}\\n{body}"\nnormalize_whitespace: true\n')
     record = {"note": "  padded  ", "body": "\n body \n"}
     assert serialize(record, load_template(str(spec))) == "Note: padded\nbody"
-    spec.write_text("text: \"Note: {note}\\n{body}\"\n")  # default: as given
+    spec.write_text('text: "Note: {note}\\n{body}"\n')  # default: as given
     assert serialize(record, load_template(str(spec))) == "Note:   padded  \n\n body \n"
     assert load_template("listing").normalize_whitespace and not load_template("plain").normalize_whitespace
-    spec.write_text("text: \"{body}\"\nnormalize_whitespace: maybe\n")
+    spec.write_text('text: "{body}"\nnormalize_whitespace: maybe\n')
     with pytest.raises(ValueError, match="normalize_whitespace='maybe' must be true or false"):
         load_template(str(spec))

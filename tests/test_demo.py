@@ -27,8 +27,13 @@ sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library:
 
 
 def run_demo(out: Path, launcher: str = "direct") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "recipes/demo.py", "--out", str(out), *ARGS, "--launcher", launcher],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "recipes/demo.py", "--out", str(out), *ARGS, "--launcher", launcher],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,9 @@ def test_merge_table_alpha_zero_is_the_base_model(demo):
     for name, alpha in (("base", 0.0), ("adapted", 1.0)):
         evaluated = evaluate_model_dir(out / f"{name}_hf", sources, 128, 8, "cpu", "float32", progress=False)["domains"]
         for domain in ("general", "ecommerce"):
-            assert points[alpha]["domains"][domain]["mean_loss"] == pytest.approx(evaluated[domain]["mean_loss"], rel=1e-6)
+            assert points[alpha]["domains"][domain]["mean_loss"] == pytest.approx(
+                evaluated[domain]["mean_loss"], rel=1e-6
+            )
             assert points[alpha]["domains"][domain]["tokens"] == evaluated[domain]["tokens"] > 1000
     table = (out / "merge_curve" / "curve.md").read_text()
     assert "0.5" in table and table in (out / "REPORT.md").read_text()
@@ -206,7 +213,11 @@ def test_iteration_budgets_come_from_the_run_plan_with_the_overrides():
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[*TINY, "data=demo"])
-    assert tokens_per_iteration([]) == RunPlan.from_cfg(cfg).tokens_per_step == cfg.train.global_batch_size * cfg.train.seq_length
+    assert (
+        tokens_per_iteration([])
+        == RunPlan.from_cfg(cfg).tokens_per_step
+        == cfg.train.global_batch_size * cfg.train.seq_length
+    )
     assert tokens_per_iteration(["train.global_batch_size=16"]) == 16 * cfg.train.seq_length
     with pytest.raises(DemoError, match="train.no_such_key"):
         tokens_per_iteration(["train.no_such_key=1"])
@@ -259,8 +270,10 @@ def test_real_text_corpora_and_blends(tmp_path):
         return [json.loads(line) for line in open(path, encoding="utf-8")]
 
     prose = licence_paragraphs() + [r["text"] for r in python_reference_records()]
-    for domain, names, config in (("ecommerce", ["general_prose", "listings", "reviews"], "demo_prose_blend"),
-                                  ("code", ["code_python", "general_prose"], "demo_code_blend")):
+    for domain, names, config in (
+        ("ecommerce", ["general_prose", "listings", "reviews"], "demo_prose_blend"),
+        ("code", ["code_python", "general_prose"], "demo_code_blend"),
+    ):
         opts = DemoOptions(docs=10, general="prose", domain=domain)
         opts.check()
         demo = Demo(tmp_path / domain, opts, LocalSlurm(), 1024)
@@ -276,9 +289,11 @@ def test_real_text_corpora_and_blends(tmp_path):
         assert sorted(manifests) == sorted(f"{demo.data_dir}/{n}.manifest.json" for n in names)
     code = records(files["code_python"])
     assert code == python_source_records(10) and code[0]["id"].split("/")[0].endswith(".py")
-    for bad, message in ((dict(real=True, base_iters=0, general="prose"), "--general prose is for the tiny demo"),
-                         (dict(general="web"), "use synthetic or prose"),
-                         (dict(domain="code"), "use it with --general prose"),
-                         (dict(domain="law", general="prose"), "use ecommerce or code")):
+    for bad, message in (
+        (dict(real=True, base_iters=0, general="prose"), "--general prose is for the tiny demo"),
+        (dict(general="web"), "use synthetic or prose"),
+        (dict(domain="code"), "use it with --general prose"),
+        (dict(domain="law", general="prose"), "use ecommerce or code"),
+    ):
         with pytest.raises(DemoError, match=message):
             DemoOptions(**bad).check()

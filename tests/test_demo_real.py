@@ -38,9 +38,31 @@ def tiny_hf(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_real_demo_stages_chain_on_a_given_hf_model(tiny_hf, tmp_path):
     out = tmp_path / "demo_real"
-    proc = subprocess.run([sys.executable, "recipes/demo.py", "--real", "--hf-model", str(tiny_hf), "--out", str(out),
-                           "--docs", "40", "--cpt-iters", "2", "--eval-interval", "1", "--alpha", "0.5",
-                           "--launcher", "direct"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "recipes/demo.py",
+            "--real",
+            "--hf-model",
+            str(tiny_hf),
+            "--out",
+            str(out),
+            "--docs",
+            "40",
+            "--cpt-iters",
+            "2",
+            "--eval-interval",
+            "1",
+            "--alpha",
+            "0.5",
+            "--launcher",
+            "direct",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     for i in range(1, STAGES + 1):
         assert f"[{i}/{STAGES}]" in proc.stdout

@@ -25,8 +25,12 @@ _ITEMS = {
 }
 _CONDITION = {"en": ["New", "Used", "Refurbished"], "de": ["Neu", "Gebraucht"], "fr": ["Neuf", "Occasion"]}
 _REVIEW = {
-    "en": ["Great quality, fast shipping, would buy again.", "Arrived broken, seller refunded quickly.",
-           "Fits perfectly, battery lasts all day.", "Not as described, returned it."],
+    "en": [
+        "Great quality, fast shipping, would buy again.",
+        "Arrived broken, seller refunded quickly.",
+        "Fits perfectly, battery lasts all day.",
+        "Not as described, returned it.",
+    ],
     "de": ["Sehr gute Qualität, schneller Versand.", "Passt perfekt, gerne wieder.", "Leider defekt angekommen."],
     "fr": ["Très bonne qualité, livraison rapide.", "Conforme à la description, je recommande."],
 }
@@ -43,8 +47,12 @@ _GENERAL = (
 def _listing(rng: random.Random) -> str:
     lang = rng.choice(list(_ITEMS))
     brand, item = rng.choice(_BRANDS), rng.choice(_ITEMS[lang])
-    lines = [f"Title: {brand} {item} {rng.randint(2, 900)}", f"Condition: {rng.choice(_CONDITION[lang])}",
-             f"Price: {rng.randint(5, 400)}.{rng.randint(0, 99):02d} EUR", f"Brand: {brand}"]
+    lines = [
+        f"Title: {brand} {item} {rng.randint(2, 900)}",
+        f"Condition: {rng.choice(_CONDITION[lang])}",
+        f"Price: {rng.randint(5, 400)}.{rng.randint(0, 99):02d} EUR",
+        f"Brand: {brand}",
+    ]
     if rng.random() < 0.5:
         lines.append(f"Review: {rng.choice(_REVIEW[lang])} {rng.randint(1, 5)} out of 5")
     return "\n".join(lines)
@@ -82,7 +90,8 @@ def test_features_do_not_depend_on_the_batch():
 def test_feature_counts_by_hand():
     cfg = FeatureConfig(n_features=1 << 16, char_ngrams=(3,), word_bigrams=True)
     doc, bucket, n = __import__("ellama_megatron.classify.features", fromlist=["hash_features"]).hash_features(
-        ["ab cd", "xyz"], cfg)
+        ["ab cd", "xyz"], cfg
+    )
     # "ab cd": 3 byte 3-grams, 2 words, 1 word pair; "xyz": 1 3-gram, 1 word, no pair.
     assert n.tolist() == [6, 2]
     assert np.bincount(doc).tolist() == [6, 2]
@@ -115,16 +124,18 @@ def test_demo_corpora_held_out_precision_recall():
     against general text (en, de, fr)."""
     import tempfile
 
-    from ellama_megatron.data.documents import read_texts
     from ellama_megatron.classify.model import train_classifier
     from ellama_megatron.data.demo_corpora import write_demo_corpora
+    from ellama_megatron.data.documents import read_texts
 
     with tempfile.TemporaryDirectory() as d:
         c = write_demo_corpora(d, docs=300, seed=0)
         listings, _ = read_texts([str(c["listings"])], "listing")
         reviews, _ = read_texts([str(c["reviews"])], "review")
         general, _ = read_texts([str(c["general_en"]), str(c["general_multilingual"])], "plain")
-    _, _, report = train_classifier(listings + reviews, general, FeatureConfig(n_features=1 << 18), heldout_fraction=0.2)
+    _, _, report = train_classifier(
+        listings + reviews, general, FeatureConfig(n_features=1 << 18), heldout_fraction=0.2
+    )
     m = report["heldout_metrics"]
     assert report["heldout"] == {"positive": 120, "negative": 66}
     assert m["precision"] > 0.9 and m["recall"] > 0.9
@@ -137,10 +148,27 @@ def test_cli_train_then_filter_keeps_exactly_the_docs_over_threshold(tmp_path):
 
     c = write_demo_corpora(tmp_path / "demo", docs=200, seed=0)
     model = tmp_path / "clf"
-    r = subprocess.run([sys.executable, "tools/domain_classifier.py", "train", "--positive", str(c["listings"]),
-                        "--positive-template", "listing", "--negative", str(c["general_en"]),
-                        str(c["general_multilingual"]), "--out", str(model), "--hash-bits", "18"],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/domain_classifier.py",
+            "train",
+            "--positive",
+            str(c["listings"]),
+            "--positive-template",
+            "listing",
+            "--negative",
+            str(c["general_en"]),
+            str(c["general_multilingual"]),
+            "--out",
+            str(model),
+            "--hash-bits",
+            "18",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "precision" in r.stdout and (model / "weights.npz").is_file()
 
@@ -151,9 +179,25 @@ def test_cli_train_then_filter_keeps_exactly_the_docs_over_threshold(tmp_path):
     _write_jsonl(tmp_path / "mixed.jsonl", mixed)
     threshold = 0.7
     out = tmp_path / "kept.jsonl"
-    r = subprocess.run([sys.executable, "tools/domain_classifier.py", "filter", "--model", str(model), "--input",
-                        str(tmp_path / "mixed.jsonl"), "--threshold", str(threshold), "--out", str(out), "--quiet"],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/domain_classifier.py",
+            "filter",
+            "--model",
+            str(model),
+            "--input",
+            str(tmp_path / "mixed.jsonl"),
+            "--threshold",
+            str(threshold),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("done: kept")
 
@@ -185,8 +229,8 @@ def test_filter_object_hook_for_preprocessing(tmp_path):
     assert f.stats.docs == 20 and f.stats.kept == 10
 
     # Streaming from a file through the data readers: exactly the documents over the threshold.
-    from ellama_megatron.data.documents import iter_documents
     from ellama_megatron.classify.filter import filter_documents
+    from ellama_megatron.data.documents import iter_documents
     from ellama_megatron.data.serializers import load_template
 
     rng = random.Random(7)
@@ -195,8 +239,12 @@ def test_filter_object_hook_for_preprocessing(tmp_path):
     scores = f.scores(mixed)
     threshold = float(np.median(scores))
     g = DomainFilter(tmp_path / "m", threshold=threshold)
-    stats = filter_documents(iter_documents([str(tmp_path / "mixed.jsonl.gz")], load_template("plain")), g,
-                             tmp_path / "kept.jsonl.zst", score_field=None)
+    stats = filter_documents(
+        iter_documents([str(tmp_path / "mixed.jsonl.gz")], load_template("plain")),
+        g,
+        tmp_path / "kept.jsonl.zst",
+        score_field=None,
+    )
     from ellama_megatron.data.readers import read_records
 
     kept = [r.record for r in read_records([str(tmp_path / "kept.jsonl.zst")])]
@@ -206,14 +254,40 @@ def test_filter_object_hook_for_preprocessing(tmp_path):
 
 
 def test_bad_inputs_fail_before_work(tmp_path):
-    r = subprocess.run([sys.executable, "tools/domain_classifier.py", "filter", "--model", str(tmp_path / "none"),
-                        "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/domain_classifier.py",
+            "filter",
+            "--model",
+            str(tmp_path / "none"),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "missing.jsonl" in r.stderr
     (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
-    r = subprocess.run([sys.executable, "tools/domain_classifier.py", "filter", "--model", str(tmp_path / "none"),
-                        "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/domain_classifier.py",
+            "filter",
+            "--model",
+            str(tmp_path / "none"),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "classifier.json" in r.stderr
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -223,12 +297,13 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
     """tools/preprocess_data.py --domain-filter: the written dataset holds exactly the tokenized
     documents the classifier scores over the threshold, in input order, whatever the workers; the
     manifest counts what the filter saw and kept."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer
+
     from ellama_megatron.classify.filter import DomainFilter
     from ellama_megatron.classify.model import save_classifier, train_classifier
     from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder
     from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from tokenizers import Tokenizer
 
     pos, neg = make_corpora(150, seed=8)
     clf, est, _ = train_classifier(pos, neg, FeatureConfig(n_features=1 << 16), heldout_fraction=0.0)
@@ -237,7 +312,9 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
 
     rng = random.Random(9)
     mixed_pos, mixed_neg = make_corpora(80, seed=10)
-    mixed = [t for pair in zip(mixed_pos, mixed_neg) for t in pair] + [_general(rng) + "\n" + _listing(rng) for _ in range(60)]
+    mixed = [t for pair in zip(mixed_pos, mixed_neg) for t in pair] + [
+        _general(rng) + "\n" + _listing(rng) for _ in range(60)
+    ]
     _write_jsonl(tmp_path / "mixed.jsonl", mixed)
     scores = DomainFilter(tmp_path / "clf").scores(mixed)
     threshold = float(np.quantile(scores, 0.4))
@@ -248,10 +325,25 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
     expected_ids = [tok.encode(t).ids + [eos] for t in expected]
 
     def cli(prefix, *extra):
-        return subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "mixed.jsonl"),
-                               "--tokenizer", str(tok_dir), "--output-prefix", str(prefix), "--quiet",
-                               "--domain-filter", str(tmp_path / "clf"), *extra],
-                              cwd=REPO, capture_output=True, text=True)
+        return subprocess.run(
+            [
+                sys.executable,
+                "tools/preprocess_data.py",
+                "--input",
+                str(tmp_path / "mixed.jsonl"),
+                "--tokenizer",
+                str(tok_dir),
+                "--output-prefix",
+                str(prefix),
+                "--quiet",
+                "--domain-filter",
+                str(tmp_path / "clf"),
+                *extra,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
 
     for name, extra in (("one", ()), ("two", ("--workers", "2", "--shard-mb", "0.01"))):
         r = cli(tmp_path / "out" / name, "--domain-threshold", str(threshold), *extra)
@@ -278,7 +370,21 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
     r = cli(tmp_path / "out" / "bad", "--domain-filter", str(tmp_path / "tok"))
     assert r.returncode == 2 and "--domain-filter" in r.stderr and "classifier.json" in r.stderr
     assert not list((tmp_path / "out").glob("bad*")) and not list((tmp_path / "out").glob(".bad*"))
-    r = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "mixed.jsonl"),
-                        "--tokenizer", str(tok_dir), "--output-prefix", str(tmp_path / "out" / "t"),
-                        "--domain-threshold", "0.3"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/preprocess_data.py",
+            "--input",
+            str(tmp_path / "mixed.jsonl"),
+            "--tokenizer",
+            str(tok_dir),
+            "--output-prefix",
+            str(tmp_path / "out" / "t"),
+            "--domain-threshold",
+            "0.3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--domain-threshold needs --domain-filter" in r.stderr

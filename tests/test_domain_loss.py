@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
+from conftest import run_cpt
 from omegaconf import OmegaConf
 
-from conftest import run_cpt
 from ellama_megatron.engine.domain_loss import DomainLoss
 from ellama_megatron.eval.training_curves import plot_training_curves, read_curves, read_tensorboard
 
 ITERATIONS = 6
 # Logged at Megatron's first iteration (not reset), then every 2: intervals of 2 iterations.
-RUN = [f"train.train_tokens={ITERATIONS * 8 * 128}", "train.log_interval=2", "train.eval_interval=100",
-       "logging.train_loss_by=source",
-       # And the LR Megatron logs is the curve the planner prints: WSD, warmup from 1e-4 over 1
-       # iteration, the peak until 3, (1 - sqrt) decay to the floor over the last 3.
-       "optim=cpt_wsd", "optim.lr_warmup_init=1e-4", "optim.lr_warmup_fraction=0.17", "optim.lr_wsd_decay_fraction=0.5"]
+RUN = [
+    f"train.train_tokens={ITERATIONS * 8 * 128}",
+    "train.log_interval=2",
+    "train.eval_interval=100",
+    "logging.train_loss_by=source",
+    # And the LR Megatron logs is the curve the planner prints: WSD, warmup from 1e-4 over 1
+    # iteration, the peak until 3, (1 - sqrt) decay to the floor over the last 3.
+    "optim=cpt_wsd",
+    "optim.lr_warmup_init=1e-4",
+    "optim.lr_warmup_fraction=0.17",
+    "optim.lr_wsd_decay_fraction=0.5",
+]
 VOCAB = 512  # the tiny model's
 
 
@@ -58,12 +64,16 @@ def dp2(two_difficulties, tmp_path_factory):
 
 
 def test_domain_names_of_a_blend():
-    train = [{"prefix": "/d/en_train", "weight": 1, "group": "general", "source": "english"},
-             {"prefix": "/d/de_train", "weight": 1, "group": "general", "source": "german"},
-             {"prefix": "/d/shop_train", "weight": 2}]  # an inline entry without a group: its file name
+    train = [
+        {"prefix": "/d/en_train", "weight": 1, "group": "general", "source": "english"},
+        {"prefix": "/d/de_train", "weight": 1, "group": "general", "source": "german"},
+        {"prefix": "/d/shop_train", "weight": 2},
+    ]  # an inline entry without a group: its file name
     by_source = DomainLoss.from_blend(train, "source")
-    assert by_source.names == {"group": ["general", "shop_train"],
-                               "source": ["general-english", "general-german", "shop_train"]}
+    assert by_source.names == {
+        "group": ["general", "shop_train"],
+        "source": ["general-english", "general-german", "shop_train"],
+    }
     assert by_source.columns == {"group": [0, 0, 1], "source": [0, 1, 2]}
     assert DomainLoss.from_blend(train, "group").names == {"group": ["general", "shop_train"]}
     assert DomainLoss.from_blend(train, None) is None
@@ -73,7 +83,9 @@ def test_domain_names_of_a_blend():
 def test_domain_losses_add_up_to_the_lm_loss(dp2):
     run_dir, log = dp2
     assert sorted(log.train_loss) == [1, 2, 4, 6]
-    assert sorted(log.iteration_ms) == [1, 2, 4, 6] and min(log.iteration_ms.values()) > 0  # benchmarks/domain_loss_cost.py reads these
+    assert (
+        sorted(log.iteration_ms) == [1, 2, 4, 6] and min(log.iteration_ms.values()) > 0
+    )  # benchmarks/domain_loss_cost.py reads these
     groups, tokens = log.domain_train_loss["group"], log.domain_train_tokens["group"]
     assert set(groups) == {"random", "repetitive"}
     for it, lm_loss in log.train_loss.items():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, TINY_RUN, data_overrides, run_cpt
+
 from ellama_megatron.engine.train_log import parse_train_log
 
 pytestmark = pytest.mark.slow
@@ -108,15 +108,26 @@ def test_resume_at_another_layout(layout, dp2, domain_data, stopped_at_10, tmp_p
 
 
 def _rank_processes(parent: psutil.Process) -> list[psutil.Process]:
-    return [p for p in parent.children(recursive=True)
-            if "ellama_megatron.engine.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+    return [
+        p
+        for p in parent.children(recursive=True)
+        if "ellama_megatron.engine.train" in " ".join(p.cmdline())
+        and "torch.distributed.run" not in " ".join(p.cmdline())
+    ]
 
 
 def test_sigterm_saves_then_relaunch_resumes(domain_data, tmp_path):
     run_dir = tmp_path / "run"
     # Long enough to be caught mid-run: 400 iterations.
-    args = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}", *data_overrides(domain_data),
-            *TINY_RUN, "train.train_tokens=409600", "checkpoint.save_interval=1000"]
+    args = [
+        sys.executable,
+        str(REPO / "recipes" / "cpt.py"),
+        f"run_dir={run_dir}",
+        *data_overrides(domain_data),
+        *TINY_RUN,
+        "train.train_tokens=409600",
+        "checkpoint.save_interval=1000",
+    ]
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as out:
         proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -136,8 +147,13 @@ def test_sigterm_saves_then_relaunch_resumes(domain_data, tmp_path):
     assert not (run_dir / "done.json").exists()
 
     # The next launch resumes there (stopped again soon after, to keep the test short).
-    proc2, second = run_cpt(run_dir, domain_data, "train.train_tokens=409600", "checkpoint.save_interval=1000",
-                            f"train.exit_interval={saved + 3}")
+    proc2, second = run_cpt(
+        run_dir,
+        domain_data,
+        "train.train_tokens=409600",
+        "checkpoint.save_interval=1000",
+        f"train.exit_interval={saved + 3}",
+    )
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert min(second.train_loss) == saved + 1 and second.last_iteration == saved + 3
 
@@ -158,8 +174,11 @@ def test_bf16_on_cpu_follows_fp32_and_resumes_exactly(dp2, domain_data, tmp_path
     assert max(abs(log.train_loss[i] - ref.train_loss[i]) for i in ref.train_loss) < 0.05
     assert log.train_loss != ref.train_loss
     saved = iteration_folder(run_dir / "checkpoints", 10)
-    dtypes = {(key.startswith("optimizer."), str(md.properties.dtype))
-              for key, md in CheckpointReader(saved).metadata.state_dict_metadata.items() if hasattr(md, "properties")}
+    dtypes = {
+        (key.startswith("optimizer."), str(md.properties.dtype))
+        for key, md in CheckpointReader(saved).metadata.state_dict_metadata.items()
+        if hasattr(md, "properties")
+    }
     assert dtypes == {(False, "torch.bfloat16"), (True, "torch.float32")}
 
     # A relaunch from the iteration-10 checkpoint alone repeats the run exactly (2 iterations of it).

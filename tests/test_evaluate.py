@@ -101,8 +101,22 @@ def test_indexed_dataset_matches_jsonl(setup, tmp_path):
 @pytest.mark.slow
 def test_cli_writes_json_and_refuses_bad_input(setup, tmp_path):
     out = tmp_path / "ppl.json"
-    args = ["--model", setup["model"], "--data", f"general={setup['data']['general']}", "--data",
-            f"ecommerce={setup['data']['ecommerce']}", "--seq-length", SEQ, "--batch-size", 5, "--device", "cpu", "--out", out]
+    args = [
+        "--model",
+        setup["model"],
+        "--data",
+        f"general={setup['data']['general']}",
+        "--data",
+        f"ecommerce={setup['data']['ecommerce']}",
+        "--seq-length",
+        SEQ,
+        "--batch-size",
+        5,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     r = subprocess.run([sys.executable, "tools/evaluate.py", *map(str, args)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
@@ -123,8 +137,9 @@ def test_cli_writes_json_and_refuses_bad_input(setup, tmp_path):
 def test_megatron_checkpoint_has_the_perplexity_of_its_hf_folder(setup, tmp_path, capsys):
     """tools/evaluate.py on a converted checkpoint (exported to a temporary folder) gives exactly
     the perplexities of the Hugging Face folder it came from; the temporary export is removed."""
-    from ellama_megatron.convert.importer import import_hf
     from test_merge import load_tool
+
+    from ellama_megatron.convert.importer import import_hf
 
     ckpt = tmp_path / "ckpt"
     import_hf(setup["model"], ckpt, quiet=True)
@@ -133,8 +148,20 @@ def test_megatron_checkpoint_has_the_perplexity_of_its_hf_folder(setup, tmp_path
     outs = {}
     for name, model in (("hf", setup["model"]), ("megatron", ckpt)):
         outs[name] = tmp_path / f"{name}.json"
-        args = ["--model", str(model), "--seq-length", str(SEQ), "--batch-size", "4", "--device", "cpu",
-                "--out", str(outs[name]), "--work-dir", str(tmp_path / "work")]
+        args = [
+            "--model",
+            str(model),
+            "--seq-length",
+            str(SEQ),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(outs[name]),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
         for d in data:
             args += ["--data", d]
         assert evaluate(args) == 0, capsys.readouterr().err

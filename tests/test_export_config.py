@@ -8,12 +8,12 @@ import dataclasses
 import json
 
 import torch
+from test_convert_roundtrip import make_hf
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.llama.hf import GENERIC_CONFIG_KEYS, hf_config_dict
-from test_convert_roundtrip import make_hf
 
 
 def test_export_keeps_the_source_config_keys(tmp_path):

@@ -35,16 +35,38 @@ def extended(tmp_path_factory):
     base = write_random_hf_llama(root / "base", load_model_config("tiny"), seed=0, tokenizer_dir=tok_dir)
     out = root / "extended"
     r = subprocess.run(
-        [sys.executable, "tools/extend_vocab.py", "--hf-dir", str(base), "--corpus", str(corpora["listings"]),
-         "--template", "listing", "--num-tokens", str(NUM_TOKENS), "--out", str(out),
-         "--general", str(corpora["general_en"]), "--heldout-fraction", "0.1"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "tools/extend_vocab.py",
+            "--hf-dir",
+            str(base),
+            "--corpus",
+            str(corpora["listings"]),
+            "--template",
+            "listing",
+            "--num-tokens",
+            str(NUM_TOKENS),
+            "--out",
+            str(out),
+            "--general",
+            str(corpora["general_en"]),
+            "--heldout-fraction",
+            "0.1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("done: 40 new tokens")
     listings = [serialize(rec, load_template("listing")) for rec in _records(corpora["listings"])]
-    return {"base": base, "out": out, "general": general, "listings": listings,
-            "report": json.loads((out / "vocab_extension.json").read_text())}
+    return {
+        "base": base,
+        "out": out,
+        "general": general,
+        "listings": listings,
+        "report": json.loads((out / "vocab_extension.json").read_text()),
+    }
 
 
 def _tok(folder: Path):
@@ -125,7 +147,7 @@ def test_embeddings_resized_with_sub_token_means(extended):
             parts = [x.id for x in old_tok.model.tokenize(t["token"])]
             assert len(parts) >= 2 and parts == t["old_ids"]
             torch.testing.assert_close(new[t["id"]], old[parts].mean(0))
-        torch.testing.assert_close(new[512 + NUM_TOKENS:], old.mean(0).expand(640 - 512 - NUM_TOKENS, -1))
+        torch.testing.assert_close(new[512 + NUM_TOKENS :], old.mean(0).expand(640 - 512 - NUM_TOKENS, -1))
     for name in base_w:
         if name not in ("model.embed_tokens.weight", "lm_head.weight"):
             torch.testing.assert_close(new_w[name], base_w[name], rtol=0, atol=0)
@@ -138,7 +160,9 @@ def test_extended_model_logits_equal_base_on_old_vocab_text(extended):
     base = LlamaForCausalLM.from_pretrained(extended["base"]).eval()
     ext = LlamaForCausalLM.from_pretrained(extended["out"]).eval()
     assert ext.get_input_embeddings().weight.shape[0] == 640
-    ids = torch.tensor([old_tok.encode(extended["general"][0]).ids[:48], old_tok.encode(extended["listings"][1]).ids[:48]])
+    ids = torch.tensor(
+        [old_tok.encode(extended["general"][0]).ids[:48], old_tok.encode(extended["listings"][1]).ids[:48]]
+    )
     with torch.no_grad():
         a, b = base(ids).logits, ext(ids).logits
     assert b.shape[-1] == 640
@@ -157,14 +181,23 @@ def test_llama3_layout_and_tied_embeddings(tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(sample_texts(200), trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        sample_texts(200),
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     n_bpe = tok.get_vocab_size()
     tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_0|>"])
     tok_dir = tmp_path / "tok"
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>").save_pretrained(tok_dir)
-    cfg = dataclasses.replace(load_model_config("tiny"), vocab_size=n_bpe + 3, tie_word_embeddings=True,
-                              bos_token_id=n_bpe, eos_token_id=n_bpe + 1)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    ).save_pretrained(tok_dir)
+    cfg = dataclasses.replace(
+        load_model_config("tiny"),
+        vocab_size=n_bpe + 3,
+        tie_word_embeddings=True,
+        bos_token_id=n_bpe,
+        eos_token_id=n_bpe + 1,
+    )
     base = write_random_hf_llama(tmp_path / "base", cfg, tokenizer_dir=tok_dir)
     domain = ["Brand: Zyntex Quorbel, Condition: refurbished Zyntex quorbelizer"] * 20
     report = extend_vocabulary(base, domain, 5, tmp_path / "ext", pad_to_multiple_of=64)
@@ -172,14 +205,21 @@ def test_llama3_layout_and_tied_embeddings(tmp_path):
     assert report["model"]["resized"] == ["model.embed_tokens.weight"] and report["model"]["tied"]
     new_json = json.loads((tmp_path / "ext" / "tokenizer.json").read_text())
     assert [(t["id"], t["content"]) for t in new_json["added_tokens"]] == [
-        (n_bpe, "<|begin_of_text|>"), (n_bpe + 1, "<|end_of_text|>"), (n_bpe + 2, "<|reserved_0|>")]
+        (n_bpe, "<|begin_of_text|>"),
+        (n_bpe + 1, "<|end_of_text|>"),
+        (n_bpe + 2, "<|reserved_0|>"),
+    ]
     ext_tok = Tokenizer.from_file(str(tmp_path / "ext" / "tokenizer.json"))
     assert ext_tok.token_to_id("<|end_of_text|>") == n_bpe + 1
     assert ext_tok.decode(ext_tok.encode(domain[0]).ids) == domain[0]
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tmp_path / "ext")
-    assert hf.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_0|>"]) == [n_bpe, n_bpe + 1, n_bpe + 2]
+    assert hf.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_0|>"]) == [
+        n_bpe,
+        n_bpe + 1,
+        n_bpe + 2,
+    ]
     ids = hf("<|end_of_text|>" + domain[0], add_special_tokens=False)["input_ids"]
     assert ids[0] == n_bpe + 1 and max(ids) >= n_bpe + 3
     w = load_file(tmp_path / "ext" / "model.safetensors")["model.embed_tokens.weight"]
@@ -188,9 +228,23 @@ def test_llama3_layout_and_tied_embeddings(tmp_path):
 
 def test_bad_input_fails_before_work(tmp_path):
     (tmp_path / "base").mkdir()
-    r = subprocess.run([sys.executable, "tools/extend_vocab.py", "--hf-dir", str(tmp_path / "base"), "--corpus",
-                        str(tmp_path / "c.jsonl"), "--num-tokens", "3", "--out", str(tmp_path / "o")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/extend_vocab.py",
+            "--hf-dir",
+            str(tmp_path / "base"),
+            "--corpus",
+            str(tmp_path / "c.jsonl"),
+            "--num-tokens",
+            "3",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "tokenizer.json" in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -200,13 +254,26 @@ def test_extended_checkpoint_converts_to_megatron_and_trains(extended, tmp_path)
     """The extended HF folder imports with tools/convert_hf.py (logits checked by --verify) and
     recipes/cpt.py continues training from it on data tokenized with the new tokenizer."""
     import numpy as np
+    from conftest import run_cpt
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from conftest import run_cpt
-
     ckpt = tmp_path / "ckpt"
-    r = subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(extended["out"]),
-                        "--out", str(ckpt), "--verify", "--quiet"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_hf.py",
+            "import",
+            "--hf-dir",
+            str(extended["out"]),
+            "--out",
+            str(ckpt),
+            "--verify",
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
     new_tok = _tok(extended["out"])

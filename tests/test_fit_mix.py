@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 
 from ellama_megatron.data.blend_plan import resolve_shares
-from ellama_megatron.sweep.mix_law import (DcptLaw, LawFit, MixLawError, fit_law, fit_mix, fit_sweep, read_points,
-                                           recommend)
+from ellama_megatron.sweep.mix_law import (
+    DcptLaw,
+    LawFit,
+    MixLawError,
+    fit_law,
+    fit_mix,
+    fit_sweep,
+    read_points,
+    recommend,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = REPO / "tests" / "data" / "mix_sweep_tiny" / "sweep_table.json"  # made by recipes/sweep.py (README there)
@@ -33,10 +41,24 @@ def synthetic_table(path: Path, general_shares=(0.2, 0.4, 0.6, 0.8), budgets=(1e
         for tokens in budgets:
             for g in general_shares:
                 e = round(1.0 - g, 10)
-                rows.append({"num": len(rows), "finished": True, "parameters": 8.0e9, "tokens": tokens,
-                             "overrides": [f"data.groups.general.share={g}", f"train.train_tokens={tokens:g}", f"optim.lr={lr}"],
-                             "shares": {"general": g, "ecommerce": e},
-                             "valid_loss": {"general": float(GENERAL.loss(g, tokens)), "ecommerce": float(ECOMMERCE.loss(e, tokens))}})
+                rows.append(
+                    {
+                        "num": len(rows),
+                        "finished": True,
+                        "parameters": 8.0e9,
+                        "tokens": tokens,
+                        "overrides": [
+                            f"data.groups.general.share={g}",
+                            f"train.train_tokens={tokens:g}",
+                            f"optim.lr={lr}",
+                        ],
+                        "shares": {"general": g, "ecommerce": e},
+                        "valid_loss": {
+                            "general": float(GENERAL.loss(g, tokens)),
+                            "ecommerce": float(ECOMMERCE.loss(e, tokens)),
+                        },
+                    }
+                )
     path.write_text(json.dumps({"points": rows}))
     return path
 
@@ -66,8 +88,13 @@ def test_the_measured_tiny_sweep_predicts_each_held_out_point_within_5_percent(t
     recipes/sweep.py with hydra/sweeper=mix_tiny; README beside the table): the report gives, per
     point and domain, the error of a fit on the other 11 points predicting it, and each is within
     5% (measured: code 1.39%, general 2.09%)."""
-    proc = subprocess.run([sys.executable, "tools/fit_mix.py", str(MEASURED), "--out", str(tmp_path), "--tokens", "491520"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "tools/fit_mix.py", str(MEASURED), "--out", str(tmp_path), "--tokens", "491520"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "fit_mix.json").read_text())
     points = read_points(MEASURED)
@@ -80,7 +107,9 @@ def test_the_measured_tiny_sweep_predicts_each_held_out_point_within_5_percent(t
         assert law["max_held_out_error"] == pytest.approx(max(errors))
         # Each held-out figure is a fit without that point: redo one.
         rest = [p for p in points if p.num != 11]
-        again = fit_law(domain, [p.shares[domain] for p in rest], [p.tokens for p in rest], [p.loss[domain] for p in rest])
+        again = fit_law(
+            domain, [p.shares[domain] for p in rest], [p.tokens for p in rest], [p.loss[domain] for p in rest]
+        )
         held = next(p for p in points if p.num == 11)
         want = float(again.law.loss(held.shares[domain], held.tokens)) / held.loss[domain] - 1
         assert law["leave_one_out"][11]["error"] == pytest.approx(want, abs=1e-6)
@@ -108,8 +137,10 @@ def test_bad_tables_are_refused_naming_the_file_and_the_field(tmp_path):
         fit_sweep(read_points(synthetic_table(tmp_path / "one.json", budgets=(1e8,))))
     # Fewer points than the law needs.
     with pytest.raises(MixLawError, match=r"few\.json: 6 points with valid_loss\.ecommerce; the law has 6 parameters"):
-        fit_sweep(read_points(synthetic_table(tmp_path / "few.json", general_shares=(0.2, 0.5, 0.8), budgets=(1e8, 1e9))),
-                  source=str(tmp_path / "few.json"))
+        fit_sweep(
+            read_points(synthetic_table(tmp_path / "few.json", general_shares=(0.2, 0.5, 0.8), budgets=(1e8, 1e9))),
+            source=str(tmp_path / "few.json"),
+        )
     # An LR axis mixes two laws: refused, and --where picks one slice.
     two_lrs = synthetic_table(tmp_path / "lr.json", lrs=("1e-5", "3e-5"))
     with pytest.raises(MixLawError, match=r"differ in optim\.lr \(1e-5, 3e-5\).*--where optim\.lr=1e-5"):
@@ -118,8 +149,13 @@ def test_bad_tables_are_refused_naming_the_file_and_the_field(tmp_path):
     with pytest.raises(MixLawError, match=r"no finished point has optim\.lr=0\.00003; .*optim\.lr: 1e-5, 3e-5"):
         read_points(two_lrs, {"optim.lr": "0.00003"})
     # Through the tool: one line naming the file and the field, exit 2, nothing written.
-    proc = subprocess.run([sys.executable, "tools/fit_mix.py", str(two_lrs), "--out", str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "tools/fit_mix.py", str(two_lrs), "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {two_lrs}: the points differ in optim.lr")
     assert not (tmp_path / "out").exists()
     with pytest.raises(MixLawError, match=r"--domain 'food' is not a data group"):
@@ -137,8 +173,11 @@ def test_sweep_table_rows_carry_each_points_shares_tokens_and_parameters(tmp_pat
     from ellama_megatron.sweep.table import point_scale
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["data=demo_blend", "data.groups.general.share=0.3", "train.train_tokens=20000"],
-                      return_hydra_config=False)
+        cfg = compose(
+            "config",
+            overrides=["data=demo_blend", "data.groups.general.share=0.3", "train.train_tokens=20000"],
+            return_hydra_config=False,
+        )
         sweeper = compose("config", overrides=["hydra/sweeper=mix_tiny"], return_hydra_config=True).hydra.sweeper
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     scale = point_scale(tmp_path / "config.yaml")

@@ -107,7 +107,9 @@ def test_a_folder_without_a_record_is_refused_naming_it(tmp_path):
     (tmp_path / RECORD_FILE).write_text("convert: {}\n")
     with pytest.raises(CheckpointFormatError, match="has no 'model' section"):
         read_record(tmp_path)
-    with pytest.raises(CheckpointFormatError, match=r"neither a Hugging Face model folder \(no config.json\) nor a Megatron checkpoint"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"neither a Hugging Face model folder \(no config.json\) nor a Megatron checkpoint"
+    ):
         folder_kind(tmp_path, "--model")
 
 
@@ -129,8 +131,10 @@ def test_hf_folder_shards_and_their_damage(tmp_path):
     a = torch.randn(4, 2)
     write_safetensors(folder / "model-00001-of-00002.safetensors", {"a": a})
     write_safetensors(folder / "model-00002-of-00002.safetensors", {"b": torch.ones(3)})
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     hf = HFFolder.open(folder)
     assert hf.shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -158,10 +162,18 @@ def test_formats_is_the_bottom_room():
     others = []
     for path in sorted((PACKAGE / "ellama_megatron" / "formats").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
-                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            others += [f"{path.name}: {n}" for n in names
-                       if n.startswith("ellama_megatron.") and not n.startswith("ellama_megatron.formats")]
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            others += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.startswith("ellama_megatron.") and not n.startswith("ellama_megatron.formats")
+            ]
     assert others == []
 
 
@@ -171,4 +183,7 @@ def test_finding_a_checkpoint_record_does_not_import_torch():
     import sys
 
     code = "import sys, ellama_megatron.formats.megatron_checkpoint; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -20,9 +20,16 @@ PRESETS = {
     "8b_node": ["model=llama31_8b", "parallel=llama31_8b_node", "train=paper", "cluster=slurm_h100", "cluster.nodes=8"],
     "70b_480": ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"],
     # The optional features a user turns on: asynchronous saves, Weights & Biases, full recompute.
-    "8b_options": ["model=llama31_8b", "parallel=llama31_8b_node", "train=paper", "cluster=slurm_h100",
-                   "cluster.nodes=8", "checkpoint.async_save=true", "logging.wandb_project=ellama",
-                   "parallel.recompute_granularity=full"],
+    "8b_options": [
+        "model=llama31_8b",
+        "parallel=llama31_8b_node",
+        "train=paper",
+        "cluster=slurm_h100",
+        "cluster.nodes=8",
+        "checkpoint.async_save=true",
+        "logging.wandb_project=ellama",
+        "parallel.recompute_granularity=full",
+    ],
 }
 
 
@@ -59,9 +66,14 @@ def test_gpu_preset_arguments_are_run_as_given(preset, transformer_impl, h100_ra
     assert args.use_distributed_optimizer and args.overlap_grad_reduce and args.overlap_param_gather
     assert not args.use_cpu_initialization and args.transformer_impl == transformer_impl
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size) == (
-        plan.tp, plan.pp, plan.dp)
+        plan.tp,
+        plan.pp,
+        plan.dp,
+    )
     # Megatron's local spec cannot shard its norms over the sequence: sequence parallelism is TE's.
-    assert args.sequence_parallel == (plan.tp > 1 and plan.sequence_parallel and transformer_impl == "transformer_engine")
+    assert args.sequence_parallel == (
+        plan.tp > 1 and plan.sequence_parallel and transformer_impl == "transformer_engine"
+    )
     if preset == "8b_options":
         assert args.async_save and args.use_persistent_ckpt_worker and args.wandb_project == "ellama"
         assert (args.recompute_granularity, args.recompute_method) == ("full", "uniform")

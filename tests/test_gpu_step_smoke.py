@@ -64,7 +64,10 @@ def test_tiny_step_runs_on_cpu_and_writes_json(tmp_path):
     proc = subprocess.run(
         # bf16: the GPU path (Float16Module, Megatron's bf16 optimizer with fp32 main params).
         [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--dtype", "bf16", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]

@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO, data_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, data_overrides
 from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch import slurm
 from ellama_megatron.launch.prepare import prepare
 from ellama_megatron.run.memory import check_fits
 from ellama_megatron.run.plan import LayoutError, RunPlan, padded_vocab_size
-from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.run.progress import DONE_FILE, LATEST_ITERATION_FILE
+from ellama_megatron.run.schema import ConfigError
 
 PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
 
@@ -50,9 +50,18 @@ def test_the_planner_and_the_recipe_apply_the_same_layout_rules(domain_data, tmp
         check_fits(composed(*PAPER_70B, *few_micro_batches))
     base = [f"run_dir={tmp_path / 'run'}", *data_overrides(domain_data)]
     with pytest.raises(ConfigError) as refused:
-        prepare(composed(*base, "parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2",
-                         "cluster.procs_per_node=2", "train.global_batch_size=1", "train.micro_batch_size=1",
-                         "train.seq_length=4096", "model.max_position_embeddings=2048"))
+        prepare(
+            composed(
+                *base,
+                "parallel=pp2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+                "cluster.procs_per_node=2",
+                "train.global_batch_size=1",
+                "train.micro_batch_size=1",
+                "train.seq_length=4096",
+                "model.max_position_embeddings=2048",
+            )
+        )
     msg = str(refused.value)
     assert "interleaved pipeline needs at least PP=2 micro-batches per step, got 1" in msg
     assert "train.seq_length=4096 exceeds model.max_position_embeddings=2048" in msg
@@ -101,25 +110,52 @@ def test_allocation_from_the_job_or_the_sbatch_header():
     assert slurm.allocation(REPO / "slurm" / "8b.sbatch", {}) == (8, 8)
 
 
-@pytest.mark.parametrize("case, expected", [
-    (dict(finished=True, signalled=True, exit_code=0, end_iteration=30), (False, 0, "run finished (iteration 30 of 30)")),
-    (dict(signalled=False, exit_code=1), (False, 1, "ranks failed (exit 1) without a preemption")),
-    (dict(signalled=False, exit_code=0, end_iteration=10), (False, 3, "made no progress")),
-    (dict(signalled=False, exit_code=0, end_iteration=15), (True, 0, "requeueing (restart 3)")),  # Megatron's own timed exit
-    (dict(signalled=True, exit_code=143, end_iteration=10), (True, 0, "resume from iteration 10")),
-    (dict(signalled=True, exit_code=0, restart=500), (False, 4, "ELLAMA_MAX_REQUEUES=500")),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (
+            dict(finished=True, signalled=True, exit_code=0, end_iteration=30),
+            (False, 0, "run finished (iteration 30 of 30)"),
+        ),
+        (dict(signalled=False, exit_code=1), (False, 1, "ranks failed (exit 1) without a preemption")),
+        (dict(signalled=False, exit_code=0, end_iteration=10), (False, 3, "made no progress")),
+        (
+            dict(signalled=False, exit_code=0, end_iteration=15),
+            (True, 0, "requeueing (restart 3)"),
+        ),  # Megatron's own timed exit
+        (dict(signalled=True, exit_code=143, end_iteration=10), (True, 0, "resume from iteration 10")),
+        (dict(signalled=True, exit_code=0, restart=500), (False, 4, "ELLAMA_MAX_REQUEUES=500")),
+    ],
+)
 def test_requeue_decision(case, expected):
-    args = dict(finished=False, signalled=True, exit_code=0, start_iteration=10, end_iteration=12,
-                train_iterations=30, restart=2, max_requeues=500) | case
+    args = (
+        dict(
+            finished=False,
+            signalled=True,
+            exit_code=0,
+            start_iteration=10,
+            end_iteration=12,
+            train_iterations=30,
+            restart=2,
+            max_requeues=500,
+        )
+        | case
+    )
     decision = slurm.requeue_decision(**args)
     assert (decision.requeue, decision.exit_code) == expected[:2]
     assert expected[2] in decision.reason
 
 
 def test_prepare_job_records_the_config_and_says_what_to_start(domain_data, tmp_path, capsys):
-    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "t", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2",
-           "SLURM_RESTART_COUNT": "1", "ELLAMA_LOG_ROOT": str(tmp_path / "logs"), "PATH": ""}  # no squeue: no time limit
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "t",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_RESTART_COUNT": "1",
+        "ELLAMA_LOG_ROOT": str(tmp_path / "logs"),
+        "PATH": "",
+    }  # no squeue: no time limit
     run_dir = tmp_path / "run"
     user = [*data_overrides(domain_data), f"run_dir={run_dir}"]
     status, variables = slurm.prepare_job(REPO / "slurm" / "8b.sbatch", ["model=tiny", "parallel=single"], user, env)
@@ -140,8 +176,9 @@ def test_prepare_job_records_the_config_and_says_what_to_start(domain_data, tmp_
     assert slurm.end_job(run_dir / "config.yaml", "USR1", 0, 15, log_dir, env) == 0
     assert "run finished (iteration 20 of 20): not requeueing" in capsys.readouterr().err
     # An invalid config: status 2, nothing to start.
-    status, variables = slurm.prepare_job(REPO / "slurm" / "8b.sbatch", ["model=tiny"],
-                                          [*user, "parallel.tensor_model_parallel_size=3"], env)
+    status, variables = slurm.prepare_job(
+        REPO / "slurm" / "8b.sbatch", ["model=tiny"], [*user, "parallel.tensor_model_parallel_size=3"], env
+    )
     assert status == 2 and not variables
     err = capsys.readouterr().err
     assert "not divisible by TP x PP x CP" in err and "not starting, not requeueing" in err

@@ -28,8 +28,11 @@ def test_written_config_reads_back_to_the_same_llama_config(preset, scaled):
     assert (written["dtype"], written["torch_dtype"]) == ("bfloat16", "bfloat16")
     # The transformers 4 keys carry the same RoPE as transformers 5's rope_parameters.
     if scaled:
-        assert written["rope_scaling"] == {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                                           **LLAMA3_ROPE_SCALING}
+        assert written["rope_scaling"] == {
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
+            **LLAMA3_ROPE_SCALING,
+        }
         assert {k: written["rope_parameters"][k] for k in LLAMA3_ROPE_SCALING} == LLAMA3_ROPE_SCALING
     else:
         assert written["rope_scaling"] is None

@@ -43,10 +43,14 @@ def training_config(overrides: list[str], run_dir, monkeypatch):
     return model, core_transformer_config_from_args(args)
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["model.tie_word_embeddings=true", "model.rope_scaling_factor=null"],
-], ids=["tiny", "tied_unscaled"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.tie_word_embeddings=true", "model.rope_scaling_factor=null"],
+    ],
+    ids=["tiny", "tied_unscaled"],
+)
 def test_verify_builds_the_config_training_builds(overrides, tmp_path, monkeypatch):
     from ellama_megatron.convert.verify import model_config
 
@@ -54,30 +58,43 @@ def test_verify_builds_the_config_training_builds(overrides, tmp_path, monkeypat
     monkeypatch.delenv("WORLD_SIZE")
     verified = model_config(model, on_gpu=False, dtype=torch.float32)
     assert type(verified) is type(trained)
-    differing = {f.name: (getattr(trained, f.name), getattr(verified, f.name))
-                 for f in dataclasses.fields(trained) if not same(getattr(trained, f.name), getattr(verified, f.name))}
+    differing = {
+        f.name: (getattr(trained, f.name), getattr(verified, f.name))
+        for f in dataclasses.fields(trained)
+        if not same(getattr(trained, f.name), getattr(verified, f.name))
+    }
     assert differing == {name: (not value, value) for name, value in VERIFY_ONLY.items()}
     # And the architecture is the model's.
     assert (verified.num_layers, verified.hidden_size, verified.ffn_hidden_size) == (
-        model.num_layers, model.hidden_size, model.ffn_hidden_size)
+        model.num_layers,
+        model.hidden_size,
+        model.ffn_hidden_size,
+    )
     assert (verified.num_attention_heads, verified.num_query_groups, verified.kv_channels) == (
-        model.num_attention_heads, model.num_query_groups, model.kv_channels)
+        model.num_attention_heads,
+        model.num_query_groups,
+        model.kv_channels,
+    )
     assert verified.normalization == "RMSNorm" and verified.gated_linear_unit and not verified.add_bias_linear
     assert verified.layernorm_epsilon == model.norm_epsilon and verified.init_method_std == model.init_method_std
 
 
-@pytest.mark.parametrize("optim", [
-    ["optim=cpt"],
-    ["optim=cpt_rewarm"],
-    ["optim=cpt_wsd"],
-    ["optim=cpt_wsd", "optim.lr_wsd_decay_style=exponential", "optim.lr_wsd_decay_fraction=0.1"],
-], ids=["cosine", "rewarm", "wsd", "wsd_exponential"])
+@pytest.mark.parametrize(
+    "optim",
+    [
+        ["optim=cpt"],
+        ["optim=cpt_rewarm"],
+        ["optim=cpt_wsd"],
+        ["optim=cpt_wsd", "optim.lr_wsd_decay_style=exponential", "optim.lr_wsd_decay_fraction=0.1"],
+    ],
+    ids=["cosine", "rewarm", "wsd", "wsd_exponential"],
+)
 def test_lr_schedule_presets_parse_as_megatron_arguments(optim, tmp_path, monkeypatch):
     """Each conf/optim preset's LR flags through Megatron's parsing and validation, and the curve the
     planner prints from Megatron's scheduler: warmup from lr_warmup_init, peak, floor at the end."""
+    from ellama_megatron.engine.lr_schedule import lr_curve
     from ellama_megatron.engine.megatron_args import megatron_argv
     from ellama_megatron.llama.megatron import parse_megatron_args
-    from ellama_megatron.engine.lr_schedule import lr_curve
     from ellama_megatron.run.plan import RunPlan
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

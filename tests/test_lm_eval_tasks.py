@@ -53,9 +53,24 @@ def test_lm_eval_runs_ecom_tasks_offline(tmp_path):
     write_sample_task_data(data, per_task=4)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [
-        LM_EVAL, "--model", "hf", "--model_args", f"pretrained={model}", "--include_path", str(TASKS_DIR),
-        "--tasks", "ecom_en,ecom_sentiment_de,ecom_aspect_ll_fr", "--device", "cpu", "--batch_size", "8",
-        "--metadata", json.dumps({"ecom_data_dir": str(data)}), "--output_path", str(tmp_path / "out"), "--log_samples",
+        LM_EVAL,
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model}",
+        "--include_path",
+        str(TASKS_DIR),
+        "--tasks",
+        "ecom_en,ecom_sentiment_de,ecom_aspect_ll_fr",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "8",
+        "--metadata",
+        json.dumps({"ecom_data_dir": str(data)}),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_safetensors_folder as load_all
 from safetensors.torch import load_file, save_file
 
-from ellama_megatron.merge.request import MergeInputError
+from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.methods import SLERP_PARALLEL_THRESHOLD
-from ellama_megatron.llama.config import load_model_config
+from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
-
-from conftest import load_safetensors_folder as load_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +46,13 @@ def test_linear_merge_is_the_formula_and_keeps_layout(models, tmp_path):
     for alpha, out in zip([0.0, 0.5, 1.0], outs):
         # Same layout: same files, same index, config and tokenizer.
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
-        for name in ["model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
+        for name in [
+            "model.safetensors.index.json",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]:
             assert (out / name).read_bytes() == (base / name).read_bytes(), name
         tm = load_all(out)
         assert tm.keys() == tb.keys()
@@ -154,7 +159,9 @@ def test_refuses_different_shapes(models, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = models["cfg"].ffn_hidden_size
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MergeInputError, match=r"tensor shapes differ: model\.layers\.0\.mlp\.down_proj\.weight is \[64, 160\]"):
+    with pytest.raises(
+        MergeInputError, match=r"tensor shapes differ: model\.layers\.0\.mlp\.down_proj\.weight is \[64, 160\]"
+    ):
         merge_hf_folders(models["base"], [d], [0.5], tmp_path / "m", progress=False)
 
 
@@ -167,7 +174,9 @@ def test_refuses_missing_tensor_and_dtype(models, tmp_path):
     del tensors["model.norm.weight"]
     save_file(tensors, d / shard, metadata={"format": "pt"})
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(MergeInputError, match=r"tensor names differ.*model\.norm\.weight is in base but not in adapted"):
+    with pytest.raises(
+        MergeInputError, match=r"tensor names differ.*model\.norm\.weight is in base but not in adapted"
+    ):
         merge_hf_folders(models["base"], [d], [0.5], tmp_path / "m", progress=False)
 
     d = tmp_path / "half"
@@ -203,11 +212,30 @@ def test_cli_refusals(models, tmp_path, capsys):
     (meg / "latest_checkpointed_iteration.txt").write_text("10")
     # A Hugging Face folder and a Megatron checkpoint are not merged together (tests/test_merge_megatron.py
     # merges two Megatron checkpoints).
-    assert merge_main(["--base", str(models["base"]), "--adapted", str(meg), "--alpha", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        merge_main(
+            ["--base", str(models["base"]), "--adapted", str(meg), "--alpha", "0.5", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "is a Megatron checkpoint" in err and "tools/convert_hf.py" in err
     (tmp_path / "junk").mkdir()
-    assert merge_main(["--base", str(tmp_path / "junk"), "--adapted", str(models["adapted"]), "--alpha", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        merge_main(
+            [
+                "--base",
+                str(tmp_path / "junk"),
+                "--adapted",
+                str(models["adapted"]),
+                "--alpha",
+                "0.5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "neither a Hugging Face model folder" in capsys.readouterr().err
     args = ["--base", str(models["base"]), "--adapted", str(models["adapted"]), "--adapted", str(models["other"])]
     assert merge_main(args + ["--alpha", "0.5", "--out", str(tmp_path / "x")]) == 2

@@ -33,15 +33,22 @@ def test_merge_curve_writes_table_json_and_png(tmp_path):
         p.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(6, seed)))
         specs.append(parse_domain_spec(f"{name}={p}"))
     out = tmp_path / "report"
-    report = run_merge_curve(base, adapted, [0.5], specs, out, seq_length=32, batch_size=4, device="cpu", progress=False)
+    report = run_merge_curve(
+        base, adapted, [0.5], specs, out, seq_length=32, batch_size=4, device="cpu", progress=False
+    )
     assert [p["alpha"] for p in report["points"]] == [0.0, 0.5, 1.0]
     assert [p["label"] for p in report["points"]] == ["base", "merged", "adapted"]
     assert not (out / "merged").exists()  # merged models removed after evaluation
     # End points are the input models themselves.
     direct = evaluate_model_dir(base, specs, seq_length=32, batch_size=4, device="cpu", progress=False)
-    assert report["points"][0]["domains"]["general"]["perplexity"] == pytest.approx(direct["domains"]["general"]["perplexity"], rel=1e-6)
+    assert report["points"][0]["domains"]["general"]["perplexity"] == pytest.approx(
+        direct["domains"]["general"]["perplexity"], rel=1e-6
+    )
     saved = json.loads((out / "curve.json").read_text())
-    assert saved["points"][1]["domains"]["ecommerce"]["perplexity"] == report["points"][1]["domains"]["ecommerce"]["perplexity"]
+    assert (
+        saved["points"][1]["domains"]["ecommerce"]["perplexity"]
+        == report["points"][1]["domains"]["ecommerce"]["perplexity"]
+    )
     table = (out / "curve.md").read_text().splitlines()
     assert table[0] == "| alpha | model | general ppl | ecommerce ppl |" and len(table) == 5
     assert table[3].startswith("| 0.5 | merged | ")
@@ -57,7 +64,9 @@ def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folder
 
     tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
     cfg = load_model_config("tiny")
-    hf = {n: write_random_hf_llama(tmp_path / f"{n}_hf", cfg, seed=s, tokenizer_dir=tok) for n, s in (("b", 0), ("a", 1))}
+    hf = {
+        n: write_random_hf_llama(tmp_path / f"{n}_hf", cfg, seed=s, tokenizer_dir=tok) for n, s in (("b", 0), ("a", 1))
+    }
     for n in hf:
         import_hf(hf[n], tmp_path / f"{n}_ckpt", quiet=True)
     p = tmp_path / "general.jsonl"
@@ -67,7 +76,9 @@ def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folder
     specs = [parse_domain_spec(f"general={p}"), parse_domain_spec(f"ecommerce={q}")]
     kw = dict(seq_length=32, batch_size=4, device="cpu", progress=False)
     want = run_merge_curve(hf["b"], hf["a"], [0.5], specs, tmp_path / "hf_report", **kw)
-    got = run_merge_curve(tmp_path / "b_ckpt", tmp_path / "a_ckpt", [0.5], specs, tmp_path / "report", keep_merged=True, **kw)
+    got = run_merge_curve(
+        tmp_path / "b_ckpt", tmp_path / "a_ckpt", [0.5], specs, tmp_path / "report", keep_merged=True, **kw
+    )
     mixed = run_merge_curve(tmp_path / "b_ckpt", hf["a"], [0.5], specs, tmp_path / "mixed", **kw)
     for report in (got, mixed):
         assert [x["domains"] for x in report["points"]] == [x["domains"] for x in want["points"]]
@@ -117,8 +128,12 @@ def test_training_curves_from_log_and_tensorboard(tmp_path):
 
     png = plot_training_curves(log, tmp_path / "curves.png")
     assert np.asarray(Image.open(png)).shape[0] > 200
-    r = subprocess.run([sys.executable, "tools/plot_training_curves.py", str(log_file), "--out", str(tmp_path / "c2.png")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "tools/plot_training_curves.py", str(log_file), "--out", str(tmp_path / "c2.png")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "validation domains: ecommerce (2 points), general (2 points)" in r.stdout
     empty = tmp_path / "empty.log"

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_safetensors_folder as load_all
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.formats.megatron_checkpoint import find_checkpoint
 from ellama_megatron.formats.torch_dist import CheckpointReader
-from ellama_megatron.merge.request import MergeInputError
+from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints
-from ellama_megatron.llama.config import load_model_config
+from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
-
-from conftest import load_safetensors_folder as load_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,8 +52,9 @@ def ckpts(tmp_path_factory):
 def test_linear_merge_equals_export_then_hf_merge(ckpts, tmp_path):
     alphas = [0.0, 0.5, 1.0]
     outs = merge_megatron_checkpoints(ckpts["base"], [ckpts["adapted"]], alphas, tmp_path / "m", progress=False).outputs
-    ref = merge_hf_folders(ckpts["base_exported"], [ckpts["adapted_exported"]], alphas, tmp_path / "hf_m",
-                           progress=False).outputs
+    ref = merge_hf_folders(
+        ckpts["base_exported"], [ckpts["adapted_exported"]], alphas, tmp_path / "hf_m", progress=False
+    ).outputs
     assert [p.name for p in outs] == ["alpha_0", "alpha_0.5", "alpha_1"]
     for out, hf_out in zip(outs, ref):
         # The importer's layout, weights only.
@@ -77,16 +77,20 @@ def test_linear_merge_equals_export_then_hf_merge(ckpts, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "alpha_0.5_exported", local_files_only=True)
     AutoTokenizer.from_pretrained(tmp_path / "alpha_0.5_exported", local_files_only=True)
     tm = load_all(tmp_path / "alpha_0.5_exported")
-    assert torch.equal(m.state_dict()["model.layers.1.self_attn.k_proj.weight"], tm["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(
+        m.state_dict()["model.layers.1.self_attn.k_proj.weight"], tm["model.layers.1.self_attn.k_proj.weight"]
+    )
 
 
 @pytest.mark.parametrize("method", ["slerp", "task_arithmetic"])
 def test_other_methods_equal_hf_merge(ckpts, tmp_path, method):
     # SLERP runs in Hugging Face's split (q, k, v and gate, up separately), so its angles match.
-    out = merge_megatron_checkpoints(ckpts["base"], [ckpts["adapted"]], [0.3], tmp_path / "m", method=method,
-                                     progress=False).outputs[0]
-    ref = merge_hf_folders(ckpts["base_exported"], [ckpts["adapted_exported"]], [0.3], tmp_path / "hf_m",
-                           method=method, progress=False).outputs[0]
+    out = merge_megatron_checkpoints(
+        ckpts["base"], [ckpts["adapted"]], [0.3], tmp_path / "m", method=method, progress=False
+    ).outputs[0]
+    ref = merge_hf_folders(
+        ckpts["base_exported"], [ckpts["adapted_exported"]], [0.3], tmp_path / "hf_m", method=method, progress=False
+    ).outputs[0]
     export_hf(out, tmp_path / "exported", quiet=True)
     got, want = load_all(tmp_path / "exported"), load_all(ref)
     for k in want:
@@ -102,8 +106,9 @@ def test_different_vocab_padding_is_merged_as_the_real_rows(tmp_path, ckpts):
         hf = write_random_hf_llama(tmp_path / f"{name}_hf", cfg, seed=seed, tokenizer_dir=ckpts["tok"])
         import_hf(hf, tmp_path / f"{name}_ckpt", target_tp=tp, quiet=True)
         hfs.append(hf)
-    out = merge_megatron_checkpoints(tmp_path / "b_ckpt", [tmp_path / "a_ckpt"], [0.5], tmp_path / "m",
-                                     progress=False).outputs[0]
+    out = merge_megatron_checkpoints(
+        tmp_path / "b_ckpt", [tmp_path / "a_ckpt"], [0.5], tmp_path / "m", progress=False
+    ).outputs[0]
     emb = megatron_tensors(out)["embedding.word_embeddings.weight"]
     assert emb.shape[0] == 640 and torch.count_nonzero(emb[600:]) == 0
     ref = merge_hf_folders(hfs[0], [hfs[1]], [0.5], tmp_path / "hf_m", progress=False).outputs[0]
@@ -134,26 +139,58 @@ def test_refuses_different_tokenizer(ckpts, tmp_path):
 
 def test_cli_merges_megatron_and_refuses_mixed_or_unknown_inputs(ckpts, tmp_path, capsys):
     def run(*args):
-        return subprocess.run([sys.executable, str(REPO / "tools" / "merge.py"), *map(str, args)], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "merge.py"), *map(str, args)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     p = run("--base", ckpts["base"], "--adapted", ckpts["adapted"], "--alpha", "0.25", "--out", tmp_path / "m")
     assert p.returncode == 0, p.stderr
     assert "Megatron checkpoint" in p.stdout.splitlines()[-1]
-    want = {k: 0.75 * v + 0.25 * megatron_tensors(ckpts["adapted"])[k]
-            for k, v in megatron_tensors(ckpts["base"]).items()}
+    want = {
+        k: 0.75 * v + 0.25 * megatron_tensors(ckpts["adapted"])[k] for k, v in megatron_tensors(ckpts["base"]).items()
+    }
     got = megatron_tensors(tmp_path / "m")
     assert all(torch.equal(got[k], want[k]) for k in want)
     from test_merge import load_tool
 
     merge_main = load_tool("merge").main
-    assert merge_main(["--base", str(ckpts["base"]), "--adapted", str(ckpts["adapted_exported"]), "--alpha", "0.5",
-                       "--out", str(tmp_path / "x")]) == 2
+    assert (
+        merge_main(
+            [
+                "--base",
+                str(ckpts["base"]),
+                "--adapted",
+                str(ckpts["adapted_exported"]),
+                "--alpha",
+                "0.5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Megatron checkpoint" in err and "Hugging Face folder" in err
     (tmp_path / "junk").mkdir()
-    assert merge_main(["--base", str(ckpts["base"]), "--adapted", str(tmp_path / "junk"), "--alpha", "0.5",
-                       "--out", str(tmp_path / "x")]) == 2
+    assert (
+        merge_main(
+            [
+                "--base",
+                str(ckpts["base"]),
+                "--adapted",
+                str(tmp_path / "junk"),
+                "--alpha",
+                "0.5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "neither a Hugging Face model folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -166,18 +203,18 @@ def test_merged_checkpoint_starts_the_engine_at_its_own_loss(ckpts, tmp_path):
     import math
 
     import numpy as np
+    from conftest import run_cpt
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import LlamaForCausalLM
-
-    from conftest import run_cpt
 
     # Weights far from a random init (std 0.4), so a failed load could not pass for a good one.
     cfg = dataclasses.replace(ckpts["cfg"], init_method_std=0.4)
     for name, seed in (("b", 3), ("a", 4)):
         hf = write_random_hf_llama(tmp_path / f"{name}_hf", cfg, seed=seed, tokenizer_dir=ckpts["tok"])
         import_hf(hf, tmp_path / f"{name}_ckpt", quiet=True)
-    out = merge_megatron_checkpoints(tmp_path / "b_ckpt", [tmp_path / "a_ckpt"], [0.5], tmp_path / "m",
-                                     progress=False).outputs[0]
+    out = merge_megatron_checkpoints(
+        tmp_path / "b_ckpt", [tmp_path / "a_ckpt"], [0.5], tmp_path / "m", progress=False
+    ).outputs[0]
     seq = 128  # conf/train/tiny.yaml seq_length
     doc = np.random.default_rng(0).integers(4, 512, seq).astype(np.int32)  # no EOD (id 2) inside
     for split, n in (("train", 64), ("valid", 8)):
@@ -192,18 +229,26 @@ def test_merged_checkpoint_starts_the_engine_at_its_own_loss(ckpts, tmp_path):
     with torch.no_grad():
         want = float(torch.nn.functional.cross_entropy(model(tokens[None, :-1]).logits[0], tokens[1:]))
     assert abs(want - math.log(512)) > 0.5
-    proc, log = run_cpt(tmp_path / "run", data, f"checkpoint.init_from={out}", "train.train_tokens=1024",
-                        "train.exit_interval=1", "optim.lr=1e-3")
+    proc, log = run_cpt(
+        tmp_path / "run",
+        data,
+        f"checkpoint.init_from={out}",
+        "train.train_tokens=1024",
+        "train.exit_interval=1",
+        "optim.lr=1e-3",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert log.train_loss[1] == pytest.approx(want, abs=2e-4)
     # The run's own checkpoints/ (engine-written, with optimizer state) merge with the import it
     # started from as their exports do.
     run_ckpts = tmp_path / "run" / "checkpoints"
-    again = merge_megatron_checkpoints(tmp_path / "b_ckpt", [run_ckpts], [0.25], tmp_path / "m2",
-                                       progress=False).outputs[0]
+    again = merge_megatron_checkpoints(
+        tmp_path / "b_ckpt", [run_ckpts], [0.25], tmp_path / "m2", progress=False
+    ).outputs[0]
     export_hf(again, tmp_path / "m2_hf", quiet=True)
     export_hf(run_ckpts, tmp_path / "run_hf", quiet=True)
-    ref = merge_hf_folders(tmp_path / "b_hf", [tmp_path / "run_hf"], [0.25], tmp_path / "m2_ref",
-                           progress=False).outputs[0]
+    ref = merge_hf_folders(
+        tmp_path / "b_hf", [tmp_path / "run_hf"], [0.25], tmp_path / "m2_ref", progress=False
+    ).outputs[0]
     got, want_t = load_all(tmp_path / "m2_hf"), load_all(ref)
     assert got.keys() == want_t.keys() and all(torch.equal(got[k], want_t[k]) for k in want_t)

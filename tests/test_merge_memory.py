@@ -45,6 +45,7 @@ def write_sharded_random_weights(out, cfg, seed, shard_bytes):
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
 
+
 MB = 2**20
 
 # Bound on the merge's peak-RSS growth: the base shard and the adapted shard being read are
@@ -58,8 +59,13 @@ WORKING_BYTES = 48 * MB
 def test_merge_peak_rss_is_near_one_shard(tmp_path):
     cfg = dataclasses.replace(
         load_model_config("tiny"),
-        num_layers=8, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
-        num_query_groups=4, kv_channels=64, vocab_size=4096,
+        num_layers=8,
+        hidden_size=512,
+        ffn_hidden_size=1536,
+        num_attention_heads=8,
+        num_query_groups=4,
+        kv_channels=64,
+        vocab_size=4096,
     )
     for name, seed in [("base", 0), ("adapted", 1)]:
         write_sharded_random_weights(tmp_path / name, cfg, seed, shard_bytes=20 * MB)
@@ -74,7 +80,7 @@ def test_merge_peak_rss_is_near_one_shard(tmp_path):
         from ellama_megatron.merge.merge_hf import merge_hf_folders
         import torch, safetensors, transformers  # everything the merge imports, before the baseline
         from transformers import AutoConfig
-        AutoConfig.from_pretrained({str(tmp_path / 'base')!r})
+        AutoConfig.from_pretrained({str(tmp_path / "base")!r})
         def status(key):
             for line in open("/proc/self/status"):
                 if line.startswith(key + ":"):
@@ -83,8 +89,8 @@ def test_merge_peak_rss_is_near_one_shard(tmp_path):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = status("VmRSS")
-        merge_hf_folders({str(tmp_path / 'base')!r}, [{str(tmp_path / 'adapted')!r}], [0.5],
-                         {str(tmp_path / 'out')!r}, progress=False, chunk_bytes=2 * 2**20)
+        merge_hf_folders({str(tmp_path / "base")!r}, [{str(tmp_path / "adapted")!r}], [0.5],
+                         {str(tmp_path / "out")!r}, progress=False, chunk_bytes=2 * 2**20)
         after = status("VmHWM")
         print(json.dumps({{"before": before, "after": after}}))
         """

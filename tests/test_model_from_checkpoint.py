@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import data_overrides
 from hydra import compose, initialize_config_dir
 
-from conftest import data_overrides
 from ellama_megatron import CONF_DIR
 from ellama_megatron.formats.megatron_checkpoint import megatron_layout, write_record
 from ellama_megatron.launch.prepare import prepare
@@ -21,9 +21,21 @@ from ellama_megatron.run.schema import ConfigError
 # SmolLM2-135M's shape (a Llama-architecture model unlike any preset: tied embeddings, RoPE theta
 # 1e5 without scaling, 49152 ids, 9 heads in 3 KV groups), as tools/convert_hf.py import records it.
 SMOLLM2 = dataclasses.replace(
-    load_model_config("tiny"), name="smollm2", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
-    num_attention_heads=9, num_query_groups=3, kv_channels=64, vocab_size=49152, max_position_embeddings=8192,
-    rotary_base=100000.0, rope_scaling_factor=None, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    load_model_config("tiny"),
+    name="smollm2",
+    num_layers=30,
+    hidden_size=576,
+    ffn_hidden_size=1536,
+    num_attention_heads=9,
+    num_query_groups=3,
+    kv_channels=64,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rotary_base=100000.0,
+    rope_scaling_factor=None,
+    tie_word_embeddings=True,
+    bos_token_id=0,
+    eos_token_id=0,
 ).to_dict()
 
 
@@ -57,8 +69,11 @@ def test_init_from_alone_trains_the_recorded_model(base, imported, tmp_path):
 
 
 def test_an_agreeing_override_is_accepted(base, imported):
-    written = yaml.safe_load(prepare(composed(*base, f"checkpoint.init_from={imported}",
-                                              "model.num_layers=30", "model.tie_word_embeddings=true")).read_text())
+    written = yaml.safe_load(
+        prepare(
+            composed(*base, f"checkpoint.init_from={imported}", "model.num_layers=30", "model.tie_word_embeddings=true")
+        ).read_text()
+    )
     assert written["model"] == SMOLLM2
 
 
@@ -67,8 +82,11 @@ def test_a_disagreeing_preset_is_refused_naming_each_field(base, imported):
         prepare(composed(*base, "model=tiny", f"checkpoint.init_from={imported}"))
     msg = str(e.value)
     tiny = load_model_config("tiny").to_dict()
-    differing = [k for k in SMOLLM2 if k not in ("name", "init_method_std", "bos_token_id", "eos_token_id")
-                 and SMOLLM2[k] != tiny[k]]
+    differing = [
+        k
+        for k in SMOLLM2
+        if k not in ("name", "init_method_std", "bos_token_id", "eos_token_id") and SMOLLM2[k] != tiny[k]
+    ]
     assert len(differing) == 11
     for key in differing:
         assert f"model.{key}={tiny[key]!r} but checkpoint.init_from={imported} has {key}={SMOLLM2[key]!r}" in msg

@@ -16,7 +16,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "ellama_megatron"
 PRESETS = sorted(p.relative_to(REPO).as_posix() for p in (PACKAGE / "conf").rglob("*.yaml"))
-TASK_FILES = sorted(p.relative_to(REPO).as_posix() for p in (PACKAGE / "eval" / "tasks").glob("*") if p.suffix in (".yaml", ".py"))
+TASK_FILES = sorted(
+    p.relative_to(REPO).as_posix() for p in (PACKAGE / "eval" / "tasks").glob("*") if p.suffix in (".yaml", ".py")
+)
 DATA_FILES = ["ellama_megatron/testing/slurm_local.sh"]  # the local Slurm of ellama_megatron.testing.slurm
 
 
@@ -29,8 +31,24 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(PACKAGE, src / "ellama_megatron", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-q", "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (whl,) = (tmp / "dist").glob("ellama_megatron-*.whl")
     return whl
@@ -46,8 +64,12 @@ def test_wheel_lists_every_preset_task_file_and_script(wheel):
 
 def test_installed_wheel_composes_every_preset_from_another_folder(wheel, tmp_path):
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
-                           str(wheel)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The project's dependencies come from this interpreter; ellama_megatron from the install, ahead of
     # the editable checkout on sys.path.

@@ -11,9 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ellama_megatron import CONF_DIR
+from ellama_megatron.llama.config import flops_per_token, matmul_params
 from ellama_megatron.run.memory import GIB, check_fits, enumerate_layouts
 from ellama_megatron.run.plan import LayoutError, padded_vocab_size
-from ellama_megatron.llama.config import flops_per_token, matmul_params
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
@@ -28,17 +28,38 @@ def compose_cfg(overrides):
 def megatron_reference_args(report):
     m, L = report.model, report.layout
     return argparse.Namespace(
-        kv_channels=m.kv_channels, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,
-        group_query_attention=True, num_query_groups=m.num_query_groups, num_experts=None, swiglu=True,
-        moe_shared_expert_intermediate_size=None, ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers,
-        mtp_num_layers=None, normalization="RMSNorm", add_bias_linear=False, qk_layernorm=False,
-        multi_latent_attention=False, moe_latent_size=None, expert_tensor_parallel_size=L.tp,
-        expert_model_parallel_size=1, pipeline_model_parallel_size=L.pp, tensor_model_parallel_size=L.tp,
-        world_size=L.world_size, untie_embeddings_and_output_weights=not m.tie_word_embeddings,
-        padded_vocab_size=padded_vocab_size(m.vocab_size, L.tp), vocab_size=m.vocab_size,
-        use_distributed_optimizer=L.distributed_optimizer, data_parallel_size=L.dp, seq_length=L.seq_length,
-        micro_batch_size=L.micro_batch_size, virtual_pipeline_model_parallel_size=L.vp,
-        sequence_parallel=L.sequence_parallel, recompute_granularity=L.recompute, context_parallel_size=L.cp,
+        kv_channels=m.kv_channels,
+        num_attention_heads=m.num_attention_heads,
+        hidden_size=m.hidden_size,
+        group_query_attention=True,
+        num_query_groups=m.num_query_groups,
+        num_experts=None,
+        swiglu=True,
+        moe_shared_expert_intermediate_size=None,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_layers=m.num_layers,
+        mtp_num_layers=None,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        qk_layernorm=False,
+        multi_latent_attention=False,
+        moe_latent_size=None,
+        expert_tensor_parallel_size=L.tp,
+        expert_model_parallel_size=1,
+        pipeline_model_parallel_size=L.pp,
+        tensor_model_parallel_size=L.tp,
+        world_size=L.world_size,
+        untie_embeddings_and_output_weights=not m.tie_word_embeddings,
+        padded_vocab_size=padded_vocab_size(m.vocab_size, L.tp),
+        vocab_size=m.vocab_size,
+        use_distributed_optimizer=L.distributed_optimizer,
+        data_parallel_size=L.dp,
+        seq_length=L.seq_length,
+        micro_batch_size=L.micro_batch_size,
+        virtual_pipeline_model_parallel_size=L.vp,
+        sequence_parallel=L.sequence_parallel,
+        recompute_granularity=L.recompute,
+        context_parallel_size=L.cp,
     )
 
 
@@ -79,8 +100,14 @@ def test_flops_match_paper_throughput():
 
 
 def test_oversized_layout_refused_with_numbers():
-    cfg = compose_cfg(PAPER_70B + ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-                                   "parallel.virtual_pipeline_model_parallel_size=null"])
+    cfg = compose_cfg(
+        PAPER_70B
+        + [
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.virtual_pipeline_model_parallel_size=null",
+        ]
+    )
     report = check_fits(cfg)
     assert not report.fits
     msg = report.refusal()
@@ -116,11 +143,23 @@ def test_plan_cli_exit_codes():
     # The run's LR curve from Megatron's scheduler: optim=cpt_70b's peak after 1% of 84,772 iterations.
     assert "learning rate (cosine, Megatron's scheduler) over 84,772 iterations" in ok.stdout
     assert "iteration       848  lr 1.500e-05  peak (end of warmup)" in ok.stdout
-    bad = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B, "parallel.pipeline_model_parallel_size=1",
-                          "parallel.virtual_pipeline_model_parallel_size=null", "parallel.tensor_model_parallel_size=1"],
-                         cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "tools/plan.py",
+            *PAPER_70B,
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.virtual_pipeline_model_parallel_size=null",
+            "parallel.tensor_model_parallel_size=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "REFUSED" in bad.stderr
-    listing = subprocess.run([sys.executable, "tools/plan.py", "--list-layouts", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
+    listing = subprocess.run(
+        [sys.executable, "tools/plan.py", "--list-layouts", *PAPER_70B], cwd=REPO, capture_output=True, text=True
+    )
     assert listing.returncode == 0 and "TP8 PP4 VP5 CP1 DP15" in listing.stdout
 
 
@@ -128,14 +167,28 @@ def test_recipe_refuses_oversized_layout_before_launch(tmp_path):
     """The same check runs in recipes/cpt.py (and so before every Slurm launch and sweep point)."""
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "recipes/cpt.py", "model=llama31_70b", "parallel=single", "train=paper", "cluster=slurm_h100",
-         "launch=none", f"run_dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "recipes/cpt.py",
+            "model=llama31_70b",
+            "parallel=single",
+            "train=paper",
+            "cluster=slurm_h100",
+            "launch=none",
+            f"run_dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     report = check_fits(compose_cfg(["model=llama31_70b", "parallel=single", "train=paper", "cluster=slurm_h100"]))
     assert not report.fits
-    assert f"does not fit the GPU: layout TP1 PP1 CP1 DP480 of llama31_70b needs {report.memory.total / GIB:.1f} GiB" in proc.stderr
+    assert (
+        f"does not fit the GPU: layout TP1 PP1 CP1 DP480 of llama31_70b needs {report.memory.total / GIB:.1f} GiB"
+        in proc.stderr
+    )
     assert "the GPU has 80 GB (cluster.gpu_memory_gb)" in proc.stderr
     assert "ELLAMA_CONFIG=" not in proc.stdout and not (run_dir / "config.yaml").exists()
 
@@ -146,8 +199,18 @@ def test_recipe_accepts_fitting_layout_and_skips_check_without_gpu_limit(tmp_pat
     for name, overrides in (("paper70b", PAPER_70B), ("cpu", ["model=llama31_70b", "parallel=single", "train=paper"])):
         run_dir = tmp_path / name
         proc = subprocess.run(
-            [sys.executable, "recipes/cpt.py", *overrides, *data_overrides(domain_data), "launch=none", f"run_dir={run_dir}"],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "recipes/cpt.py",
+                *overrides,
+                *data_overrides(domain_data),
+                "launch=none",
+                f"run_dir={run_dir}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 0, proc.stderr  # cluster=local_cpu has gpu_memory_gb=null: no memory check
         assert f"ELLAMA_CONFIG={run_dir / 'config.yaml'}" in proc.stdout

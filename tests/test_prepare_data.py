@@ -6,7 +6,6 @@ scored above the threshold; on a real Slurm, a job array whose failed element is
 with the local executor's outputs."""
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -35,9 +34,16 @@ def corpora(tmp_path_factory):
 
 
 def _opts(corpus, prefix, tokenizer_dir, template, **kw) -> PreprocessOptions:
-    return PreprocessOptions([str(corpus)], str(prefix), str(tokenizer_dir),
-                             RecordSerializer(load_template(template), id_key=kw.pop("id_key", "id")),
-                             valid_fraction=0.1, progress=False, shard_bytes=kw.pop("shard_bytes", 64 << 10), **kw)
+    return PreprocessOptions(
+        [str(corpus)],
+        str(prefix),
+        str(tokenizer_dir),
+        RecordSerializer(load_template(template), id_key=kw.pop("id_key", "id")),
+        valid_fraction=0.1,
+        progress=False,
+        shard_bytes=kw.pop("shard_bytes", 64 << 10),
+        **kw,
+    )
 
 
 def _docs(prefix) -> list[list[int]]:
@@ -89,19 +95,26 @@ def test_local_tasks_hold_exactly_preprocess_datas_documents_and_manifests_sum(l
                 assert manifest["splits"][split][key] == ref["splits"][split][key], (source, split, key)
             assert sum(t["tokens"] for t in task) == ref["splits"][split]["tokens"]
         assert manifest["records"] == ref["records"]
-        assert [(i["path"], i["sha256"], i["records"]) for i in manifest["inputs"]] == \
-            [(i["path"], i["sha256"], i["records"]) for i in ref["inputs"]]
+        assert [(i["path"], i["sha256"], i["records"]) for i in manifest["inputs"]] == [
+            (i["path"], i["sha256"], i["records"]) for i in ref["inputs"]
+        ]
         for key in ("tokenizer", "documents", "template", "split_by", "valid_fraction"):
             assert manifest[key] == ref[key]
 
     # plan_blend reads the source manifest: one weight per task part, by its tokens, no merge step.
     ref, manifest, _, prefix, _ = local_runs["listings"]
-    cfg = {"groups": {"all": {"share": 1.0, "sources": {"listings": {"share": 1.0, "manifests": [f"{prefix}.manifest.json"]}}}}}
+    cfg = {
+        "groups": {
+            "all": {"share": 1.0, "sources": {"listings": {"share": 1.0, "manifests": [f"{prefix}.manifest.json"]}}}
+        }
+    }
     plan = plan_blend(cfg, train_tokens=1000, seq_length=100)
     train = plan.to_blend_dict()["train"]
     parts = manifest["splits"]["train"]["parts"]
     assert [Path(e["prefix"]).name for e in train] == [p["prefix"] for p in parts]
-    assert [e["weight"] for e in train] == pytest.approx([p["tokens"] / ref["splits"]["train"]["tokens"] for p in parts])
+    assert [e["weight"] for e in train] == pytest.approx(
+        [p["tokens"] / ref["splits"]["train"]["tokens"] for p in parts]
+    )
     assert len(plan.to_blend_dict()["valid"]["all"]) == 4
 
 
@@ -132,18 +145,21 @@ def test_rerun_skips_completed_tasks_and_redoes_a_failed_one(tmp_path, local_run
     monkeypatch.delenv(FAIL_TASK_ENV)
     again = prepare(fresh, ExecutorSettings("local", tasks=4))
     assert not partial.exists()
-    assert {r: Path(f"{task_prefix(tmp_path / 'listings', r, 4)}.manifest.json").stat().st_mtime_ns for r in (0, 1)} == stamps
+    assert {
+        r: Path(f"{task_prefix(tmp_path / 'listings', r, 4)}.manifest.json").stat().st_mtime_ns for r in (0, 1)
+    } == stamps
     assert _task_files(tmp_path / "listings", 4) == _task_files(done_prefix, 4)  # replaced, not appended to
     assert again["splits"] == manifest["splits"]
 
 
 def test_domain_filter_step_keeps_exactly_the_documents_over_the_threshold(tmp_path, tokenizer_dir, corpora):
-    from ellama_megatron.classify.filter import DomainFilter
+    from tokenizers import Tokenizer
+
     from ellama_megatron.classify.features import FeatureConfig
+    from ellama_megatron.classify.filter import DomainFilter
     from ellama_megatron.classify.model import save_classifier, train_classifier
     from ellama_megatron.data.readers import read_records
     from ellama_megatron.data.serializers import serialize
-    from tokenizers import Tokenizer
 
     listing = load_template("listing")
     pos = [serialize(r.record, listing) for r in read_records([str(corpora["listings"])])][:300]
@@ -152,15 +168,26 @@ def test_domain_filter_step_keeps_exactly_the_documents_over_the_threshold(tmp_p
     save_classifier(clf, tmp_path / "clf")
     # A mixed corpus as plain text: listings and general prose interleaved.
     rng = random.Random(0)
-    texts = pos[300:] + [serialize(r.record, listing) for r in read_records([str(corpora["listings"])])][300:600] + neg[:300]
+    texts = (
+        pos[300:]
+        + [serialize(r.record, listing) for r in read_records([str(corpora["listings"])])][300:600]
+        + neg[:300]
+    )
     rng.shuffle(texts)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     scores = DomainFilter(tmp_path / "clf").scores(texts)
     threshold = float(numpy.quantile(scores, 0.5))
-    opts = PreprocessOptions([str(mixed)], str(tmp_path / "out" / "web"), str(tokenizer_dir),
-                             RecordSerializer(load_template("plain")), progress=False, shard_bytes=32 << 10,
-                             domain_filter=str(tmp_path / "clf"), domain_threshold=threshold)
+    opts = PreprocessOptions(
+        [str(mixed)],
+        str(tmp_path / "out" / "web"),
+        str(tokenizer_dir),
+        RecordSerializer(load_template("plain")),
+        progress=False,
+        shard_bytes=32 << 10,
+        domain_filter=str(tmp_path / "clf"),
+        domain_threshold=threshold,
+    )
     manifest = prepare(opts, ExecutorSettings("local", tasks=3))
     tok, eod = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), manifest["documents"]["eod"]["token_id"]
     expected = [tok.encode(t).ids + [eod] for t, s in zip(texts, scores) if s > threshold]
@@ -177,8 +204,9 @@ def test_slurm_array_rerun_completes_only_the_failed_task(slurm_cluster, tmp_pat
     ref, manifest, _, local_prefix, opts = local_runs["general_en"]
     prefix = tmp_path / "general_en"
     slurm_opts = PreprocessOptions(**{**opts.__dict__, "output_prefix": str(prefix)})
-    settings = ExecutorSettings("slurm", tasks=4, partition="local", time="00:10:00", wait=True,
-                                job_name="h17-prepare-test")
+    settings = ExecutorSettings(
+        "slurm", tasks=4, partition="local", time="00:10:00", wait=True, job_name="h17-prepare-test"
+    )
     monkeypatch.setenv(FAIL_TASK_ENV, "1")
     with pytest.raises(InputError, match=r"tasks \[1\] did not complete.*rerun the same command"):
         prepare(slurm_opts, settings)

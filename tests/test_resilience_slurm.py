@@ -4,18 +4,16 @@ last complete checkpoint after kill -9 at random moments."""
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from test_slurm import SBATCH_CPU, TINY, tiny_blend  # noqa: F401 (tiny_blend: the module's data fixture)
 
 from ellama_megatron.run.events import read_events
 from ellama_megatron.run.progress import LATEST_ITERATION_FILE
-from test_slurm import SBATCH_CPU, TINY, tiny_blend  # noqa: F401 (tiny_blend: the module's data fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 OTHER_NODE_SUFFIX = "-other"
@@ -59,25 +57,46 @@ def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17
     iteration, node and the check. A relaunch with the rerun state machine off then trains to the end."""
     if not unshare_works():
         pytest.skip("unshare --uts is not allowed here: the requeued ranks cannot stand in for another node")
-    node = slurm_cluster.run("scontrol", "show", "hostnames", slurm_cluster.run("sinfo", "-h", "-o", "%N").strip()).split()[0]
+    node = slurm_cluster.run(
+        "scontrol", "show", "hostnames", slurm_cluster.run("sinfo", "-h", "-o", "%N").strip()
+    ).split()[0]
     run_dir, out, iters = tmp_path / "run", tmp_path / "job.out", 4
     common = [*TINY, f"train.train_tokens={iters * 8 * 128}", f"data.blend_file={tiny_blend}", f"run_dir={run_dir}"]
     env = {"ELLAMA_LOG_ROOT": str(tmp_path / "logs"), "ELLAMA_SITE_ENV": str(other_node_site_env(tmp_path))}
-    job = slurm_cluster.sbatch(*SBATCH_CPU, "--job-name=exit16", f"--output={out}", "slurm/8b.sbatch", *common,
-                               "resilience.error_injection_rate=1", "resilience.error_injection_type=correct_result",
-                               env=env)
+    job = slurm_cluster.sbatch(
+        *SBATCH_CPU,
+        "--job-name=exit16",
+        f"--output={out}",
+        "slurm/8b.sbatch",
+        *common,
+        "resilience.error_injection_rate=1",
+        "resilience.error_injection_type=correct_result",
+        env=env,
+    )
 
     try:
         # Requeued and held back from the only node by Slurm itself.
-        state = slurm_cluster.wait(job, timeout=600, until=lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING"
-                                   and j.get("Reason") not in ("BeginTime", "None"))
+        state = slurm_cluster.wait(
+            job,
+            timeout=600,
+            until=lambda j: (
+                j.get("Restarts") == "1"
+                and j.get("JobState") == "PENDING"
+                and j.get("Reason") not in ("BeginTime", "None")
+            ),
+        )
         log = out.read_text()
         assert state["ExcNodeList"] == node and state["Reason"] == "BadConstraints", (state, log[-3000:])
         assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == "1"  # the model from before the rejected step
         rejected = 2
-        first, = read_events(run_dir)
+        (first,) = read_events(run_dir)
         assert (first["kind"], first["exit_code"], first["node"], first["excluded"], first["job"]) == (
-            "rerun_elsewhere", 16, node, True, str(job))
+            "rerun_elsewhere",
+            16,
+            node,
+            True,
+            str(job),
+        )
         # Megatron's own number, one past the rejected iteration in the launch that rejected it.
         assert first["iteration"] == rejected + 1 and first["check"] == "found NaN in local forward loss calculation"
         assert first["action"] == "requeue excluding the node"
@@ -91,12 +110,23 @@ def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17
         # The same step: a launch that loaded the rerun's checkpoint numbers it exactly (Megatron's counter
         # comes from the checkpoint there).
         assert (second["kind"], second["exit_code"], second["iteration"], second["node"], second["excluded"]) == (
-            "result_rejected", 17, rejected, node + OTHER_NODE_SUFFIX, False)
-        assert second["check"] == "found NaN in local forward loss calculation" and second["status"] == "SECOND_RERUN_REPRODUCIBLE"
+            "result_rejected",
+            17,
+            rejected,
+            node + OTHER_NODE_SUFFIX,
+            False,
+        )
+        assert (
+            second["check"] == "found NaN in local forward loss calculation"
+            and second["status"] == "SECOND_RERUN_REPRODUCIBLE"
+        )
         assert second["action"].startswith("stop: Megatron rejected a result and diagnosed it (exit 17)")
-        assert re.search(rf"exit 17 \(result_rejected\): iteration {rejected}, rank \d on {node}{OTHER_NODE_SUFFIX}: "
-                         "found NaN in local forward loss calculation", log)
-        assert "requeueing job" not in log[log.index("restart 1:"):]
+        assert re.search(
+            rf"exit 17 \(result_rejected\): iteration {rejected}, rank \d on {node}{OTHER_NODE_SUFFIX}: "
+            "found NaN in local forward loss calculation",
+            log,
+        )
+        assert "requeueing job" not in log[log.index("restart 1:") :]
         assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == "1"  # nothing saved past the rejection
     finally:  # excluded from the only node, a failed test's job would wait forever
         slurm_cluster.cancel(job)
@@ -105,8 +135,15 @@ def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17
     # the end from the model saved before it (the rerun the checkpoint asks for is dropped:
     # runtime/wheel_fixes.py, 4).
     out = tmp_path / "resumed.out"
-    job = slurm_cluster.sbatch(*SBATCH_CPU, "--job-name=resumed", f"--output={out}", "slurm/8b.sbatch", *common,
-                               f"resilience.iterations_to_skip=[{rejected}]", env={"ELLAMA_LOG_ROOT": str(tmp_path / "logs")})
+    job = slurm_cluster.sbatch(
+        *SBATCH_CPU,
+        "--job-name=resumed",
+        f"--output={out}",
+        "slurm/8b.sbatch",
+        *common,
+        f"resilience.iterations_to_skip=[{rejected}]",
+        env={"ELLAMA_LOG_ROOT": str(tmp_path / "logs")},
+    )
     state = slurm_cluster.wait(job, timeout=300)
     log = out.read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]

@@ -50,7 +50,7 @@ def find_cycle(graph: dict[str, dict[str, list[str]]]) -> list[str] | None:
         path.append(room)
         for target in sorted(graph.get(room, {})):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if state.get(target) is None and (cycle := visit(target)):
                 return cycle
         path.pop()

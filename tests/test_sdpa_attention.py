@@ -15,14 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from ellama_megatron.llama.sdpa_attention import SDPAttention, local_layer_spec_with_sdpa
 
@@ -86,10 +84,7 @@ def _pair(cfg: TransformerConfig, mask_type=AttnMaskType.causal, layer_number=1,
 
 def _qkv(s: int, b: int, heads: int, groups: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return tuple(
-        torch.randn(s, b, n, HEAD_DIM, generator=g).requires_grad_()
-        for n in (heads, groups, groups)
-    )
+    return tuple(torch.randn(s, b, n, HEAD_DIM, generator=g).requires_grad_() for n in (heads, groups, groups))
 
 
 def _causal_mask(s: int) -> torch.Tensor:
@@ -200,21 +195,37 @@ def test_gpt_model_with_sdpa_spec_matches_unfused_spec(megatron_tp1):
     from megatron.core.models.gpt import GPTModel
 
     cfg = _config(
-        4, 2, normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
-        ffn_hidden_size=96, activation_func=torch.nn.functional.silu, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False, hidden_dropout=0.0,
+        4,
+        2,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        ffn_hidden_size=96,
+        activation_func=torch.nn.functional.silu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
     )
 
     def build(spec):
         torch.manual_seed(0)
         return GPTModel(
-            config=cfg, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=64,
-            position_embedding_type="rope", rotary_base=500000,
+            config=cfg,
+            transformer_layer_spec=spec,
+            vocab_size=128,
+            max_sequence_length=64,
+            position_embedding_type="rope",
+            rotary_base=500000,
             share_embeddings_and_output_weights=False,
         )
 
-    ref, ours = build(get_gpt_layer_local_spec(normalization="RMSNorm")), build(local_layer_spec_with_sdpa(normalization="RMSNorm"))
+    ref, ours = (
+        build(get_gpt_layer_local_spec(normalization="RMSNorm")),
+        build(local_layer_spec_with_sdpa(normalization="RMSNorm")),
+    )
     ours.load_state_dict(ref.state_dict())
     s, b = 20, 2
     tokens = torch.randint(0, 128, (b, s), generator=torch.Generator().manual_seed(1))
@@ -245,11 +256,11 @@ def _tp2_worker(rank: int, port: int, result_dir: str) -> None:
         full_up = torch.randn(s, b, heads * HEAD_DIM, generator=torch.Generator().manual_seed(22))
         hq, hk = heads // 2, groups // 2
         qkv = (
-            full_q[:, :, rank * hq:(rank + 1) * hq].detach(),
-            full_k[:, :, rank * hk:(rank + 1) * hk].detach(),
-            full_v[:, :, rank * hk:(rank + 1) * hk].detach(),
+            full_q[:, :, rank * hq : (rank + 1) * hq].detach(),
+            full_k[:, :, rank * hk : (rank + 1) * hk].detach(),
+            full_v[:, :, rank * hk : (rank + 1) * hk].detach(),
         )
-        upstream = full_up[:, :, rank * hq * HEAD_DIM:(rank + 1) * hq * HEAD_DIM]
+        upstream = full_up[:, :, rank * hq * HEAD_DIM : (rank + 1) * hq * HEAD_DIM]
         got = _run(ours, qkv, None, upstream)
         _assert_same(_run(ref, qkv, _causal_mask(s), upstream), got)
         # Gather both ranks' outputs: together they must be the single-process attention.

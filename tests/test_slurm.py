@@ -55,12 +55,21 @@ def tiny_blend(tmp_path_factory) -> Path:
     return write_tiny_data(tmp_path_factory.mktemp("slurm_data"))
 
 
-def submit(cluster, tmp: Path, name: str, overrides: list[str], blend: Path, env: dict | None = None) -> tuple[int, Path]:
+def submit(
+    cluster, tmp: Path, name: str, overrides: list[str], blend: Path, env: dict | None = None
+) -> tuple[int, Path]:
     run_dir = tmp / name
     out = tmp / f"{name}.out"
     job = cluster.sbatch(
-        *SBATCH_CPU, f"--job-name={name}", f"--output={out}", "slurm/8b.sbatch",
-        *TINY, f"train.train_tokens={ITERS * 8 * 128}", f"data.blend_file={blend}", f"run_dir={run_dir}", *overrides,
+        *SBATCH_CPU,
+        f"--job-name={name}",
+        f"--output={out}",
+        "slurm/8b.sbatch",
+        *TINY,
+        f"train.train_tokens={ITERS * 8 * 128}",
+        f"data.blend_file={blend}",
+        f"run_dir={run_dir}",
+        *overrides,
         env={"ELLAMA_LOG_ROOT": str(tmp / "logs"), **(env or {})},
     )
     return job, out
@@ -121,7 +130,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster,
     assert saved, log[-3000:]
     iteration = int(saved.group(1))
     assert 7 <= iteration < ITERS
-    second = log[log.index("restart 1:"):]
+    second = log[log.index("restart 1:") :]
     assert f"from checkpoint iteration {iteration}" in second
     train_second, _ = final_losses(second)
     assert min(train_second) == iteration + 1  # resumes where it saved: no step repeated or skipped
@@ -141,8 +150,9 @@ def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster,
     resumed_valid = parse_train_log(second).valid_loss
     ref_all_valid = parse_train_log(reference_run[2]).valid_loss
     eval_interval = 10  # conf/train/tiny.yaml
-    assert {it for v in resumed_valid.values() for it in v} == set(range(eval_interval, ITERS + 1, eval_interval)) - set(
-        range(iteration + 1))  # each one after the saved iteration; those up to it ran before the signal
+    assert {it for v in resumed_valid.values() for it in v} == set(
+        range(eval_interval, ITERS + 1, eval_interval)
+    ) - set(range(iteration + 1))  # each one after the saved iteration; those up to it ran before the signal
     for domain, losses in resumed_valid.items():
         assert losses == pytest.approx({it: ref_all_valid[domain][it] for it in losses}, rel=1e-6)
 
@@ -157,22 +167,40 @@ def test_failing_job_does_not_loop(slurm_cluster, tiny_blend, tmp_path):
 
 
 def test_dry_run_70b_plans_480_gpus_fitting_80gb():
-    proc = subprocess.run(["bash", "slurm/70b.sbatch"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "ELLAMA_DRY_RUN": "1"})
+    proc = subprocess.run(
+        ["bash", "slurm/70b.sbatch"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ELLAMA_DRY_RUN": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"world size\s+480 = 60 nodes x 8", proc.stdout)
     assert re.search(r"TP / PP / CP / DP\s+8 / 4 \(VP 5\) / 1 / 15", proc.stdout)
     gib = float(re.search(r"memory per GPU\s+([0-9.]+) GiB of 80 GB: fits", proc.stdout).group(1))
     assert 20 < gib < 80
-    for field in ("micro / global batch", "gradient accumulation", "iterations for the token budget", "tokens per step"):
+    for field in (
+        "micro / global batch",
+        "gradient accumulation",
+        "iterations for the token budget",
+        "tokens per step",
+    ):
         assert field in proc.stdout
 
 
 def test_dry_run_refuses_oversized_layout_with_numbers():
     proc = subprocess.run(
-        ["bash", "slurm/70b.sbatch", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-         "parallel.virtual_pipeline_model_parallel_size=null"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "ELLAMA_DRY_RUN": "1"},
+        [
+            "bash",
+            "slurm/70b.sbatch",
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.virtual_pipeline_model_parallel_size=null",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ELLAMA_DRY_RUN": "1"},
     )
     assert proc.returncode == 1
     assert re.search(r"REFUSED: layout TP1 PP1 CP1 DP480 of llama31_70b needs [0-9.]+ GiB per GPU", proc.stderr)
@@ -183,14 +211,28 @@ FINAL_VALID = re.compile(r"validation-(\w+) loss at iteration (\d+) on validatio
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(slurm_cluster, tiny_blend, reference_run, tmp_path):
+def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(
+    slurm_cluster, tiny_blend, reference_run, tmp_path
+):
     """Two points; the first is the reference run's config (lr 3e-5 is conf/optim/cpt.yaml's) and is
     preempted with submitit's signal: it must be requeued, resume and end with the reference's losses."""
     sweep_dir = tmp_path / "sweep"
     driver = subprocess.Popen(
-        [sys.executable, "recipes/sweep.py", "-m", "hydra/launcher=slurm_cpu", "optim.lr=3e-5,1e-3", *TINY,
-         f"train.train_tokens={ITERS * 8 * 128}", f"data.blend_file={tiny_blend}", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "recipes/sweep.py",
+            "-m",
+            "hydra/launcher=slurm_cpu",
+            "optim.lr=3e-5,1e-3",
+            *TINY,
+            f"train.train_tokens={ITERS * 8 * 128}",
+            f"data.blend_file={tiny_blend}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 400
@@ -225,7 +267,7 @@ def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(s
     # uninterrupted sbatch run of the same config.
     text = "".join(p.read_text() for p in sorted(first_log.parent.glob("*_log.out")))
     assert "got SIGUSR2: the engine checkpoints and exits" in text
-    before_exit = text[:text.index("exiting program after receiving SIGTERM")]
+    before_exit = text[: text.index("exiting program after receiving SIGTERM")]
     saved = int(re.findall(r"saving checkpoint at iteration\s+(\d+)", before_exit)[-1])
     assert 3 <= saved < ITERS
     assert re.search(rf"loaded checkpoint .* at iteration {saved}\b", text)
@@ -234,14 +276,20 @@ def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(s
     assert points[0]["valid_loss"] == pytest.approx(ref_valid, rel=1e-6)
     assert points[1]["valid_loss"] != points[0]["valid_loss"]  # a different learning rate, different results
     md = (sweep_dir / "sweep_table.md").read_text().splitlines()
-    assert md[0].split(" | ")[1:3] == ["optim.lr", "iterations"] and "valid ecommerce" in md[0] and "valid general" in md[0]
+    assert (
+        md[0].split(" | ")[1:3] == ["optim.lr", "iterations"]
+        and "valid ecommerce" in md[0]
+        and "valid general" in md[0]
+    )
     rows = [line for line in md[2:] if line.startswith("| ")]
     assert len(rows) == 2
     for row, point in zip(rows, points):
         assert f"{point['valid_loss']['general']:.4f}" in row and f"{point['valid_loss']['ecommerce']:.4f}" in row
     # tools/sweep_table.py rebuilds the same table from the folder.
     (sweep_dir / "sweep_table.json").unlink()
-    rebuilt = subprocess.run([sys.executable, "tools/sweep_table.py", str(sweep_dir)], cwd=REPO, capture_output=True, text=True)
+    rebuilt = subprocess.run(
+        [sys.executable, "tools/sweep_table.py", str(sweep_dir)], cwd=REPO, capture_output=True, text=True
+    )
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert json.loads((sweep_dir / "sweep_table.json").read_text())["points"] == points
 
@@ -251,15 +299,31 @@ def test_sweep_point_with_invalid_config_fails_at_once(slurm_cluster, tiny_blend
     """Rank 0 refuses the point (the other rank stops on its point.json) and the driver reports it."""
     sweep_dir = tmp_path / "bad"
     proc = subprocess.run(
-        [sys.executable, "recipes/sweep.py", "-m", "hydra/launcher=slurm_cpu", "parallel.tensor_model_parallel_size=3",
-         *TINY, f"data.blend_file={tiny_blend}", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "recipes/sweep.py",
+            "-m",
+            "hydra/launcher=slurm_cpu",
+            "parallel.tensor_model_parallel_size=3",
+            *TINY,
+            f"data.blend_file={tiny_blend}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "ConfigError: point 0 (parallel.tensor_model_parallel_size=3" in proc.stderr
     assert "not divisible by TP x PP x CP" in json.loads((sweep_dir / "0" / "point.json").read_text())["error"]
     assert not (sweep_dir / "0" / "config.yaml").exists()
     # run_dir would make the points share one folder: refused before anything is submitted.
-    shared = subprocess.run([sys.executable, "recipes/sweep.py", "-m", "optim.lr=1e-3,3e-3", f"run_dir={tmp_path / 'x'}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    shared = subprocess.run(
+        [sys.executable, "recipes/sweep.py", "-m", "optim.lr=1e-3,3e-3", f"run_dir={tmp_path / 'x'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shared.returncode == 1 and "set hydra.sweep.dir, not run_dir" in shared.stderr

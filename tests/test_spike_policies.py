@@ -8,14 +8,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import run_cpt
-from ellama_megatron.formats.megatron_checkpoint import (TRACKER_FILE, complete_iterations, prune_checkpoints,
-                                                         retained_iterations, roll_back_to)
+from test_resilience import fake_checkpoint
+
+from ellama_megatron.formats.megatron_checkpoint import (
+    TRACKER_FILE,
+    complete_iterations,
+    prune_checkpoints,
+    retained_iterations,
+    roll_back_to,
+)
 from ellama_megatron.run.events import RESULT_REJECTED_FILE, read_events
 from ellama_megatron.run.progress import DONE_FILE
 from ellama_megatron.run.recovery import after_rejection, relaunches, rollback_target, skipped_iterations
-from test_resilience import fake_checkpoint
 
 
 def saved(run_dir: Path) -> list[int]:
@@ -27,6 +32,7 @@ def tracker(run_dir: Path) -> str:
 
 
 # -- retention -----------------------------------------------------------------------------------
+
 
 def test_retention_keeps_the_last_k_every_nth_and_what_a_rollback_needs():
     complete = [10, 20, 30, 40, 50, 60]
@@ -56,9 +62,12 @@ def test_rolling_back_points_the_tracker_at_the_checkpoint_and_deletes_later_one
 
 # -- the decision after a rejected loss ----------------------------------------------------------
 
+
 def rejection_line(status: str, iteration: int = 6) -> str:
-    return (f"ts=2026-12-02 06:49:06.1 node=n1 device=0 jobID=N/A rank=0 iteration={iteration} "
-            f"status=RerunValidationStatus.{status} result=123.0 message='Spiky loss'\n")
+    return (
+        f"ts=2026-12-02 06:49:06.1 node=n1 device=0 jobID=N/A rank=0 iteration={iteration} "
+        f"status=RerunValidationStatus.{status} result=123.0 message='Spiky loss'\n"
+    )
 
 
 def resilience(policy: str, max_relaunches: int = 3, rollback_distance: int = 2):
@@ -75,13 +84,14 @@ def rejected_run(tmp_path: Path, status: str = "FIRST_RERUN_REPRODUCIBLE") -> Pa
     return run_dir
 
 
-@pytest.mark.parametrize("policy,resumed_from,skipped,kept", [("skip", 4, [5], [2, 4]),
-                                                               ("rollback", 2, [3, 4, 5], [2])])
+@pytest.mark.parametrize(
+    "policy,resumed_from,skipped,kept", [("skip", 4, [5], [2, 4]), ("rollback", 2, [3, 4, 5], [2])]
+)
 def test_skip_and_rollback_set_up_the_relaunch_and_log_it(tmp_path, policy, resumed_from, skipped, kept):
     run_dir = rejected_run(tmp_path)
     assert after_rejection(run_dir, resilience(policy), 16) is True
     assert saved(run_dir) == kept and tracker(run_dir) == str(resumed_from)
-    event, = read_events(run_dir)
+    (event,) = read_events(run_dir)
     assert (event["policy"], event["resumed_from"], event["skipped"]) == (policy, resumed_from, skipped)
     assert event["iteration"] == 6, "the event keeps Megatron's own number for the rejection"
     assert skipped_iterations(run_dir) == skipped and relaunches(run_dir) == 1
@@ -109,10 +119,11 @@ def test_slurm_requeues_a_result_diagnosed_correct_on_another_node_under_skip(do
     import os
 
     from conftest import data_overrides
-    from ellama_megatron.launch import slurm
-    from ellama_megatron.launch.prepare import prepare
     from test_launch import composed
     from test_resilience import fake_scontrol, slurm_env
+
+    from ellama_megatron.launch import slurm
+    from ellama_megatron.launch.prepare import prepare
 
     run_dir = tmp_path / "run"
     config = prepare(composed(*data_overrides(domain_data), f"run_dir={run_dir}", "resilience.spike_policy=skip"))
@@ -123,7 +134,7 @@ def test_slurm_requeues_a_result_diagnosed_correct_on_another_node_under_skip(do
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")  # never the machine's real scontrol
     assert slurm.end_job(config, "", 17, 4, tmp_path, slurm_env(tmp_path)) == 0
     assert calls.read_text().splitlines() == ["requeue 4242"]
-    event, = read_events(run_dir)
+    (event,) = read_events(run_dir)
     assert (event["kind"], event["resumed_from"], event["skipped"]) == ("result_rejected", 4, [5])
 
 
@@ -135,14 +146,23 @@ def test_rollback_target_is_the_newest_checkpoint_far_enough_back():
 
 def test_policy_keys_are_checked(domain_data, tmp_path):
     from conftest import data_overrides
-    from ellama_megatron.launch.prepare import prepare
-    from ellama_megatron.run.schema import ConfigError
     from test_launch import composed
 
+    from ellama_megatron.launch.prepare import prepare
+    from ellama_megatron.run.schema import ConfigError
+
     with pytest.raises(ConfigError) as err:
-        prepare(composed(*data_overrides(domain_data), f"run_dir={tmp_path}", "resilience.spike_policy=rollback",
-                         "resilience.rerun_mode=disabled", "resilience.rollback_distance=1",
-                         "checkpoint.keep_last=0", "checkpoint.keep_every=15"))
+        prepare(
+            composed(
+                *data_overrides(domain_data),
+                f"run_dir={tmp_path}",
+                "resilience.spike_policy=rollback",
+                "resilience.rerun_mode=disabled",
+                "resilience.rollback_distance=1",
+                "checkpoint.keep_last=0",
+                "checkpoint.keep_every=15",
+            )
+        )
     message = str(err.value)
     assert "resilience.spike_policy=rollback needs resilience.rerun_mode=validate_results" in message
     assert "resilience.rollback_distance=1 must be at least 2" in message
@@ -154,6 +174,7 @@ def test_policy_keys_are_checked(domain_data, tmp_path):
 
 ONE_RANK = ["cluster.procs_per_node=1"]  # each launch starts one rank: the policies are launcher-level
 
+
 @pytest.mark.slow
 def test_an_early_blow_up_is_caught_and_skip_gives_up_on_a_broken_model(domain_data, tmp_path):
     """optim.lr=1e3: loss 6.2 at iteration 1, ~1e7 from iteration 2 on (the first step broke the
@@ -162,8 +183,17 @@ def test_an_early_blow_up_is_caught_and_skip_gives_up_on_a_broken_model(domain_d
     run's reference) is rejected too; the cap stops the run. Nothing is trained past iteration 1:
     the second launch's save for its rerun (iteration 2, the data of 2 skipped) is the same model."""
     run_dir = tmp_path / "run"
-    proc, log = run_cpt(run_dir, domain_data, "optim.lr=1e3", "optim.min_lr=1e3", "train.train_tokens=4096",
-                        "resilience.spike_policy=skip", "resilience.max_relaunches=1", *ONE_RANK, timeout=600)
+    proc, log = run_cpt(
+        run_dir,
+        domain_data,
+        "optim.lr=1e3",
+        "optim.min_lr=1e3",
+        "train.train_tokens=4096",
+        "resilience.spike_policy=skip",
+        "resilience.max_relaunches=1",
+        *ONE_RANK,
+        timeout=600,
+    )
     assert proc.returncode == 16, proc.stderr[-3000:]
     assert saved(run_dir) == [1, 2] and tracker(run_dir) == "2" and not (run_dir / DONE_FILE).exists()
     skip, stop = read_events(run_dir)
@@ -180,13 +210,24 @@ def test_a_rollback_ends_with_the_losses_of_a_run_that_skips_its_window_from_the
     run also the one a rejection at its next iteration would roll back to."""
     common = ["train.train_tokens=5120", "checkpoint.save_interval=2", "checkpoint.keep_last=1", *ONE_RANK]
     rolled = tmp_path / "rolled"
-    proc, log = run_cpt(rolled, domain_data, *common, "resilience.spike_policy=rollback",
-                        "resilience.rollback_distance=2", "resilience.inject_loss_at=4",
-                        "resilience.inject_loss_kind=nan", timeout=600)
+    proc, log = run_cpt(
+        rolled,
+        domain_data,
+        *common,
+        "resilience.spike_policy=rollback",
+        "resilience.rollback_distance=2",
+        "resilience.inject_loss_at=4",
+        "resilience.inject_loss_kind=nan",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    event, = read_events(rolled)
+    (event,) = read_events(rolled)
     assert (event["check"], event["resumed_from"], event["skipped"], event["deleted"]) == (
-        "found NaN in local forward loss calculation", 2, [3, 4], [3])
+        "found NaN in local forward loss calculation",
+        2,
+        [3, 4],
+        [3],
+    )
     assert saved(rolled) == [2, 5] and (rolled / DONE_FILE).exists()
     reference = tmp_path / "reference"
     proc, ref_log = run_cpt(reference, domain_data, *common, "resilience.iterations_to_skip=[3,4]", timeout=600)

@@ -26,23 +26,51 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face folder -> Megatron torch_dist checkpoint")
-    imp.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face Llama folder (config.json, *.safetensors, tokenizer)")
-    imp.add_argument("--out", type=Path, required=True, help="checkpoint folder to create (use as checkpoint.init_from)")
-    imp.add_argument("--target-tp", type=int, default=1,
-                     help="TP the run will use: checked against the head counts; the vocab is padded for it (default 1)")
-    imp.add_argument("--target-pp", type=int, default=1, help="PP the run will use: checked against the layer count (default 1)")
-    imp.add_argument("--verify", action="store_true",
-                     help="run transformers and the converted Megatron model on fixed tokens; fail above --tolerance")
-    imp.add_argument("--tolerance", type=float, default=None,
-                     help="max abs logit difference for --verify (default 1e-4 in float32, 0.5 in bfloat16)")
-    imp.add_argument("--verify-device", default="auto",
-                     help="where --verify runs both models, one after the other: auto (a GPU if visible), cpu, cuda[:N]")
-    imp.add_argument("--verify-dtype", choices=["float32", "bfloat16"], default="float32",
-                     help="precision of --verify: float32 (4 bytes/param: 8B on one 80 GB GPU) or bfloat16 (2 bytes/param)")
+    imp.add_argument(
+        "--hf-dir", type=Path, required=True, help="Hugging Face Llama folder (config.json, *.safetensors, tokenizer)"
+    )
+    imp.add_argument(
+        "--out", type=Path, required=True, help="checkpoint folder to create (use as checkpoint.init_from)"
+    )
+    imp.add_argument(
+        "--target-tp",
+        type=int,
+        default=1,
+        help="TP the run will use: checked against the head counts; the vocab is padded for it (default 1)",
+    )
+    imp.add_argument(
+        "--target-pp", type=int, default=1, help="PP the run will use: checked against the layer count (default 1)"
+    )
+    imp.add_argument(
+        "--verify",
+        action="store_true",
+        help="run transformers and the converted Megatron model on fixed tokens; fail above --tolerance",
+    )
+    imp.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max abs logit difference for --verify (default 1e-4 in float32, 0.5 in bfloat16)",
+    )
+    imp.add_argument(
+        "--verify-device",
+        default="auto",
+        help="where --verify runs both models, one after the other: auto (a GPU if visible), cpu, cuda[:N]",
+    )
+    imp.add_argument(
+        "--verify-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="precision of --verify: float32 (4 bytes/param: 8B on one 80 GB GPU) or bfloat16 (2 bytes/param)",
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     exp = sub.add_parser("export", help="Megatron checkpoint -> Hugging Face folder")
-    exp.add_argument("--ckpt", type=Path, required=True,
-                     help="a run's checkpoints/ folder, an import output, or one iter_*/release folder in them")
+    exp.add_argument(
+        "--ckpt",
+        type=Path,
+        required=True,
+        help="a run's checkpoints/ folder, an import output, or one iter_*/release folder in them",
+    )
     exp.add_argument("--out", type=Path, required=True, help="Hugging Face folder to create")
     exp.add_argument("--iteration", type=int, default=None, help="which iter_* to export (default: the latest saved)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -60,16 +88,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             from ellama_megatron.convert.importer import import_hf
 
-            stats = import_hf(args.hf_dir, args.out, args.target_tp, args.target_pp, args.overwrite,
-                              args.verify, args.tolerance, args.quiet, args.verify_device, args.verify_dtype)
+            stats = import_hf(
+                args.hf_dir,
+                args.out,
+                args.target_tp,
+                args.target_pp,
+                args.overwrite,
+                args.verify,
+                args.tolerance,
+                args.quiet,
+                args.verify_device,
+                args.verify_dtype,
+            )
             if "verify" in stats:
                 v = stats["verify"]
-                print(f"verify: max abs logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:g}), "
-                      f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens, {v['dtype']} on {v['device']}")
+                print(
+                    f"verify: max abs logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:g}), "
+                    f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens, {v['dtype']} on {v['device']}"
+                )
                 if v.get("real_text"):
                     t = v["real_text"]
-                    print(f"verify: of which {t['tokens']} tokens of English prose (the folder's tokenizer): "
-                          f"max abs logit diff {t['max_abs_logit_diff']:.3g}, top-1 agreement {t['top1_agreement']:.4f}")
+                    print(
+                        f"verify: of which {t['tokens']} tokens of English prose (the folder's tokenizer): "
+                        f"max abs logit diff {t['max_abs_logit_diff']:.3g}, top-1 agreement {t['top1_agreement']:.4f}"
+                    )
         else:
             from ellama_megatron.convert.exporter import export_hf
 

@@ -21,25 +21,49 @@ import sys
 import time
 from pathlib import Path
 
+from ellama_megatron.cli import run_tool
 from ellama_megatron.data.documents import read_texts
 from ellama_megatron.data.readers import InputError, check_readable, expand_inputs
 from ellama_megatron.data.serializers import load_template
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY
-from ellama_megatron.cli import run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="base Hugging Face folder (tokenizer.json, config.json, safetensors)")
-    p.add_argument("--corpus", nargs="+", required=True, help="domain documents to learn tokens from (files or folders)")
+    p.add_argument(
+        "--hf-dir", required=True, help="base Hugging Face folder (tokenizer.json, config.json, safetensors)"
+    )
+    p.add_argument(
+        "--corpus", nargs="+", required=True, help="domain documents to learn tokens from (files or folders)"
+    )
     p.add_argument("--num-tokens", type=int, required=True, help="how many new tokens to learn (at most)")
     p.add_argument("--out", required=True, help="extended folder to write")
-    p.add_argument("--template", default="plain", help="how corpus records become text: plain, listing, review or a template file (default plain)")
-    p.add_argument("--text-key", default="text", help="record field holding the text for the plain template (default text)")
-    p.add_argument("--general", nargs="*", default=[], help="general-domain documents to report compression on (plain template)")
-    p.add_argument("--heldout-fraction", type=float, default=0.05, help="part of the corpus kept out of learning, for the compression report (default 0.05)")
-    p.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair occurs fewer times (default 2)")
-    p.add_argument("--pad-to-multiple-of", type=int, default=VOCAB_DIVISIBLE_BY, help=f"pad the model's vocab size to a multiple of this (default {VOCAB_DIVISIBLE_BY}, Megatron's make_vocab_size_divisible_by)")
+    p.add_argument(
+        "--template",
+        default="plain",
+        help="how corpus records become text: plain, listing, review or a template file (default plain)",
+    )
+    p.add_argument(
+        "--text-key", default="text", help="record field holding the text for the plain template (default text)"
+    )
+    p.add_argument(
+        "--general", nargs="*", default=[], help="general-domain documents to report compression on (plain template)"
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.05,
+        help="part of the corpus kept out of learning, for the compression report (default 0.05)",
+    )
+    p.add_argument(
+        "--min-frequency", type=int, default=2, help="stop when the best pair occurs fewer times (default 2)"
+    )
+    p.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        default=VOCAB_DIVISIBLE_BY,
+        help=f"pad the model's vocab size to a multiple of this (default {VOCAB_DIVISIBLE_BY}, Megatron's make_vocab_size_divisible_by)",
+    )
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many corpus documents")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     return p
@@ -82,21 +106,37 @@ def main(argv=None) -> int:
     n_held = int(len(texts) * args.heldout_fraction)
     held = [texts[i] for i in order[:n_held]]
     train = [texts[i] for i in order[n_held:]]
-    print(f"corpus: {len(train)} documents to learn from, {len(held)} held out; {counts.skipped} records skipped",
-          file=sys.stderr)
+    print(
+        f"corpus: {len(train)} documents to learn from, {len(held)} held out; {counts.skipped} records skipped",
+        file=sys.stderr,
+    )
     with tqdm(total=args.num_tokens, desc="learning merges", unit="tok") as bar:
-        report = extend_vocabulary(hf_dir, train, args.num_tokens, args.out, held, general,
-                                   args.min_frequency, args.pad_to_multiple_of, bar.update)
+        report = extend_vocabulary(
+            hf_dir,
+            train,
+            args.num_tokens,
+            args.out,
+            held,
+            general,
+            args.min_frequency,
+            args.pad_to_multiple_of,
+            bar.update,
+        )
     c = report["compression"]
     for name, r in c.items():
         if r["docs"]:
-            print(f"{name}: {r['tokens_per_doc_before']} -> {r['tokens_per_doc_after']} tokens/doc "
-                  f"({100 * r['reduction']:.1f}% fewer) over {r['docs']} docs", file=sys.stderr)
+            print(
+                f"{name}: {r['tokens_per_doc_before']} -> {r['tokens_per_doc_after']} tokens/doc "
+                f"({100 * r['reduction']:.1f}% fewer) over {r['docs']} docs",
+                file=sys.stderr,
+            )
     model = report.get("model")
     size = f"; model vocab {model['old_vocab_size']} -> {model['vocab_size']}" if model else "; tokenizer only"
-    print(f"done: {report['new_tokens']} new tokens (ids {report['first_new_id']}.."
-          f"{(report['first_new_id'] or 0) + report['new_tokens'] - 1}){size}; wrote {args.out} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"done: {report['new_tokens']} new tokens (ids {report['first_new_id']}.."
+        f"{(report['first_new_id'] or 0) + report['new_tokens'] - 1}){size}; wrote {args.out} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

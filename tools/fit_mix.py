@@ -28,17 +28,39 @@ def parse_args(argv=None):
     p.add_argument("--domain", help="the domain's data group (default: the one group besides --general)")
     p.add_argument("--general", default="general", help="the general (replay) data group (default %(default)s)")
     p.add_argument("--tokens", type=float, help="target training tokens D (default: the sweep's largest budget)")
-    p.add_argument("--parameters", type=float, help="target model parameters N (default: the sweep's largest model; "
-                   "another size needs a sweep over at least 3)")
-    p.add_argument("--max-general-rise", type=float, default=0.02,
-                   help="allowed rise of the general loss over the reference, a fraction (default %(default)s = 2%%)")
-    p.add_argument("--base-loss", type=float, help="the reference general loss: the base model's on the same "
-                   "validation set (default: the sweep's iteration-0 validation when it ran with train.eval_at_start, "
-                   "else the fitted general loss with no domain data)")
-    p.add_argument("--share", type=float, action="append", help="domain share to predict the losses at (repeatable; "
-                   "default 11 shares from 0 to the most the other groups leave)")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="fit only the points with this override (repeatable), e.g. optim.lr=3e-5 in an LR x mix sweep")
+    p.add_argument(
+        "--parameters",
+        type=float,
+        help="target model parameters N (default: the sweep's largest model; "
+        "another size needs a sweep over at least 3)",
+    )
+    p.add_argument(
+        "--max-general-rise",
+        type=float,
+        default=0.02,
+        help="allowed rise of the general loss over the reference, a fraction (default %(default)s = 2%%)",
+    )
+    p.add_argument(
+        "--base-loss",
+        type=float,
+        help="the reference general loss: the base model's on the same "
+        "validation set (default: the sweep's iteration-0 validation when it ran with train.eval_at_start, "
+        "else the fitted general loss with no domain data)",
+    )
+    p.add_argument(
+        "--share",
+        type=float,
+        action="append",
+        help="domain share to predict the losses at (repeatable; "
+        "default 11 shares from 0 to the most the other groups leave)",
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fit only the points with this override (repeatable), e.g. optim.lr=3e-5 in an LR x mix sweep",
+    )
     p.add_argument("--out", type=Path, help="report folder (default: fit_mix/ beside the table)")
     return p.parse_args(argv)
 
@@ -55,13 +77,26 @@ def main(argv=None) -> int:
 
     table_dir = args.table if args.table.is_dir() else args.table.parent
     out = args.out or table_dir / "fit_mix"
-    result = fit_mix(args.table, out, args.domain, args.general, args.tokens, args.parameters, args.max_general_rise,
-                     args.base_loss, args.share, where)
+    result = fit_mix(
+        args.table,
+        out,
+        args.domain,
+        args.general,
+        args.tokens,
+        args.parameters,
+        args.max_general_rise,
+        args.base_loss,
+        args.share,
+        where,
+    )
     print((out / "fit_mix.md").read_text(), end="")
     rec, laws = result["recommendation"], result["laws"]
     held = [f["max_held_out_error"] for f in laws.values() if f["max_held_out_error"] is not None]
-    print(f"fit_mix: {result['points']} points, {len(laws)} laws (max fit error {max(f['max_error'] for f in laws.values()):.2%}"
-          + (f", max held-out error {max(held):.2%}" if held else "") + f"); recommended {rec['overrides']} -> {out}/")
+    print(
+        f"fit_mix: {result['points']} points, {len(laws)} laws (max fit error {max(f['max_error'] for f in laws.values()):.2%}"
+        + (f", max held-out error {max(held):.2%}" if held else "")
+        + f"); recommended {rec['overrides']} -> {out}/"
+    )
     return 0
 
 

@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ellama_megatron.cli import run_tool
 from ellama_megatron.formats.megatron_checkpoint import folder_kind
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.methods import METHODS
 from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError, check_merge_request
-from ellama_megatron.cli import run_tool
-
 
 KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}
 
@@ -41,22 +40,48 @@ KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="base model: Hugging Face folder (safetensors) or Megatron checkpoint")
-    p.add_argument("--adapted", required=True, action="append", help="adapted model, same kind as --base (repeat for task_arithmetic)")
-    p.add_argument("--alpha", required=True, action="append", type=float, help="interpolation weight of the adapted model (repeatable)")
+    p.add_argument(
+        "--adapted",
+        required=True,
+        action="append",
+        help="adapted model, same kind as --base (repeat for task_arithmetic)",
+    )
+    p.add_argument(
+        "--alpha",
+        required=True,
+        action="append",
+        type=float,
+        help="interpolation weight of the adapted model (repeatable)",
+    )
     p.add_argument("--out", required=True, help="output folder (with several alphas: parent of alpha_<a>/ folders)")
     p.add_argument("--method", default="linear", choices=METHODS, help="merge formula (default: linear)")
-    p.add_argument("--weight", action="append", type=float, help="task_arithmetic: weight of each --adapted model, in order (default 1)")
-    p.add_argument("--extrapolate", action="store_true",
-                   help="allow --alpha outside [0, 1] (task arithmetic scaling beyond the adapted model)")
+    p.add_argument(
+        "--weight",
+        action="append",
+        type=float,
+        help="task_arithmetic: weight of each --adapted model, in order (default 1)",
+    )
+    p.add_argument(
+        "--extrapolate",
+        action="store_true",
+        help="allow --alpha outside [0, 1] (task arithmetic scaling beyond the adapted model)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
-    p.add_argument("--chunk-mb", type=int, default=DEFAULT_CHUNK_BYTES // 2**20, help="rows merged at once, in MiB of float32 (default %(default)s)")
+    p.add_argument(
+        "--chunk-mb",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES // 2**20,
+        help="rows merged at once, in MiB of float32 (default %(default)s)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_merge_request(args.method, args.adapted, args.alpha, args.weight, args.extrapolate)  # before any input is read
+        check_merge_request(
+            args.method, args.adapted, args.alpha, args.weight, args.extrapolate
+        )  # before any input is read
         kinds = [folder_kind(p, "--base" if i == 0 else "--adapted") for i, p in enumerate([args.base, *args.adapted])]
         if len(set(kinds)) > 1:
             raise MergeInputError(

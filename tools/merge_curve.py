@@ -17,22 +17,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ellama_megatron.eval.heldout_data import parse_domain_spec
-from ellama_megatron.merge.request import MergeInputError
-from ellama_megatron.merge.methods import METHODS
 from ellama_megatron.cli import run_tool
+from ellama_megatron.eval.heldout_data import parse_domain_spec
+from ellama_megatron.merge.methods import METHODS
+from ellama_megatron.merge.request import MergeInputError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="base model: Hugging Face folder or Megatron checkpoint")
     p.add_argument("--adapted", required=True, help="adapted model: Hugging Face folder or Megatron checkpoint")
-    p.add_argument("--alpha", action="append", type=float, help="intermediate alphas (repeatable; default 0.25 0.5 0.75)")
-    p.add_argument("--data", required=True, action="append", help="DOMAIN=PATH held-out set (repeatable), as tools/evaluate.py")
+    p.add_argument(
+        "--alpha", action="append", type=float, help="intermediate alphas (repeatable; default 0.25 0.5 0.75)"
+    )
+    p.add_argument(
+        "--data", required=True, action="append", help="DOMAIN=PATH held-out set (repeatable), as tools/evaluate.py"
+    )
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--general-domain", default="general", help="domain on the plot's x axis (default %(default)s)")
     p.add_argument("--domain", default="ecommerce", help="domain on the plot's y axis (default %(default)s)")
-    p.add_argument("--method", default="linear", choices=[m for m in METHODS if m != "task_arithmetic"], help="merge formula")
+    p.add_argument(
+        "--method", default="linear", choices=[m for m in METHODS if m != "task_arithmetic"], help="merge formula"
+    )
     p.add_argument("--seq-length", type=int, default=2048, help="evaluation window in tokens (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default %(default)s)")
@@ -51,9 +57,22 @@ def main(argv=None) -> int:
         sources = [parse_domain_spec(s) for s in args.data]
         from ellama_megatron.eval.merge_curve import run_merge_curve
 
-        report = run_merge_curve(args.base, args.adapted, alphas, sources, args.out, args.general_domain,
-                                 args.domain, args.method, args.seq_length, args.batch_size, args.device, args.dtype,
-                                 args.max_docs, args.keep_merged)
+        report = run_merge_curve(
+            args.base,
+            args.adapted,
+            alphas,
+            sources,
+            args.out,
+            args.general_domain,
+            args.domain,
+            args.method,
+            args.seq_length,
+            args.batch_size,
+            args.device,
+            args.dtype,
+            args.max_docs,
+            args.keep_merged,
+        )
     except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,12 +35,16 @@ def list_layouts(cfg) -> int:
         (report_for(layout, limit) for layout in enumerate_layouts(base)),
         key=lambda r: (not r.fits, r.layout.tp * r.layout.pp * r.layout.cp, r.memory.total),
     )
-    print(f"{model.name} on {base.nodes} nodes x {base.procs_per_node} = {base.world_size} GPUs, "
-          f"micro/global batch {base.micro_batch_size}/{base.global_batch_size}, seq {base.seq_length}, "
-          f"recompute {base.recompute}")
+    print(
+        f"{model.name} on {base.nodes} nodes x {base.procs_per_node} = {base.world_size} GPUs, "
+        f"micro/global batch {base.micro_batch_size}/{base.global_batch_size}, seq {base.seq_length}, "
+        f"recompute {base.recompute}"
+    )
     print(f"{'layout':<24} {'accum':>5} {'GiB/GPU':>8}  fits {limit or '-'} GB")
     for r in reports:
-        print(f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  {'yes' if r.fits else 'no'}")
+        print(
+            f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  {'yes' if r.fits else 'no'}"
+        )
     fitting = sum(r.fits for r in reports)
     print(f"{fitting} of {len(reports)} valid layouts fit")
     return 0 if fitting else 1
@@ -48,9 +52,15 @@ def list_layouts(cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list-layouts", action="store_true", help="list every valid TP/PP/CP layout for the node count, with memory")
+    parser.add_argument(
+        "--list-layouts", action="store_true", help="list every valid TP/PP/CP layout for the node count, with memory"
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of ellama_megatron/conf/config.yaml (model=..., parallel=..., cluster.nodes=...)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides of ellama_megatron/conf/config.yaml (model=..., parallel=..., cluster.nodes=...)",
+    )
     args = parser.parse_args(argv)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):

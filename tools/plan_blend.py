@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 from ellama_megatron import CONF_DIR
+from ellama_megatron.cli import run_tool
 from ellama_megatron.data.blend_plan import PlanError, plan_blend
 from ellama_megatron.data.manifest import ManifestError
 from ellama_megatron.formats.atomic import write_json_atomic
-from ellama_megatron.cli import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=ellama train=paper data.groups.general.share=0.3")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. data=ellama train=paper data.groups.general.share=0.3"
+    )
     args = parser.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
@@ -49,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PlanError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(cfg.data.blend_file) if cfg.data.get("blend_file") else Path(OmegaConf.select(cfg, "run_dir")) / "blend.json"
+    out = (
+        Path(cfg.data.blend_file)
+        if cfg.data.get("blend_file")
+        else Path(OmegaConf.select(cfg, "run_dir")) / "blend.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, plan.to_blend_dict())
     print(plan.format_table())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ellama_megatron.formats.atomic import write_json_atomic
-from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
 from ellama_megatron.cli import run_tool
+from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
+from ellama_megatron.formats.atomic import write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -29,13 +29,21 @@ def main(argv=None) -> int:
         return 2
     plot_training_curves(log, args.out, args.title)
     if args.json:
-        write_json_atomic(args.json, {"train_loss": log.train_loss, "valid_loss": log.valid_loss,
-                                      "domain_train_loss": log.domain_train_loss,
-                                      "domain_train_tokens": log.domain_train_tokens})
+        write_json_atomic(
+            args.json,
+            {
+                "train_loss": log.train_loss,
+                "valid_loss": log.valid_loss,
+                "domain_train_loss": log.domain_train_loss,
+                "domain_train_tokens": log.domain_train_tokens,
+            },
+        )
     domains = ", ".join(f"{d} ({len(v)} points)" for d, v in sorted(log.valid_loss.items())) or "none"
     trained = ", ".join(f"{level}: {', '.join(sorted(d))}" for level, d in log.domain_train_loss.items()) or "none"
-    print(f"{len(log.train_loss)} training points, training domains: {trained}, validation domains: {domains} "
-          f"-> {args.out}")
+    print(
+        f"{len(log.train_loss)} training points, training domains: {trained}, validation domains: {domains} "
+        f"-> {args.out}"
+    )
     return 0
 
 

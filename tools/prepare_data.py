@@ -51,31 +51,73 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocess_arguments(p)
     d = ExecutorSettings()
     e = p.add_argument_group("executor (datatrove)")
-    e.add_argument("--executor", choices=("local", "slurm"), default="local", help="where the tasks run (default: local)")
-    e.add_argument("--tasks", type=int, default=1, help="tasks the inputs are split into; one output prefix each (default: 1)")
-    e.add_argument("--run-dir", default=None,
-                   help="datatrove's folder: completions/, logs/, stats/, slurm_logs/ (default: OUTPUT_PREFIX.prepare)")
+    e.add_argument(
+        "--executor", choices=("local", "slurm"), default="local", help="where the tasks run (default: local)"
+    )
+    e.add_argument(
+        "--tasks", type=int, default=1, help="tasks the inputs are split into; one output prefix each (default: 1)"
+    )
+    e.add_argument(
+        "--run-dir",
+        default=None,
+        help="datatrove's folder: completions/, logs/, stats/, slurm_logs/ (default: OUTPUT_PREFIX.prepare)",
+    )
     s = p.add_argument_group("slurm (with --executor slurm)")
     s.add_argument("--partition", default=None, help="Slurm partition (required)")
     s.add_argument("--time", default=d.time, help=f"time limit of one array element (default: {d.time})")
-    s.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task,
-                   help=f"cores per array element; the tokenizer uses them all (default: {d.cpus_per_task})")
-    s.add_argument("--mem-per-cpu-gb", type=int, default=d.mem_per_cpu_gb, help=f"memory per core, GB (default: {d.mem_per_cpu_gb})")
-    s.add_argument("--tasks-per-job", type=int, default=d.tasks_per_job,
-                   help="tasks one array element runs in turn: fewer, longer elements for >1k tasks (default: 1)")
-    s.add_argument("--max-array-size", type=int, default=d.max_array_size,
-                   help=f"the cluster's MaxArraySize; more elements go in several arrays (default: {d.max_array_size})")
-    s.add_argument("--max-running", type=int, default=d.max_running,
-                   help="array elements running at once (--array=...%%N); -1: no limit (default)")
+    s.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=d.cpus_per_task,
+        help=f"cores per array element; the tokenizer uses them all (default: {d.cpus_per_task})",
+    )
+    s.add_argument(
+        "--mem-per-cpu-gb",
+        type=int,
+        default=d.mem_per_cpu_gb,
+        help=f"memory per core, GB (default: {d.mem_per_cpu_gb})",
+    )
+    s.add_argument(
+        "--tasks-per-job",
+        type=int,
+        default=d.tasks_per_job,
+        help="tasks one array element runs in turn: fewer, longer elements for >1k tasks (default: 1)",
+    )
+    s.add_argument(
+        "--max-array-size",
+        type=int,
+        default=d.max_array_size,
+        help=f"the cluster's MaxArraySize; more elements go in several arrays (default: {d.max_array_size})",
+    )
+    s.add_argument(
+        "--max-running",
+        type=int,
+        default=d.max_running,
+        help="array elements running at once (--array=...%%N); -1: no limit (default)",
+    )
     s.add_argument("--qos", default=None, help="Slurm QOS (default: none)")
     s.add_argument("--job-name", default=d.job_name, help=f"Slurm job name (default: {d.job_name})")
-    s.add_argument("--env-command", default=None,
-                   help="shell line that sets up Python on the compute nodes (default: this Python's bin folder first on PATH)")
-    s.add_argument("--requeue-grace", type=int, default=d.requeue_grace_s,
-                   help=f"seconds before --time at which an element gets USR1 and requeues itself (default: {d.requeue_grace_s})")
-    s.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra #SBATCH --KEY=VALUE (repeatable), e.g. --sbatch-arg account=proj123")
-    s.add_argument("--wait", action="store_true", help="wait for the array to end and report, as the local executor does")
+    s.add_argument(
+        "--env-command",
+        default=None,
+        help="shell line that sets up Python on the compute nodes (default: this Python's bin folder first on PATH)",
+    )
+    s.add_argument(
+        "--requeue-grace",
+        type=int,
+        default=d.requeue_grace_s,
+        help=f"seconds before --time at which an element gets USR1 and requeues itself (default: {d.requeue_grace_s})",
+    )
+    s.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra #SBATCH --KEY=VALUE (repeatable), e.g. --sbatch-arg account=proj123",
+    )
+    s.add_argument(
+        "--wait", action="store_true", help="wait for the array to end and report, as the local executor does"
+    )
     return p
 
 
@@ -89,10 +131,22 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--sbatch-arg {item!r}: use KEY=VALUE, e.g. account=proj123")
             sbatch_args[key.lstrip("-")] = value
         settings = ExecutorSettings(
-            executor=args.executor, tasks=args.tasks, run_dir=args.run_dir, partition=args.partition, time=args.time,
-            cpus_per_task=args.cpus_per_task, mem_per_cpu_gb=args.mem_per_cpu_gb, tasks_per_job=args.tasks_per_job,
-            max_array_size=args.max_array_size, max_running=args.max_running, qos=args.qos, job_name=args.job_name,
-            env_command=args.env_command, requeue_grace_s=args.requeue_grace, sbatch_args=sbatch_args, wait=args.wait,
+            executor=args.executor,
+            tasks=args.tasks,
+            run_dir=args.run_dir,
+            partition=args.partition,
+            time=args.time,
+            cpus_per_task=args.cpus_per_task,
+            mem_per_cpu_gb=args.mem_per_cpu_gb,
+            tasks_per_job=args.tasks_per_job,
+            max_array_size=args.max_array_size,
+            max_running=args.max_running,
+            qos=args.qos,
+            job_name=args.job_name,
+            env_command=args.env_command,
+            requeue_grace_s=args.requeue_grace,
+            sbatch_args=sbatch_args,
+            wait=args.wait,
         )
         manifest = prepare(preprocess_options(args), settings)
     except (InputError, TokenizerFolderError, DocumentTokensError, BadRecordError, ManifestError, ValueError) as e:

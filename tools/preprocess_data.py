@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from ellama_megatron.classify.filter import FilterStats
 
         print(f"domain filter scores ('>': kept; {args.output_prefix}.manifest.json has them):", file=sys.stderr)
-        print(FilterStats(df["threshold"], histogram=[b["docs"] for b in df["histogram"]]).histogram_text(), file=sys.stderr)
+        print(
+            FilterStats(df["threshold"], histogram=[b["docs"] for b in df["histogram"]]).histogram_text(),
+            file=sys.stderr,
+        )
     print(summary_line(manifest))
     return 0
 

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ellama_megatron.sweep.table import POINT_FILE, write_tables
 from ellama_megatron.cli import run_tool
+from ellama_megatron.sweep.table import POINT_FILE, write_tables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the sweep's hydra.sweep.dir (holds one folder per point)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"tools/sweep_table.py: {args.sweep_dir} is not a folder; give the sweep's hydra.sweep.dir", file=sys.stderr)
+        print(
+            f"tools/sweep_table.py: {args.sweep_dir} is not a folder; give the sweep's hydra.sweep.dir", file=sys.stderr
+        )
         return 2
     if not list(args.sweep_dir.glob(f"*/{POINT_FILE}")):
-        print(f"tools/sweep_table.py: no */{POINT_FILE} under {args.sweep_dir}: no point has started yet, "
-              "or this is not a recipes/sweep.py sweep folder", file=sys.stderr)
+        print(
+            f"tools/sweep_table.py: no */{POINT_FILE} under {args.sweep_dir}: no point has started yet, "
+            "or this is not a recipes/sweep.py sweep folder",
+            file=sys.stderr,
+        )
         return 2
     md_path, json_path, rows = write_tables(args.sweep_dir)
     print(md_path.read_text(), end="")

@@ -18,7 +18,7 @@ the L2 norm when all features are distinct (as HashingVectorizer(norm="l2") woul
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class FeatureConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "features") -> "FeatureConfig":
+    def from_dict(cls, d: dict, where: str = "features") -> FeatureConfig:
         """Read a stored config; a missing, unknown or mistyped field is a ValueError naming it."""
         if not isinstance(d, dict):
             raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
@@ -71,8 +71,10 @@ class FeatureConfig:
         # A default would silently hash differently from training, so every field must be stored.
         missing = sorted(names - set(d))
         if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}; the model was written by another "
-                             "version: retrain it with `tools/domain_classifier.py train`")
+            raise ValueError(
+                f"{where}: missing field(s) {missing}; the model was written by another "
+                "version: retrain it with `tools/domain_classifier.py train`"
+            )
         d = dict(d)
         if not isinstance(d["char_ngrams"], list) or not all(type(n) is int and n > 0 for n in d["char_ngrams"]):
             raise ValueError(f"{where}.char_ngrams must be a list of positive integers, got {d['char_ngrams']!r}")
@@ -177,11 +179,23 @@ def _blocks(texts: Sequence[str], cfg: FeatureConfig) -> list[_Block]:
     if cfg.word_bigrams:
         # Pair i is (word i, word i+1); the pair that joins a document's last word to the next
         # document's first word is dropped.
-        pair = _mix(w_hash[:-1] * np.uint64(_BASE) + w_hash[1:] + _SALT_PAIR) if len(w_hash) > 1 else np.zeros(0, np.uint64)
+        pair = (
+            _mix(w_hash[:-1] * np.uint64(_BASE) + w_hash[1:] + _SALT_PAIR)
+            if len(w_hash) > 1
+            else np.zeros(0, np.uint64)
+        )
         last_word = w_offsets + w_counts - 1
         has_words = w_counts > 0
         dropped = last_word[has_words & (last_word < len(pair))]
-        blocks.append(_Block(_bucket_of(pair, bits), np.minimum(w_offsets, len(pair)), len(pair), np.maximum(w_counts - 1, 0), dropped))
+        blocks.append(
+            _Block(
+                _bucket_of(pair, bits),
+                np.minimum(w_offsets, len(pair)),
+                len(pair),
+                np.maximum(w_counts - 1, 0),
+                dropped,
+            )
+        )
     return blocks
 
 

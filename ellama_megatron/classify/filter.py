@@ -12,9 +12,9 @@ import gzip
 import io
 import json
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class FilterStats:
         for b, n in zip(*np.unique(bins, return_counts=True)):
             self.histogram[int(b)] += int(n)
 
-    def merge(self, other: "FilterStats") -> None:
+    def merge(self, other: FilterStats) -> None:
         """Add another part's counts (the parallel workers of tools/preprocess_data.py)."""
         self.docs += other.docs
         self.kept += other.kept
@@ -55,10 +55,17 @@ class FilterStats:
         self.seconds += other.seconds
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FilterStats":
+    def from_dict(cls, d: dict) -> FilterStats:
         """The counts ``to_dict`` wrote (a manifest's domain_filter), to merge them again."""
-        return cls(d["threshold"], d["docs"], d["kept"], d["bytes"], d["kept_bytes"],
-                   [b["docs"] for b in d["histogram"]], d["scoring_seconds"])
+        return cls(
+            d["threshold"],
+            d["docs"],
+            d["kept"],
+            d["bytes"],
+            d["kept_bytes"],
+            [b["docs"] for b in d["histogram"]],
+            d["scoring_seconds"],
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -116,7 +123,9 @@ class DomainFilter:
     def keep(self, text: str) -> bool:
         return bool(self.keep_batch([text])[0])
 
-    def stream(self, docs: Iterable[tuple[dict, str]], batch_bytes: int = BATCH_BYTES) -> Iterator[tuple[dict, str, float, bool]]:
+    def stream(
+        self, docs: Iterable[tuple[dict, str]], batch_bytes: int = BATCH_BYTES
+    ) -> Iterator[tuple[dict, str, float, bool]]:
         """(record, text, score, kept) for every (record, text), scored in batches of about ``batch_bytes``."""
         batch: list[tuple[dict, str]] = []
         size = 0
@@ -143,7 +152,9 @@ def open_jsonl_writer(path: Path):
     if name.endswith(".zst"):
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdCompressor().stream_writer(open(path, "wb"), closefd=True), encoding="utf-8")
+        return io.TextIOWrapper(
+            zstandard.ZstdCompressor().stream_writer(open(path, "wb"), closefd=True), encoding="utf-8"
+        )
     return open(path, "w", encoding="utf-8")
 
 

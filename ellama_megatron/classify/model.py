@@ -12,9 +12,9 @@ Scoring does not go through scikit-learn: it computes w . x + b straight from th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class DomainClassifier:
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DomainClassifier":
+    def load(cls, path: str | Path) -> DomainClassifier:
         """Read a model folder; every problem is a ValueError naming the file and field."""
         path = Path(path)
         meta_path = path / META_FILE
@@ -60,11 +60,13 @@ class DomainClassifier:
                 raise ValueError(
                     f"{path / PICKLED_ESTIMATOR_FILE}: old classifier format ({meta.get('format')!r}) stored as a "
                     f"pickle, which can run arbitrary code when loaded, so it is not read; {retrain} "
-                    f"(writes {WEIGHTS_FILE}, which loads without unpickling)")
+                    f"(writes {WEIGHTS_FILE}, which loads without unpickling)"
+                )
             raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}; {retrain}")
         if "features" not in meta:
-            raise ValueError(f"{meta_path}: missing field 'features' (the hashing settings the model was "
-                             f"trained with); {retrain}")
+            raise ValueError(
+                f"{meta_path}: missing field 'features' (the hashing settings the model was trained with); {retrain}"
+            )
         try:
             cfg = FeatureConfig.from_dict(meta["features"], "features")
         except (ValueError, TypeError) as e:
@@ -82,8 +84,10 @@ class DomainClassifier:
                 raise ValueError(f"{weights_path}: no array {k!r}; {retrain}")
         coef = np.asarray(arrays["weights"], dtype=np.float32).reshape(-1)
         if coef.shape[0] != cfg.n_features:
-            raise ValueError(f"{weights_path}: {coef.shape[0]} weights, but {META_FILE} says "
-                             f"features.n_features={cfg.n_features}; {retrain}")
+            raise ValueError(
+                f"{weights_path}: {coef.shape[0]} weights, but {META_FILE} says "
+                f"features.n_features={cfg.n_features}; {retrain}"
+            )
         if arrays["bias"].size != 1 or not np.all(np.isfinite(coef)) or not np.isfinite(arrays["bias"]).all():
             raise ValueError(f"{weights_path}: weights or bias not finite (or bias not one number); {retrain}")
         return cls(cfg, coef, float(arrays["bias"].reshape(-1)[0]), meta)
@@ -170,8 +174,11 @@ def save_classifier(clf: DomainClassifier, out: str | Path, extra: dict | None =
     """Write the model folder under a temporary name, then rename it into place."""
     out = Path(out)
     with staged_output(out) as tmp:
-        np.savez(tmp / WEIGHTS_FILE, weights=np.asarray(clf.weights, dtype=np.float32),
-                 bias=np.asarray([clf.bias], dtype=np.float64))
+        np.savez(
+            tmp / WEIGHTS_FILE,
+            weights=np.asarray(clf.weights, dtype=np.float32),
+            bias=np.asarray([clf.bias], dtype=np.float64),
+        )
         meta = dict(clf.metadata)
         meta.update(extra or {})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -20,8 +20,14 @@ from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict, same_architecture
 
 
-def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bool = False,
-              max_shard_bytes: int = MAX_SHARD_BYTES, quiet: bool = False) -> dict:
+def export_hf(
+    ckpt: Path,
+    out: Path,
+    iteration: int | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    quiet: bool = False,
+) -> dict:
     refuse_existing(out, overwrite)
     try:
         found = locate(ckpt, iteration)
@@ -36,8 +42,10 @@ def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bo
         md = reader.tensor_metadata(m.megatron)
         shape = tuple(md.size)[1:] if m.per_layer else tuple(md.size)
         if m.per_layer and md.size[0] != cfg.num_layers:
-            raise ConversionError(f"{reader.folder}: {m.megatron} has {md.size[0]} layers, "
-                                  f"{record_path(root)} says num_layers={cfg.num_layers}")
+            raise ConversionError(
+                f"{reader.folder}: {m.megatron} has {md.size[0]} layers, "
+                f"{record_path(root)} says num_layers={cfg.num_layers}"
+            )
         rows[m.megatron] = (md.properties.dtype, m.hf_shapes(cfg, shape))
     # Layer by layer, in Hugging Face's order (embeddings, layers, norm, head), so that only one
     # layer's tensors are ever in hand and the shards read like Meta's.
@@ -49,8 +57,10 @@ def export_hf(ckpt: Path, out: Path, iteration: int | None = None, overwrite: bo
     for _, _, outputs in plan:
         for name, _, shape in outputs:
             if tuple(shape) != expected[name]:
-                raise ConversionError(f"{reader.folder}: {name} would get shape {tuple(shape)}, the model config "
-                                      f"in {record_path(root)} implies {expected[name]}")
+                raise ConversionError(
+                    f"{reader.folder}: {name} would get shape {tuple(shape)}, the model config "
+                    f"in {record_path(root)} implies {expected[name]}"
+                )
     tensor_list = [o for _, _, outs in plan for o in outs]
     dtype = tensor_list[0][1]
 

@@ -31,7 +31,7 @@ class HFCheckpoint:
     config: LlamaConfig
 
     @classmethod
-    def open(cls, folder: str | Path) -> "HFCheckpoint":
+    def open(cls, folder: str | Path) -> HFCheckpoint:
         folder = Path(folder)
         try:
             hf_config = read_config(folder)  # the architecture is refused before any shard is read
@@ -67,12 +67,15 @@ class HFCheckpoint:
             )
         unknown = sorted(n for n in set(self.tensors) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
         if unknown:
-            raise ConversionError(f"{self.folder}: tensors this Llama config does not have: {unknown[:5]}; "
-                                  "config.json and the weights disagree")
+            raise ConversionError(
+                f"{self.folder}: tensors this Llama config does not have: {unknown[:5]}; "
+                "config.json and the weights disagree"
+            )
         for name, shape in expected.items():
             if self.shape(name) != tuple(shape):
-                raise ConversionError(f"{self.tensors[name][0]}: {name} has shape {self.shape(name)}, "
-                                      f"config.json implies {tuple(shape)}")
+                raise ConversionError(
+                    f"{self.tensors[name][0]}: {name} has shape {self.shape(name)}, config.json implies {tuple(shape)}"
+                )
         try:
             vocab = tokenizer_size(self.folder)
         except TokenizerFolderError as e:
@@ -82,4 +85,3 @@ class HFCheckpoint:
                 f"{self.folder / 'tokenizer.json'}: the tokenizer has {vocab} ids but the embedding has "
                 f"{self.config.vocab_size} rows (config.json vocab_size); the tokenizer belongs to another model"
             )
-

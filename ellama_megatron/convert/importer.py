@@ -31,8 +31,9 @@ def check_parallel(cfg: LlamaConfig, tp: int, pp: int, source: str) -> None:
     ):
         if tp < 1 or pp < 1 or value % divides:
             flag = "--target-pp" if what == "num_hidden_layers" else "--target-tp"
-            raise ConversionError(f"{source}: {what}={value} is not divisible by {flag} {divides}; "
-                                  f"pick a {flag} that divides it")
+            raise ConversionError(
+                f"{source}: {what}={value} is not divisible by {flag} {divides}; pick a {flag} that divides it"
+            )
 
 
 def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
@@ -55,9 +56,18 @@ def plan_chunks(hf: HFCheckpoint, padded_vocab: int) -> list[TensorChunk]:
     return chunks
 
 
-def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, overwrite: bool = False,
-              verify: bool = False, tolerance: float | None = None, quiet: bool = False,
-              verify_device: str = "auto", verify_dtype: str = "float32") -> dict:
+def import_hf(
+    hf_dir: Path,
+    out: Path,
+    target_tp: int = 1,
+    target_pp: int = 1,
+    overwrite: bool = False,
+    verify: bool = False,
+    tolerance: float | None = None,
+    quiet: bool = False,
+    verify_device: str = "auto",
+    verify_dtype: str = "float32",
+) -> dict:
     refuse_existing(out, overwrite)
     if verify:  # its options are checked before the conversion, not after
         from ellama_megatron.convert.verify import check_options
@@ -83,8 +93,14 @@ def import_hf(hf_dir: Path, out: Path, target_tp: int = 1, target_pp: int = 1, o
     with staged_output(out) as tmp:
         summary = Summary("import", total, quiet=quiet)
         chunks = [_counted(c, summary, hf) for c in chunks]
-        write_release(tmp, chunks, extra_state_objects(W.EXTRA_STATE_MODULES, cfg.num_layers), record,
-                      hf_files_from=hf_dir, hf_extra=("config.json",))
+        write_release(
+            tmp,
+            chunks,
+            extra_state_objects(W.EXTRA_STATE_MODULES, cfg.num_layers),
+            record,
+            hf_files_from=hf_dir,
+            hf_extra=("config.json",),
+        )
         stats = summary.close()
         if verify:
             from ellama_megatron.convert.verify import verify_conversion
@@ -109,4 +125,3 @@ def _counted(chunk: TensorChunk, summary: Summary, hf: HFCheckpoint) -> TensorCh
         return t
 
     return dataclasses.replace(chunk, produce=run)
-

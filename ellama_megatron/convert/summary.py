@@ -25,8 +25,15 @@ class Summary:
     quiet: bool = False
 
     def __post_init__(self):
-        self._bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc=self.what,
-                         disable=self.quiet, file=sys.stderr, mininterval=0.5)
+        self._bar = tqdm(
+            total=self.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=self.what,
+            disable=self.quiet,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
 
     def add(self, nbytes: int, tensors: int = 1) -> None:
         self.tensors += tensors
@@ -44,5 +51,7 @@ class Summary:
 
 
 def summary_line(what: str, stats: dict, out) -> str:
-    return (f"{what}: {stats['tensors']} tensors, {stats['bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s, "
-            f"peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} GiB -> {out}")
+    return (
+        f"{what}: {stats['tensors']} tensors, {stats['bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s, "
+        f"peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} GiB -> {out}"
+    )

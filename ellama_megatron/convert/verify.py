@@ -66,10 +66,12 @@ def paragraph_tokens(hf_dir: Path) -> torch.Tensor | None:
     return torch.tensor([ids]) if len(ids) == SEQ_LEN else None
 
 
-def hf_logits(hf_dir: Path, tokens: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    from transformers import LlamaForCausalLM
-
+def hf_logits(
+    hf_dir: Path, tokens: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     import importlib.util
+
+    from transformers import LlamaForCausalLM
 
     # Straight onto the GPU, not through CPU memory, where accelerate (the eval extra) is installed.
     direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
@@ -98,9 +100,7 @@ def init_single_process_group(backend: str = "gloo") -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1, 1)
 
@@ -115,8 +115,9 @@ def model_config(cfg, on_gpu: bool, dtype: torch.dtype = torch.float32):
     return transformer_config(cfg, "local", runtime, perform_initialization=False)
 
 
-def megatron_logits(ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def megatron_logits(
+    ckpt_root: Path, tokens: torch.Tensor, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     from megatron.core import dist_checkpointing
 
     from ellama_megatron.formats.megatron_checkpoint import locate
@@ -165,8 +166,9 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     }
 
 
-def verify_conversion(hf_dir: Path, ckpt_root: Path, tolerance: float | None = None, device: str = "auto",
-                      dtype: str = "float32") -> dict:
+def verify_conversion(
+    hf_dir: Path, ckpt_root: Path, tolerance: float | None = None, device: str = "auto", dtype: str = "float32"
+) -> dict:
     """Raises ConversionError when the logits differ by more than ``tolerance`` (default: by dtype)."""
     from ellama_megatron.formats.megatron_checkpoint import read_record
 

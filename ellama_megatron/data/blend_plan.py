@@ -75,8 +75,9 @@ class BlendPlan:
         """The shape the training engine reads (data.blend_file); group and source name each entry's
         domain for the per-domain training loss (engine/domain_loss.py)."""
         return {
-            "train": [{"prefix": p, "weight": w, "group": s.group, "source": s.source}
-                      for s, p, w in self.train_entries()],
+            "train": [
+                {"prefix": p, "weight": w, "group": s.group, "source": s.source} for s, p, w in self.train_entries()
+            ],
             "valid": {name: list(prefixes) for name, prefixes in self.valid.items()},
         }
 
@@ -178,7 +179,9 @@ def plan_blend(data_cfg, train_tokens: float, seq_length: int) -> BlendPlan:
         srcs = gcfg.get("sources") or {}
         if not srcs:
             raise PlanError(f"data.groups.{gname}.sources is empty")
-        src_shares = resolve_shares({s: (v or {}).get("share") for s, v in srcs.items()}, f"data.groups.{gname}.sources")
+        src_shares = resolve_shares(
+            {s: (v or {}).get("share") for s, v in srcs.items()}, f"data.groups.{gname}.sources"
+        )
         for sname, scfg in srcs.items():
             scfg = scfg or {}
             manifests = scfg.get("manifests", scfg.get("manifest"))
@@ -203,8 +206,10 @@ def plan_blend(data_cfg, train_tokens: float, seq_length: int) -> BlendPlan:
                     for ext in (".bin", ".idx"):
                         # A stat each: a blend naming a moved or deleted dataset would fail only in the ranks.
                         if not Path(str(p) + ext).is_file():
-                            raise PlanError(f"{path}: its dataset {p}{ext} is missing; copy the dataset beside "
-                                            "the manifest or preprocess it again (tools/preprocess_data.py)")
+                            raise PlanError(
+                                f"{path}: its dataset {p}{ext} is missing; copy the dataset beside "
+                                "the manifest or preprocess it again (tools/preprocess_data.py)"
+                            )
                 plan.tokens_available += tokens
             plan.tokens_drawn = plan.share * num_samples * seq_length
             if plan.share > 0 and plan.tokens_available == 0:

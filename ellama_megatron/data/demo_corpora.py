@@ -29,12 +29,42 @@ LISTING_WORDS = {
             ["Sporting Goods", "Cycling", "Bicycle Components & Parts"],
             ["Toys & Hobbies", "Building Toys", "Building Sets"],
         ],
-        "products": ["smartphone", "frying pan", "running sneakers", "booster box", "disc brake set", "building set", "wireless earbuds", "cast iron skillet"],
-        "aspects": {"Brand": None, "Color": ["Black", "White", "Red", "Blue", "Silver"], "Size": ["S", "M", "L", "10", "11", "28 cm"], "Material": ["Aluminium", "Leather", "Cast Iron", "Plastic"], "Model": None},
+        "products": [
+            "smartphone",
+            "frying pan",
+            "running sneakers",
+            "booster box",
+            "disc brake set",
+            "building set",
+            "wireless earbuds",
+            "cast iron skillet",
+        ],
+        "aspects": {
+            "Brand": None,
+            "Color": ["Black", "White", "Red", "Blue", "Silver"],
+            "Size": ["S", "M", "L", "10", "11", "28 cm"],
+            "Material": ["Aluminium", "Leather", "Cast Iron", "Plastic"],
+            "Model": None,
+        },
         "conditions": ["New", "New with box", "Used", "Seller refurbished", "For parts or not working"],
-        "phrases": ["Brand new and sealed in the original packaging.", "Ships within one business day with tracking.", "Free returns within 30 days.", "Tested and fully working, minor scratches on the back.", "Authentic item, comes with receipt.", "Buy it now, best offer considered.", "Combined shipping available for multiple items."],
+        "phrases": [
+            "Brand new and sealed in the original packaging.",
+            "Ships within one business day with tracking.",
+            "Free returns within 30 days.",
+            "Tested and fully working, minor scratches on the back.",
+            "Authentic item, comes with receipt.",
+            "Buy it now, best offer considered.",
+            "Combined shipping available for multiple items.",
+        ],
         "review_titles": ["Great value", "Exactly as described", "Fast shipping", "Disappointed", "Would buy again"],
-        "review_phrases": ["Arrived quickly and well packed.", "Works perfectly, the seller was very helpful.", "The color is slightly different from the photos.", "Battery life is excellent.", "Stopped working after two weeks, returned it.", "Fits true to size."],
+        "review_phrases": [
+            "Arrived quickly and well packed.",
+            "Works perfectly, the seller was very helpful.",
+            "The color is slightly different from the photos.",
+            "Battery life is excellent.",
+            "Stopped working after two weeks, returned it.",
+            "Fits true to size.",
+        ],
     },
     "de": {
         "categories": [
@@ -45,11 +75,31 @@ LISTING_WORDS = {
             ["Sport", "Radsport", "Fahrradteile"],
         ],
         "products": ["Smartphone", "Bratpfanne", "Laufschuhe", "Display-Box", "Scheibenbremse", "Kopfhörer"],
-        "aspects": {"Marke": None, "Farbe": ["Schwarz", "Weiß", "Rot", "Blau", "Silber"], "Größe": ["42", "43", "44", "28 cm"], "Material": ["Aluminium", "Leder", "Gusseisen", "Kunststoff"], "Modell": None},
+        "aspects": {
+            "Marke": None,
+            "Farbe": ["Schwarz", "Weiß", "Rot", "Blau", "Silber"],
+            "Größe": ["42", "43", "44", "28 cm"],
+            "Material": ["Aluminium", "Leder", "Gusseisen", "Kunststoff"],
+            "Modell": None,
+        },
         "conditions": ["Neu", "Neu mit Etikett", "Gebraucht", "Generalüberholt", "Als Ersatzteil / defekt"],
-        "phrases": ["Neu und originalverpackt.", "Versand innerhalb von 24 Stunden mit Sendungsverfolgung.", "Privatverkauf, keine Garantie und Rücknahme.", "Voll funktionsfähig, leichte Gebrauchsspuren.", "Rechnung liegt bei.", "Abholung oder Versand möglich."],
+        "phrases": [
+            "Neu und originalverpackt.",
+            "Versand innerhalb von 24 Stunden mit Sendungsverfolgung.",
+            "Privatverkauf, keine Garantie und Rücknahme.",
+            "Voll funktionsfähig, leichte Gebrauchsspuren.",
+            "Rechnung liegt bei.",
+            "Abholung oder Versand möglich.",
+        ],
         "review_titles": ["Top Preis-Leistung", "Wie beschrieben", "Schneller Versand", "Enttäuscht", "Gerne wieder"],
-        "review_phrases": ["Schnelle Lieferung und gut verpackt.", "Funktioniert einwandfrei, sehr freundlicher Verkäufer.", "Die Farbe weicht etwas von den Fotos ab.", "Der Akku hält sehr lange.", "Nach zwei Wochen kaputt, zurückgeschickt.", "Passt perfekt."],
+        "review_phrases": [
+            "Schnelle Lieferung und gut verpackt.",
+            "Funktioniert einwandfrei, sehr freundlicher Verkäufer.",
+            "Die Farbe weicht etwas von den Fotos ab.",
+            "Der Akku hält sehr lange.",
+            "Nach zwei Wochen kaputt, zurückgeschickt.",
+            "Passt perfekt.",
+        ],
     },
     "fr": {
         "categories": [
@@ -60,36 +110,130 @@ LISTING_WORDS = {
             ["Sports, vacances", "Cyclisme", "Pièces de vélo"],
         ],
         "products": ["smartphone", "poêle", "baskets de course", "coffret de boosters", "frein à disque", "écouteurs"],
-        "aspects": {"Marque": None, "Couleur": ["Noir", "Blanc", "Rouge", "Bleu", "Argent"], "Taille": ["40", "41", "42", "28 cm"], "Matière": ["Aluminium", "Cuir", "Fonte", "Plastique"], "Modèle": None},
+        "aspects": {
+            "Marque": None,
+            "Couleur": ["Noir", "Blanc", "Rouge", "Bleu", "Argent"],
+            "Taille": ["40", "41", "42", "28 cm"],
+            "Matière": ["Aluminium", "Cuir", "Fonte", "Plastique"],
+            "Modèle": None,
+        },
         "conditions": ["Neuf", "Neuf avec étiquettes", "Occasion", "Reconditionné", "Pour pièces"],
-        "phrases": ["Neuf, jamais utilisé, dans son emballage d'origine.", "Expédition sous 24 heures avec suivi.", "Retour accepté sous 14 jours.", "Fonctionne parfaitement, quelques rayures.", "Facture fournie.", "Envoi soigné en colis suivi."],
-        "review_titles": ["Très bon rapport qualité-prix", "Conforme à la description", "Livraison rapide", "Déçu", "Je recommande"],
-        "review_phrases": ["Livraison rapide et colis bien protégé.", "Fonctionne parfaitement, vendeur très sérieux.", "La couleur est un peu différente des photos.", "L'autonomie de la batterie est excellente.", "Tombé en panne après deux semaines.", "Taille normalement."],
+        "phrases": [
+            "Neuf, jamais utilisé, dans son emballage d'origine.",
+            "Expédition sous 24 heures avec suivi.",
+            "Retour accepté sous 14 jours.",
+            "Fonctionne parfaitement, quelques rayures.",
+            "Facture fournie.",
+            "Envoi soigné en colis suivi.",
+        ],
+        "review_titles": [
+            "Très bon rapport qualité-prix",
+            "Conforme à la description",
+            "Livraison rapide",
+            "Déçu",
+            "Je recommande",
+        ],
+        "review_phrases": [
+            "Livraison rapide et colis bien protégé.",
+            "Fonctionne parfaitement, vendeur très sérieux.",
+            "La couleur est un peu différente des photos.",
+            "L'autonomie de la batterie est excellente.",
+            "Tombé en panne après deux semaines.",
+            "Taille normalement.",
+        ],
     },
 }
 
 GENERAL_WORDS = {
     "en": {
-        "subjects": ["The river", "An old manuscript", "The committee", "A young astronomer", "The village", "The theory of evolution", "The orchestra", "Early settlers", "The glacier", "A medieval monastery"],
-        "verbs": ["describes", "shaped", "revealed", "was studied by", "influenced", "inspired", "challenged", "preserved", "transformed", "documented"],
-        "objects": ["the history of the region", "the migration of birds", "a new understanding of light", "the structure of the cell", "the poetry of the period", "the mountain landscape", "ancient trade routes", "the development of mathematics", "the climate of the northern valleys", "the philosophy of language"],
-        "tails": ["over several centuries.", "according to later historians.", "in the late nineteenth century.", "during a long and difficult winter.", "as scholars continue to debate.", "with remarkable precision."],
+        "subjects": [
+            "The river",
+            "An old manuscript",
+            "The committee",
+            "A young astronomer",
+            "The village",
+            "The theory of evolution",
+            "The orchestra",
+            "Early settlers",
+            "The glacier",
+            "A medieval monastery",
+        ],
+        "verbs": [
+            "describes",
+            "shaped",
+            "revealed",
+            "was studied by",
+            "influenced",
+            "inspired",
+            "challenged",
+            "preserved",
+            "transformed",
+            "documented",
+        ],
+        "objects": [
+            "the history of the region",
+            "the migration of birds",
+            "a new understanding of light",
+            "the structure of the cell",
+            "the poetry of the period",
+            "the mountain landscape",
+            "ancient trade routes",
+            "the development of mathematics",
+            "the climate of the northern valleys",
+            "the philosophy of language",
+        ],
+        "tails": [
+            "over several centuries.",
+            "according to later historians.",
+            "in the late nineteenth century.",
+            "during a long and difficult winter.",
+            "as scholars continue to debate.",
+            "with remarkable precision.",
+        ],
     },
     "de": {
-        "subjects": ["Der Fluss", "Eine alte Handschrift", "Die Stadt", "Ein junger Forscher", "Das Orchester", "Die Bevölkerung"],
+        "subjects": [
+            "Der Fluss",
+            "Eine alte Handschrift",
+            "Die Stadt",
+            "Ein junger Forscher",
+            "Das Orchester",
+            "Die Bevölkerung",
+        ],
         "verbs": ["beschreibt", "prägte", "veränderte", "beeinflusste", "bewahrte"],
-        "objects": ["die Geschichte der Region", "die Entwicklung der Wissenschaft", "die Landschaft der Alpen", "die Sprache des Mittelalters", "das politische Leben"],
+        "objects": [
+            "die Geschichte der Region",
+            "die Entwicklung der Wissenschaft",
+            "die Landschaft der Alpen",
+            "die Sprache des Mittelalters",
+            "das politische Leben",
+        ],
         "tails": ["über mehrere Jahrhunderte.", "im neunzehnten Jahrhundert.", "nach Ansicht vieler Historiker."],
     },
     "fr": {
-        "subjects": ["Le fleuve", "Un vieux manuscrit", "La ville", "Un jeune chercheur", "L'orchestre", "La population"],
+        "subjects": [
+            "Le fleuve",
+            "Un vieux manuscrit",
+            "La ville",
+            "Un jeune chercheur",
+            "L'orchestre",
+            "La population",
+        ],
         "verbs": ["décrit", "a façonné", "a transformé", "a influencé", "a préservé"],
-        "objects": ["l'histoire de la région", "le développement des sciences", "le paysage des Alpes", "la langue du Moyen Âge", "la vie politique"],
+        "objects": [
+            "l'histoire de la région",
+            "le développement des sciences",
+            "le paysage des Alpes",
+            "la langue du Moyen Âge",
+            "la vie politique",
+        ],
         "tails": ["pendant plusieurs siècles.", "au dix-neuvième siècle.", "selon de nombreux historiens."],
     },
 }
 
-_SYLLABLES = "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo".split()
+_SYLLABLES = (
+    "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo".split()
+)
 
 
 def _brand(rng: random.Random) -> str:
@@ -113,7 +257,9 @@ def make_listing(rng: random.Random, lang: str, idx: int) -> dict:
             value = brand if name in ("Brand", "Marke", "Marque") else model if values is None else rng.choice(values)
             aspects.append({"name": name, "value": value})
     items = "".join(f"<li>{rng.choice(w['phrases'])}</li>" for _ in range(rng.randint(1, 4)))
-    description = f"<p><b>{brand} {product} {model}</b></p><p>{' '.join(rng.sample(w['phrases'], 2))}</p><ul>{items}</ul>"
+    description = (
+        f"<p><b>{brand} {product} {model}</b></p><p>{' '.join(rng.sample(w['phrases'], 2))}</p><ul>{items}</ul>"
+    )
     record = {
         "id": f"listing-{lang}-{idx}",
         "title": f"{brand} {product} {model} {rng.choice(w['aspects'][list(w['aspects'])[1]])}",
@@ -174,8 +320,9 @@ def write_demo_corpora(out_dir: str | Path, docs: int = 1000, seed: int = 0, gen
     }
     if general:
         paths["general_en"] = corpus(make_general, "general_en.jsonl", docs, ("en",), "general_en")
-        paths["general_multilingual"] = corpus(make_general, "general_multilingual.jsonl", max(1, docs // 10),
-                                               ("de", "fr"), "general_ml")
+        paths["general_multilingual"] = corpus(
+            make_general, "general_multilingual.jsonl", max(1, docs // 10), ("de", "fr"), "general_ml"
+        )
     return paths
 
 

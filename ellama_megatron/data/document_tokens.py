@@ -31,24 +31,30 @@ class DocumentTokensError(ValueError):
 
 @dataclass(frozen=True)
 class DocumentTokens:
-    bos_policy: str             # auto, always or never (--bos)
-    add_special_tokens: bool    # encode with the tokenizer's template
-    prepend_bos: int | None     # written before the encoded ids (--bos always when the template adds none)
-    bos_written: int | None     # the id every document starts with, or None
-    eod_id: int                 # appended after every document
+    bos_policy: str  # auto, always or never (--bos)
+    add_special_tokens: bool  # encode with the tokenizer's template
+    prepend_bos: int | None  # written before the encoded ids (--bos always when the template adds none)
+    bos_written: int | None  # the id every document starts with, or None
+    eod_id: int  # appended after every document
     eod_token: str
-    eod_source: str             # "eos_token" of the folder, or "--eod-token"
+    eod_source: str  # "eos_token" of the folder, or "--eod-token"
 
     def manifest(self) -> dict:
         return {
-            "bos": {"policy": self.bos_policy, "token_id": self.bos_written,
-                    "written": self.bos_written is not None},
+            "bos": {"policy": self.bos_policy, "token_id": self.bos_written, "written": self.bos_written is not None},
             "eod": {"token_id": self.eod_id, "token": self.eod_token, "from": self.eod_source},
         }
 
 
-def document_tokens(tokenizer_dir: str, backend_json: str, bos_id: int | None, eos_id: int | None,
-                    bos: str = "auto", eod_token: str | None = None, bos_token: str | None = None) -> DocumentTokens:
+def document_tokens(
+    tokenizer_dir: str,
+    backend_json: str,
+    bos_id: int | None,
+    eos_id: int | None,
+    bos: str = "auto",
+    eod_token: str | None = None,
+    bos_token: str | None = None,
+) -> DocumentTokens:
     """The BOS and EOD every document gets with this tokenizer (the Rust tokenizer's JSON, as the
     workers use it) under ``--bos``, ``--bos-token`` and ``--eod-token``; DocumentTokensError for an
     impossible choice."""
@@ -59,19 +65,24 @@ def document_tokens(tokenizer_dir: str, backend_json: str, bos_id: int | None, e
     tok = Tokenizer.from_str(backend_json)
     if bos_token is not None:
         if bos == "never":
-            raise DocumentTokensError(f"--bos-token {bos_token!r} with --bos never: no BOS is written; "
-                                      "drop one of the two options")
+            raise DocumentTokensError(
+                f"--bos-token {bos_token!r} with --bos never: no BOS is written; drop one of the two options"
+            )
         bos_id = tok.token_to_id(bos_token)
         if bos_id is None:
-            raise DocumentTokensError(f"--bos-token {bos_token!r}: not a token of {tokenizer_dir}/tokenizer.json; "
-                                      "give one of its special tokens, e.g. '<|begin_of_text|>'")
+            raise DocumentTokensError(
+                f"--bos-token {bos_token!r}: not a token of {tokenizer_dir}/tokenizer.json; "
+                "give one of its special tokens, e.g. '<|begin_of_text|>'"
+            )
     with_template = tok.encode(PROBE_TEXT, add_special_tokens=True).ids
     without = tok.encode(PROBE_TEXT, add_special_tokens=False).ids
     template_bos = bos_id is not None and with_template[:1] == [bos_id] and without[:1] != [bos_id]
     if bos == "always" and bos_id is None:
-        raise DocumentTokensError(f"--tokenizer {tokenizer_dir}: --bos always, but the folder names no bos_token "
-                                  "(no tokenizer_config.json naming it); pass --bos-token '<|begin_of_text|>' "
-                                  "(Llama 3) or the folder's own BOS token, or set bos_token there")
+        raise DocumentTokensError(
+            f"--tokenizer {tokenizer_dir}: --bos always, but the folder names no bos_token "
+            "(no tokenizer_config.json naming it); pass --bos-token '<|begin_of_text|>' "
+            "(Llama 3) or the folder's own BOS token, or set bos_token there"
+        )
     if bos == "auto":
         add, prepend, written = True, None, bos_id if template_bos else None
     elif bos == "always":
@@ -82,13 +93,16 @@ def document_tokens(tokenizer_dir: str, backend_json: str, bos_id: int | None, e
     if eod_token is not None:
         eod_id = tok.token_to_id(eod_token)
         if eod_id is None:
-            raise DocumentTokensError(f"--eod-token {eod_token!r}: not a token of {tokenizer_dir}/tokenizer.json; "
-                                      "give one of its special tokens, e.g. '<|end_of_text|>'")
+            raise DocumentTokensError(
+                f"--eod-token {eod_token!r}: not a token of {tokenizer_dir}/tokenizer.json; "
+                "give one of its special tokens, e.g. '<|end_of_text|>'"
+            )
         return DocumentTokens(bos, add, prepend, written, int(eod_id), eod_token, "--eod-token")
     if eos_id is None:
         raise DocumentTokensError(
             f"--tokenizer {tokenizer_dir}: no eos_token set (no tokenizer_config.json naming it); documents need "
-            "an end-of-document id: pass --eod-token '<|end_of_text|>' (Llama 3) or set eos_token there")
+            "an end-of-document id: pass --eod-token '<|end_of_text|>' (Llama 3) or set eos_token there"
+        )
     eos_token = tok.id_to_token(eos_id)
     if eos_token in END_OF_TURN_TOKENS:
         end_of_text = next((t for t in ("<|end_of_text|>", "<|endoftext|>") if tok.token_to_id(t) is not None), None)
@@ -96,5 +110,6 @@ def document_tokens(tokenizer_dir: str, backend_json: str, bos_id: int | None, e
         raise DocumentTokensError(
             f"--tokenizer {tokenizer_dir}: eos_token is {eos_token} (id {eos_id}, {END_OF_TURN_TOKENS[eos_token]}): "
             f"an Instruct folder. Pretraining documents end with end-of-text; pass {fix}, or "
-            f"--eod-token '{eos_token}' to write the end-of-turn marker on purpose")
+            f"--eod-token '{eos_token}' to write the end-of-turn marker on purpose"
+        )
     return DocumentTokens(bos, add, prepend, written, int(eos_id), eos_token, "eos_token")

@@ -6,8 +6,8 @@ preprocessing uses the classifier as a filter)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from ellama_megatron.data.readers import expand_inputs, plan_units, read_unit
 from ellama_megatron.data.serializers import MissingField, Template, load_template, serialize
@@ -47,7 +47,9 @@ def iter_documents(
             yield raw.record, text
 
 
-def read_texts(inputs: list[str], template_name: str = "plain", text_key: str = "text", limit: int | None = None) -> tuple[list[str], ReadCounts]:
+def read_texts(
+    inputs: list[str], template_name: str = "plain", text_key: str = "text", limit: int | None = None
+) -> tuple[list[str], ReadCounts]:
     """All texts of ``inputs`` in memory (training sets are small compared with what is filtered)."""
     counts = ReadCounts()
     texts = []

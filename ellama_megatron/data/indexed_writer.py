@@ -44,7 +44,7 @@ class SplitStats:
         entry["documents"] += 1
         entry["tokens"] += tokens
 
-    def merge(self, other: "SplitStats") -> None:
+    def merge(self, other: SplitStats) -> None:
         self.documents += other.documents
         self.tokens += other.tokens
         self.text_bytes += other.text_bytes
@@ -93,7 +93,9 @@ class EncodeJob:
     domain_threshold: float | None = None  # keep documents the installed classifier scores above it
     add_special_tokens: bool = True  # encode with the tokenizer's template (--bos auto, or always when it adds BOS)
     prepend_bos: int | None = None  # written before each document's ids (--bos always, template without BOS)
-    max_doc_chars: int = 0  # longer documents are skipped (reason counted); tokenizing one costs ~200x its size in memory
+    max_doc_chars: int = (
+        0  # longer documents are skipped (reason counted); tokenizing one costs ~200x its size in memory
+    )
 
 
 _BACKENDS: dict = {}

@@ -40,7 +40,14 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
 
 from ellama_megatron.data import indexed_writer
-from ellama_megatron.data.indexed_writer import SPLITS, PartWriter, SplitStats, UnitResult, merge_parts, serialize_record
+from ellama_megatron.data.indexed_writer import (
+    SPLITS,
+    PartWriter,
+    SplitStats,
+    UnitResult,
+    merge_parts,
+    serialize_record,
+)
 from ellama_megatron.data.manifest import (
     MANIFEST_FORMAT,
     file_sha256,
@@ -179,7 +186,12 @@ class WriteIndexedDatasets(PipelineStep):
     def __init__(self, opts: PreprocessOptions, plan: PreprocessPlan, ledger: TaskLedger, threads: int | None = None):
         super().__init__()
         # The classifier is loaded by the filter step inside the task; it need not travel with this one.
-        self.opts, self.plan, self.ledger, self.threads = opts, dataclasses.replace(plan, classifier=None), ledger, threads
+        self.opts, self.plan, self.ledger, self.threads = (
+            opts,
+            dataclasses.replace(plan, classifier=None),
+            ledger,
+            threads,
+        )
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         start = time.time()
@@ -207,10 +219,14 @@ class WriteIndexedDatasets(PipelineStep):
                 for batch in batched(data, job.batch_docs):
                     hash_new_files()
                     with self.track_time(unit="batch"):
-                        writer.add([(d.metadata["raw"], d.text, d.metadata["language"], d.metadata["split"]) for d in batch])
+                        writer.add(
+                            [(d.metadata["raw"], d.text, d.metadata["language"], d.metadata["split"]) for d in batch]
+                        )
                     self.stat_update("documents", value=len(batch))
                     if fail:
-                        raise RuntimeError(f"{FAIL_TASK_ENV}={rank}: task {rank} fails after its first batch (test hook)")
+                        raise RuntimeError(
+                            f"{FAIL_TASK_ENV}={rank}: task {rank} fails after its first batch (test hook)"
+                        )
             finally:
                 writer.close()
             writer.save()
@@ -227,13 +243,20 @@ class WriteIndexedDatasets(PipelineStep):
                 os.replace(tmp / f"{s}{ext}", split_prefix(out_prefix, s) + ext)
         totals = self.ledger.totals
         manifest = build_manifest(
-            self.opts, self.plan,
+            self.opts,
+            self.plan,
             splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
-            inputs=[{"path": path, "bytes": os.path.getsize(path), "sha256": digests.get(path), "records": n}
-                    for path, n in self.ledger.records_per_file.items()],
-            skipped=totals.skipped, examples=totals.examples[:MAX_EXAMPLES],
-            domain_filter=(domain_filter_manifest(self.opts, self.plan.threshold, [totals.domain_filter])
-                           if totals.domain_filter is not None else None),
+            inputs=[
+                {"path": path, "bytes": os.path.getsize(path), "sha256": digests.get(path), "records": n}
+                for path, n in self.ledger.records_per_file.items()
+            ],
+            skipped=totals.skipped,
+            examples=totals.examples[:MAX_EXAMPLES],
+            domain_filter=(
+                domain_filter_manifest(self.opts, self.plan.threshold, [totals.domain_filter])
+                if totals.domain_filter is not None
+                else None
+            ),
             seconds=time.time() - start,
             task={"rank": rank, "tasks": world_size},
         )
@@ -280,8 +303,11 @@ def sum_manifests(manifests: list[dict], source_prefix: str | Path) -> dict:
         total = SplitStats()
         for e in entries:
             total.merge(SplitStats(e["documents"], e["tokens"], e["text_bytes"], e["languages"]))
-        parts = [{"prefix": e["prefix"], "documents": e["documents"], "tokens": e["tokens"]}
-                 for e in entries if e["documents"] > 0]
+        parts = [
+            {"prefix": e["prefix"], "documents": e["documents"], "tokens": e["tokens"]}
+            for e in entries
+            if e["documents"] > 0
+        ]
         splits[s] = {**total.to_dict(), "parts": parts}
     inputs: dict[str, dict] = {}
     for m in manifests:
@@ -368,12 +394,17 @@ def _run_options(opts: PreprocessOptions, plan: PreprocessPlan, tasks: int) -> d
     options = dataclasses.asdict(opts)
     for k in ("workers", "progress", "overwrite", "strict", "allow_empty"):  # how it runs, not what it writes
         options.pop(k)
-    return json.loads(json.dumps({
-        "tasks": tasks,
-        "options": options,
-        "tokenizer_json_sha256": plan.tok.sha256,
-        "inputs": [[str(f), os.path.getsize(f)] for f in plan.files],
-    }, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "tasks": tasks,
+                "options": options,
+                "tokenizer_json_sha256": plan.tok.sha256,
+                "inputs": [[str(f), os.path.getsize(f)] for f in plan.files],
+            },
+            default=str,
+        )
+    )
 
 
 def _remove_outputs(output_prefix: Path, rdir: Path) -> None:
@@ -393,17 +424,22 @@ def _resume_check(opts: PreprocessOptions, rdir: Path, recorded: dict) -> None:
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old != recorded:
-            differ = sorted({k for k in recorded["options"] if old.get("options", {}).get(k) != recorded["options"][k]}
-                            | {k for k in ("tasks", "tokenizer_json_sha256", "inputs") if old.get(k) != recorded[k]})
+            differ = sorted(
+                {k for k in recorded["options"] if old.get("options", {}).get(k) != recorded["options"][k]}
+                | {k for k in ("tasks", "tokenizer_json_sha256", "inputs") if old.get(k) != recorded[k]}
+            )
             raise InputError(
                 f"--output-prefix {out}: {rdir} is an earlier run with other options (differing: {', '.join(differ)}); "
-                "rerun with the same options to resume it, or pass --overwrite to start over")
+                "rerun with the same options to resume it, or pass --overwrite to start over"
+            )
         return
     existing = [str(p) for p in output_files(out) if p.exists()]
     existing += [str(p) for p in out.parent.glob(f"{glob.escape(out.name)}-?????-of-?????.manifest.json")]
     if existing:
-        raise InputError(f"--output-prefix {out}: output exists ({', '.join(existing[:3])}) without the run folder "
-                         f"{rdir}; choose another prefix or pass --overwrite")
+        raise InputError(
+            f"--output-prefix {out}: output exists ({', '.join(existing[:3])}) without the run folder "
+            f"{rdir}; choose another prefix or pass --overwrite"
+        )
 
 
 def prepare(opts: PreprocessOptions, settings: ExecutorSettings) -> dict | None:
@@ -425,21 +461,31 @@ def prepare(opts: PreprocessOptions, settings: ExecutorSettings) -> dict | None:
 
         workers = min(opts.workers, settings.tasks)
         threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
-        executor = LocalPipelineExecutor(build_pipeline(opts, plan, settings.tasks, threads), tasks=settings.tasks,
-                                         workers=workers, logging_dir=str(rdir), start_method="spawn")
+        executor = LocalPipelineExecutor(
+            build_pipeline(opts, plan, settings.tasks, threads),
+            tasks=settings.tasks,
+            workers=workers,
+            logging_dir=str(rdir),
+            start_method="spawn",
+        )
         try:
             executor.run()
         except Exception as e:
-            raise RuntimeError(f"a task failed: {e} (its log: {rdir}/logs/); the completed tasks are kept, "
-                               "rerun the same command to resume") from e
+            raise RuntimeError(
+                f"a task failed: {e} (its log: {rdir}/logs/); the completed tasks are kept, "
+                "rerun the same command to resume"
+            ) from e
         return finish(opts, settings)
     executor = _slurm_executor(build_pipeline(opts, plan, settings.tasks), settings, rdir)
     executor.run()
     if executor.job_id == -1:  # every task was complete
         return finish(opts, settings)
-    print(f"submitted Slurm job {executor.job_id}: {len(executor.get_incomplete_ranks())} of {settings.tasks} tasks; "
-          f"logs in {rdir}/logs and {executor.slurm_logs_folder}; {manifest_path(out)} appears when the last task "
-          "ends; rerun the same command to resume after failures", file=sys.stderr)
+    print(
+        f"submitted Slurm job {executor.job_id}: {len(executor.get_incomplete_ranks())} of {settings.tasks} tasks; "
+        f"logs in {rdir}/logs and {executor.slurm_logs_folder}; {manifest_path(out)} appears when the last task "
+        "ends; rerun the same command to resume after failures",
+        file=sys.stderr,
+    )
     if not settings.wait:
         return None
     _wait_for_slurm(str(executor.job_id))
@@ -451,10 +497,15 @@ def finish(opts: PreprocessOptions, settings: ExecutorSettings) -> dict:
     manifest = write_source_manifest(opts.output_prefix, settings.tasks)
     if manifest is None:
         rdir = run_dir(opts.output_prefix, settings)
-        missing = [r for r in range(settings.tasks)
-                   if not manifest_path(task_prefix(opts.output_prefix, r, settings.tasks)).is_file()]
-        raise InputError(f"--output-prefix {opts.output_prefix}: tasks {missing} did not complete (their logs: "
-                         f"{rdir}/logs/task_{missing[0]:05d}.log ...); rerun the same command: completed tasks are skipped")
+        missing = [
+            r
+            for r in range(settings.tasks)
+            if not manifest_path(task_prefix(opts.output_prefix, r, settings.tasks)).is_file()
+        ]
+        raise InputError(
+            f"--output-prefix {opts.output_prefix}: tasks {missing} did not complete (their logs: "
+            f"{rdir}/logs/task_{missing[0]:05d}.log ...); rerun the same command: completed tasks are skipped"
+        )
     if not opts.allow_empty and sum(s["documents"] for s in manifest["splits"].values()) == 0:
         raise no_document_error(opts.inputs, manifest["records"], Counter(manifest["skipped"]["by_reason"]))
     return manifest
@@ -471,14 +522,25 @@ def _slurm_executor(pipeline: list, settings: ExecutorSettings, rdir: Path):
 
     env_command = settings.env_command or f"export PATH={Path(sys.executable).parent}:$PATH"
     return Executor(
-        pipeline, tasks=settings.tasks, time=settings.time, partition=settings.partition,
-        cpus_per_task=settings.cpus_per_task, mem_per_cpu_gb=settings.mem_per_cpu_gb, workers=settings.max_running,
-        job_name=settings.job_name, qos=settings.qos or "", env_command=env_command,
+        pipeline,
+        tasks=settings.tasks,
+        time=settings.time,
+        partition=settings.partition,
+        cpus_per_task=settings.cpus_per_task,
+        mem_per_cpu_gb=settings.mem_per_cpu_gb,
+        workers=settings.max_running,
+        job_name=settings.job_name,
+        qos=settings.qos or "",
+        env_command=env_command,
         # Slurm sends USR1 to the task before the time limit; datatrove's handler requeues the
         # element, which reruns its task from the start (the training launcher's convention).
         sbatch_args={"signal": f"USR1@{settings.requeue_grace_s}", **settings.sbatch_args},
-        max_array_size=settings.max_array_size, tasks_per_job=settings.tasks_per_job, logging_dir=str(rdir),
-        requeue_signals=("SIGUSR1",), requeue=True, mail_type="NONE",
+        max_array_size=settings.max_array_size,
+        tasks_per_job=settings.tasks_per_job,
+        logging_dir=str(rdir),
+        requeue_signals=("SIGUSR1",),
+        requeue=True,
+        mail_type="NONE",
     )
 
 
@@ -491,6 +553,8 @@ def _wait_for_slurm(job_id: str, poll_s: float = 2.0, max_failures: int = 30) ->
             return
         failures = failures + 1 if out.returncode != 0 else 0
         if failures >= max_failures:
-            raise InputError(f"squeue -j {job_id} keeps failing ({out.stderr.strip()}); the job may still run: "
-                             "rerun the same command later (completed tasks are kept)")
+            raise InputError(
+                f"squeue -j {job_id} keeps failing ({out.stderr.strip()}); the job may still run: "
+                "rerun the same command later (completed tasks are kept)"
+            )
         time.sleep(poll_s)

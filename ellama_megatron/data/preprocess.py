@@ -31,8 +31,8 @@ from ellama_megatron.data.manifest import (
 )
 from ellama_megatron.data.readers import InputError, WorkUnit, check_readable, expand_inputs, plan_units, read_unit
 from ellama_megatron.data.serializers import MissingField, RecordSerializer, load_template, serialize
-from ellama_megatron.formats.tokenizer_folder import TokenizerInfo, load_tokenizer_folder
 from ellama_megatron.formats.atomic import write_json_atomic
+from ellama_megatron.formats.tokenizer_folder import TokenizerInfo, load_tokenizer_folder
 
 MAX_EXAMPLES = 100
 DEFAULT_MAX_DOC_CHARS = 5_000_000  # about 1 GB to tokenize; a long novel has 1-2 million characters
@@ -185,7 +185,9 @@ def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers
         # spawn: the Rust tokenizer's thread pool does not survive fork.
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
-        with ctx.Pool(workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads, classifier)) as pool:
+        with ctx.Pool(
+            workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads, classifier)
+        ) as pool:
             pending = [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)]
             for unit, res in zip(units, pending):
                 results.append(res.get())
@@ -221,8 +223,9 @@ def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_
     if check_outputs:
         _check_outputs(opts)
     tok = load_tokenizer_folder(opts.tokenizer_dir)
-    specials = document_tokens(opts.tokenizer_dir, tok.backend_json, tok.bos_id, tok.eos_id, opts.bos, opts.eod_token,
-                               opts.bos_token)
+    specials = document_tokens(
+        opts.tokenizer_dir, tok.backend_json, tok.bos_id, tok.eos_id, opts.bos, opts.eod_token, opts.bos_token
+    )
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
@@ -231,18 +234,39 @@ def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_
     total = sum(os.path.getsize(f) for f in files)
     shard = opts.shard_bytes if parallel == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * parallel)))
     if total == 0 and not opts.allow_empty:
-        raise InputError(f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
-                         "Check the path, or pass --allow-empty to write a 0-document dataset")
+        raise InputError(
+            f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
+            "Check the path, or pass --allow-empty to write a 0-document dataset"
+        )
     units = plan_units(files, shard_bytes=shard)
     _preflight(units, opts.serializer)
     classifier, threshold = _load_domain_filter(opts)
-    job = EncodeJob(opts.serializer, opts.valid_fraction, specials.eod_id, tok.dtype, opts.batch_docs, opts.strict,
-                    threshold, specials.add_special_tokens, specials.prepend_bos, opts.max_doc_chars)
+    job = EncodeJob(
+        opts.serializer,
+        opts.valid_fraction,
+        specials.eod_id,
+        tok.dtype,
+        opts.batch_docs,
+        opts.strict,
+        threshold,
+        specials.add_special_tokens,
+        specials.prepend_bos,
+        opts.max_doc_chars,
+    )
     return PreprocessPlan(tok, specials, files, units, job, classifier, threshold)
 
 
-def build_manifest(opts: PreprocessOptions, plan: PreprocessPlan, splits: dict, inputs: list[dict], skipped: Counter,
-                   examples: list, domain_filter: dict | None, seconds: float, **extra) -> dict:
+def build_manifest(
+    opts: PreprocessOptions,
+    plan: PreprocessPlan,
+    splits: dict,
+    inputs: list[dict],
+    skipped: Counter,
+    examples: list,
+    domain_filter: dict | None,
+    seconds: float,
+    **extra,
+) -> dict:
     """The manifest of one output prefix; ``splits``: {split: {"prefix", **SplitStats.to_dict()}} of
     the splits written; ``extra`` fields (a pipeline task's rank) go at the end."""
     return {
@@ -269,7 +293,8 @@ def no_document_error(files, records: int, skipped: Counter) -> InputError:
     return InputError(
         f"--input {' '.join(map(str, files))}: no document left to write ({records} records read, "
         f"{sum(skipped.values())} skipped: {dict(skipped.most_common(3))}); check --template, "
-        "--text-key and the domain filter, or pass --allow-empty to write a 0-document dataset")
+        "--text-key and the domain filter, or pass --allow-empty to write a 0-document dataset"
+    )
 
 
 def preprocess(opts: PreprocessOptions) -> dict:
@@ -286,8 +311,9 @@ def preprocess(opts: PreprocessOptions) -> dict:
         Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
-            parts, results = _run_units(job, plan.units, tmp_dir, plan.tok.backend_json, opts.workers, opts.progress,
-                                        plan.classifier)
+            parts, results = _run_units(
+                job, plan.units, tmp_dir, plan.tok.backend_json, opts.workers, opts.progress, plan.classifier
+            )
             checksums = list(digests)
         splits = {s: SplitStats() for s in SPLITS}
         skipped: Counter = Counter()
@@ -312,13 +338,20 @@ def preprocess(opts: PreprocessOptions) -> dict:
             for ext in (".bin", ".idx"):
                 os.replace(os.path.join(tmp_dir, s + ext), split_prefix(out_prefix, s) + ext)
         manifest = build_manifest(
-            opts, plan,
+            opts,
+            plan,
             splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
-            inputs=[{"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
-                    for f, d in zip(files, checksums)],
-            skipped=skipped, examples=examples,
-            domain_filter=(domain_filter_manifest(opts, plan.threshold, [r.domain_filter for r in results])
-                           if plan.classifier is not None else None),
+            inputs=[
+                {"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
+                for f, d in zip(files, checksums)
+            ],
+            skipped=skipped,
+            examples=examples,
+            domain_filter=(
+                domain_filter_manifest(opts, plan.threshold, [r.domain_filter for r in results])
+                if plan.classifier is not None
+                else None
+            ),
             seconds=time.time() - start,
         )
         write_json_atomic(manifest_path(out_prefix), manifest)
@@ -351,40 +384,88 @@ def add_preprocess_arguments(p) -> None:
     p.add_argument("--input", nargs="+", required=True, help="input files or folders (all formats above)")
     p.add_argument("--output-prefix", required=True, help="output path without suffix, e.g. data/ellama/reviews_de")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with tokenizer.json)")
-    p.add_argument("--template", default="plain",
-                   help="listing | review | plain | path to a template YAML (keys: text, required, html_fields). Default: plain")
-    p.add_argument("--text-key", default="text", help="record key holding the text for --template plain (default: text)")
+    p.add_argument(
+        "--template",
+        default="plain",
+        help="listing | review | plain | path to a template YAML (keys: text, required, html_fields). Default: plain",
+    )
+    p.add_argument(
+        "--text-key", default="text", help="record key holding the text for --template plain (default: text)"
+    )
     p.add_argument("--language-key", default="language", help="record key holding a language code (default: language)")
     p.add_argument("--default-language", default="und", help="language recorded for records without one (default: und)")
-    p.add_argument("--id-key", default=None,
-                   help="record key identifying a document; the validation split hashes it (default: hash the text)")
-    p.add_argument("--valid-fraction", type=float, default=0.0,
-                   help="fraction of documents held out for validation, e.g. 0.005 (default: 0)")
-    p.add_argument("--source", default=None, help="source name recorded in the manifest (default: the prefix's file name)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes; each reads its own shards and batch-encodes on its own threads (default: 1)")
-    p.add_argument("--shard-mb", type=float, default=64, help="plain JSONL/Parquet inputs are cut into shards of this size (default: 64)")
+    p.add_argument(
+        "--id-key",
+        default=None,
+        help="record key identifying a document; the validation split hashes it (default: hash the text)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of documents held out for validation, e.g. 0.005 (default: 0)",
+    )
+    p.add_argument(
+        "--source", default=None, help="source name recorded in the manifest (default: the prefix's file name)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes; each reads its own shards and batch-encodes on its own threads (default: 1)",
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=float,
+        default=64,
+        help="plain JSONL/Parquet inputs are cut into shards of this size (default: 64)",
+    )
     p.add_argument("--batch-docs", type=int, default=1000, help="documents per tokenizer batch (default: 1000)")
-    p.add_argument("--domain-filter", default=None, metavar="MODEL_DIR",
-                   help="keep only documents this classifier (tools/domain_classifier.py train) scores above the "
-                        "threshold; runs in the workers on the serialized text, before tokenization")
-    p.add_argument("--domain-threshold", type=float, default=None,
-                   help="keep scores strictly above this (default: the threshold stored with the classifier)")
-    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
-                   help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
-                        "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written")
-    p.add_argument("--bos-token", default=None,
-                   help="the BOS token (default: the folder's bos_token); for a folder that names none, e.g. a bare "
-                        "tokenizer.json: --bos always --bos-token '<|begin_of_text|>'")
-    p.add_argument("--eod-token", default=None,
-                   help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
-                        "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')")
+    p.add_argument(
+        "--domain-filter",
+        default=None,
+        metavar="MODEL_DIR",
+        help="keep only documents this classifier (tools/domain_classifier.py train) scores above the "
+        "threshold; runs in the workers on the serialized text, before tokenization",
+    )
+    p.add_argument(
+        "--domain-threshold",
+        type=float,
+        default=None,
+        help="keep scores strictly above this (default: the threshold stored with the classifier)",
+    )
+    p.add_argument(
+        "--bos",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
+        "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written",
+    )
+    p.add_argument(
+        "--bos-token",
+        default=None,
+        help="the BOS token (default: the folder's bos_token); for a folder that names none, e.g. a bare "
+        "tokenizer.json: --bos always --bos-token '<|begin_of_text|>'",
+    )
+    p.add_argument(
+        "--eod-token",
+        default=None,
+        help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
+        "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')",
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
-                   help="skip (and count in the summary) documents longer than this many characters: tokenizing "
-                        f"costs ~200x a document's size in memory (default {DEFAULT_MAX_DOC_CHARS:,}; 0: no limit)")
-    p.add_argument("--allow-empty", action="store_true",
-                   help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)")
+    p.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=DEFAULT_MAX_DOC_CHARS,
+        help="skip (and count in the summary) documents longer than this many characters: tokenizing "
+        f"costs ~200x a document's size in memory (default {DEFAULT_MAX_DOC_CHARS:,}; 0: no limit)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

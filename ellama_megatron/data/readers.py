@@ -12,9 +12,9 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 GZIP_SUFFIXES = tuple(s + ".gz" for s in JSONL_SUFFIXES)
@@ -94,8 +94,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             saved = _hf_saved_dataset_files(p)
-            found = saved if saved is not None else sorted(
-                f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUPPORTED)
+            found = (
+                saved
+                if saved is not None
+                else sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUPPORTED))
             )
             if not found:
                 raise InputError(f"{p}: folder holds no input files ({', '.join(SUPPORTED)})")

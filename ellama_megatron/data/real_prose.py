@@ -72,9 +72,12 @@ def write_real_prose(out_dir: str | Path, reference_records: int) -> dict[str, P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     licences = ({"id": f"licence-{i}", "text": t} for i, t in enumerate(licence_paragraphs()))
-    return {"prose_licences": write_jsonl(out / "prose_licences.jsonl", licences),
-            "prose_python_reference": write_jsonl(out / "prose_python_reference.jsonl",
-                                                  python_reference_records()[:reference_records])}
+    return {
+        "prose_licences": write_jsonl(out / "prose_licences.jsonl", licences),
+        "prose_python_reference": write_jsonl(
+            out / "prose_python_reference.jsonl", python_reference_records()[:reference_records]
+        ),
+    }
 
 
 def write_general_prose(out_dir: str | Path) -> dict[str, Path]:
@@ -94,7 +97,9 @@ def python_source_records(limit: int | None = None) -> list[dict]:
     files = sorted(p for p in root.rglob("*.py") if not SOURCE_SKIP & set(p.relative_to(root).parts))
     records: list[dict] = []
     for f in files:
-        add_records(records, str(f.relative_to(root)), f.read_text(encoding="utf-8", errors="replace"), SOURCE_RECORD_CHARS)
+        add_records(
+            records, str(f.relative_to(root)), f.read_text(encoding="utf-8", errors="replace"), SOURCE_RECORD_CHARS
+        )
         if limit is not None and len(records) >= limit:
             break
     return records[:limit]

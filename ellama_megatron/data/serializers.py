@@ -44,19 +44,20 @@ class Template:
         return [f for _, f, _, _ in string.Formatter().parse(self.text) if f]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "text": self.text, "required": list(self.required),
-                "html_fields": list(self.html_fields), "normalize_whitespace": self.normalize_whitespace}
+        return {
+            "name": self.name,
+            "text": self.text,
+            "required": list(self.required),
+            "html_fields": list(self.html_fields),
+            "normalize_whitespace": self.normalize_whitespace,
+        }
 
 
 BUILTIN_TEMPLATES = {
     "listing": Template(
         name="listing",
         text=(
-            "Title: {title}\n"
-            "Category: {category_path}\n"
-            "Condition: {condition}\n"
-            "{aspects}\n"
-            "Description: {description}"
+            "Title: {title}\nCategory: {category_path}\nCondition: {condition}\n{aspects}\nDescription: {description}"
         ),
         required=("title",),
         html_fields=("description",),
@@ -64,12 +65,7 @@ BUILTIN_TEMPLATES = {
     ),
     "review": Template(
         name="review",
-        text=(
-            "Product: {product}\n"
-            "Rating: {rating} out of 5\n"
-            "Review title: {title}\n"
-            "{text}"
-        ),
+        text=("Product: {product}\nRating: {rating} out of 5\nReview title: {title}\n{text}"),
         required=("product", "text"),
         html_fields=("text",),
         normalize_whitespace=True,
@@ -91,9 +87,7 @@ def load_template(name_or_path: str, text_key: str = "text") -> Template:
         return BUILTIN_TEMPLATES[name_or_path]
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(
-            f"template {name_or_path!r}: neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a file"
-        )
+        raise ValueError(f"template {name_or_path!r}: neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a file")
     import yaml
 
     spec = yaml.safe_load(path.read_text())
@@ -101,8 +95,10 @@ def load_template(name_or_path: str, text_key: str = "text") -> Template:
         raise ValueError(f"{path}: a template file needs a 'text' key holding the template string")
     unknown = set(spec) - {"name", "text", "required", "html_fields", "normalize_whitespace"}
     if unknown:
-        raise ValueError(f"{path}: unknown template keys {sorted(unknown)} "
-                         "(allowed: name, text, required, html_fields, normalize_whitespace)")
+        raise ValueError(
+            f"{path}: unknown template keys {sorted(unknown)} "
+            "(allowed: name, text, required, html_fields, normalize_whitespace)"
+        )
     if not isinstance(spec.get("normalize_whitespace", False), bool):
         raise ValueError(f"{path}: normalize_whitespace={spec['normalize_whitespace']!r} must be true or false")
     return Template(
@@ -186,9 +182,7 @@ def render_value(value, strip: bool = False, normalize_whitespace: bool = True) 
         return _render_pairs(value.items())
     if isinstance(value, list):
         if value and all(isinstance(v, dict) for v in value):
-            return _render_pairs(
-                (v.get("name", v.get("key")), v.get("value", v.get("values"))) for v in value
-            )
+            return _render_pairs((v.get("name", v.get("key")), v.get("value", v.get("values"))) for v in value)
         return " > ".join(_render_scalar(v) for v in value if not _is_empty(v))
     text = _render_scalar(value, normalize_whitespace)
     return strip_html(text) if strip else text
@@ -207,8 +201,11 @@ def serialize(record: dict, template: Template) -> str:
         for name in names:
             if name not in rendered:
                 value = record.get(name)
-                rendered[name] = "" if _is_empty(value) else render_value(
-                    value, name in template.html_fields, template.normalize_whitespace)
+                rendered[name] = (
+                    ""
+                    if _is_empty(value)
+                    else render_value(value, name in template.html_fields, template.normalize_whitespace)
+                )
             if not rendered[name].strip():  # only whitespace: absent, as an empty string
                 if name in template.required:
                     raise MissingField(name)

@@ -41,7 +41,7 @@ def parse_tag(tag: str) -> tuple[str, str, str] | None:
     for kind, template in (("loss", TAG), ("tokens", TOKENS_TAG)):
         head = template.split("{level}")[0]
         if tag.startswith(head) and "/" in tag:
-            level, name = tag[len(head):].split("/", 1)
+            level, name = tag[len(head) :].split("/", 1)
             return kind, level, name
     return None
 
@@ -61,7 +61,7 @@ class DomainLoss:
     columns: dict[str, list[int]]  # level -> the column of each blend entry (its dataset_id)
 
     @classmethod
-    def from_blend(cls, train: list[dict], train_loss_by: str | None) -> "DomainLoss | None":
+    def from_blend(cls, train: list[dict], train_loss_by: str | None) -> DomainLoss | None:
         """The domains of a training blend (resolve_blend's ``train``); None when off."""
         if train_loss_by is None:
             return None
@@ -110,7 +110,9 @@ class DomainLoss:
         values = total.tolist()
         out, row = {}, 0
         for level, names in self.names.items():
-            out[level] = {n: (s / t, int(round(t))) for n, (s, t) in zip(names, values[row:row + len(names)]) if t > 0}
+            out[level] = {
+                n: (s / t, int(round(t))) for n, (s, t) in zip(names, values[row : row + len(names)]) if t > 0
+            }
             row += len(names)
         return out
 
@@ -130,10 +132,30 @@ def install_domain_loss_log(domain_loss: DomainLoss) -> None:
     original = training.training_log
 
     @functools.wraps(original)
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag,
-                     skipped_iter, *args, is_first_iteration=False, **kwargs):
-        result = original(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag,
-                          skipped_iter, *args, is_first_iteration=is_first_iteration, **kwargs)
+    def training_log(
+        loss_dict,
+        total_loss_dict,
+        learning_rate,
+        iteration,
+        loss_scale,
+        report_memory_flag,
+        skipped_iter,
+        *args,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        result = original(
+            loss_dict,
+            total_loss_dict,
+            learning_rate,
+            iteration,
+            loss_scale,
+            report_memory_flag,
+            skipped_iter,
+            *args,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         domain_loss.end_iteration(bool(skipped_iter))
         if iteration % training.get_args().log_interval and not is_first_iteration:
             return result

@@ -67,13 +67,17 @@ def _dataset_id_from_tp_rank_0(dataset_id, micro_batch_size: int) -> torch.Tenso
     from megatron.core import parallel_state as mpu
 
     if mpu.get_tensor_model_parallel_rank() == 0:
-        ids = (torch.as_tensor(dataset_id, dtype=torch.long) if dataset_id is not None
-               else torch.zeros(micro_batch_size, dtype=torch.long)).cuda(non_blocking=True)
+        ids = (
+            torch.as_tensor(dataset_id, dtype=torch.long)
+            if dataset_id is not None
+            else torch.zeros(micro_batch_size, dtype=torch.long)
+        ).cuda(non_blocking=True)
     else:
         ids = torch.empty(micro_batch_size, dtype=torch.long, device="cuda")
     if mpu.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(ids, mpu.get_tensor_model_parallel_src_rank(),
-                                    group=mpu.get_tensor_model_parallel_group())
+        torch.distributed.broadcast(
+            ids, mpu.get_tensor_model_parallel_src_rank(), group=mpu.get_tensor_model_parallel_group()
+        )
     return ids
 
 
@@ -85,8 +89,9 @@ def _micro_batch_size_from_tp_rank_0(batch: dict, default: int) -> int:
     if mpu.get_tensor_model_parallel_world_size() == 1:
         return default
     size = torch.tensor([batch["tokens"].shape[0] if batch else 0], dtype=torch.long, device="cuda")
-    torch.distributed.broadcast(size, mpu.get_tensor_model_parallel_src_rank(),
-                                group=mpu.get_tensor_model_parallel_group())
+    torch.distributed.broadcast(
+        size, mpu.get_tensor_model_parallel_src_rank(), group=mpu.get_tensor_model_parallel_group()
+    )
     return int(size.item())
 
 
@@ -97,11 +102,13 @@ class LossChecks:
     nan: bool = True  # NaN and Inf in the loss (Megatron's --no-check-for-nan-in-loss-and-grad turns it off)
     spike_factor: float | None = None  # reject a loss >= factor x the reference (SpikeReference); None = off
     spike_window: int = 100  # accepted micro-batch losses the reference is the largest of
-    reference_file: str | None = None  # where the spike reference outlives a launch (LOSS_REFERENCE_FILE); None = per launch
+    reference_file: str | None = (
+        None  # where the spike reference outlives a launch (LOSS_REFERENCE_FILE); None = per launch
+    )
     inject_at: int | None = None  # tests: this 1-based training iteration's loss is made bad, as bad data would
     inject_kind: str = "spike"  # nan, or spike (x INJECTED_SPIKE)
 
-    def for_evaluation(self) -> "LossChecks":
+    def for_evaluation(self) -> LossChecks:
         """Validation losses are other data (other domains, other batch sizes): checked for NaN/Inf
         only, never judged against the training reference nor injected into."""
         return replace(self, spike_factor=None, inject_at=None)
@@ -144,7 +151,7 @@ class SpikeReference:
 
             write_json_atomic(path, {"count": self.count, "largest": self.largest})
 
-    def is_spike(self, result: torch.Tensor, checks: "LossChecks") -> bool:
+    def is_spike(self, result: torch.Tensor, checks: LossChecks) -> bool:
         value = result.item()
         if not math.isfinite(value):
             return False  # the NaN/Inf checks' business
@@ -178,17 +185,32 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
         # skip or rollback the very one that follows the skipped data, is validated like any other.
         machine.first_iteration_complete = True
     if checks.nan:
-        machine.validate_result(result=loss, rejection_func=torch.isnan,
-                                message="found NaN in local forward loss calculation", tolerance=0.0, fatal=True)
-        machine.validate_result(result=loss, rejection_func=torch.isinf,
-                                message="found Inf in local forward loss calculation", tolerance=0.0, fatal=True)
+        machine.validate_result(
+            result=loss,
+            rejection_func=torch.isnan,
+            message="found NaN in local forward loss calculation",
+            tolerance=0.0,
+            fatal=True,
+        )
+        machine.validate_result(
+            result=loss,
+            rejection_func=torch.isinf,
+            message="found Inf in local forward loss calculation",
+            tolerance=0.0,
+            fatal=True,
+        )
     if checks.spike_factor:
         if not machine.first_iteration_complete:
             # Not validated (nothing could be saved before the optimizer's first step), but observed:
             # a new run's first losses are the reference its second iteration is judged against.
             SPIKE_REFERENCE.observe(loss.item(), checks.spike_window, checks.reference_file)
-        machine.validate_result(result=loss, rejection_func=partial(SPIKE_REFERENCE.is_spike, checks=checks),
-                                message="Spiky loss", tolerance=0.0, fatal=True)
+        machine.validate_result(
+            result=loss,
+            rejection_func=partial(SPIKE_REFERENCE.is_spike, checks=checks),
+            message="Spiky loss",
+            tolerance=0.0,
+            fatal=True,
+        )
 
 
 def injected(loss: torch.Tensor, checks: LossChecks) -> torch.Tensor:
@@ -201,8 +223,13 @@ def injected(loss: torch.Tensor, checks: LossChecks) -> torch.Tensor:
     return loss * (float("nan") if checks.inject_kind == "nan" else INJECTED_SPIKE)
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, checks: LossChecks = LossChecks(),
-              domain_loss=None, dataset_id: torch.Tensor | None = None):
+def loss_func(
+    loss_mask: torch.Tensor,
+    output_tensor: torch.Tensor,
+    checks: LossChecks = LossChecks(),
+    domain_loss=None,
+    dataset_id: torch.Tensor | None = None,
+):
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
     loss = injected(torch.sum(losses * mask), checks)
@@ -228,8 +255,7 @@ def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain
     checks = checks if model.training else checks.for_evaluation()
     batch = get_batch(data_iterator, with_dataset_id=domain_loss is not None)
     timers("batch-generator").stop()
-    output = model(
-        batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    return output, partial(
+        loss_func, batch["loss_mask"], checks=checks, domain_loss=domain_loss, dataset_id=batch.get("dataset_id")
     )
-    return output, partial(loss_func, batch["loss_mask"], checks=checks, domain_loss=domain_loss,
-                           dataset_id=batch.get("dataset_id"))

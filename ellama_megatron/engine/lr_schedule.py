@@ -46,8 +46,14 @@ def megatron_scheduler(cfg):
 
     plan = RunPlan.from_cfg(cfg)
     argv = [str(a) for a in lr_args(cfg, plan)]
-    argv += ["--train-iters", str(plan.train_iterations), "--global-batch-size", str(plan.global_batch_size),
-             "--weight-decay", str(cfg.optim.weight_decay)]
+    argv += [
+        "--train-iters",
+        str(plan.train_iterations),
+        "--global-batch-size",
+        str(plan.global_batch_size),
+        "--weight-decay",
+        str(cfg.optim.weight_decay),
+    ]
     saved = sys.argv
     loggers = {name: logging.getLogger(name) for name in ("megatron", "torch.utils.cpp_extension")}
     levels = {name: log.level for name, log in loggers.items()}
@@ -129,8 +135,10 @@ def format_lr_curve(cfg) -> str:
     samples = sorted({round(i * total / (SPARK_WIDTH - 1)) for i in range(SPARK_WIDTH)} | set(keys))
     curve = lr_curve(cfg, samples)
     top = max(curve.values()) or 1.0
-    spark = "".join(SPARK[min(len(SPARK) - 1, int(curve[round(i * total / (SPARK_WIDTH - 1))] / top * len(SPARK)))]
-                    for i in range(SPARK_WIDTH))
+    spark = "".join(
+        SPARK[min(len(SPARK) - 1, int(curve[round(i * total / (SPARK_WIDTH - 1))] / top * len(SPARK)))]
+        for i in range(SPARK_WIDTH)
+    )
     o = cfg.optim
     lines = [f"learning rate ({o.lr_decay_style}, Megatron's scheduler) over {total:,} iterations: {spark}"]
     lines += [f"  iteration {it:>9,}  lr {curve[it]:.3e}  {what}" for it, what in keys.items()]

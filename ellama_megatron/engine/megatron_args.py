@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ellama_megatron.engine.lr_schedule import warmup_iterations, wsd_decay_iterations
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.megatron import CPU_MODEL_ARGS, model_args
 from ellama_megatron.run.events import RESULT_REJECTED_FILE
-from ellama_megatron.engine.lr_schedule import warmup_iterations, wsd_decay_iterations
 from ellama_megatron.run.plan import VOCAB_DIVISIBLE_BY, RunPlan
 from ellama_megatron.run.progress import save_folder
 from ellama_megatron.run.recovery import skipped_iterations
@@ -39,19 +39,26 @@ def _flag(name: str, value: Any) -> list[str]:
 def tokenizer_args(m: LlamaConfig) -> list[str]:
     return [
         # The datasets already hold token ids: Megatron only needs the vocab size and the EOD id.
-        "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", m.vocab_size,
-        "--null-tokenizer-eod-id", m.eos_token_id,
-        "--make-vocab-size-divisible-by", VOCAB_DIVISIBLE_BY,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        m.vocab_size,
+        "--null-tokenizer-eod-id",
+        m.eos_token_id,
+        "--make-vocab-size-divisible-by",
+        VOCAB_DIVISIBLE_BY,
     ]
 
 
 def parallel_args(cfg, plan: RunPlan, transformer_impl: str) -> list[str]:
     p = cfg.parallel
     args = [
-        "--tensor-model-parallel-size", p.tensor_model_parallel_size,
-        "--pipeline-model-parallel-size", p.pipeline_model_parallel_size,
-        "--context-parallel-size", p.context_parallel_size,
+        "--tensor-model-parallel-size",
+        p.tensor_model_parallel_size,
+        "--pipeline-model-parallel-size",
+        p.pipeline_model_parallel_size,
+        "--context-parallel-size",
+        p.context_parallel_size,
     ]
     args += _flag("num-layers-per-virtual-pipeline-stage", plan.layers_per_virtual_stage)
     # Megatron's local spec norms (torch RMSNorm, no apex) cannot shard over the sequence: only TE can.
@@ -72,13 +79,19 @@ def lr_args(cfg, plan: RunPlan) -> list[str]:
     o = cfg.optim
     iters = plan.train_iterations
     args = [
-        "--lr", o.lr,
-        "--min-lr", o.min_lr,
-        "--lr-decay-style", o.lr_decay_style,
-        "--lr-decay-iters", iters,
-        "--lr-warmup-iters", warmup_iterations(o, iters),
+        "--lr",
+        o.lr,
+        "--min-lr",
+        o.min_lr,
+        "--lr-decay-style",
+        o.lr_decay_style,
+        "--lr-decay-iters",
+        iters,
+        "--lr-warmup-iters",
+        warmup_iterations(o, iters),
         # Warmup starts here: 0 from scratch; the base model's final LR to re-warm (Ibrahim et al. 2024).
-        "--lr-warmup-init", o.lr_warmup_init,
+        "--lr-warmup-init",
+        o.lr_warmup_init,
     ]
     decay = wsd_decay_iterations(o, iters)
     if decay is not None:
@@ -90,28 +103,43 @@ def train_args(cfg, plan: RunPlan) -> list[str]:
     t, o = cfg.train, cfg.optim
     iters = plan.train_iterations
     args = [
-        "--seq-length", t.seq_length,
-        "--micro-batch-size", t.micro_batch_size,
-        "--global-batch-size", t.global_batch_size,
-        "--train-iters", iters,
-        "--seed", t.seed,
+        "--seq-length",
+        t.seq_length,
+        "--micro-batch-size",
+        t.micro_batch_size,
+        "--global-batch-size",
+        t.global_batch_size,
+        "--train-iters",
+        iters,
+        "--seed",
+        t.seed,
         *lr_args(cfg, plan),
-        "--adam-beta1", o.adam_beta1,
-        "--adam-beta2", o.adam_beta2,
-        "--adam-eps", o.adam_eps,
-        "--weight-decay", o.weight_decay,
-        "--clip-grad", o.clip_grad,
+        "--adam-beta1",
+        o.adam_beta1,
+        "--adam-beta2",
+        o.adam_beta2,
+        "--adam-eps",
+        o.adam_eps,
+        "--weight-decay",
+        o.weight_decay,
+        "--clip-grad",
+        o.clip_grad,
         # Per-domain validation: one full pass over each domain's held-out set, logged by name.
-        "--eval-interval", t.eval_interval,
-        "--eval-iters", t.eval_iters,
+        "--eval-interval",
+        t.eval_interval,
+        "--eval-iters",
+        t.eval_iters,
         "--full-validation",
         "--multiple-validation-sets",
         # Full validation feeds one sample per DP rank per batch (MegatronFullValidationSampler):
         # size the evaluation step to that, so each domain is passed over exactly once (and PP
         # stages agree on the activation shape).
-        "--eval-micro-batch-size", 1,
-        "--eval-global-batch-size", plan.dp,
-        "--log-interval", t.log_interval,
+        "--eval-micro-batch-size",
+        1,
+        "--eval-global-batch-size",
+        plan.dp,
+        "--log-interval",
+        t.log_interval,
     ]
     args += _flag("exit-interval", t.exit_interval)
     args += _flag("exit-duration-in-mins", t.exit_duration_in_mins)
@@ -125,10 +153,14 @@ def checkpoint_args(cfg) -> list[str]:
     ckpt = checkpoint_dir(cfg)
     args = [
         # Same folder for save and load: a relaunch resumes whatever the run saved last.
-        "--save", ckpt,
-        "--load", ckpt,
-        "--save-interval", c.save_interval,
-        "--ckpt-format", c.format,
+        "--save",
+        ckpt,
+        "--load",
+        ckpt,
+        "--save-interval",
+        c.save_interval,
+        "--ckpt-format",
+        c.format,
         # Optimizer state stored per parameter, not per DP bucket: a run can resume at another TP/PP.
         "--dist-ckpt-optim-fully-reshardable",
         # SIGTERM (Slurm preemption, scancel) -> save a checkpoint and exit cleanly.
@@ -150,9 +182,11 @@ def resilience_args(cfg) -> list[str]:
     the loss function's (engine/forward_step.py, LossChecks)."""
     r = cfg.resilience
     args = [
-        "--rerun-mode", r.rerun_mode,
+        "--rerun-mode",
+        r.rerun_mode,
         # Megatron reads it back on each launch: an iteration rejected twice is skipped (--iterations-to-skip).
-        "--result-rejected-tracker-filename", Path(cfg.run_dir) / RESULT_REJECTED_FILE,
+        "--result-rejected-tracker-filename",
+        Path(cfg.run_dir) / RESULT_REJECTED_FILE,
     ]
     args += _flag("no-check-for-nan-in-loss-and-grad", not r.check_nan)
     args += _flag("check-for-spiky-loss", r.spike_factor is not None)
@@ -175,8 +209,14 @@ def logging_args(cfg) -> list[str]:
     if lg.log_memory and not on_cpu(cfg):
         args += ["--log-memory-to-tensorboard"]
     if lg.wandb_project:
-        args += ["--wandb-project", lg.wandb_project, "--wandb-exp-name", cfg.run_name,
-                 "--wandb-save-dir", Path(cfg.run_dir) / "wandb"]
+        args += [
+            "--wandb-project",
+            lg.wandb_project,
+            "--wandb-exp-name",
+            cfg.run_name,
+            "--wandb-save-dir",
+            Path(cfg.run_dir) / "wandb",
+        ]
         args += _flag("wandb-entity", lg.wandb_entity)
     return args
 
@@ -185,11 +225,13 @@ def runtime_args(cfg, transformer_impl: str) -> list[str]:
     args = ["--transformer-impl", transformer_impl]
     if on_cpu(cfg):
         args += [
-            "--distributed-backend", "gloo",
+            "--distributed-backend",
+            "gloo",
             *CPU_MODEL_ARGS,
             # The CPU has no CUDA RNG: no CUDA RNG state to restore on resume.
             "--no-load-rng",
-            "--num-workers", 0,
+            "--num-workers",
+            0,
         ]
     else:
         args += ["--distributed-backend", "nccl", "--num-workers", 2]

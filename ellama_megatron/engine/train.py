@@ -67,9 +67,14 @@ def loss_checks(cfg):
     from ellama_megatron.engine.forward_step import LOSS_REFERENCE_FILE, LossChecks
 
     r = cfg.resilience
-    return LossChecks(nan=bool(r.check_nan), spike_factor=r.spike_factor, spike_window=int(r.spike_window),
-                      reference_file=str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE),
-                      inject_at=r.inject_loss_at, inject_kind=r.inject_loss_kind)
+    return LossChecks(
+        nan=bool(r.check_nan),
+        spike_factor=r.spike_factor,
+        spike_window=int(r.spike_window),
+        reference_file=str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE),
+        inject_at=r.inject_loss_at,
+        inject_kind=r.inject_loss_kind,
+    )
 
 
 def install_checkpoint_retention(cfg) -> None:
@@ -106,8 +111,11 @@ def install_checkpoint_retention(cfg) -> None:
                 keep_from = 0 if target is None else target  # none that old yet: any may become the target
             deleted = prune_checkpoints(save_dir, c.keep_last, c.keep_every, keep_from)
             if deleted:
-                print(f"deleted checkpoints of iterations {deleted} (checkpoint.keep_last={c.keep_last}, "
-                      f"keep_every={c.keep_every})", flush=True)
+                print(
+                    f"deleted checkpoints of iterations {deleted} (checkpoint.keep_last={c.keep_last}, "
+                    f"keep_every={c.keep_every})",
+                    flush=True,
+                )
         return result
 
     training.save_checkpoint = save_checkpoint
@@ -118,9 +126,9 @@ def run(cfg) -> None:
     from ellama_megatron.engine.domain_loss import DomainLoss, install_domain_loss_log
     from ellama_megatron.engine.forward_step import SPIKE_REFERENCE, forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
+    from ellama_megatron.formats.atomic import write_json_atomic
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
-    from ellama_megatron.formats.atomic import write_json_atomic
     from ellama_megatron.run.plan import RunPlan
     from ellama_megatron.runtime.cpu import apply_cpu_runtime
     from ellama_megatron.runtime.wheel_fixes import apply_wheel_fixes

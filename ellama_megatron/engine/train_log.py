@@ -26,7 +26,9 @@ _VALID = re.compile(r"validation-(\S+) loss at iteration (\d+)( on validation se
 class TrainLog:
     train_loss: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
     learning_rate: dict[int, float] = field(default_factory=dict)  # iteration -> LR Megatron logged there
-    iteration_ms: dict[int, float] = field(default_factory=dict)  # iteration -> its wall time (mean over the log interval)
+    iteration_ms: dict[int, float] = field(
+        default_factory=dict
+    )  # iteration -> its wall time (mean over the log interval)
     valid_loss: dict[str, dict[int, float]] = field(default_factory=dict)  # domain -> iteration -> loss
     final_valid_loss: dict[str, float] = field(default_factory=dict)  # domain -> loss of the end-of-run pass
     # logging.train_loss_by: level (group, source) -> domain -> iteration -> loss over the log interval,

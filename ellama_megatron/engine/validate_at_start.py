@@ -22,16 +22,49 @@ def install_validation_at_start() -> None:
     original = training.train
 
     @functools.wraps(original)
-    def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_iterator, valid_data_iterator,
-              process_non_loss_data_func, config, checkpointing_context, non_loss_data_func, *args, **kwargs):
+    def train(
+        forward_step_func,
+        model,
+        optimizer,
+        opt_param_scheduler,
+        train_data_iterator,
+        valid_data_iterator,
+        process_non_loss_data_func,
+        config,
+        checkpointing_context,
+        non_loss_data_func,
+        *args,
+        **kwargs,
+    ):
         megatron_args = training.get_args()
         if megatron_args.iteration == 0 and megatron_args.do_valid and valid_data_iterator is not None:
             training.evaluate_and_print_results(
-                "iteration 0", forward_step_func, valid_data_iterator, model, 0, process_non_loss_data_func, config,
-                verbose=False, write_to_tensorboard=True, non_loss_data_func=non_loss_data_func,
-                pg_collection=kwargs.get("pg_collection"), p2p_communicator=kwargs.get("p2p_communicator"))
-        return original(forward_step_func, model, optimizer, opt_param_scheduler, train_data_iterator,
-                        valid_data_iterator, process_non_loss_data_func, config, checkpointing_context,
-                        non_loss_data_func, *args, **kwargs)
+                "iteration 0",
+                forward_step_func,
+                valid_data_iterator,
+                model,
+                0,
+                process_non_loss_data_func,
+                config,
+                verbose=False,
+                write_to_tensorboard=True,
+                non_loss_data_func=non_loss_data_func,
+                pg_collection=kwargs.get("pg_collection"),
+                p2p_communicator=kwargs.get("p2p_communicator"),
+            )
+        return original(
+            forward_step_func,
+            model,
+            optimizer,
+            opt_param_scheduler,
+            train_data_iterator,
+            valid_data_iterator,
+            process_non_loss_data_func,
+            config,
+            checkpointing_context,
+            non_loss_data_func,
+            *args,
+            **kwargs,
+        )
 
     training.train = train

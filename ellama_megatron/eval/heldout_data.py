@@ -85,14 +85,18 @@ def check_documents(src: DomainSource, text_key: str = "text", max_docs: int | N
     except UnicodeDecodeError as e:
         raise ValueError(f"{src.path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSONL file") from None
     except (AssertionError, OSError, IndexError) as e:  # Megatron asserts on a damaged .idx
-        raise ValueError(f"{src.path}: not a readable Megatron indexed dataset ({type(e).__name__}: {e}); "
-                         "write it again with tools/preprocess_data.py") from None
+        raise ValueError(
+            f"{src.path}: not a readable Megatron indexed dataset ({type(e).__name__}: {e}); "
+            "write it again with tools/preprocess_data.py"
+        ) from None
     if not n:
         raise ValueError(f"{src.path}: no documents (domain {src.name!r}); give a non-empty held-out set")
     return n
 
 
-def read_documents(src: DomainSource, tokenizer=None, text_key: str = "text", max_docs: int | None = None) -> list[Document]:
+def read_documents(
+    src: DomainSource, tokenizer=None, text_key: str = "text", max_docs: int | None = None
+) -> list[Document]:
     docs: list[Document] = []
     if src.kind == "jsonl":
         if tokenizer is None:
@@ -117,4 +121,6 @@ def read_documents(src: DomainSource, tokenizer=None, text_key: str = "text", ma
 
 def windows(doc: Document, seq_length: int) -> list[np.ndarray]:
     """Non-overlapping windows of at most ``seq_length`` tokens; windows of one token predict nothing and are dropped."""
-    return [doc.ids[s : s + seq_length] for s in range(0, len(doc.ids), seq_length) if len(doc.ids[s : s + seq_length]) > 1]
+    return [
+        doc.ids[s : s + seq_length] for s in range(0, len(doc.ids), seq_length) if len(doc.ids[s : s + seq_length]) > 1
+    ]

@@ -21,7 +21,9 @@ def markdown_table(points: list[dict], domains: list[str]) -> str:
     head = "| alpha | model | " + " | ".join(f"{d} ppl" for d in domains) + " |"
     sep = "|---:|---|" + "---:|" * len(domains)
     rows = [
-        f"| {p['alpha']:g} | {p['label']} | " + " | ".join(f"{p['domains'][d]['perplexity']:.4f}" for d in domains) + " |"
+        f"| {p['alpha']:g} | {p['label']} | "
+        + " | ".join(f"{p['domains'][d]['perplexity']:.4f}" for d in domains)
+        + " |"
         for p in points
     ]
     return "\n".join([head, sep, *rows]) + "\n"
@@ -53,8 +55,13 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
     ax1.grid(alpha=0.3)
     ax2.plot(g, d, "o-", color="tab:purple")
     for p, x, y in zip(points, g, d):
-        ax2.annotate(p["label"] if p["label"] in ("base", "adapted") else f"{p['alpha']:g}", (x, y),
-                     textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax2.annotate(
+            p["label"] if p["label"] in ("base", "adapted") else f"{p['alpha']:g}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     ax2.set_xlabel(f"{general} perplexity")
     ax2.set_ylabel(f"{domain} perplexity")
     ax2.set_title("Trade-off (lower-left is better)")
@@ -102,16 +109,26 @@ def run_merge_curve(
             # Megatron checkpoints are exported once each (bit-exact) and the curve is measured on the
             # Hugging Face folders: two exports instead of one per alpha.
             hf_base = stack.enter_context(hf_folder_of(base, "--base", merged_root / "exports", progress=progress))
-            hf_adapted = stack.enter_context(hf_folder_of(adapted, "--adapted", merged_root / "exports", progress=progress))
+            hf_adapted = stack.enter_context(
+                hf_folder_of(adapted, "--adapted", merged_root / "exports", progress=progress)
+            )
             models = {0.0: hf_base, 1.0: hf_adapted}
             if inner:
                 # One pass over the inputs writes every intermediate alpha.
-                dirs = merge_hf_folders(hf_base, [hf_adapted], inner, merged_root / "alphas", method=method,
-                                        overwrite=True, progress=progress).outputs
+                dirs = merge_hf_folders(
+                    hf_base,
+                    [hf_adapted],
+                    inner,
+                    merged_root / "alphas",
+                    method=method,
+                    overwrite=True,
+                    progress=progress,
+                ).outputs
                 models.update(zip(inner, dirs))
             for a in alphas:
-                r = evaluate_model_dir(models[a], sources, seq_length, batch_size, device, dtype, max_docs=max_docs,
-                                       progress=progress)
+                r = evaluate_model_dir(
+                    models[a], sources, seq_length, batch_size, device, dtype, max_docs=max_docs, progress=progress
+                )
                 label = "base" if a == 0.0 else "adapted" if a == 1.0 else "merged"
                 model = str(base) if a == 0.0 else str(adapted) if a == 1.0 else str(models[a])
                 points.append({"alpha": a, "label": label, "model": model, "domains": r["domains"]})
@@ -120,8 +137,15 @@ def run_merge_curve(
             shutil.rmtree(merged_root)
         elif (merged_root / "exports").exists():
             shutil.rmtree(merged_root / "exports")
-    report = {"method": method, "base": str(base), "adapted": str(adapted), "seq_length": seq_length,
-              "general_domain": general, "domain": domain, "points": points}
+    report = {
+        "method": method,
+        "base": str(base),
+        "adapted": str(adapted),
+        "seq_length": seq_length,
+        "general_domain": general,
+        "domain": domain,
+        "points": points,
+    }
     write_json_atomic(out / "curve.json", report)
     write_text_atomic(out / "curve.md", markdown_table(points, names))
     plot_tradeoff(points, general, domain, out / "curve.png")

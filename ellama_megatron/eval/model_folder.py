@@ -12,15 +12,23 @@ from ellama_megatron.formats.megatron_checkpoint import folder_kind
 
 
 @contextlib.contextmanager
-def hf_folder_of(path: str | Path, role: str = "--model", work_dir: str | Path | None = None,
-                 iteration: int | None = None, tokenizer: str | Path | None = None, progress: bool = True):
+def hf_folder_of(
+    path: str | Path,
+    role: str = "--model",
+    work_dir: str | Path | None = None,
+    iteration: int | None = None,
+    tokenizer: str | Path | None = None,
+    progress: bool = True,
+):
     """Yields a Hugging Face folder for ``path``; an unknown folder kind is refused before any work.
     ``work_dir`` holds the temporary export (the system temp folder by default; it needs the
     model's size in free space)."""
     kind = folder_kind(path, role)
     if kind == "hf":
         if iteration is not None:
-            raise ValueError(f"--iteration {iteration}: {role} {path} is a Hugging Face folder, which has no iterations")
+            raise ValueError(
+                f"--iteration {iteration}: {role} {path} is a Hugging Face folder, which has no iterations"
+            )
         yield Path(path)
         return
     from ellama_megatron.convert.exporter import export_hf

@@ -19,16 +19,74 @@ TASK_TYPES = ("category", "aspect", "sentiment", "relevance")
 
 # (item noun per language, category path per language)
 ITEMS = [
-    ({"en": "running shoes", "de": "Laufschuhe", "fr": "chaussures de course", "es": "zapatillas de correr", "it": "scarpe da corsa"},
-     {"en": "Clothing > Shoes", "de": "Kleidung > Schuhe", "fr": "Vêtements > Chaussures", "es": "Ropa > Calzado", "it": "Abbigliamento > Scarpe"}),
-    ({"en": "smartphone case", "de": "Handyhülle", "fr": "coque de smartphone", "es": "funda de móvil", "it": "cover per smartphone"},
-     {"en": "Electronics > Phone Accessories", "de": "Elektronik > Handyzubehör", "fr": "Électronique > Accessoires téléphone", "es": "Electrónica > Accesorios de móvil", "it": "Elettronica > Accessori telefono"}),
-    ({"en": "coffee maker", "de": "Kaffeemaschine", "fr": "cafetière", "es": "cafetera", "it": "macchina da caffè"},
-     {"en": "Home > Kitchen Appliances", "de": "Haushalt > Küchengeräte", "fr": "Maison > Électroménager", "es": "Hogar > Electrodomésticos", "it": "Casa > Elettrodomestici"}),
-    ({"en": "wristwatch", "de": "Armbanduhr", "fr": "montre", "es": "reloj de pulsera", "it": "orologio da polso"},
-     {"en": "Jewelry > Watches", "de": "Schmuck > Uhren", "fr": "Bijoux > Montres", "es": "Joyería > Relojes", "it": "Gioielli > Orologi"}),
-    ({"en": "car battery", "de": "Autobatterie", "fr": "batterie de voiture", "es": "batería de coche", "it": "batteria auto"},
-     {"en": "Vehicle Parts > Batteries", "de": "Autoteile > Batterien", "fr": "Pièces auto > Batteries", "es": "Recambios > Baterías", "it": "Ricambi auto > Batterie"}),
+    (
+        {
+            "en": "running shoes",
+            "de": "Laufschuhe",
+            "fr": "chaussures de course",
+            "es": "zapatillas de correr",
+            "it": "scarpe da corsa",
+        },
+        {
+            "en": "Clothing > Shoes",
+            "de": "Kleidung > Schuhe",
+            "fr": "Vêtements > Chaussures",
+            "es": "Ropa > Calzado",
+            "it": "Abbigliamento > Scarpe",
+        },
+    ),
+    (
+        {
+            "en": "smartphone case",
+            "de": "Handyhülle",
+            "fr": "coque de smartphone",
+            "es": "funda de móvil",
+            "it": "cover per smartphone",
+        },
+        {
+            "en": "Electronics > Phone Accessories",
+            "de": "Elektronik > Handyzubehör",
+            "fr": "Électronique > Accessoires téléphone",
+            "es": "Electrónica > Accesorios de móvil",
+            "it": "Elettronica > Accessori telefono",
+        },
+    ),
+    (
+        {"en": "coffee maker", "de": "Kaffeemaschine", "fr": "cafetière", "es": "cafetera", "it": "macchina da caffè"},
+        {
+            "en": "Home > Kitchen Appliances",
+            "de": "Haushalt > Küchengeräte",
+            "fr": "Maison > Électroménager",
+            "es": "Hogar > Electrodomésticos",
+            "it": "Casa > Elettrodomestici",
+        },
+    ),
+    (
+        {"en": "wristwatch", "de": "Armbanduhr", "fr": "montre", "es": "reloj de pulsera", "it": "orologio da polso"},
+        {
+            "en": "Jewelry > Watches",
+            "de": "Schmuck > Uhren",
+            "fr": "Bijoux > Montres",
+            "es": "Joyería > Relojes",
+            "it": "Gioielli > Orologi",
+        },
+    ),
+    (
+        {
+            "en": "car battery",
+            "de": "Autobatterie",
+            "fr": "batterie de voiture",
+            "es": "batería de coche",
+            "it": "batteria auto",
+        },
+        {
+            "en": "Vehicle Parts > Batteries",
+            "de": "Autoteile > Batterien",
+            "fr": "Pièces auto > Batteries",
+            "es": "Recambios > Baterías",
+            "it": "Ricambi auto > Batterie",
+        },
+    ),
 ]
 BRANDS = ["Acme", "Nordlicht", "Solara", "Vento", "Kirin", "Orbis"]
 COLORS = {
@@ -39,16 +97,56 @@ COLORS = {
     "it": ["nero", "bianco", "rosso", "blu", "verde"],
 }
 WORDS = {  # aspect names, sentiment labels and yes/no in each language
-    "en": {"Color": "Color", "Brand": "Brand", "neg": "negative", "pos": "positive", "no": "no", "yes": "yes",
-           "good": "Great {item}, works perfectly, fast shipping.", "bad": "The {item} broke after two days, very disappointed."},
-    "de": {"Color": "Farbe", "Brand": "Marke", "neg": "negativ", "pos": "positiv", "no": "nein", "yes": "ja",
-           "good": "Tolle {item}, funktioniert perfekt, schneller Versand.", "bad": "Die {item} ging nach zwei Tagen kaputt, sehr enttäuscht."},
-    "fr": {"Color": "Couleur", "Brand": "Marque", "neg": "négatif", "pos": "positif", "no": "non", "yes": "oui",
-           "good": "Super {item}, fonctionne parfaitement, livraison rapide.", "bad": "Le produit {item} a cassé après deux jours, très déçu."},
-    "es": {"Color": "Color", "Brand": "Marca", "neg": "negativo", "pos": "positivo", "no": "no", "yes": "sí",
-           "good": "Excelente {item}, funciona perfectamente, envío rápido.", "bad": "El producto {item} se rompió a los dos días, muy decepcionado."},
-    "it": {"Color": "Colore", "Brand": "Marca", "neg": "negativo", "pos": "positivo", "no": "no", "yes": "sì",
-           "good": "Ottimo {item}, funziona perfettamente, spedizione veloce.", "bad": "Il prodotto {item} si è rotto dopo due giorni, molto deluso."},
+    "en": {
+        "Color": "Color",
+        "Brand": "Brand",
+        "neg": "negative",
+        "pos": "positive",
+        "no": "no",
+        "yes": "yes",
+        "good": "Great {item}, works perfectly, fast shipping.",
+        "bad": "The {item} broke after two days, very disappointed.",
+    },
+    "de": {
+        "Color": "Farbe",
+        "Brand": "Marke",
+        "neg": "negativ",
+        "pos": "positiv",
+        "no": "nein",
+        "yes": "ja",
+        "good": "Tolle {item}, funktioniert perfekt, schneller Versand.",
+        "bad": "Die {item} ging nach zwei Tagen kaputt, sehr enttäuscht.",
+    },
+    "fr": {
+        "Color": "Couleur",
+        "Brand": "Marque",
+        "neg": "négatif",
+        "pos": "positif",
+        "no": "non",
+        "yes": "oui",
+        "good": "Super {item}, fonctionne parfaitement, livraison rapide.",
+        "bad": "Le produit {item} a cassé après deux jours, très déçu.",
+    },
+    "es": {
+        "Color": "Color",
+        "Brand": "Marca",
+        "neg": "negativo",
+        "pos": "positivo",
+        "no": "no",
+        "yes": "sí",
+        "good": "Excelente {item}, funciona perfectamente, envío rápido.",
+        "bad": "El producto {item} se rompió a los dos días, muy decepcionado.",
+    },
+    "it": {
+        "Color": "Colore",
+        "Brand": "Marca",
+        "neg": "negativo",
+        "pos": "positivo",
+        "no": "no",
+        "yes": "sì",
+        "good": "Ottimo {item}, funziona perfettamente, spedizione veloce.",
+        "bad": "Il prodotto {item} si è rotto dopo due giorni, molto deluso.",
+    },
 }
 
 
@@ -70,7 +168,9 @@ def _record(task: str, lang: str, i: int, rng: random.Random) -> dict:
             rec.update(title=title, aspect=w["Brand"], choices=choices, label=choices.index(brand))
     elif task == "sentiment":
         good = rng.random() < 0.5
-        rec.update(review=w["good" if good else "bad"].format(item=item[lang]), choices=[w["neg"], w["pos"]], label=int(good))
+        rec.update(
+            review=w["good" if good else "bad"].format(item=item[lang]), choices=[w["neg"], w["pos"]], label=int(good)
+        )
     elif task == "relevance":
         q_item, _ = ITEMS[rng.randrange(len(ITEMS))]
         rec.update(query=f"{q_item[lang]} {color}", title=title, choices=[w["no"], w["yes"]], label=int(q_item is item))

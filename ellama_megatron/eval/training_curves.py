@@ -26,13 +26,14 @@ def read_tensorboard(path: str | Path) -> TrainLog:
         if tag == "lm loss":
             log.train_loss.update({e.step: e.value for e in acc.Scalars(tag)})
         elif tag.startswith(_VALID_TAG) and not tag.endswith((" vs samples", " ppl")):
-            log.valid_loss.setdefault(tag[len(_VALID_TAG):], {}).update({e.step: e.value for e in acc.Scalars(tag)})
+            log.valid_loss.setdefault(tag[len(_VALID_TAG) :], {}).update({e.step: e.value for e in acc.Scalars(tag)})
         elif domain_tag := parse_tag(tag):  # "lm loss by group/general", "tokens by group/general"
             kind, level, domain = domain_tag
             curves = log.domain_train_loss if kind == "loss" else log.domain_train_tokens
             convert = float if kind == "loss" else int
             curves.setdefault(level, {}).setdefault(domain, {}).update(
-                {e.step: convert(e.value) for e in acc.Scalars(tag)})
+                {e.step: convert(e.value) for e in acc.Scalars(tag)}
+            )
     return log
 
 
@@ -68,8 +69,9 @@ def plot_training_curves(log: TrainLog, out_png: str | Path, title: str = "Train
     for level, style in (("group", "-"), ("source", ":")):
         for domain, losses in sorted(log.domain_train_loss.get(level, {}).items()):
             it = sorted(losses)
-            line, = ax.plot(it, [losses[i] for i in it], style, lw=1, color=colors.get(domain),
-                            label=f"train {domain}")
+            (line,) = ax.plot(
+                it, [losses[i] for i in it], style, lw=1, color=colors.get(domain), label=f"train {domain}"
+            )
             colors[domain] = line.get_color()
     for domain, losses in sorted(log.valid_loss.items()):
         it = sorted(losses)

@@ -75,7 +75,7 @@ class HFFolder:
     tensors: dict[str, tuple[Path, TensorEntry]]  # name -> (its shard, where it is in it)
 
     @classmethod
-    def open(cls, path: str | Path) -> "HFFolder":
+    def open(cls, path: str | Path) -> HFFolder:
         """The folder's shards and tensors, every header checked; raises HFFolderError."""
         from ellama_megatron.formats.safetensors import SafetensorsError, read_header
 
@@ -93,8 +93,10 @@ class HFFolder:
         elif (folder / SINGLE_FILE).exists():
             weight_map, shards, index_file = None, [SINGLE_FILE], None
         else:
-            raise HFFolderError(f"{folder}: no {INDEX_FILE} or {SINGLE_FILE}; only safetensors weights are read "
-                                "(re-save the model with save_pretrained(..., safe_serialization=True))")
+            raise HFFolderError(
+                f"{folder}: no {INDEX_FILE} or {SINGLE_FILE}; only safetensors weights are read "
+                "(re-save the model with save_pretrained(..., safe_serialization=True))"
+            )
         missing = [f for f in shards if not (folder / f).exists()]
         if missing:
             raise HFFolderError(f"{index}: lists shards that are not in the folder: {missing}; download them")

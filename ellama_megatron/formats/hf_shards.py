@@ -34,8 +34,9 @@ def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byt
 class ShardedWriter:
     """Accepts tensors in the planned order and spreads them over the planned shard files."""
 
-    def __init__(self, folder: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_bytes: int = MAX_SHARD_BYTES):
+    def __init__(
+        self, folder: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int = MAX_SHARD_BYTES
+    ):
         self.folder = folder
         self.shards = plan_shards(tensors, max_bytes)
         n = len(self.shards)
@@ -49,8 +50,9 @@ class ShardedWriter:
             if self._writer is not None:
                 self._writer.close()
             self._shard += 1
-            self._writer = StreamingWriter(self.folder / self.files[self._shard], self.shards[self._shard],
-                                           metadata={"format": "pt"})
+            self._writer = StreamingWriter(
+                self.folder / self.files[self._shard], self.shards[self._shard], metadata={"format": "pt"}
+            )
         self._writer.write(name, tensor)
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from ellama_megatron.formats.hf_folder import is_hf_folder
 from ellama_megatron.formats.tokenizer_folder import has_tokenizer
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's pointer to the checkpoint to load
-RELEASE_DIR = "release"                             # Megatron loads it with iteration 0, no optimizer
+RELEASE_DIR = "release"  # Megatron loads it with iteration 0, no optimizer
 RECORD_FILE = "checkpoint_record.yaml"
 # What the record was called before it had a name of its own (it shared it with the run config):
 # folders written then are still read.
@@ -63,8 +63,9 @@ def complete_iterations(save_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def retained_iterations(complete: list[int], keep_last: int | None, keep_every: int | None,
-                        keep_from: int | None = None) -> set[int]:
+def retained_iterations(
+    complete: list[int], keep_last: int | None, keep_every: int | None, keep_from: int | None = None
+) -> set[int]:
     """Which of a save folder's complete checkpoints (iterations) a retention policy keeps: the
     newest ``keep_last`` (all when None), every iteration divisible by ``keep_every``, and every
     one at or after ``keep_from`` (what a rollback may still need)."""
@@ -86,8 +87,9 @@ def _delete_checkpoint(save_dir: Path, iteration: int) -> None:
     shutil.rmtree(doomed)
 
 
-def prune_checkpoints(save_dir: Path, keep_last: int | None, keep_every: int | None,
-                      keep_from: int | None = None) -> list[int]:
+def prune_checkpoints(
+    save_dir: Path, keep_last: int | None, keep_every: int | None, keep_from: int | None = None
+) -> list[int]:
     """Delete the complete checkpoints ``retained_iterations`` does not keep, never the one the
     tracker names (an async save may be complete before the tracker moves to it); incomplete
     folders (a save in flight, or one a kill cut short) are left alone. Returns the deleted ones."""
@@ -107,11 +109,13 @@ def roll_back_to(save_dir: Path, iteration: int) -> list[int]:
     the deleted iterations."""
     save_dir = Path(save_dir)
     if not is_checkpoint_folder(iteration_folder(save_dir, iteration)):
-        raise CheckpointFormatError(f"{iteration_folder(save_dir, iteration)}: not a complete checkpoint to roll "
-                                    "back to")
+        raise CheckpointFormatError(
+            f"{iteration_folder(save_dir, iteration)}: not a complete checkpoint to roll back to"
+        )
     write_text_atomic(save_dir / TRACKER_FILE, str(iteration))  # first: a kill after it resumes from there
-    newer = sorted(int(f.name[5:]) for f in save_dir.glob("iter_*") if f.name[5:].isdigit()
-                   and int(f.name[5:]) > iteration)
+    newer = sorted(
+        int(f.name[5:]) for f in save_dir.glob("iter_*") if f.name[5:].isdigit() and int(f.name[5:]) > iteration
+    )
     for later in newer:
         _delete_checkpoint(save_dir, later)
     return newer
@@ -161,7 +165,8 @@ def read_record(root: Path) -> dict:
     if not path.exists():
         raise CheckpointFormatError(
             f"{path}: missing (nor the older {OLD_RECORD_FILE}); the checkpoint folder must hold the record "
-            "that recipes/cpt.py, tools/convert_hf.py import or tools/merge.py writes")
+            "that recipes/cpt.py, tools/convert_hf.py import or tools/merge.py writes"
+        )
     record = yaml.safe_load(path.read_text())
     if not isinstance(record, dict) or "model" not in record:
         raise CheckpointFormatError(f"{path}: has no 'model' section")
@@ -189,19 +194,24 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
     if iteration is not None:
         folder = iteration_folder(root, iteration)
         if not folder.is_dir():
-            found = sorted(p.name for p in root.glob("iter_*")) + ([RELEASE_DIR] if (root / RELEASE_DIR).is_dir() else [])
+            found = sorted(p.name for p in root.glob("iter_*")) + (
+                [RELEASE_DIR] if (root / RELEASE_DIR).is_dir() else []
+            )
             raise FileNotFoundError(f"{folder}: no checkpoint for --iteration {iteration}; found {found}")
         return folder
     tracker = root / TRACKER_FILE
     if not tracker.exists():
-        raise FileNotFoundError(f"{tracker}: missing; --ckpt must be a Megatron checkpoint folder "
-                                "(the run's checkpoints/ or a tools/convert_hf.py import output)")
+        raise FileNotFoundError(
+            f"{tracker}: missing; --ckpt must be a Megatron checkpoint folder "
+            "(the run's checkpoints/ or a tools/convert_hf.py import output)"
+        )
     text = tracker.read_text().strip()
     if text != RELEASE_DIR and not text.isdigit():
         # Megatron truncates the tracker before writing it: a kill then leaves it empty.
         raise CheckpointFormatError(
             f"{tracker}: {'is empty' if not text else f'holds {text!r}, not an iteration'}; pass --iteration N "
-            f"for one of {sorted(p.name for p in root.glob('iter_*'))}, or relaunch the run, which repairs it")
+            f"for one of {sorted(p.name for p in root.glob('iter_*'))}, or relaunch the run, which repairs it"
+        )
     folder = root / RELEASE_DIR if text == RELEASE_DIR else iteration_folder(root, int(text))
     if not folder.is_dir():
         raise FileNotFoundError(f"{tracker} points to {folder.name}, which does not exist")
@@ -210,7 +220,7 @@ def find_checkpoint(root: Path, iteration: int | None = None) -> Path:
 
 @dataclass(frozen=True)
 class LocatedCheckpoint:
-    root: Path    # the folder holding the record
+    root: Path  # the folder holding the record
     folder: Path  # the torch_dist folder to read (release/ or iter_*)
     record: dict
 

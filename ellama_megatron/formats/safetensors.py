@@ -18,9 +18,18 @@ from pathlib import Path
 import torch
 
 DTYPES = {  # the format's dtype codes
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
@@ -81,7 +90,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
         expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if end - begin != expected:
-            raise SafetensorsError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape {shape} needs {expected}")
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} spans {end - begin} bytes, its shape {shape} needs {expected}"
+            )
         entries[name] = TensorEntry(name, dtype, shape, 8 + n + begin, 8 + n + end)
         data_end = max(data_end, end)
     if 8 + n + data_end != size:
@@ -122,7 +133,11 @@ class StreamingWriter:
         self._order = []
         for name, dtype, shape in plan:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._order.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -136,7 +151,9 @@ class StreamingWriter:
         """The next planned tensor, or its next rows."""
         planned, dtype, shape, nbytes = self._order[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)[1:]) != (planned, dtype, shape[1:]):
-            raise AssertionError(f"writing {name} {tensor.dtype} {tuple(tensor.shape)}, planned {planned} {dtype} {shape}")
+            raise AssertionError(
+                f"writing {name} {tensor.dtype} {tuple(tensor.shape)}, planned {planned} {dtype} {shape}"
+            )
         data = tensor.contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()) if data.numel() else b"")
         self._written += data.numel()

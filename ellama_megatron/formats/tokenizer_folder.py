@@ -19,8 +19,15 @@ import numpy
 # The files that make up a tokenizer (transformers' fast and slow formats, chat templates). Two
 # models have the same tokenizer when these are the same.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -81,7 +88,9 @@ def load_tokenizer_folder(folder: str | Path) -> TokenizerInfo:
     """Load and check a tokenizer folder; every failure names the folder and the fix."""
     path = Path(folder)
     if not path.is_dir():
-        raise TokenizerFolderError(f"--tokenizer {path}: not a folder. Pass a Hugging Face tokenizer folder (with tokenizer.json).")
+        raise TokenizerFolderError(
+            f"--tokenizer {path}: not a folder. Pass a Hugging Face tokenizer folder (with tokenizer.json)."
+        )
     if not (path / "tokenizer.json").is_file():
         present = sorted(p.name for p in path.iterdir())[:10]
         raise TokenizerFolderError(

@@ -16,11 +16,13 @@ import argparse
 import io
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -32,19 +34,19 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from ellama_megatron.formats.hf_folder import carry_hf_files
 from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
 
 BACKEND_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
-COMMON_STATE_KEY = "common_state/shard_0_1"         # ShardedObject("common_state", ..., (1,), (0,)).unique_key
-CHECKPOINT_VERSION = 3.0                            # Megatron's current layout (no QKV reordering on load)
+COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ..., (1,), (0,)).unique_key
+CHECKPOINT_VERSION = 3.0  # Megatron's current layout (no QKV reordering on load)
 
 
 @dataclass(frozen=True)
 class TensorChunk:
     """One chunk of a global tensor, produced when the writer reaches it."""
+
     key: str
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
@@ -53,15 +55,27 @@ class TensorChunk:
     produce: Callable[[], torch.Tensor]
 
     @classmethod
-    def of(cls, key: str, global_shape: tuple[int, ...], dtype: torch.dtype, layer: int | None,
-           produce: Callable[[], torch.Tensor]) -> "TensorChunk":
+    def of(
+        cls,
+        key: str,
+        global_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        layer: int | None,
+        produce: Callable[[], torch.Tensor],
+    ) -> TensorChunk:
         """The whole tensor (``layer`` None), or one layer of a stacked per-layer key, whose
         ``produce`` returns it without the layer dimension (what CheckpointReader.read gives back)."""
         global_shape = tuple(global_shape)
         if layer is None:
             return cls(key, global_shape, (0,) * len(global_shape), global_shape, dtype, produce)
-        return cls(key, global_shape, (layer,) + (0,) * (len(global_shape) - 1), (1,) + global_shape[1:], dtype,
-                   lambda: produce().unsqueeze(0))
+        return cls(
+            key,
+            global_shape,
+            (layer,) + (0,) * (len(global_shape) - 1),
+            (1,) + global_shape[1:],
+            dtype,
+            lambda: produce().unsqueeze(0),
+        )
 
 
 class _OnDemandSavePlanner(DefaultSavePlanner):
@@ -97,14 +111,21 @@ class _OnDemandSavePlanner(DefaultSavePlanner):
         chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = chunk.produce()
         if tuple(tensor.shape) != tuple(chunk.shape) or tensor.dtype != chunk.dtype:
-            raise AssertionError(f"{chunk.key}@{chunk.offset}: produced {tensor.dtype}{tuple(tensor.shape)}, "
-                                 f"planned {chunk.dtype}{chunk.shape}")
+            raise AssertionError(
+                f"{chunk.key}@{chunk.offset}: produced {tensor.dtype}{tuple(tensor.shape)}, "
+                f"planned {chunk.dtype}{chunk.shape}"
+            )
         self._on_written(tensor.numel() * tensor.element_size())
         return tensor.contiguous()
 
 
-def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str, Any], common: dict,
-                     on_written: Callable[[int], None] = lambda n: None) -> None:
+def write_checkpoint(
+    folder: Path,
+    chunks: list[TensorChunk],
+    objects: dict[str, Any],
+    common: dict,
+    on_written: Callable[[int], None] = lambda n: None,
+) -> None:
     """Write a torch_dist checkpoint into the existing empty ``folder``."""
     objects = {**objects, COMMON_STATE_KEY: common}
     writer = FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=True)
@@ -121,21 +142,29 @@ def write_checkpoint(folder: Path, chunks: list[TensorChunk], objects: dict[str,
 def extra_state_objects(modules: tuple[str, ...], num_layers: int) -> dict[str, None]:
     """The ``_extra_state`` objects Megatron checkpoints for each layer of ``modules`` (empty for a
     checkpoint written here; a load fails on any that is missing)."""
-    return {f"decoder.layers.{mod}._extra_state/shard_{layer}_{num_layers}": None
-            for layer in range(num_layers) for mod in modules}
+    return {
+        f"decoder.layers.{mod}._extra_state/shard_{layer}_{num_layers}": None
+        for layer in range(num_layers)
+        for mod in modules
+    }
 
 
-def write_release(root: Path, chunks: list[TensorChunk], objects: dict[str, Any], record: dict,
-                  hf_files_from: Path | None = None, hf_extra: tuple[str, ...] = (),
-                  on_written: Callable[[int], None] = lambda n: None) -> None:
+def write_release(
+    root: Path,
+    chunks: list[TensorChunk],
+    objects: dict[str, Any],
+    record: dict,
+    hf_files_from: Path | None = None,
+    hf_extra: tuple[str, ...] = (),
+    on_written: Callable[[int], None] = lambda n: None,
+) -> None:
     """A weights-only checkpoint folder in the empty ``root``, what the import and the Megatron
     merge write: the tracker naming ``release/`` (Megatron loads it as iteration 0, no optimizer
     state), the tensors there, the record, and the tokenizer and generation files (plus
     ``hf_extra``) of ``hf_files_from`` under ``hf/``."""
     dist_dir = megatron_layout(root)
     dist_dir.mkdir()
-    write_checkpoint(dist_dir, chunks, objects, {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION},
-                     on_written)
+    write_checkpoint(dist_dir, chunks, objects, {"iteration": 0, "checkpoint_version": CHECKPOINT_VERSION}, on_written)
     write_record(root, record)
     if hf_files_from is not None:
         carry_hf_files(hf_files_from, root / HF_FILES_DIR, extra=hf_extra)
@@ -181,8 +210,10 @@ class CheckpointReader:
         try:
             self.metadata = self._reader.read_metadata()
         except (EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError) as e:
-            raise ValueError(f"{Path(folder) / '.metadata'}: unreadable, truncated or not written by torch "
-                             f"({type(e).__name__}: {e}); copy the checkpoint again or save it again") from None
+            raise ValueError(
+                f"{Path(folder) / '.metadata'}: unreadable, truncated or not written by torch "
+                f"({type(e).__name__}: {e}); copy the checkpoint again or save it again"
+            ) from None
 
     def tensor_metadata(self, key: str) -> TensorStorageMetadata:
         md = self.metadata.state_dict_metadata.get(key)
@@ -222,15 +253,20 @@ class CheckpointReader:
             if not path.is_file():
                 return ValueError(f"{path}: missing (needed for {key!r}); copy the whole checkpoint folder again")
             if path.stat().st_size < end:
-                return ValueError(f"{path}: truncated ({path.stat().st_size} bytes, the checkpoint's .metadata "
-                                  f"places data up to byte {end}); copy the checkpoint again")
-        return ValueError(f"{self.folder}: cannot read {key!r} ({type(error).__name__}: {error}); "
-                          "the checkpoint's .distcp files may be damaged: copy or save it again")
+                return ValueError(
+                    f"{path}: truncated ({path.stat().st_size} bytes, the checkpoint's .metadata "
+                    f"places data up to byte {end}); copy the checkpoint again"
+                )
+        return ValueError(
+            f"{self.folder}: cannot read {key!r} ({type(error).__name__}: {error}); "
+            "the checkpoint's .distcp files may be damaged: copy or save it again"
+        )
 
     def common_state(self) -> dict:
         planner = _RawBytesPlanner()
-        torch.distributed.checkpoint.load({COMMON_STATE_KEY: io.BytesIO()}, storage_reader=self._reader,
-                                          planner=planner, no_dist=True)
+        torch.distributed.checkpoint.load(
+            {COMMON_STATE_KEY: io.BytesIO()}, storage_reader=self._reader, planner=planner, no_dist=True
+        )
         # weights_only: never run code from a checkpoint's pickles ourselves; Megatron's own
         # training saves its arguments as an argparse.Namespace, the one class allowed besides
         # torch's plain types.
@@ -238,8 +274,10 @@ class CheckpointReader:
             try:
                 data = torch.load(io.BytesIO(planner.raw[COMMON_STATE_KEY]), weights_only=True)
             except pickle.UnpicklingError as e:
-                raise ValueError(f"{self.folder}: common state holds objects that only unpickling with "
-                                 f"code execution could read; not loaded ({e})") from None
+                raise ValueError(
+                    f"{self.folder}: common state holds objects that only unpickling with "
+                    f"code execution could read; not loaded ({e})"
+                ) from None
         return data[0]
 
 

@@ -1,12 +1,12 @@
 """The launcher's commands for slurm/launch.sh:
 
-    python -m ellama_megatron.launch layout SBATCH_FILE
-        cluster.nodes=N cluster.procs_per_node=P of the allocation (or of the #SBATCH header)
-    python -m ellama_megatron.launch prepare SBATCH_FILE PRESET_OVERRIDE... -- USER_OVERRIDE...
-        compose, check and record the job's config; prints shell assignments (ELLAMA_CONFIG, RUN_DIR,
-        NODES, PROCS_PER_NODE, JOB_LOG_DIR, START_ITER, FINISHED); exit 2 when the config is invalid
-    python -m ellama_megatron.launch end-job CONFIG SIGNAL EXIT_CODE START_ITER JOB_LOG_DIR
-        after the ranks: requeue the job when it should go on; exits with the job's exit status
+python -m ellama_megatron.launch layout SBATCH_FILE
+    cluster.nodes=N cluster.procs_per_node=P of the allocation (or of the #SBATCH header)
+python -m ellama_megatron.launch prepare SBATCH_FILE PRESET_OVERRIDE... -- USER_OVERRIDE...
+    compose, check and record the job's config; prints shell assignments (ELLAMA_CONFIG, RUN_DIR,
+    NODES, PROCS_PER_NODE, JOB_LOG_DIR, START_ITER, FINISHED); exit 2 when the config is invalid
+python -m ellama_megatron.launch end-job CONFIG SIGNAL EXIT_CODE START_ITER JOB_LOG_DIR
+    after the ranks: requeue the job when it should go on; exits with the job's exit status
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "prepare" and args:
         sbatch_file, rest = Path(args[0]), args[1:]
-        preset, user = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+        preset, user = (rest[: rest.index("--")], rest[rest.index("--") + 1 :]) if "--" in rest else (rest, [])
         status, variables = slurm.prepare_job(sbatch_file, preset, user)
         print(slurm.shell_assignments(variables), end="")
         return status
     if command == "end-job" and len(args) == 5:
         config, signal_name, exit_code, start, log_dir = args
         return slurm.end_job(Path(config), signal_name, int(exit_code), int(start), Path(log_dir))
-    print(f"python -m ellama_megatron.launch: unknown command or arguments: {' '.join(argv)}\n{__doc__}", file=sys.stderr)
+    print(
+        f"python -m ellama_megatron.launch: unknown command or arguments: {' '.join(argv)}\n{__doc__}", file=sys.stderr
+    )
     return 2
 
 

@@ -25,8 +25,7 @@ class RunLockedError(ValueError):
 
 def holder_line(pid: int | None = None) -> str:
     """What the lock file says about its holder."""
-    return (f"host={socket.gethostname()} pid={pid or os.getpid()} "
-            f"start={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+    return f"host={socket.gethostname()} pid={pid or os.getpid()} start={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
 
 
 _HELD: dict[Path, int] = {}  # run folders this process holds: a second flock from it would refuse it
@@ -54,7 +53,8 @@ def take_run_lock(run_dir: str | Path) -> int:
         os.close(fd)
         raise RunLockedError(
             f"{path}: run folder {run_dir} is in use by another launch ({holder}); wait for it to end, "
-            f"stop it, or give this launch its own run_dir=") from None
+            f"stop it, or give this launch its own run_dir="
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder_line().encode(), 0)
     return fd

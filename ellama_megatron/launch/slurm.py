@@ -26,19 +26,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from omegaconf import OmegaConf
 
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.launch.run_lock import RunLockedError
+from ellama_megatron.run.events import (
+    EXIT_RERUN_ELSEWHERE,
+    EXIT_RESULT_REJECTED,
+    append_event,
+    describe,
+    exit_report,
+    read_events,
+    take_rank_exit,
+)
 from ellama_megatron.run.plan import RunPlan
-from ellama_megatron.run.schema import ConfigError
-from ellama_megatron.run.events import (EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED, append_event, describe,
-                                        exit_report, read_events, take_rank_exit)
 from ellama_megatron.run.progress import is_finished, saved_iteration
 from ellama_megatron.run.recovery import after_rejection
+from ellama_megatron.run.schema import ConfigError
 
 DEFAULT_EXIT_MARGIN_MIN = 10  # minutes kept free before the time limit for the final checkpoint
 DEFAULT_MAX_REQUEUES = 500  # a month of 4-hour slots is ~180
@@ -52,6 +59,7 @@ def log(message: str) -> None:
 
 
 # -- the allocation ------------------------------------------------------------------------------
+
 
 def header_value(sbatch_file: Path, option: str) -> int | None:
     """The number of ``#SBATCH --option=N`` in the batch script's header."""
@@ -102,6 +110,7 @@ def exit_duration_overrides(job_id: str, margin_min: int) -> list[str]:
 
 # -- preparing the job ---------------------------------------------------------------------------
 
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -115,11 +124,20 @@ def job_overrides(sbatch_file: Path, preset: list[str], user: list[str], env: Ma
     requeues share it) unless the user named one, the sbatch preset, the allocation, the time limit,
     and the user's own overrides last."""
     job_id = env["SLURM_JOB_ID"]
-    default_run = [] if any(o.startswith(("run_dir=", "run_name=")) for o in user) else [
-        f"run_dir=runs/{env.get('SLURM_JOB_NAME', 'ellama')}-{job_id}"]
+    default_run = (
+        []
+        if any(o.startswith(("run_dir=", "run_name=")) for o in user)
+        else [f"run_dir=runs/{env.get('SLURM_JOB_NAME', 'ellama')}-{job_id}"]
+    )
     margin = int(env.get("ELLAMA_EXIT_MARGIN_MIN") or DEFAULT_EXIT_MARGIN_MIN)
-    return ["launch=none", *default_run, *preset, *layout_overrides(sbatch_file, env),
-            *exit_duration_overrides(job_id, margin), *user]
+    return [
+        "launch=none",
+        *default_run,
+        *preset,
+        *layout_overrides(sbatch_file, env),
+        *exit_duration_overrides(job_id, margin),
+        *user,
+    ]
 
 
 def job_log_dir(env: Mapping[str, str]) -> Path:
@@ -127,7 +145,9 @@ def job_log_dir(env: Mapping[str, str]) -> Path:
     return root / f"{env.get('SLURM_JOB_NAME', 'ellama')}-{env['SLURM_JOB_ID']}"
 
 
-def prepare_job(sbatch_file: Path, preset: list[str], user: list[str], env: Mapping[str, str] = os.environ) -> tuple[int, dict]:
+def prepare_job(
+    sbatch_file: Path, preset: list[str], user: list[str], env: Mapping[str, str] = os.environ
+) -> tuple[int, dict]:
     """Compose, check and record the job's config; returns (exit status, shell variables).
 
     Status 2: the config is invalid (not started, not requeued). The variables say what to start:
@@ -160,8 +180,14 @@ def prepare_job(sbatch_file: Path, preset: list[str], user: list[str], env: Mapp
     shutil.copyfile(config, log_dir / f"config.restart{restart}.yaml")
     (log_dir / "run_dir").write_text(f"{run_dir}\n")
     start = saved_iteration(run_dir)
-    variables = {"ELLAMA_CONFIG": config, "RUN_DIR": run_dir, "NODES": nodes, "PROCS_PER_NODE": per_node,
-                 "JOB_LOG_DIR": log_dir, "START_ITER": start}
+    variables = {
+        "ELLAMA_CONFIG": config,
+        "RUN_DIR": run_dir,
+        "NODES": nodes,
+        "PROCS_PER_NODE": per_node,
+        "JOB_LOG_DIR": log_dir,
+        "START_ITER": start,
+    }
     if is_finished(run_dir, plan.train_iterations):
         log(f"run already finished (iteration {start} of {plan.train_iterations}); nothing to do")
         variables["FINISHED"] = 1
@@ -174,6 +200,7 @@ def shell_assignments(variables: dict) -> str:
 
 # -- after the ranks -----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class RequeueDecision:
     requeue: bool
@@ -182,28 +209,56 @@ class RequeueDecision:
     exclude_node: bool = False  # requeue away from the node the ranks ran on (exit 16)
 
 
-def requeue_decision(*, finished: bool, signalled: bool, exit_code: int, start_iteration: int, end_iteration: int,
-                     train_iterations: int, restart: int, max_requeues: int, reruns_elsewhere: int = 0,
-                     max_reruns_elsewhere: int = DEFAULT_MAX_RERUNS_ELSEWHERE) -> RequeueDecision:
+def requeue_decision(
+    *,
+    finished: bool,
+    signalled: bool,
+    exit_code: int,
+    start_iteration: int,
+    end_iteration: int,
+    train_iterations: int,
+    restart: int,
+    max_requeues: int,
+    reruns_elsewhere: int = 0,
+    max_reruns_elsewhere: int = DEFAULT_MAX_RERUNS_ELSEWHERE,
+) -> RequeueDecision:
     """Whether a job whose ranks have exited goes on in a requeued job (the rules in the module docstring)."""
     if finished:
-        return RequeueDecision(False, 0, f"run finished (iteration {end_iteration} of {train_iterations}): "
-                               "not requeueing")
+        return RequeueDecision(
+            False, 0, f"run finished (iteration {end_iteration} of {train_iterations}): not requeueing"
+        )
     if exit_code == EXIT_RESULT_REJECTED:
-        return RequeueDecision(False, exit_code, "Megatron rejected a result and diagnosed it (exit 17): stopping, "
-                               "not requeueing; see events.jsonl and result_rejected.txt in the run folder")
+        return RequeueDecision(
+            False,
+            exit_code,
+            "Megatron rejected a result and diagnosed it (exit 17): stopping, "
+            "not requeueing; see events.jsonl and result_rejected.txt in the run folder",
+        )
     if exit_code == EXIT_RERUN_ELSEWHERE:
         if reruns_elsewhere >= max_reruns_elsewhere:
-            return RequeueDecision(False, exit_code, f"exit 16 again after {reruns_elsewhere} reruns on other nodes "
-                                   f"(ELLAMA_MAX_RERUNS_ELSEWHERE={max_reruns_elsewhere}): not requeueing")
+            return RequeueDecision(
+                False,
+                exit_code,
+                f"exit 16 again after {reruns_elsewhere} reruns on other nodes "
+                f"(ELLAMA_MAX_RERUNS_ELSEWHERE={max_reruns_elsewhere}): not requeueing",
+            )
         if restart >= max_requeues:
-            return RequeueDecision(False, exit_code, f"requeue cap ELLAMA_MAX_REQUEUES={max_requeues} reached: "
-                                   "not requeueing")
-        return RequeueDecision(True, 0, f"exit 16: requeueing (restart {restart + 1}) without this node, to rerun "
-                               f"iteration {end_iteration + 1} elsewhere", exclude_node=True)
+            return RequeueDecision(
+                False, exit_code, f"requeue cap ELLAMA_MAX_REQUEUES={max_requeues} reached: not requeueing"
+            )
+        return RequeueDecision(
+            True,
+            0,
+            f"exit 16: requeueing (restart {restart + 1}) without this node, to rerun "
+            f"iteration {end_iteration + 1} elsewhere",
+            exclude_node=True,
+        )
     if not signalled and exit_code != 0:
-        return RequeueDecision(False, exit_code, f"ranks failed (exit {exit_code}) without a preemption or "
-                               "time-limit signal: not requeueing")
+        return RequeueDecision(
+            False,
+            exit_code,
+            f"ranks failed (exit {exit_code}) without a preemption or time-limit signal: not requeueing",
+        )
     if not signalled and end_iteration <= start_iteration:
         return RequeueDecision(False, 3, "ranks exited cleanly but made no progress: not requeueing (would loop)")
     if restart >= max_requeues:
@@ -211,18 +266,24 @@ def requeue_decision(*, finished: bool, signalled: bool, exit_code: int, start_i
     return RequeueDecision(True, 0, f"requeueing (restart {restart + 1}) to resume from iteration {end_iteration}")
 
 
-def decide_for_run(config: Path, *, signalled: bool, exit_code: int, start_iteration: int,
-                   env: Mapping[str, str] = os.environ) -> RequeueDecision:
+def decide_for_run(
+    config: Path, *, signalled: bool, exit_code: int, start_iteration: int, env: Mapping[str, str] = os.environ
+) -> RequeueDecision:
     """requeue_decision for the run recorded in ``config`` (its run folder's progress)."""
     plan = RunPlan.from_cfg(OmegaConf.load(config))
     run_dir = Path(config).parent
     return requeue_decision(
-        finished=is_finished(run_dir, plan.train_iterations), signalled=signalled, exit_code=exit_code,
-        start_iteration=start_iteration, end_iteration=saved_iteration(run_dir), train_iterations=plan.train_iterations,
+        finished=is_finished(run_dir, plan.train_iterations),
+        signalled=signalled,
+        exit_code=exit_code,
+        start_iteration=start_iteration,
+        end_iteration=saved_iteration(run_dir),
+        train_iterations=plan.train_iterations,
         restart=int(env.get("SLURM_RESTART_COUNT") or 0),
         max_requeues=int(env.get("ELLAMA_MAX_REQUEUES") or DEFAULT_MAX_REQUEUES),
-        reruns_elsewhere=sum(e["kind"] == "rerun_elsewhere" and e["action"].startswith("requeue")
-                             for e in read_events(run_dir)),
+        reruns_elsewhere=sum(
+            e["kind"] == "rerun_elsewhere" and e["action"].startswith("requeue") for e in read_events(run_dir)
+        ),
         max_reruns_elsewhere=int(env.get("ELLAMA_MAX_RERUNS_ELSEWHERE") or DEFAULT_MAX_RERUNS_ELSEWHERE),
     )
 
@@ -232,8 +293,14 @@ def excluded_nodes(run_dir: Path) -> list[str]:
     return sorted({e["node"] for e in read_events(run_dir) if e.get("excluded") and e.get("node")})
 
 
-def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int, log_dir: Path,
-            env: Mapping[str, str] = os.environ) -> int:
+def end_job(
+    config: Path,
+    signal_name: str,
+    exit_code: int,
+    start_iteration: int,
+    log_dir: Path,
+    env: Mapping[str, str] = os.environ,
+) -> int:
     """After the ranks: log what they did, requeue the job when it should go on; returns the job's exit status."""
     run_dir = Path(config).parent
     end = saved_iteration(run_dir)
@@ -247,15 +314,23 @@ def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int
             return exit_code
         log(f"requeueing job {env['SLURM_JOB_ID']} to go on after the {resilience.spike_policy}")
         return subprocess.call(["scontrol", "requeue", env["SLURM_JOB_ID"]])
-    decision = decide_for_run(config, signalled=bool(signal_name), exit_code=exit_code,
-                              start_iteration=start_iteration, env=env)
+    decision = decide_for_run(
+        config, signalled=bool(signal_name), exit_code=exit_code, start_iteration=start_iteration, env=env
+    )
     report = exit_report(run_dir, exit_code)
     if report:
         log(describe(report))
-        action = ("requeue excluding the node" if decision.exclude_node and decision.requeue
-                  else "stop: " + decision.reason)
-        append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"],
-                     action=action, job=env.get("SLURM_JOB_ID"), excluded=decision.exclude_node and decision.requeue)
+        action = (
+            "requeue excluding the node" if decision.exclude_node and decision.requeue else "stop: " + decision.reason
+        )
+        append_event(
+            run_dir,
+            **{k: v for k, v in report.items() if k != "kind"},
+            kind=report["kind"],
+            action=action,
+            job=env.get("SLURM_JOB_ID"),
+            excluded=decision.exclude_node and decision.requeue,
+        )
     if not decision.requeue:
         log(decision.reason)
         return decision.exit_code
@@ -278,8 +353,10 @@ def end_job(config: Path, signal_name: str, exit_code: int, start_iteration: int
         nodes = ",".join(excluded_nodes(run_dir))
         log(f"excluding nodes {nodes} from job {job_id}")
         if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"]) != 0:
-            log("scontrol could not set the exclusion on the requeued job; it may land on the same node (then "
-                "Megatron exits 16 again, within ELLAMA_MAX_RERUNS_ELSEWHERE)")
+            log(
+                "scontrol could not set the exclusion on the requeued job; it may land on the same node (then "
+                "Megatron exits 16 again, within ELLAMA_MAX_RERUNS_ELSEWHERE)"
+            )
         return 0
     finally:
         signal.signal(signal.SIGTERM, handler)

@@ -74,14 +74,19 @@ def run_rank(config_path: Path, job) -> int:
     sig = requeue_signal()
     submitit_requeue = signal.getsignal(sig)  # submitit's handler: rank 0 requeues the job and exits
     # Slurm sends the signal to every process of the step: the engine must not die of it.
-    proc = subprocess.Popen([sys.executable, "-m", RANK_MODULE, "--config", str(config_path)],
-                            preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", RANK_MODULE, "--config", str(config_path)],
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN),
+    )
     caught: list[int] = []
 
     def save_and_exit(signum, frame):
         caught.append(signum)
-        print(f"rank {job.global_rank}: got {signal.Signals(signum).name}: the engine checkpoints and exits, "
-              "then the point is requeued", flush=True)
+        print(
+            f"rank {job.global_rank}: got {signal.Signals(signum).name}: the engine checkpoints and exits, "
+            "then the point is requeued",
+            flush=True,
+        )
         proc.send_signal(signal.SIGTERM)
 
     signal.signal(sig, save_and_exit)
@@ -104,8 +109,10 @@ def run_point(cfg, hc) -> None:
     try:
         job = submitit.JobEnvironment()
     except RuntimeError as exc:
-        sys.exit(f"recipes/sweep.py: not inside a submitit job ({exc}); use hydra/launcher=slurm_h100, slurm_cpu or submitit_local "
-                 "(one machine, e.g. hydra/launcher=submitit_local hydra.launcher.tasks_per_node=2)")
+        sys.exit(
+            f"recipes/sweep.py: not inside a submitit job ({exc}); use hydra/launcher=slurm_h100, slurm_cpu or submitit_local "
+            "(one machine, e.g. hydra/launcher=submitit_local hydra.launcher.tasks_per_node=2)"
+        )
     cfg.run_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
     cfg.launch = "none"
     cfg.cluster.nodes = job.num_nodes

@@ -21,9 +21,18 @@ RANK_MODULE = "ellama_megatron.engine.train"  # one rank of the engine, however 
 
 def torchrun_command(procs_per_node: int, config_path: Path) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", "--nnodes", "1", "--nproc-per-node", str(procs_per_node),
-        "-m", RANK_MODULE, "--config", str(config_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(procs_per_node),
+        "-m",
+        RANK_MODULE,
+        "--config",
+        str(config_path),
     ]
 
 
@@ -39,8 +48,10 @@ def run_recipe(cfg) -> int:
         print(line)
     if is_finished(cfg.run_dir, plan.train_iterations):
         # Megatron would start, find no samples left and fail an assertion: nothing to do is success.
-        print(f"run already finished (iteration {saved_iteration(cfg.run_dir)} of {plan.train_iterations} in "
-              f"{cfg.run_dir}); nothing started")
+        print(
+            f"run already finished (iteration {saved_iteration(cfg.run_dir)} of {plan.train_iterations} in "
+            f"{cfg.run_dir}); nothing started"
+        )
         return 0
     if os.environ.get("ELLAMA_DRY_RUN"):
         from ellama_megatron.engine.lr_schedule import format_lr_curve
@@ -57,8 +68,9 @@ def run_recipe(cfg) -> int:
     take_rank_exit(cfg.run_dir, 0)  # a record a killed launch left behind is not this launch's
     while True:
         # torchrun dies with this process (SIGTERM: it stops its ranks); the ranks arm the same for themselves.
-        code = subprocess.call(torchrun_command(plan.procs_per_node, config_path),
-                               preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+        code = subprocess.call(
+            torchrun_command(plan.procs_per_node, config_path), preexec_fn=lambda: die_with_parent(signal.SIGTERM)
+        )
         code = take_rank_exit(cfg.run_dir, code)
         # Megatron's exit 16/17 (a rejected loss): logged and reported; resilience.spike_policy says
         # whether the run goes on (the ranks read the iterations to skip from events.jsonl).

@@ -43,7 +43,7 @@ class LlamaConfig:
     eos_token_id: int
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "LlamaConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> LlamaConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         missing = sorted(names - set(d))
@@ -84,9 +84,7 @@ def load_model_config(name_or_path: str | Path) -> LlamaConfig:
     if not path.suffix:
         path = CONF_DIR / "model" / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(
-                f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}"
-            )
+            raise ValueError(f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}")
     with open(path) as f:
         return LlamaConfig.from_dict(yaml.safe_load(f), source=str(path))
 

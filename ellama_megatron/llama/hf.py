@@ -27,8 +27,12 @@ def rope_parameters(cfg: LlamaConfig) -> dict[str, Any]:
     """transformers 5's ``rope_parameters`` for ``cfg`` (llama3 scaling when it has a factor)."""
     rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
     if cfg.rope_scaling_factor is not None:
-        rope = {"rope_type": "llama3", "rope_theta": float(cfg.rotary_base),
-                "factor": float(cfg.rope_scaling_factor), **LLAMA3_ROPE_SCALING}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": float(cfg.rotary_base),
+            "factor": float(cfg.rope_scaling_factor),
+            **LLAMA3_ROPE_SCALING,
+        }
     return rope
 
 
@@ -47,6 +51,7 @@ def rope_settings(hf: dict) -> tuple[float, dict | None]:
 
 def llama_config_from_hf(hf: dict, name: str, source: str = "config.json") -> LlamaConfig:
     """Our LlamaConfig from a Hugging Face config.json dict; refuses what Megatron's Llama can't run."""
+
     def refuse(field: str, value, why: str):
         raise UnsupportedConfig(f"{source}: {field}={value!r}: {why}")
 
@@ -66,8 +71,11 @@ def llama_config_from_hf(hf: dict, name: str, source: str = "config.json") -> Ll
         if scaling is not None:
             rope_type = scaling.get("rope_type", scaling.get("type"))
             if rope_type != "llama3":
-                refuse("rope_scaling.rope_type", rope_type,
-                       "only 'llama3' (Llama 3.1/3.2) or no scaling (Llama 3) is supported")
+                refuse(
+                    "rope_scaling.rope_type",
+                    rope_type,
+                    "only 'llama3' (Llama 3.1/3.2) or no scaling (Llama 3) is supported",
+                )
             for key, fixed in LLAMA3_ROPE_SCALING.items():
                 if float(scaling.get(key, fixed)) != fixed:
                     refuse(f"rope_scaling.{key}", scaling.get(key), f"Megatron fixes it at {fixed:g}")
@@ -129,8 +137,17 @@ def hf_llama_config(cfg: LlamaConfig):
 
 # Keys every transformers config carries for other model types (classification labels, encoder-decoder,
 # output switches): defaults that describe no Llama, left out of what we write.
-GENERIC_CONFIG_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
-                       "output_attentions", "output_hidden_states", "problem_type", "return_dict")
+GENERIC_CONFIG_KEYS = (
+    "_name_or_path",
+    "id2label",
+    "label2id",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+)
 
 
 def same_architecture(cfg: LlamaConfig, source: dict, source_name: str = "config.json") -> bool:
@@ -165,9 +182,9 @@ def _set_rope_and_dtype(d: dict, cfg: LlamaConfig, dtype) -> None:
     rope = rope_parameters(cfg)
     d["rope_parameters"] = rope
     d["rope_theta"] = float(cfg.rotary_base)
-    d["rope_scaling"] = None if cfg.rope_scaling_factor is None else {
-        k: v for k, v in rope.items() if k != "rope_theta"
-    }
+    d["rope_scaling"] = (
+        None if cfg.rope_scaling_factor is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    )
     dtype_name = str(dtype).removeprefix("torch.")
     d["dtype"] = dtype_name
     d["torch_dtype"] = dtype_name  # the key transformers 4 reads

@@ -45,23 +45,37 @@ def model_args(m: LlamaConfig) -> list[str]:
     """The architecture of ``m`` as Megatron-LM arguments (the tokenizer and vocab padding are the
     run's: engine/megatron_args.py)."""
     args = [
-        "--num-layers", m.num_layers,
-        "--hidden-size", m.hidden_size,
-        "--ffn-hidden-size", m.ffn_hidden_size,
-        "--num-attention-heads", m.num_attention_heads,
+        "--num-layers",
+        m.num_layers,
+        "--hidden-size",
+        m.hidden_size,
+        "--ffn-hidden-size",
+        m.ffn_hidden_size,
+        "--num-attention-heads",
+        m.num_attention_heads,
         "--group-query-attention",
-        "--num-query-groups", m.num_query_groups,
-        "--kv-channels", m.kv_channels,
-        "--max-position-embeddings", m.max_position_embeddings,
-        "--position-embedding-type", "rope",
-        "--rotary-base", int(m.rotary_base),
-        "--normalization", "RMSNorm",
-        "--norm-epsilon", m.norm_epsilon,
+        "--num-query-groups",
+        m.num_query_groups,
+        "--kv-channels",
+        m.kv_channels,
+        "--max-position-embeddings",
+        m.max_position_embeddings,
+        "--position-embedding-type",
+        "rope",
+        "--rotary-base",
+        int(m.rotary_base),
+        "--normalization",
+        "RMSNorm",
+        "--norm-epsilon",
+        m.norm_epsilon,
         "--swiglu",
         "--disable-bias-linear",
-        "--attention-dropout", 0.0,
-        "--hidden-dropout", 0.0,
-        "--init-method-std", m.init_method_std,
+        "--attention-dropout",
+        0.0,
+        "--hidden-dropout",
+        0.0,
+        "--init-method-std",
+        m.init_method_std,
     ]
     if m.rope_scaling_factor is not None:
         args += ["--use-rope-scaling", "--rope-scaling-factor", m.rope_scaling_factor]
@@ -106,8 +120,11 @@ def megatron_overrides(argv: Sequence[str]) -> list[str]:
 
     from megatron.training.arguments import add_megatron_arguments
 
-    actions = {option: action for action in add_megatron_arguments(argparse.ArgumentParser())._actions
-               for option in action.option_strings}
+    actions = {
+        option: action
+        for action in add_megatron_arguments(argparse.ArgumentParser())._actions
+        for option in action.option_strings
+    }
     problems, ours = [], {}
     for flag in (str(a) for a in argv if str(a).startswith("--")):
         action = actions.get(flag)
@@ -129,13 +146,19 @@ def megatron_overrides(argv: Sequence[str]) -> list[str]:
         elif validated[dest] != parsed[dest]:
             problems.append(f"{flag}: Megatron's validation changed {parsed[dest]!r} to {validated[dest]!r}")
     # warn_rank_0 raises UserWarnings from megatron/; argparse's own DeprecationWarnings are not about argv.
-    problems += dict.fromkeys(f"warning: {w.message}" for w in caught
-                              if w.category is UserWarning and "megatron" in w.filename)
+    problems += dict.fromkeys(
+        f"warning: {w.message}" for w in caught if w.category is UserWarning and "megatron" in w.filename
+    )
     return problems
 
 
-def transformer_config(model: LlamaConfig, transformer_impl: str, runtime_args: Sequence[str] = (),
-                       seq_length: int | None = None, **overrides):
+def transformer_config(
+    model: LlamaConfig,
+    transformer_impl: str,
+    runtime_args: Sequence[str] = (),
+    seq_length: int | None = None,
+    **overrides,
+):
     """The TransformerConfig Megatron's loop builds for ``model`` with ``runtime_args`` (precision,
     fusions, recomputation, CPU: ``CPU_MODEL_ARGS``), for a model built outside that loop.
     ``overrides`` set what no Megatron argument sets (``perform_initialization``)."""
@@ -143,9 +166,12 @@ def transformer_config(model: LlamaConfig, transformer_impl: str, runtime_args: 
 
     # Megatron's validation wants a sequence length and a micro-batch size; neither enters the config.
     argv = model_args(model) + [
-        "--transformer-impl", transformer_impl,
-        "--seq-length", seq_length or model.max_position_embeddings,
-        "--micro-batch-size", 1,
+        "--transformer-impl",
+        transformer_impl,
+        "--seq-length",
+        seq_length or model.max_position_embeddings,
+        "--micro-batch-size",
+        1,
         *runtime_args,
     ]
     config = core_transformer_config_from_args(parse_megatron_args(argv))
@@ -194,8 +220,16 @@ def layer_spec(transformer_impl: str, attention: str):
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_gpt_model(model: LlamaConfig, config, spec, padded_vocab_size: int, pre_process=True,
-                    post_process=True, vp_stage=None, pg_collection=None):
+def build_gpt_model(
+    model: LlamaConfig,
+    config,
+    spec,
+    padded_vocab_size: int,
+    pre_process=True,
+    post_process=True,
+    vp_stage=None,
+    pg_collection=None,
+):
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     return GPTModel(
@@ -228,7 +262,8 @@ def megatron_model_provider(model: LlamaConfig, attention: str):
         args = get_args()
         config = config or core_transformer_config_from_args(args)
         spec = layer_spec(args.transformer_impl, attention)
-        return build_gpt_model(model, config, spec, args.padded_vocab_size, pre_process,
-                               post_process, vp_stage, pg_collection)
+        return build_gpt_model(
+            model, config, spec, args.padded_vocab_size, pre_process, post_process, vp_stage, pg_collection
+        )
 
     return functools.wraps(provide)(provide)

@@ -20,12 +20,9 @@ let the data loader create no mask (``create_attention_mask: false``) for speed.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -33,6 +30,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import is_layer_window_attention
+from torch import Tensor
+
 
 class SDPAttention(DotProductAttention):
     """Megatron core attention computed by ``torch.nn.functional.scaled_dot_product_attention``.
@@ -59,9 +58,7 @@ class SDPAttention(DotProductAttention):
             )
         # The parent divides the scale by layer_number for apply_query_key_layer_scaling and
         # multiplies it back inside its fp32 softmax; the product is what the scores see.
-        self.sdpa_scale = self.softmax_scale * (
-            self.layer_number if cfg.apply_query_key_layer_scaling else 1
-        )
+        self.sdpa_scale = self.softmax_scale * (self.layer_number if cfg.apply_query_key_layer_scaling else 1)
         self._warned_explicit_mask = False
 
     def forward(
@@ -69,10 +66,10 @@ class SDPAttention(DotProductAttention):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         if attention_bias is not None:
             raise NotImplementedError("SDPAttention: attention_bias is not supported")
@@ -90,8 +87,8 @@ class SDPAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
 
     def _sdpa_mask(
-        self, attention_mask: Optional[Tensor], mask_type: AttnMaskType, sq: int, sk: int
-    ) -> tuple[Optional[Tensor], bool]:
+        self, attention_mask: Tensor | None, mask_type: AttnMaskType, sq: int, sk: int
+    ) -> tuple[Tensor | None, bool]:
         if attention_mask is None:
             if mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal) and sq > 1:
                 # Megatron's unfused softmax only builds a causal mask for self attention.
@@ -118,7 +115,7 @@ class SDPAttention(DotProductAttention):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        attn_mask: Optional[Tensor],
+        attn_mask: Tensor | None,
         is_causal: bool,
         dropout_p: float,
     ) -> Tensor:
@@ -165,8 +162,7 @@ class SDPAttention(DotProductAttention):
         for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_kv, bounds_kv[1:])):
             # [t, n, d] -> [1, n, t, d]
             q, k, v = (
-                t[a:b].permute(1, 0, 2).unsqueeze(0)
-                for t, a, b in ((query, q0, q1), (key, k0, k1), (value, k0, k1))
+                t[a:b].permute(1, 0, 2).unsqueeze(0) for t, a, b in ((query, q0, q1), (key, k0, k1), (value, k0, k1))
             )
             is_causal = causal and (q1 - q0) > 1
             if is_causal and (q1 - q0) != (k1 - k0):

@@ -39,7 +39,7 @@ class Mapping:
     megatron: str  # sharded key (TP=1 PP=1); per-layer keys stack layers on dim 0
     # state-dict names (``{layer}`` for the layer number) where they differ from the sharded key's
     local_name: str | None = dataclasses.field(default=None, kw_only=True)  # under Megatron's local spec
-    te_name: str | None = dataclasses.field(default=None, kw_only=True)     # under Transformer Engine's spec
+    te_name: str | None = dataclasses.field(default=None, kw_only=True)  # under Transformer Engine's spec
 
     roles: ClassVar[tuple[str, ...]] = ("hf",)
 
@@ -59,7 +59,9 @@ class Mapping:
         """The name in ``model.state_dict()`` for ``transformer_impl`` ('local' or 'transformer_engine')."""
         name = self.te_name if transformer_impl == "transformer_engine" else self.local_name
         if name is None:
-            name = self.megatron.replace("decoder.layers.", "decoder.layers.{layer}.") if self.per_layer else self.megatron
+            name = (
+                self.megatron.replace("decoder.layers.", "decoder.layers.{layer}.") if self.per_layer else self.megatron
+            )
         return name.format(layer=layer)
 
     # The kind: shapes and tensors between the two sides (one layer's, for per-layer rows).
@@ -186,17 +188,34 @@ _L = "model.layers.{layer}."
 # In Hugging Face's order (embeddings, a layer's tensors, final norm, head): hf_order follows it.
 TABLE: tuple[Mapping, ...] = (
     VocabMapping("embedding.word_embeddings.weight", hf=HF_EMBEDDING),
-    DirectMapping("decoder.layers.self_attention.linear_qkv.layer_norm_weight", hf=_L + "input_layernorm.weight",
-                  shape=("hidden",), local_name="decoder.layers.{layer}.input_layernorm.weight",
-                  te_name="decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight"),
-    QKVMapping("decoder.layers.self_attention.linear_qkv.weight",
-               q=_L + "self_attn.q_proj.weight", k=_L + "self_attn.k_proj.weight", v=_L + "self_attn.v_proj.weight"),
-    DirectMapping("decoder.layers.self_attention.linear_proj.weight", hf=_L + "self_attn.o_proj.weight",
-                  shape=("hidden", "q_width")),
-    DirectMapping("decoder.layers.mlp.linear_fc1.layer_norm_weight", hf=_L + "post_attention_layernorm.weight",
-                  shape=("hidden",), local_name="decoder.layers.{layer}.pre_mlp_layernorm.weight",
-                  te_name="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight"),
-    GatedMLPMapping("decoder.layers.mlp.linear_fc1.weight", gate=_L + "mlp.gate_proj.weight", up=_L + "mlp.up_proj.weight"),
+    DirectMapping(
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        hf=_L + "input_layernorm.weight",
+        shape=("hidden",),
+        local_name="decoder.layers.{layer}.input_layernorm.weight",
+        te_name="decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
+    ),
+    QKVMapping(
+        "decoder.layers.self_attention.linear_qkv.weight",
+        q=_L + "self_attn.q_proj.weight",
+        k=_L + "self_attn.k_proj.weight",
+        v=_L + "self_attn.v_proj.weight",
+    ),
+    DirectMapping(
+        "decoder.layers.self_attention.linear_proj.weight",
+        hf=_L + "self_attn.o_proj.weight",
+        shape=("hidden", "q_width"),
+    ),
+    DirectMapping(
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        hf=_L + "post_attention_layernorm.weight",
+        shape=("hidden",),
+        local_name="decoder.layers.{layer}.pre_mlp_layernorm.weight",
+        te_name="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
+    ),
+    GatedMLPMapping(
+        "decoder.layers.mlp.linear_fc1.weight", gate=_L + "mlp.gate_proj.weight", up=_L + "mlp.up_proj.weight"
+    ),
     DirectMapping("decoder.layers.mlp.linear_fc2.weight", hf=_L + "mlp.down_proj.weight", shape=("hidden", "ffn")),
     DirectMapping("decoder.final_layernorm.weight", hf="model.norm.weight", shape=("hidden",)),
     VocabMapping("output_layer.weight", hf=HF_OUTPUT),
@@ -223,9 +242,11 @@ def hf_order(cfg: LlamaConfig) -> list[tuple[Mapping, int | None]]:
     rows = mappings(cfg)
     first = next(i for i, m in enumerate(rows) if m.per_layer)
     per_layer = [m for m in rows if m.per_layer]
-    return ([(m, None) for m in rows[:first] if not m.per_layer]
-            + [(m, layer) for layer in range(cfg.num_layers) for m in per_layer]
-            + [(m, None) for m in rows[first:] if not m.per_layer])
+    return (
+        [(m, None) for m in rows[:first] if not m.per_layer]
+        + [(m, layer) for layer in range(cfg.num_layers) for m in per_layer]
+        + [(m, None) for m in rows[first:] if not m.per_layer]
+    )
 
 
 def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

@@ -12,8 +12,15 @@ from ellama_megatron.merge.request import MergeInputError, compare_tokenizer_dir
 
 # Config keys that say how a folder was written (or how its weights were first initialised), not
 # what the model is.
-CONFIG_KEYS_IGNORED = {"transformers_version", "_name_or_path", "name_or_path", "use_cache", "dtype", "torch_dtype",
-                       "initializer_range"}
+CONFIG_KEYS_IGNORED = {
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "use_cache",
+    "dtype",
+    "torch_dtype",
+    "initializer_range",
+}
 
 
 def open_input(path: str | Path, role: str) -> HFFolder:
@@ -46,9 +53,7 @@ def check_mergeable(base: HFFolder, other: HFFolder, role: str = "adapted") -> N
     if names_b != names_o:
         missing = sorted(names_b - names_o)
         extra = sorted(names_o - names_b)
-        first = (
-            f"{missing[0]} is in base but not in {role}" if missing else f"{extra[0]} is in {role} but not in base"
-        )
+        first = f"{missing[0]} is in base but not in {role}" if missing else f"{extra[0]} is in {role} but not in base"
         raise MergeInputError(
             f"tensor names differ ({len(missing)} only in base, {len(extra)} only in {role}): {first} "
             f"(base {base.path}, {role} {other.path})"

@@ -24,16 +24,16 @@ MODEL_KEYS_IGNORED = {"name", "init_method_std"}
 
 @dataclasses.dataclass
 class MegatronCheckpoint:
-    root: Path        # the folder holding the checkpoint record
-    folder: Path      # the torch_dist folder read (release/ or iter_*)
-    record: dict      # the checkpoint record
-    config: object    # LlamaConfig
+    root: Path  # the folder holding the checkpoint record
+    folder: Path  # the torch_dist folder read (release/ or iter_*)
+    record: dict  # the checkpoint record
+    config: object  # LlamaConfig
     reader: CheckpointReader
     tokenizer_dir: Path | None
     role: str
 
     @classmethod
-    def open(cls, path: str | Path, role: str = "model") -> "MegatronCheckpoint":
+    def open(cls, path: str | Path, role: str = "model") -> MegatronCheckpoint:
         from ellama_megatron.llama.config import LlamaConfig
 
         try:
@@ -41,8 +41,15 @@ class MegatronCheckpoint:
             cfg = LlamaConfig.from_dict(found.record["model"], str(record_path(found.root)))
         except (FileNotFoundError, ValueError) as e:
             raise MergeInputError(f"{role}: {e}") from None
-        return cls(found.root, found.folder, found.record, cfg, CheckpointReader(found.folder),
-                   tokenizer_source(found.root, found.record), role)
+        return cls(
+            found.root,
+            found.folder,
+            found.record,
+            cfg,
+            CheckpointReader(found.folder),
+            tokenizer_source(found.root, found.record),
+            role,
+        )
 
     def model_config(self) -> dict:
         return {k: v for k, v in self.config.to_dict().items() if k not in MODEL_KEYS_IGNORED}
@@ -98,9 +105,13 @@ def check_megatron_mergeable(base: MegatronCheckpoint, other: MegatronCheckpoint
             )
     notes = []
     if base.tokenizer_dir is not None and other.tokenizer_dir is not None:
-        compare_tokenizer_dirs(base.tokenizer_dir, other.tokenizer_dir, role,
-                               f"{base.root} (tokenizer in {base.tokenizer_dir})",
-                               f"{other.root} (tokenizer in {other.tokenizer_dir})")
+        compare_tokenizer_dirs(
+            base.tokenizer_dir,
+            other.tokenizer_dir,
+            role,
+            f"{base.root} (tokenizer in {base.tokenizer_dir})",
+            f"{other.root} (tokenizer in {other.tokenizer_dir})",
+        )
     else:
         missing = [c.root for c in (base, other) if c.tokenizer_dir is None]
         notes.append(f"tokenizer not found for {', '.join(map(str, missing))}: tokenizers not compared")

@@ -40,12 +40,19 @@ from ellama_megatron.merge.request import (
 
 def _statistics(tensors: list[torch.Tensor], chunk_bytes: int) -> TensorStatistics:
     """SLERP's sums over the row chunks of two whole tensors in memory."""
-    return TensorStatistics.of((tensors[0][a:b], tensors[1][a:b])
-                               for a, b in row_ranges(tuple(tensors[0].shape), chunk_bytes))
+    return TensorStatistics.of(
+        (tensors[0][a:b], tensors[1][a:b]) for a, b in row_ranges(tuple(tensors[0].shape), chunk_bytes)
+    )
 
 
-def merge_tensor(method: str, alpha: float, tensors: list[torch.Tensor], weights: list[float] | None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, stats: TensorStatistics | None = None) -> torch.Tensor:
+def merge_tensor(
+    method: str,
+    alpha: float,
+    tensors: list[torch.Tensor],
+    weights: list[float] | None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    stats: TensorStatistics | None = None,
+) -> torch.Tensor:
     """One whole tensor merged in row chunks, as tools/merge.py merges a Hugging Face tensor."""
     same = is_identity(method, alpha)
     if same is not None and same < len(tensors):
@@ -101,8 +108,8 @@ def merge_megatron_checkpoints(
     extrapolate: bool = False,
 ) -> MergeResult:
     """Write one merged checkpoint per alpha (see `output_dirs`). All checks run before any writing."""
-    from ellama_megatron.llama import weights as W
     from ellama_megatron.convert.summary import Summary
+    from ellama_megatron.llama import weights as W
 
     check_merge_request(method, adapted, alphas, weights, extrapolate)
     b = MegatronCheckpoint.open(base, "base")
@@ -118,8 +125,9 @@ def merge_megatron_checkpoints(
     cfg = b.config
     table = [(m, layer) for m in W.mappings(cfg) for layer in W.layers_of(m, cfg)]
     meta = {m.megatron: b.reader.tensor_metadata(m.megatron) for m in W.mappings(cfg)}
-    per_alpha = sum(math.prod(md.size) * torch.empty((), dtype=md.properties.dtype).element_size()
-                    for md in meta.values())
+    per_alpha = sum(
+        math.prod(md.size) * torch.empty((), dtype=md.properties.dtype).element_size() for md in meta.values()
+    )
     tokenizer_dir = b.tokenizer_dir or next((o.tokenizer_dir for o in others if o.tokenizer_dir), None)
 
     with staged_outputs(dests) as tmps:
@@ -136,10 +144,21 @@ def merge_megatron_checkpoints(
                 chunks.append(TensorChunk.of(m.megatron, md.size, md.properties.dtype, layer, produce))
             record = {
                 "model": cfg.to_dict(),
-                "merge": {"method": method, "alpha": alpha, "base": str(b.folder),
-                          "adapted": [str(o.folder) for o in others], "weights": weights},
+                "merge": {
+                    "method": method,
+                    "alpha": alpha,
+                    "base": str(b.folder),
+                    "adapted": [str(o.folder) for o in others],
+                    "weights": weights,
+                },
             }
-            write_release(tmp, chunks, extra_state_objects(W.EXTRA_STATE_MODULES, cfg.num_layers), record,
-                          hf_files_from=tokenizer_dir, on_written=summary.add)
+            write_release(
+                tmp,
+                chunks,
+                extra_state_objects(W.EXTRA_STATE_MODULES, cfg.num_layers),
+                record,
+                hf_files_from=tokenizer_dir,
+                on_written=summary.add,
+            )
             summary.close()
     return MergeResult(dests, len(table), per_alpha, notes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -39,7 +39,7 @@ class TensorStatistics:
         self.adapted_sq += float(a @ a)
 
     @classmethod
-    def of(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "TensorStatistics":
+    def of(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> TensorStatistics:
         """The sums over a tensor's (base, adapted) row chunks."""
         stats = cls()
         for base, adapted in chunks:

@@ -32,8 +32,9 @@ class MergeResult:
     notes: list[str] = dataclasses.field(default_factory=list)  # what the checks could not check
 
 
-def check_merge_request(method: str, adapted: list, alphas: list[float], weights: list[float] | None,
-                        extrapolate: bool = False) -> None:
+def check_merge_request(
+    method: str, adapted: list, alphas: list[float], weights: list[float] | None, extrapolate: bool = False
+) -> None:
     """The options, checked before the inputs are opened."""
     if method not in METHODS:
         raise MergeInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -46,12 +47,18 @@ def check_merge_request(method: str, adapted: list, alphas: list[float], weights
             raise MergeInputError(f"{name} {bad[0]}: not a finite number; give a value such as 0.5")
     outside = [a for a in alphas if not 0.0 <= a <= 1.0]
     if outside and not extrapolate:
-        raise MergeInputError(f"--alpha {outside[0]:g}: outside [0, 1], so the merge extrapolates beyond the "
-                              "two models; pass --extrapolate if that is meant (task arithmetic), else use 0..1")
+        raise MergeInputError(
+            f"--alpha {outside[0]:g}: outside [0, 1], so the merge extrapolates beyond the "
+            "two models; pass --extrapolate if that is meant (task arithmetic), else use 0..1"
+        )
     if method in ("linear", "slerp") and len(adapted) != 1:
-        raise MergeInputError(f"--method {method} merges one adapted model, got {len(adapted)}; use task_arithmetic for several")
+        raise MergeInputError(
+            f"--method {method} merges one adapted model, got {len(adapted)}; use task_arithmetic for several"
+        )
     if weights is not None and len(weights) != len(adapted):
-        raise MergeInputError(f"--weight given {len(weights)} times for {len(adapted)} adapted models; give one per model")
+        raise MergeInputError(
+            f"--weight given {len(weights)} times for {len(adapted)} adapted models; give one per model"
+        )
     if method == "slerp" and any(not 0.0 <= a <= 1.0 for a in alphas):
         raise MergeInputError(f"--alpha {alphas}: SLERP interpolates, alpha must be in [0, 1]")
     if len(set(alphas)) != len(alphas):
@@ -101,8 +108,9 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return None if a == b else f"{where.lstrip('.') or '<root>'} ({a!r} vs {b!r})"
 
 
-def compare_tokenizer_dirs(base: Path, other: Path, role: str, base_label: str | None = None,
-                           other_label: str | None = None) -> None:
+def compare_tokenizer_dirs(
+    base: Path, other: Path, role: str, base_label: str | None = None, other_label: str | None = None
+) -> None:
     """Raise MergeInputError naming the first tokenizer difference (which files, then contents).
     The labels name the models in the message when the tokenizer folders are not the model folders."""
     bl, ol = base_label or str(base), other_label or str(other)

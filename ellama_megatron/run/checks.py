@@ -35,8 +35,10 @@ def check_data(blend: dict) -> list[str]:
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not Path(str(prefix) + ext).exists():
-                errors.append(f"dataset file {prefix}{ext} not found (prefixes are paths without .bin/.idx; "
-                              f"make them with tools/preprocess_data.py)")
+                errors.append(
+                    f"dataset file {prefix}{ext} not found (prefixes are paths without .bin/.idx; "
+                    f"make them with tools/preprocess_data.py)"
+                )
     return errors
 
 
@@ -60,13 +62,17 @@ def check_data_matches_model(blend: dict, model) -> list[str]:
             errors.append(str(e))
             continue
         if vocab is not None and vocab > model.vocab_size:
-            errors.append(f"{path}: dataset {prefix} was tokenized with a vocabulary of {vocab} tokens, but the "
-                          f"model ({model.name}) has model.vocab_size={model.vocab_size}; preprocess it with the "
-                          "model's tokenizer (or extend the model's vocabulary: tools/extend_vocab.py)")
+            errors.append(
+                f"{path}: dataset {prefix} was tokenized with a vocabulary of {vocab} tokens, but the "
+                f"model ({model.name}) has model.vocab_size={model.vocab_size}; preprocess it with the "
+                "model's tokenizer (or extend the model's vocabulary: tools/extend_vocab.py)"
+            )
         if eod is not None and eod != model.eos_token_id:
-            errors.append(f"{path}: dataset {prefix} ends documents with token {eod}, but the model ({model.name}) "
-                          f"has model.eos_token_id={model.eos_token_id}; preprocess it with the model's tokenizer "
-                          "or --eod-token matching the model")
+            errors.append(
+                f"{path}: dataset {prefix} ends documents with token {eod}, but the model ({model.name}) "
+                f"has model.eos_token_id={model.eos_token_id}; preprocess it with the model's tokenizer "
+                "or --eod-token matching the model"
+            )
     return errors
 
 
@@ -76,14 +82,18 @@ def check_known_choices(cfg) -> list[str]:
     errors += groups["train"].problems() + groups["checkpoint"].problems() + groups["logging"].problems()
     if groups["checkpoint"].async_save and groups["cluster"].accelerator == "cpu":
         # Megatron's async writer needs CUDA: the flag would be dropped, and the saves be synchronous.
-        errors.append("checkpoint.async_save=true needs cluster.accelerator=gpu (Megatron writes in the background "
-                      "only from GPU memory); set checkpoint.async_save=false")
+        errors.append(
+            "checkpoint.async_save=true needs cluster.accelerator=gpu (Megatron writes in the background "
+            "only from GPU memory); set checkpoint.async_save=false"
+        )
     if cfg.launch not in ("torchrun", "none"):
         errors.append(f"launch={cfg.launch!r} must be torchrun or none")
     init = cfg.checkpoint.init_from
     if init and not Path(init).exists():
-        errors.append(f"checkpoint.init_from={init} does not exist; convert the base model with "
-                      f"tools/convert_hf.py import --out {init}")
+        errors.append(
+            f"checkpoint.init_from={init} does not exist; convert the base model with "
+            f"tools/convert_hf.py import --out {init}"
+        )
     return errors
 
 

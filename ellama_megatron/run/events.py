@@ -20,15 +20,24 @@ RANK_EXIT_FILE = "rank_exit.json"  # in run_dir: rank 0's exit 16/17 (torchrun r
 EXIT_RERUN_ELSEWHERE = 16  # EXIT_CODE_RESUME_TO_DISAMBIGUATE: a rejected result reproduced here; rerun on another GPU
 EXIT_RESULT_REJECTED = 17  # EXIT_CODE_FAILED_ON_RESULT_VALIDATION: the result was diagnosed; the run must stop
 
-_REJECTED = re.compile(r"ts=(?P<ts>.+?) node=(?P<node>\S+) device=(?P<device>\S+) jobID=(?P<job>\S+) rank=(?P<rank>\d+) "
-                       r"iteration=(?P<iteration>\d+) status=(?P<status>\S+) result=(?P<result>.+?) message='(?P<message>.*)'")
+_REJECTED = re.compile(
+    r"ts=(?P<ts>.+?) node=(?P<node>\S+) device=(?P<device>\S+) jobID=(?P<job>\S+) rank=(?P<rank>\d+) "
+    r"iteration=(?P<iteration>\d+) status=(?P<status>\S+) result=(?P<result>.+?) message='(?P<message>.*)'"
+)
 
 
-def append_event(run_dir: str | Path, kind: str, *, iteration: int | None, node: str | None, action: str,
-                 **detail) -> dict:
+def append_event(
+    run_dir: str | Path, kind: str, *, iteration: int | None, node: str | None, action: str, **detail
+) -> dict:
     """Append one event to the run's log and return it."""
-    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, "iteration": iteration, "node": node,
-             "action": action, **detail}
+    event = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kind": kind,
+        "iteration": iteration,
+        "node": node,
+        "action": action,
+        **detail,
+    }
     with open(Path(run_dir) / EVENTS_FILE, "a") as f:  # one short line per write: appends do not interleave
         f.write(json.dumps(event) + "\n")
     return event
@@ -61,9 +70,16 @@ def exit_report(run_dir: str | Path, exit_code: int) -> dict | None:
         return None
     rejected = last_rejection(run_dir) or {}
     kind = "rerun_elsewhere" if exit_code == EXIT_RERUN_ELSEWHERE else "result_rejected"
-    return {"kind": kind, "exit_code": exit_code, "iteration": rejected.get("iteration"), "node": rejected.get("node"),
-            "rank": rejected.get("rank"), "check": rejected.get("message"), "result": rejected.get("result"),
-            "status": rejected.get("status")}
+    return {
+        "kind": kind,
+        "exit_code": exit_code,
+        "iteration": rejected.get("iteration"),
+        "node": rejected.get("node"),
+        "rank": rejected.get("rank"),
+        "check": rejected.get("message"),
+        "result": rejected.get("result"),
+        "status": rejected.get("status"),
+    }
 
 
 def take_rank_exit(run_dir: str | Path, launcher_code: int) -> int:
@@ -79,6 +95,8 @@ def take_rank_exit(run_dir: str | Path, launcher_code: int) -> int:
 
 def describe(report: dict) -> str:
     """One line for a person: what was rejected, where, when."""
-    return (f"exit {report['exit_code']} ({report['kind']}): iteration {report['iteration']}, rank {report['rank']} "
-            f"on {report['node']}: {report['check'] or 'no record in ' + RESULT_REJECTED_FILE} "
-            f"(result {report['result']}, {report['status']})")
+    return (
+        f"exit {report['exit_code']} ({report['kind']}): iteration {report['iteration']}, rank {report['rank']} "
+        f"on {report['node']}: {report['check'] or 'no record in ' + RESULT_REJECTED_FILE} "
+        f"(result {report['result']}, {report['status']})"
+    )

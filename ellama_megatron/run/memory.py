@@ -9,10 +9,11 @@ and logits), whichever is larger.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ellama_megatron.llama.config import LlamaConfig, flops_per_step, flops_per_token
-from ellama_megatron.run.plan import LayoutError, RunPlan
+from ellama_megatron.run.plan import RunPlan
 
 GIB = 1024**3
 
@@ -222,11 +223,17 @@ class MemoryReport:
             ("world size", f"{d['world_size']} = {d['nodes']} nodes x {d['procs_per_node']}"),
             ("TP / PP / CP / DP", f"{d['tp']} / {d['pp']}{vp} / {d['cp']} / {d['dp']}"),
             ("sequence parallel, recompute", f"{d['sequence_parallel']}, {d['recompute']}"),
-            ("micro / global batch", f"{d['micro_batch_size']} / {d['global_batch_size']} sequences of {d['seq_length']}"),
+            (
+                "micro / global batch",
+                f"{d['micro_batch_size']} / {d['global_batch_size']} sequences of {d['seq_length']}",
+            ),
             ("gradient accumulation", f"{d['grad_accumulation']} micro-batches per step per DP rank"),
             ("tokens per step", f"{d['tokens_per_step']:,}"),
             ("iterations for the token budget", f"{d['train_iterations']:,}"),
-            ("model FLOPs per step", f"{d['model_tflops_per_step']:,.1f} TFLOP ({d['model_gflops_per_token']} GFLOP/token)"),
+            (
+                "model FLOPs per step",
+                f"{d['model_tflops_per_step']:,.1f} TFLOP ({d['model_gflops_per_token']} GFLOP/token)",
+            ),
             ("parameters on the busiest GPU", f"{d['params_per_gpu'] / 1e9:.3f}B ({d['memory_stage']} pipeline stage)"),
             ("  weights", f"{m['weights']:.2f} GiB"),
             ("  gradients", f"{m['grads']:.2f} GiB"),

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, checkpoint_root, read_record, record_path
 from ellama_megatron.llama.config import NON_ARCHITECTURE_FIELDS, load_model_config
 
-AUTO = "auto"             # conf/model/auto.yaml's name: the model comes from checkpoint.init_from
+AUTO = "auto"  # conf/model/auto.yaml's name: the model comes from checkpoint.init_from
 RANDOM_INIT_PRESET = "tiny"  # auto without init_from: the preset tests and the demo train from scratch
 
 
@@ -48,6 +48,7 @@ def run_model(cfg: Any) -> tuple[dict[str, Any], list[str]]:
     problems = [
         f"model.{key}={model[key]!r} but checkpoint.init_from={init_from} has {key}={recorded.get(key)!r} "
         f"({source}); drop the model preset and override (model=auto, the default, trains the recorded model)"
-        for key in model if key not in NON_ARCHITECTURE_FIELDS and model[key] != recorded.get(key)
+        for key in model
+        if key not in NON_ARCHITECTURE_FIELDS and model[key] != recorded.get(key)
     ]
     return model, problems

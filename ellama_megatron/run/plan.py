@@ -62,7 +62,7 @@ class RunPlan:
     accelerator: str = "gpu"  # cpu or gpu
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> "RunPlan":
+    def from_cfg(cls, cfg: Any) -> RunPlan:
         """The plan of a composed config (conf/config.yaml: model, parallel, train, optim, cluster).
 
         Only reads and derives; ``check()`` says whether Megatron can run it."""
@@ -88,7 +88,9 @@ class RunPlan:
             train_tokens=t.train_tokens,
             # auto: bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are slow and only worth it to
             # run the GPU's numerics (bf16 weights, fp32 main params) without one.
-            precision=("bf16" if cluster.accelerator == "gpu" else "fp32") if optim.precision == "auto" else optim.precision,
+            precision=("bf16" if cluster.accelerator == "gpu" else "fp32")
+            if optim.precision == "auto"
+            else optim.precision,
             flash_attention=cluster.accelerator == "gpu",
             accelerator=cluster.accelerator,
         )
@@ -150,8 +152,11 @@ class RunPlan:
         m = self.model
         errors = [
             f"parallel.{key}={value} must be >= 1"
-            for key, value in (("tensor_model_parallel_size", self.tp), ("pipeline_model_parallel_size", self.pp),
-                               ("context_parallel_size", self.cp))
+            for key, value in (
+                ("tensor_model_parallel_size", self.tp),
+                ("pipeline_model_parallel_size", self.pp),
+                ("context_parallel_size", self.cp),
+            )
             if value < 1
         ]
         if errors:
@@ -163,21 +168,28 @@ class RunPlan:
                 f"{self.model_parallel_size}; change the parallel layout or the number of processes"
             ]
         if m.num_attention_heads % self.tp:
-            errors.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-                          f"parallel.tensor_model_parallel_size={self.tp}")
+            errors.append(
+                f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                f"parallel.tensor_model_parallel_size={self.tp}"
+            )
         if m.num_query_groups % self.tp:
             groups = m.num_query_groups
-            errors.append(f"model.num_query_groups={groups} is not divisible by "
-                          f"parallel.tensor_model_parallel_size={self.tp}: each TP rank must hold whole KV groups; "
-                          f"use TP in {[d for d in range(1, groups + 1) if groups % d == 0]}")
+            errors.append(
+                f"model.num_query_groups={groups} is not divisible by "
+                f"parallel.tensor_model_parallel_size={self.tp}: each TP rank must hold whole KV groups; "
+                f"use TP in {[d for d in range(1, groups + 1) if groups % d == 0]}"
+            )
         stages = self.pp * (self.vp or 1)
         if m.num_layers % stages:
-            errors.append(f"model.num_layers={m.num_layers} is not divisible by pipeline stages "
-                          f"(parallel.pipeline_model_parallel_size={self.pp} x virtual={self.vp or 1}); change "
-                          "pipeline_model_parallel_size or virtual_pipeline_model_parallel_size")
+            errors.append(
+                f"model.num_layers={m.num_layers} is not divisible by pipeline stages "
+                f"(parallel.pipeline_model_parallel_size={self.pp} x virtual={self.vp or 1}); change "
+                "pipeline_model_parallel_size or virtual_pipeline_model_parallel_size"
+            )
         if self.vp and self.pp == 1:
-            errors.append("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1; "
-                          "set it to null")
+            errors.append(
+                "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1; set it to null"
+            )
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             errors.append("train.micro_batch_size and train.global_batch_size must be >= 1")
         elif self.global_batch_size % (self.micro_batch_size * self.dp):
@@ -193,21 +205,24 @@ class RunPlan:
                 "parallel.virtual_pipeline_model_parallel_size=null"
             )
         if self.seq_length > m.max_position_embeddings:
-            errors.append(f"train.seq_length={self.seq_length} exceeds model.max_position_embeddings="
-                          f"{m.max_position_embeddings}")
+            errors.append(
+                f"train.seq_length={self.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}"
+            )
         if self.cp > 1 and self.seq_length % (2 * self.cp):
-            errors.append(f"train.seq_length={self.seq_length} must be divisible by 2 x "
-                          f"context_parallel_size={2 * self.cp}")
+            errors.append(
+                f"train.seq_length={self.seq_length} must be divisible by 2 x context_parallel_size={2 * self.cp}"
+            )
         if self.cp > 1 and self.accelerator == "cpu":
-            errors.append("context parallelism needs GPUs (cluster.accelerator=cpu); set "
-                          "parallel.context_parallel_size=1")
+            errors.append(
+                "context parallelism needs GPUs (cluster.accelerator=cpu); set parallel.context_parallel_size=1"
+            )
         if self.recompute not in (None, "selective", "full"):
             errors.append(f"parallel.recompute_granularity={self.recompute!r} must be null, selective or full")
         if self.train_tokens <= 0:
             errors.append(f"train.train_tokens={self.train_tokens:g} must be positive")
         return errors
 
-    def check(self) -> "RunPlan":
+    def check(self) -> RunPlan:
         """Raise LayoutError listing every problem; returns the plan itself when it can run."""
         errors = self.problems()
         if errors:

@@ -47,14 +47,18 @@ def repair_tracker(run_dir: str | Path) -> str | None:
     if text == megatron_checkpoint.RELEASE_DIR and megatron_checkpoint.is_checkpoint_folder(save_dir / text):
         return None
     if text.isdigit() and megatron_checkpoint.is_checkpoint_folder(
-            megatron_checkpoint.iteration_folder(save_dir, int(text))):
+        megatron_checkpoint.iteration_folder(save_dir, int(text))
+    ):
         return None
     problem = "is empty" if not text else f"names {text!r}, which is not a complete checkpoint in {save_dir}"
     complete = megatron_checkpoint.complete_iterations(save_dir)
     if not complete:
         raise megatron_checkpoint.CheckpointFormatError(
             f"{tracker}: {problem}, and {save_dir} holds no complete iter_* checkpoint to resume from; "
-            "restore the checkpoints, or delete the tracker to start the run again from its beginning")
+            "restore the checkpoints, or delete the tracker to start the run again from its beginning"
+        )
     write_text_atomic(tracker, str(complete[-1]))  # as Megatron writes it
-    return (f"warning: {tracker} {problem}; set to {complete[-1]}, the newest complete checkpoint "
-            f"({megatron_checkpoint.iteration_folder(save_dir, complete[-1]).name})")
+    return (
+        f"warning: {tracker} {problem}; set to {complete[-1]}, the newest complete checkpoint "
+        f"({megatron_checkpoint.iteration_folder(save_dir, complete[-1]).name})"
+    )

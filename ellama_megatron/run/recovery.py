@@ -25,7 +25,14 @@ import sys
 from pathlib import Path
 
 from ellama_megatron.formats import megatron_checkpoint
-from ellama_megatron.run.events import EVENTS_FILE, EXIT_RERUN_ELSEWHERE, append_event, describe, exit_report, read_events
+from ellama_megatron.run.events import (
+    EVENTS_FILE,
+    EXIT_RERUN_ELSEWHERE,
+    append_event,
+    describe,
+    exit_report,
+    read_events,
+)
 from ellama_megatron.run.progress import save_folder
 
 RELAUNCH_POLICIES = ("skip", "rollback")
@@ -55,8 +62,10 @@ def _relaunch_plan(save_dir: Path, policy: str, distance: int, rejected: int) ->
     complete = megatron_checkpoint.complete_iterations(save_dir)
     resume_from = rollback_target(complete, rejected, 1 if policy == "skip" else distance)
     if resume_from is None:
-        return (f"no complete checkpoint at least {1 if policy == 'skip' else distance} iteration(s) before "
-                f"iteration {rejected} in {save_dir} to resume from")
+        return (
+            f"no complete checkpoint at least {1 if policy == 'skip' else distance} iteration(s) before "
+            f"iteration {rejected} in {save_dir} to resume from"
+        )
     skipped = [rejected] if policy == "skip" else list(range(resume_from + 1, rejected + 1))
     return resume_from, skipped
 
@@ -75,12 +84,16 @@ def after_rejection(run_dir: str | Path, resilience, code: int) -> bool:
     policy, rejected = resilience.spike_policy, megatron_checkpoint.saved_iteration(save_dir) + 1
     relaunch = None
     if policy == "stop":
-        action = ("stop: a rerun on another GPU is needed, none here; the checkpoint holds the model from before the "
-                  "step" if code == EXIT_RERUN_ELSEWHERE else "stop: Megatron's diagnosis is final (a transient "
-                  "fault, or a result reproduced on another GPU)")
+        action = (
+            "stop: a rerun on another GPU is needed, none here; the checkpoint holds the model from before the step"
+            if code == EXIT_RERUN_ELSEWHERE
+            else "stop: Megatron's diagnosis is final (a transient fault, or a result reproduced on another GPU)"
+        )
     elif report["status"] not in REPRODUCED:
-        action = (f"stop: {policy} is for a result that reproduces (bad data); Megatron diagnosed "
-                  f"{report['status']} (a fault of the hardware)")
+        action = (
+            f"stop: {policy} is for a result that reproduces (bad data); Megatron diagnosed "
+            f"{report['status']} (a fault of the hardware)"
+        )
     elif relaunches(run_dir) >= resilience.max_relaunches:
         action = f"stop: resilience.max_relaunches={resilience.max_relaunches} relaunches already made"
     else:
@@ -88,15 +101,30 @@ def after_rejection(run_dir: str | Path, resilience, code: int) -> bool:
         action = f"stop: {relaunch}" if isinstance(relaunch, str) else None
     if action is not None:
         append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"], action=action)
-        print(f"error: {describe(report)}; {action}. Logged in {Path(run_dir) / EVENTS_FILE}; last checkpoint: "
-              f"iteration {megatron_checkpoint.saved_iteration(save_dir)}", file=sys.stderr)
+        print(
+            f"error: {describe(report)}; {action}. Logged in {Path(run_dir) / EVENTS_FILE}; last checkpoint: "
+            f"iteration {megatron_checkpoint.saved_iteration(save_dir)}",
+            file=sys.stderr,
+        )
         return False
     resume_from, skipped = relaunch
     deleted = megatron_checkpoint.roll_back_to(save_dir, resume_from)
     span = f"iteration {skipped[0]}" if len(skipped) == 1 else f"iterations {skipped[0]}-{skipped[-1]}"
     action = f"{policy}: relaunch from iteration {resume_from}, {span} skipped"
-    append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"], action=action,
-                 policy=policy, resumed_from=resume_from, skipped=skipped, deleted=deleted)
-    print(f"warning: {describe(report)}; {action}" + (f", checkpoints {deleted} deleted" if deleted else "")
-          + f" (relaunch {relaunches(run_dir)} of at most {resilience.max_relaunches})", file=sys.stderr)
+    append_event(
+        run_dir,
+        **{k: v for k, v in report.items() if k != "kind"},
+        kind=report["kind"],
+        action=action,
+        policy=policy,
+        resumed_from=resume_from,
+        skipped=skipped,
+        deleted=deleted,
+    )
+    print(
+        f"warning: {describe(report)}; {action}"
+        + (f", checkpoints {deleted} deleted" if deleted else "")
+        + f" (relaunch {relaunches(run_dir)} of at most {resilience.max_relaunches})",
+        file=sys.stderr,
+    )
     return True

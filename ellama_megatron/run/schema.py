@@ -13,7 +13,7 @@ a group is read through ``typed(cfg, group)``, which also refuses a key the sche
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -36,11 +36,11 @@ class ParallelConfig:
     tensor_model_parallel_size: int = MISSING  # TP: each layer's matrices over GPUs of a node
     pipeline_model_parallel_size: int = MISSING  # PP: the layers in stages
     context_parallel_size: int = MISSING  # CP: the sequence
-    virtual_pipeline_model_parallel_size: Optional[int] = MISSING  # interleaved chunks per stage; None = off
+    virtual_pipeline_model_parallel_size: int | None = MISSING  # interleaved chunks per stage; None = off
     sequence_parallel: bool = MISSING
     use_distributed_optimizer: bool = MISSING
-    recompute_granularity: Optional[str] = MISSING  # null, selective or full (checked by RunPlan)
-    recompute_num_layers: Optional[int] = MISSING  # with full recomputation: layers per chunk
+    recompute_granularity: str | None = MISSING  # null, selective or full (checked by RunPlan)
+    recompute_num_layers: int | None = MISSING  # with full recomputation: layers per chunk
 
 
 @dataclasses.dataclass
@@ -54,14 +54,16 @@ class TrainConfig:
     eval_at_start: bool = MISSING  # validate before the first step too (iteration 0): the starting model's losses
     log_interval: int = MISSING
     seed: int = MISSING
-    exit_interval: Optional[int] = MISSING
-    exit_duration_in_mins: Optional[int] = MISSING  # the Slurm launcher sets it from the job's time left
+    exit_interval: int | None = MISSING
+    exit_duration_in_mins: int | None = MISSING  # the Slurm launcher sets it from the job's time left
 
     def problems(self) -> list[str]:
         """Values Megatron would divide by or assert on inside the ranks, refused by key here."""
-        errors = [f"train.{key}={getattr(self, key)} must be at least 1"
-                  for key in ("seq_length", "micro_batch_size", "global_batch_size", "eval_interval", "log_interval")
-                  if getattr(self, key) < 1]
+        errors = [
+            f"train.{key}={getattr(self, key)} must be at least 1"
+            for key in ("seq_length", "micro_batch_size", "global_batch_size", "eval_interval", "log_interval")
+            if getattr(self, key) < 1
+        ]
         if not self.train_tokens > 0:  # also catches NaN
             errors.append(f"train.train_tokens={self.train_tokens} must be positive (the token budget)")
         if self.eval_iters < 0:
@@ -75,8 +77,8 @@ class ClusterConfig:
     accelerator: str = MISSING  # one of ACCELERATORS
     nodes: int = MISSING
     procs_per_node: int = MISSING  # ranks per node: one per GPU
-    gpu_memory_gb: Optional[float] = MISSING  # what the memory planner checks against; None = no check
-    gpu_peak_tflops: Optional[float] = MISSING  # dense bf16 peak, for MFU; None = not reported
+    gpu_memory_gb: float | None = MISSING  # what the memory planner checks against; None = no check
+    gpu_peak_tflops: float | None = MISSING  # dense bf16 peak, for MFU; None = not reported
 
     def problems(self) -> list[str]:
         if self.accelerator not in ACCELERATORS:
@@ -107,20 +109,26 @@ class OptimConfig:
         if not self.min_lr >= 0:
             errors.append(f"optim.min_lr={self.min_lr} must be 0 or more")
         elif self.lr > 0 and self.min_lr > self.lr:
-            errors.append(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; the schedule decays from lr "
-                          "to min_lr, so set min_lr <= lr")
+            errors.append(
+                f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; the schedule decays from lr "
+                "to min_lr, so set min_lr <= lr"
+            )
         if not 0.0 <= self.lr_warmup_fraction < 1.0:  # Megatron asserts warmup < decay iterations
             errors.append(f"optim.lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1)")
         if not 0.0 <= self.lr_warmup_init <= max(self.lr, 0.0):  # Megatron asserts init_lr <= max_lr
-            errors.append(f"optim.lr_warmup_init={self.lr_warmup_init} must be in [0, optim.lr={self.lr}]: warmup "
-                          "rises from it to the peak")
+            errors.append(
+                f"optim.lr_warmup_init={self.lr_warmup_init} must be in [0, optim.lr={self.lr}]: warmup "
+                "rises from it to the peak"
+            )
         if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
-            errors.append(f"optim.lr_wsd_decay_style={self.lr_wsd_decay_style!r} must be one of "
-                          f"{', '.join(WSD_DECAY_STYLES)}")
-        if self.lr_decay_style == "WSD" and not (
-                0.0 < self.lr_wsd_decay_fraction <= 1.0 - self.lr_warmup_fraction):
-            errors.append(f"optim.lr_wsd_decay_fraction={self.lr_wsd_decay_fraction} must be in (0, 1 - "
-                          f"lr_warmup_fraction={1.0 - self.lr_warmup_fraction:g}]: the decay follows the warmup")
+            errors.append(
+                f"optim.lr_wsd_decay_style={self.lr_wsd_decay_style!r} must be one of {', '.join(WSD_DECAY_STYLES)}"
+            )
+        if self.lr_decay_style == "WSD" and not (0.0 < self.lr_wsd_decay_fraction <= 1.0 - self.lr_warmup_fraction):
+            errors.append(
+                f"optim.lr_wsd_decay_fraction={self.lr_wsd_decay_fraction} must be in (0, 1 - "
+                f"lr_warmup_fraction={1.0 - self.lr_warmup_fraction:g}]: the decay follows the warmup"
+            )
         if self.lr_decay_style not in LR_DECAY_STYLES:
             errors.append(f"optim.lr_decay_style={self.lr_decay_style!r} is not a Megatron decay style")
         if self.precision not in PRECISIONS:
@@ -130,35 +138,39 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    init_from: Optional[str] = MISSING  # a converted base model: weights only, iteration 0; None = random init
+    init_from: str | None = MISSING  # a converted base model: weights only, iteration 0; None = random init
     save_interval: int = MISSING
     format: str = MISSING  # Megatron's --ckpt-format
     async_save: bool = MISSING  # GPU only
     save_optim: bool = MISSING  # needed to resume
-    keep_last: Optional[int] = MISSING  # the newest K complete checkpoints are kept; None = all are kept
-    keep_every: Optional[int] = MISSING  # also kept: every iteration divisible by N (a multiple of save_interval)
+    keep_last: int | None = MISSING  # the newest K complete checkpoints are kept; None = all are kept
+    keep_every: int | None = MISSING  # also kept: every iteration divisible by N (a multiple of save_interval)
 
     def problems(self) -> list[str]:
         if self.save_interval < 1:
             return [f"checkpoint.save_interval={self.save_interval} must be at least 1 (iterations between saves)"]
         errors = []
         if self.keep_last is not None and self.keep_last < 1:
-            errors.append(f"checkpoint.keep_last={self.keep_last} must be at least 1 (the checkpoint a relaunch "
-                          "resumes from), or null to keep every checkpoint")
+            errors.append(
+                f"checkpoint.keep_last={self.keep_last} must be at least 1 (the checkpoint a relaunch "
+                "resumes from), or null to keep every checkpoint"
+            )
         if self.keep_every is not None and (self.keep_every < 1 or self.keep_every % self.save_interval):
-            errors.append(f"checkpoint.keep_every={self.keep_every} must be a positive multiple of "
-                          f"checkpoint.save_interval={self.save_interval} (only saved iterations can be kept)")
+            errors.append(
+                f"checkpoint.keep_every={self.keep_every} must be a positive multiple of "
+                f"checkpoint.save_interval={self.save_interval} (only saved iterations can be kept)"
+            )
         return errors
 
 
 @dataclasses.dataclass
 class LoggingConfig:
     tensorboard: bool = MISSING
-    wandb_project: Optional[str] = MISSING  # None = no Weights & Biases
-    wandb_entity: Optional[str] = MISSING
+    wandb_project: str | None = MISSING  # None = no Weights & Biases
+    wandb_entity: str | None = MISSING
     log_throughput: bool = MISSING
     log_memory: bool = MISSING
-    train_loss_by: Optional[str] = MISSING  # None, or one of TRAIN_LOSS_LEVELS (engine/domain_loss.py)
+    train_loss_by: str | None = MISSING  # None, or one of TRAIN_LOSS_LEVELS (engine/domain_loss.py)
 
     def problems(self) -> list[str]:
         if self.train_loss_by is not None and self.train_loss_by not in TRAIN_LOSS_LEVELS:
@@ -176,15 +188,17 @@ INJECTED_LOSS_KINDS = ("nan", "spike")  # tests: what resilience.inject_loss_at 
 class ResilienceConfig:
     rerun_mode: str = MISSING  # one of RERUN_MODES
     check_nan: bool = MISSING  # NaN/Inf in the loss and in the gradients
-    spike_factor: Optional[float] = MISSING  # a loss this many times the reference is rejected; None = off
+    spike_factor: float | None = MISSING  # a loss this many times the reference is rejected; None = off
     spike_window: int = MISSING  # the reference: the largest of the run's first this-many accepted micro-batch losses
     spike_policy: str = MISSING  # one of SPIKE_POLICIES
     max_relaunches: int = MISSING  # skip/rollback: relaunches after rejected losses before the run stops
     rollback_distance: int = MISSING  # rollback: resume from the newest checkpoint at least this many iterations back
-    iterations_to_skip: list[int] = MISSING  # Megatron's --iterations-to-skip: 1-based iterations whose data is passed over
+    iterations_to_skip: list[int] = (
+        MISSING  # Megatron's --iterations-to-skip: 1-based iterations whose data is passed over
+    )
     error_injection_rate: int = MISSING  # tests: Megatron rejects one result in this many; 0 = never
     error_injection_type: str = MISSING  # Megatron's: transient_error, persistent_error or correct_result
-    inject_loss_at: Optional[int] = MISSING  # tests: this 1-based iteration's loss is made bad each time it runs
+    inject_loss_at: int | None = MISSING  # tests: this 1-based iteration's loss is made bad each time it runs
     inject_loss_kind: str = MISSING  # one of INJECTED_LOSS_KINDS
 
     def problems(self) -> list[str]:
@@ -196,27 +210,43 @@ class ResilienceConfig:
         if self.max_relaunches < 0:
             errors.append(f"resilience.max_relaunches={self.max_relaunches} must be 0 or more")
         if self.rollback_distance < 2:
-            errors.append(f"resilience.rollback_distance={self.rollback_distance} must be at least 2: the checkpoint "
-                          "one iteration before the rejected one holds the model that produced the rejected loss "
-                          "(resuming from it is spike_policy=skip)")
+            errors.append(
+                f"resilience.rollback_distance={self.rollback_distance} must be at least 2: the checkpoint "
+                "one iteration before the rejected one holds the model that produced the rejected loss "
+                "(resuming from it is spike_policy=skip)"
+            )
         if self.spike_policy != "stop" and self.rerun_mode == "disabled":
-            errors.append(f"resilience.spike_policy={self.spike_policy} needs resilience.rerun_mode=validate_results "
-                          "(with reruns disabled a rejected loss raises, nothing is saved for the relaunch)")
+            errors.append(
+                f"resilience.spike_policy={self.spike_policy} needs resilience.rerun_mode=validate_results "
+                "(with reruns disabled a rejected loss raises, nothing is saved for the relaunch)"
+            )
         if self.inject_loss_kind not in INJECTED_LOSS_KINDS:
-            errors.append(f"resilience.inject_loss_kind={self.inject_loss_kind!r} must be one of "
-                          f"{', '.join(INJECTED_LOSS_KINDS)}")
+            errors.append(
+                f"resilience.inject_loss_kind={self.inject_loss_kind!r} must be one of {', '.join(INJECTED_LOSS_KINDS)}"
+            )
         if self.spike_factor is not None and self.spike_factor <= 1:
-            errors.append(f"resilience.spike_factor={self.spike_factor} must be above 1 (or null to turn the check off)")
+            errors.append(
+                f"resilience.spike_factor={self.spike_factor} must be above 1 (or null to turn the check off)"
+            )
         if self.spike_window < 1:
             errors.append(f"resilience.spike_window={self.spike_window} must be at least 1")
         if self.error_injection_type not in ERROR_INJECTION_TYPES:
-            errors.append(f"resilience.error_injection_type={self.error_injection_type!r} must be one of "
-                          f"{', '.join(ERROR_INJECTION_TYPES)}")
+            errors.append(
+                f"resilience.error_injection_type={self.error_injection_type!r} must be one of "
+                f"{', '.join(ERROR_INJECTION_TYPES)}"
+            )
         return errors
 
 
-SCHEMAS = {"parallel": ParallelConfig, "train": TrainConfig, "cluster": ClusterConfig, "optim": OptimConfig,
-           "checkpoint": CheckpointConfig, "logging": LoggingConfig, "resilience": ResilienceConfig}
+SCHEMAS = {
+    "parallel": ParallelConfig,
+    "train": TrainConfig,
+    "cluster": ClusterConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "resilience": ResilienceConfig,
+}
 
 
 def register() -> None:
@@ -243,13 +273,17 @@ def typed(cfg: Any, group: str):
     # Checked here, not left to the merge: a typed node takes Hydra's `+group.key=` and drops it silently.
     unknown = sorted(set(node.keys()) - {f.name for f in dataclasses.fields(schema)})
     if unknown:
-        raise ConfigError(f"{group}.{unknown[0]}: not a key of {group} (unknown: {', '.join(unknown)}; "
-                          f"see ellama_megatron/run/schema.py {schema.__name__} and ellama_megatron/conf/{group}/)")
+        raise ConfigError(
+            f"{group}.{unknown[0]}: not a key of {group} (unknown: {', '.join(unknown)}; "
+            f"see ellama_megatron/run/schema.py {schema.__name__} and ellama_megatron/conf/{group}/)"
+        )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"{group}.{key}: {exc.msg if hasattr(exc, 'msg') else exc}".split("\n")[0]
-                          + f" (see ellama_megatron/run/schema.py {schema.__name__} and "
-                          f"ellama_megatron/conf/{group}/)") from None
+        raise ConfigError(
+            f"{group}.{key}: {exc.msg if hasattr(exc, 'msg') else exc}".split("\n")[0]
+            + f" (see ellama_megatron/run/schema.py {schema.__name__} and "
+            f"ellama_megatron/conf/{group}/)"
+        ) from None

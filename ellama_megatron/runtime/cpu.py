@@ -66,7 +66,10 @@ PINNED_SOURCE_FACTS: list[tuple[str, str]] = [
     ("megatron.training.initialize", "if device_count > 0 and not skip_model_parallel_init:"),
     ("megatron.core.optimizer.clip_grads", "assert param.grad.type() == 'torch.cuda.FloatTensor'"),
     ("megatron.core.tensor_parallel.random", "return torch.cuda.random.get_rng_state(device=device)"),
-    ("megatron.training.initialize", 'args.ffn_hidden_size // args.tensor_model_parallel_size, dtype=dtype, device="cuda"'),
+    (
+        "megatron.training.initialize",
+        'args.ffn_hidden_size // args.tensor_model_parallel_size, dtype=dtype, device="cuda"',
+    ),
 ]
 
 _applied = False
@@ -208,10 +211,10 @@ def apply_cpu_runtime(force: bool = False) -> bool:
         return original_init(*args, **kwargs)
 
     @functools.wraps(original_dist)
-    def _initialize_distributed(get_embedding_ranks, get_position_embedding_ranks, store,
-                                skip_model_parallel_init=False):
-        result = original_dist(get_embedding_ranks, get_position_embedding_ranks, store,
-                               skip_model_parallel_init)
+    def _initialize_distributed(
+        get_embedding_ranks, get_position_embedding_ranks, store, skip_model_parallel_init=False
+    ):
+        result = original_dist(get_embedding_ranks, get_position_embedding_ranks, store, skip_model_parallel_init)
         if not skip_model_parallel_init:
             _initialize_model_parallel_from_args(get_embedding_ranks, get_position_embedding_ranks)
         return result

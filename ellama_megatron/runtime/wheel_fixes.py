@@ -41,10 +41,16 @@ PATCHED_ATTRIBUTES: list[tuple[str, str]] = [
 ]
 PINNED_SOURCE_FACTS: list[tuple[str, str]] = [
     ("megatron.core.datasets.utils", 'command = ["make", "-C"'),
-    ("megatron.core.optimizer.distrib_optimizer", 'steps = list(set([s["step"].item() for s in inner_state_dict["state"].values()]))'),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        'steps = list(set([s["step"].item() for s in inner_state_dict["state"].values()]))',
+    ),
     ("megatron.core.optimizer.distrib_optimizer", "dst_tensors[key].copy_(tensors[key])"),
     ("megatron.core.optimizer.distrib_optimizer", 's["step"] = step'),
-    ("megatron.core.rerun_state_machine", "if 'state' not in state_dict or state_dict['state'] == RerunState.NOT_RUNNING_YET:"),
+    (
+        "megatron.core.rerun_state_machine",
+        "if 'state' not in state_dict or state_dict['state'] == RerunState.NOT_RUNNING_YET:",
+    ),
     ("megatron.training.training", "rerun_state_machine.current_iteration = iteration"),
 ]
 

@@ -42,8 +42,11 @@ def point_scale(config_file: Path | None) -> dict[str, Any]:
     # still tabulates.
     t = cfg.train
     tokens_per_step = t.global_batch_size * t.seq_length
-    return {"shares": shares, "tokens": train_iterations(t.train_tokens, t.global_batch_size, t.seq_length) * tokens_per_step,
-            "parameters": LlamaConfig.from_dict(run_model(cfg)[0], f"{config_file}: model").num_parameters()}
+    return {
+        "shares": shares,
+        "tokens": train_iterations(t.train_tokens, t.global_batch_size, t.seq_length) * tokens_per_step,
+        "parameters": LlamaConfig.from_dict(run_model(cfg)[0], f"{config_file}: model").num_parameters(),
+    }
 
 
 def read_point(point_file: Path) -> dict[str, Any]:
@@ -104,10 +107,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     for row in rows:
         given = dict(o.partition("=")[::2] for o in row["overrides"])
-        cells = [str(row["num"]), *(given.get(k, "") for k in keys),
-                 f"{row['iterations']}/{row['train_iters'] or '?'}", fmt(row["train_loss"]),
-                 *(fmt(row["valid_loss"].get(d)) for d in domains),
-                 "yes" if row["finished"] else "no", str(row["job_id"] or "")]
+        cells = [
+            str(row["num"]),
+            *(given.get(k, "") for k in keys),
+            f"{row['iterations']}/{row['train_iters'] or '?'}",
+            fmt(row["train_loss"]),
+            *(fmt(row["valid_loss"].get(d)) for d in domains),
+            "yes" if row["finished"] else "no",
+            str(row["job_id"] or ""),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

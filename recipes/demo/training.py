@@ -55,8 +55,15 @@ def sbatch_train(overrides: list[str], log: Path, cluster: SlurmClient, job_name
     if log.exists():
         log.unlink()  # --open-mode=append: a resubmission would add to the old log
     try:
-        job = cluster.sbatch(*SBATCH_CPU, f"--job-name={job_name}", f"--output={log}", "slurm/8b.sbatch", *overrides,
-                             env={"ELLAMA_LOG_ROOT": str(log.parent / "slurm_logs")}, cwd=REPO)
+        job = cluster.sbatch(
+            *SBATCH_CPU,
+            f"--job-name={job_name}",
+            f"--output={log}",
+            "slurm/8b.sbatch",
+            *overrides,
+            env={"ELLAMA_LOG_ROOT": str(log.parent / "slurm_logs")},
+            cwd=REPO,
+        )
     except SlurmError as e:
         raise DemoError(str(e)) from None
     print(f"    submitted slurm/8b.sbatch as job {job} (1 node x 2 CPU tasks); following {log.name}", flush=True)
@@ -67,7 +74,7 @@ def sbatch_train(overrides: list[str], log: Path, cluster: SlurmClient, job_name
             if log.exists():
                 text = log.read_text(errors="replace")
                 # Whole lines only: the job is still writing the last one.
-                complete = text[:text.rfind("\n") + 1]
+                complete = text[: text.rfind("\n") + 1]
                 for line in complete[seen:].splitlines():
                     short = progress_line(line)
                     if short:
@@ -86,7 +93,9 @@ def sbatch_train(overrides: list[str], log: Path, cluster: SlurmClient, job_name
         raise
 
 
-def launch(run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, local_slurm: LocalSlurm, job_name: str) -> str:
+def launch(
+    run_dir: Path, log: Path, overrides: list[str], opts: DemoOptions, local_slurm: LocalSlurm, job_name: str
+) -> str:
     """Train; returns how it was launched."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = None if opts.launcher == "direct" else find_cluster(REPO)
@@ -115,7 +124,9 @@ def train(run_dir: Path, overrides: list[str], opts: DemoOptions, local_slurm: L
         # Trained in an earlier demo that stopped in a later step of this stage.
         print(f"    {run_dir.name} finished in an earlier run: reusing it", flush=True)
         parsed = parse_train_log(log.read_text(errors="replace"))
-        launcher = (run_dir / "launcher.txt").read_text().strip() if (run_dir / "launcher.txt").exists() else "an earlier run"
+        launcher = (
+            (run_dir / "launcher.txt").read_text().strip() if (run_dir / "launcher.txt").exists() else "an earlier run"
+        )
     else:
         # An unfinished run starts over: the demo saves no intermediate checkpoints to resume from.
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -125,12 +136,21 @@ def train(run_dir: Path, overrides: list[str], opts: DemoOptions, local_slurm: L
     if parsed.last_iteration != parsed.train_iters or not parsed.valid_loss:
         raise DemoError(f"training stopped at iteration {parsed.last_iteration} of {parsed.train_iters}; see {log}")
     valid = {d: [[i, v] for i, v in sorted(losses.items())] for d, losses in parsed.valid_loss.items()}
-    return {"launcher": launcher, "log": str(log), "iterations": parsed.last_iteration, "valid": valid,
-            "train_first": parsed.train_loss[min(parsed.train_loss)], "train_last": parsed.train_loss[parsed.last_iteration]}
+    return {
+        "launcher": launcher,
+        "log": str(log),
+        "iterations": parsed.last_iteration,
+        "valid": valid,
+        "train_first": parsed.train_loss[min(parsed.train_loss)],
+        "train_last": parsed.train_loss[parsed.last_iteration],
+    }
 
 
 def valid_change(valid: dict) -> str:
     """Validation losses per domain as ``first -> last`` (or the one value)."""
     if all(len(pts) == 1 for pts in valid.values()):
-        return ", ".join(f"{d} {pts[0][1]:.3f}" for d, pts in valid.items()) + f" at iteration {next(iter(valid.values()))[0][0]}"
+        return (
+            ", ".join(f"{d} {pts[0][1]:.3f}" for d, pts in valid.items())
+            + f" at iteration {next(iter(valid.values()))[0][0]}"
+        )
     return ", ".join(f"{d} {pts[0][1]:.3f} -> {pts[-1][1]:.3f}" for d, pts in valid.items())

@@ -23,7 +23,7 @@ def data_dir(ecom_data_dir: str | None = None) -> Path:
     d = ecom_data_dir or os.environ.get("ELLAMA_ECOM_DATA")
     if not d:
         raise ValueError(
-            "e-commerce tasks: no data folder; pass --metadata '{\"ecom_data_dir\": \"DIR\"}' to lm_eval or set "
+            'e-commerce tasks: no data folder; pass --metadata \'{"ecom_data_dir": "DIR"}\' to lm_eval or set '
             "ELLAMA_ECOM_DATA=DIR (DIR holds <type>_<lang>.jsonl, see docs/evaluation.md; "
             "python -m ellama_megatron.eval.sample_tasks --out DIR writes a sample)"
         )
@@ -32,7 +32,9 @@ def data_dir(ecom_data_dir: str | None = None) -> Path:
 
 def read_task_file(path: Path, task_type: str) -> list[dict]:
     if not path.is_file():
-        raise ValueError(f"e-commerce task data {path} does not exist (expected <type>_<lang>.jsonl, see docs/evaluation.md)")
+        raise ValueError(
+            f"e-commerce task data {path} does not exist (expected <type>_<lang>.jsonl, see docs/evaluation.md)"
+        )
     docs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
