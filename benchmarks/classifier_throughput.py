@@ -61,7 +61,8 @@ def main() -> None:
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         print(
             f"corpus: {len(texts)} docs, {mb:.2f} MB, mean {1e6 * mb / len(texts):.0f} bytes/doc; "
-            f"held-out precision {report['heldout_metrics']['precision']:.3f} recall {report['heldout_metrics']['recall']:.3f}"
+            f"held-out precision {report['heldout_metrics']['precision']:.3f} "
+            f"recall {report['heldout_metrics']['recall']:.3f}"
         )
 
         def score_only():

@@ -399,7 +399,7 @@ def shape_from_args(args):
     try:
         cfg = load_model_config(args.model)
     except ValueError as err:
-        raise SystemExit(f"gpu_step: --model: {err}")
+        raise SystemExit(f"gpu_step: --model: {err}") from err
     if args.seq > cfg.max_position_embeddings:
         raise SystemExit(f"gpu_step: --seq {args.seq} exceeds {cfg.name}'s max_position_embeddings")
     return cfg, StepShape(
@@ -494,7 +494,7 @@ def main(argv=None) -> dict:
     try:
         transformer_impl, attention = resolve_impl(args.transformer, args.attention)
     except ValueError as err:
-        raise SystemExit(f"gpu_step: --transformer/--attention: {err}")
+        raise SystemExit(f"gpu_step: --transformer/--attention: {err}") from err
     model_cfg, shape = shape_from_args(args)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     total_memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

@@ -38,7 +38,9 @@ from ellama_megatron.data.demo_corpora import make_general, make_listing, make_r
 from ellama_megatron.data.serializers import load_template, serialize  # noqa: E402
 from ellama_megatron.formats.atomic import atomic_file  # noqa: E402
 
-_SYL = "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo ch st th".split()
+_SYL = (
+    "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo ch st th"
+).split()
 
 
 def _rare_word(rank: int) -> str:

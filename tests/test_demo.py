@@ -270,7 +270,7 @@ def test_real_text_corpora_and_blends(tmp_path):
         return [json.loads(line) for line in open(path, encoding="utf-8")]
 
     prose = licence_paragraphs() + [r["text"] for r in python_reference_records()]
-    for domain, names, config in (
+    for domain, names, _config in (
         ("ecommerce", ["general_prose", "listings", "reviews"], "demo_prose_blend"),
         ("code", ["code_python", "general_prose"], "demo_code_blend"),
     ):

@@ -131,7 +131,7 @@ def test_recompute_and_sequence_parallel_lower_memory():
 
 def test_enumerate_layouts_includes_paper_layout():
     report = check_fits(compose_cfg(PAPER_70B))
-    layouts = {(l.tp, l.pp, l.cp) for l in enumerate_layouts(report.layout)}
+    layouts = {(lay.tp, lay.pp, lay.cp) for lay in enumerate_layouts(report.layout)}
     assert (8, 4, 1) in layouts and (4, 8, 1) in layouts
     assert all(480 % (tp * pp * cp) == 0 for tp, pp, cp in layouts)
 

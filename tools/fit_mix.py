@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     rec, laws = result["recommendation"], result["laws"]
     held = [f["max_held_out_error"] for f in laws.values() if f["max_held_out_error"] is not None]
     print(
-        f"fit_mix: {result['points']} points, {len(laws)} laws (max fit error {max(f['max_error'] for f in laws.values()):.2%}"
+        f"fit_mix: {result['points']} points, {len(laws)} laws "
+        f"(max fit error {max(f['max_error'] for f in laws.values()):.2%}"
         + (f", max held-out error {max(held):.2%}" if held else "")
         + f"); recommended {rec['overrides']} -> {out}/"
     )

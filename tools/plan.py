@@ -43,7 +43,8 @@ def list_layouts(cfg) -> int:
     print(f"{'layout':<24} {'accum':>5} {'GiB/GPU':>8}  fits {limit or '-'} GB")
     for r in reports:
         print(
-            f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  {'yes' if r.fits else 'no'}"
+            f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  "
+            f"{'yes' if r.fits else 'no'}"
         )
     fitting = sum(r.fits for r in reports)
     print(f"{fitting} of {len(reports)} valid layouts fit")

@@ -675,7 +675,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "## Recommendation",
         "",
         f"{dom} share {rec['shares'][dom]:g}, {gen} {rec['shares'][gen]:g}: predicted {dom} loss "
-        f"{rec['domain_loss']:.4f}, {gen} loss {rec['general_loss']:.4f} ({rise:+.2%} over {rec['general_reference']:.4f}, "
+        f"{rec['domain_loss']:.4f}, {gen} loss {rec['general_loss']:.4f} "
+        f"({rise:+.2%} over {rec['general_reference']:.4f}, "
         f"{rec['reference_kind']}; limit +{rec['max_general_rise']:.2%}, "
         + ("which sets the share" if rec["binding"] else f"not reached: the {dom} loss is lowest here")
         + ").",

