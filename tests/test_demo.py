@@ -263,14 +263,14 @@ def test_real_text_corpora_and_blends(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from ellama_megatron import CONF_DIR
-    from ellama_megatron.data.real_prose import licence_paragraphs, python_reference_records, python_source_records
+    from ellama_megatron.testing.real_prose import licence_paragraphs, python_reference_records, python_source_records
     from ellama_megatron.testing.slurm import LocalSlurm
 
     def records(path):
         return [json.loads(line) for line in open(path, encoding="utf-8")]
 
     prose = licence_paragraphs() + [r["text"] for r in python_reference_records()]
-    for domain, names, _config in (
+    for domain, names, config in (
         ("ecommerce", ["general_prose", "listings", "reviews"], "demo_prose_blend"),
         ("code", ["code_python", "general_prose"], "demo_code_blend"),
     ):
@@ -279,6 +279,7 @@ def test_real_text_corpora_and_blends(tmp_path):
         demo = Demo(tmp_path / domain, opts, LocalSlurm(), 1024)
         files = corpora(demo)["files"]
         assert sorted(files) == names == sorted(demo.corpora) and demo.domains == ("general", domain)
+        assert demo.data_config == config
         general = records(files["general_prose"])
         assert [r["text"] for r in general] == prose and len({r["id"] for r in general}) == len(general)
         assert all(c.valid_fraction > 0 for c in demo.corpora.values())  # each validated on its own held-out part
