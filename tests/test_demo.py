@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 
