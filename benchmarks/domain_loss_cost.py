@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "recipes"))  # the demo's tiny run: recipes/demo/t
 
 from demo.training import TINY, tokens_per_iteration  # noqa: E402
 
-from ellama_megatron.engine.train_log import parse_train_log  # noqa: E402
+from ellama_megatron.formats.train_log import parse_train_log  # noqa: E402
 
 SETTINGS = {"off": "null", "group": "group", "source": "source"}  # label -> logging.train_loss_by
 WARMUP = 10  # iterations left out of each launch's median: process start-up, first allocations

@@ -169,9 +169,9 @@ def step_presets(check: Check) -> dict:
     from ellama_megatron.run.plan import RunPlan
 
     if check.args.dry_run:
-        import megatron.training.arguments as arguments
+        from ellama_megatron.runtime.cpu import apply_cpu_runtime
 
-        arguments.get_device_arch_version = lambda: 9  # no GPU to ask: an H100's answer
+        apply_cpu_runtime()  # no GPU to ask for its architecture: the CPU runtime answers as an H100
     from ellama_megatron.engine.train import RANK_ENVIRONMENT
 
     os.environ.update(RANK_ENVIRONMENT)  # as every rank sets it
@@ -270,8 +270,8 @@ def step_engine(check: Check) -> dict:
     alone repeats iterations 3 and 4."""
     from omegaconf import OmegaConf
 
-    from ellama_megatron.engine.train_log import parse_train_log
     from ellama_megatron.formats.megatron_checkpoint import TRACKER_FILE, iteration_folder
+    from ellama_megatron.formats.train_log import parse_train_log
     from ellama_megatron.llama.config import load_model_config
     from ellama_megatron.run.plan import RunPlan
 

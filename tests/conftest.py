@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.testing.slurm import LocalSlurm, SlurmError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import pytest
 
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.serializers import RecordSerializer, load_template
-from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer
 

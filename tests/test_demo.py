@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.engine.train_log import parse_train_log
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
+from ellama_megatron.formats.train_log import parse_train_log
 
 REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from conftest import REPO, TINY_RUN, data_overrides, run_cpt
 
-from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log
 
 pytestmark = pytest.mark.slow
 

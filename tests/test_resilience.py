@@ -353,7 +353,7 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
 
     import psutil
 
-    from ellama_megatron.engine.train_log import parse_train_log
+    from ellama_megatron.formats.train_log import parse_train_log
 
     run_dir = tmp_path / "run"
     cmd = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RUN, data_overrides
 
-from ellama_megatron.engine.train_log import parse_train_log
 from ellama_megatron.formats.megatron_checkpoint import TRACKER_FILE, complete_iterations
+from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.run.progress import DONE_FILE
 
 CYCLES = int(os.environ.get("ELLAMA_TEST_KILL_CYCLES", "1"))
@@ -28,10 +27,6 @@ SEED = int(os.environ.get("ELLAMA_TEST_KILL_SEED", "1"))
 ITERS = 4 + 3 * CYCLES  # a launch trains 1 to 4 iterations before its kill: the last launch still has some left
 # A save every other iteration, so that a good share of the kills land inside one.
 RUN = [f"train.train_tokens={ITERS * 8 * 128}", "checkpoint.save_interval=2", "train.eval_interval=1000"]
-
-SAVING = re.compile(r"saving checkpoint at iteration\s+(\d+)")
-SAVED = re.compile(r"successfully saved checkpoint from iteration\s+(\d+)")
-LOADED = re.compile(r"successfully loaded checkpoint from .* at iteration (\d+)")
 
 
 def launch(run_dir: Path, data, log: Path) -> subprocess.Popen:
@@ -71,8 +66,8 @@ def wait_until(condition, launcher: subprocess.Popen, log: Path, timeout: float 
 
 def resumed_from(text: str) -> int:
     """The iteration a launch loaded (0: it started from scratch)."""
-    loaded = LOADED.findall(text)
-    return int(loaded[-1]) if loaded else 0
+    loaded = parse_train_log(text).loads
+    return loaded[-1] if loaded else 0
 
 
 def expected_resume(save_dir: Path) -> int:
@@ -112,7 +107,7 @@ def test_random_kill_9_cycles_each_resume_from_the_last_complete_checkpoint(doma
         # Kill in a save (just after it starts, when its files are being written; the launch's second, so
         # that a complete one precedes it) or between saves, after a random number of its iterations.
         if mid_save:
-            ran = wait_until(lambda text: len(SAVING.findall(text)) >= 2, launcher, log)
+            ran = wait_until(lambda text: len(parse_train_log(text).saves_started) >= 2, launcher, log)
             time.sleep(rng.uniform(0, 0.2))
         else:
             steps = rng.randint(1, 4)
@@ -129,7 +124,8 @@ def test_random_kill_9_cycles_each_resume_from_the_last_complete_checkpoint(doma
         _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, f"{context}: alive 30 s after the kill of {whom}: {[p.cmdline() for p in alive]}"
         text = log.read_text(errors="replace")
-        in_save = {int(i) for i in SAVING.findall(text)} - {int(i) for i in SAVED.findall(text)}
+        parsed = parse_train_log(text)
+        in_save = set(parsed.saves_started) - set(parsed.saves_completed)
         trained = parse_train_log(text).train_loss
         assert resumed_from(text) == expected, f"{context}: resumed from {resumed_from(text)}, not {expected}"
         record.append((expected, max(trained, default=expected), bool(in_save), whom))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_slurm import SBATCH_CPU, TINY, tiny_blend  # noqa: F401 (tiny_blend: the module's data fixture)
 
+from ellama_megatron.formats.train_log import iterations_logged
 from ellama_megatron.run.events import read_events
 from ellama_megatron.run.progress import LATEST_ITERATION_FILE
 
@@ -148,6 +149,6 @@ def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17
     log = out.read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert "from checkpoint iteration 1" in log
-    trained = [int(i) for i in re.findall(r"iteration\s+(\d+)/\s*\d+", log)]
+    trained = iterations_logged(log)
     assert trained == [it for it in range(2, iters + 1) if it != rejected]
     assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == str(iters)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ellama_megatron.engine.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.testing.slurm import SBATCH_CPU
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,9 +206,6 @@ def test_dry_run_refuses_oversized_layout_with_numbers():
     assert re.search(r"REFUSED: layout TP1 PP1 CP1 DP480 of llama31_70b needs [0-9.]+ GiB per GPU", proc.stderr)
 
 
-FINAL_VALID = re.compile(r"validation-(\w+) loss at iteration (\d+) on validation set \| lm loss value: ([0-9.E+-]+)")
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(
@@ -260,7 +257,7 @@ def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(
         assert len(logs) == 2
         text = "".join(p.read_text() for p in logs)
         assert "world size 2 = TP 1 x PP 1 x CP 1 x DP 2" in text
-        final = {m[0]: float(m[2]) for m in FINAL_VALID.findall(text)}
+        final = parse_train_log(text).final_valid_loss
         assert set(final) == {"general", "ecommerce"}
         assert point["valid_loss"] == final
     # The preempted point saved on the signal, resumed from that iteration and matches the
@@ -268,9 +265,9 @@ def test_sweep_runs_one_job_per_point_survives_preemption_and_writes_the_table(
     text = "".join(p.read_text() for p in sorted(first_log.parent.glob("*_log.out")))
     assert "got SIGUSR2: the engine checkpoints and exits" in text
     before_exit = text[: text.index("exiting program after receiving SIGTERM")]
-    saved = int(re.findall(r"saving checkpoint at iteration\s+(\d+)", before_exit)[-1])
+    saved = parse_train_log(before_exit).saves_started[-1]
     assert 3 <= saved < ITERS
-    assert re.search(rf"loaded checkpoint .* at iteration {saved}\b", text)
+    assert saved in parse_train_log(text).loads
     ref_train, ref_valid = final_losses(reference_run[2])
     assert points[0]["train_loss"] == pytest.approx(ref_train[ITERS], rel=1e-6)
     assert points[0]["valid_loss"] == pytest.approx(ref_valid, rel=1e-6)

@@ -23,27 +23,14 @@ skipped.
 
 from __future__ import annotations
 
-import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ellama_megatron.engine.metrics import Report
+from ellama_megatron.formats.train_log import DOMAIN_LOSS_TAG, DOMAIN_TOKENS_TAG, domain_loss_line
 from ellama_megatron.run.schema import TRAIN_LOSS_LEVELS
-
-TAG = "lm loss by {level}/{name}"  # TensorBoard/W&B: one section per level, one curve per domain
-TOKENS_TAG = "tokens by {level}/{name}"
-
-
-def parse_tag(tag: str) -> tuple[str, str, str] | None:
-    """("loss" or "tokens", level, domain) of one of our TensorBoard tags; None for any other tag."""
-    for kind, template in (("loss", TAG), ("tokens", TOKENS_TAG)):
-        head = template.split("{level}")[0]
-        if tag.startswith(head) and "/" in tag:
-            level, name = tag[len(head) :].split("/", 1)
-            return kind, level, name
-    return None
 
 
 def domain_names(entry: dict) -> tuple[str, str]:
@@ -97,7 +84,7 @@ class DomainLoss:
         for rows in self._rows(dataset_id):
             self.step.index_add_(0, rows, per_sample)
 
-    def end_iteration(self, skipped: bool) -> None:
+    def end_iteration(self, iteration: int, skipped: bool) -> None:
         if not skipped:
             self.interval += self.step
         self.step.zero_()
@@ -116,68 +103,17 @@ class DomainLoss:
             row += len(names)
         return out
 
+    def report(self, iteration: int, first_of_launch: bool) -> Report:
+        """The interval's loss per domain, summed over DP x CP (a collective on every rank)."""
+        from megatron.core import parallel_state as mpu
 
-def format_line(iteration: int, level: str, losses: dict[str, tuple[float, int]]) -> str:
-    """The train-log line of one level; engine/train_log.py parses it back."""
-    cells = " | ".join(f"{name}: {loss:.9E} ({tokens} tokens)" for name, (loss, tokens) in losses.items())
-    return f" iteration {iteration:8d} | lm loss by {level} | {cells} |"
-
-
-def install_domain_loss_log(domain_loss: DomainLoss) -> None:
-    """Wrap Megatron's ``training_log`` (called once per iteration on every rank) to log the
-    domains' losses at each of its logging iterations."""
-    from megatron.core import parallel_state as mpu
-    from megatron.training import training
-
-    original = training.training_log
-
-    @functools.wraps(original)
-    def training_log(
-        loss_dict,
-        total_loss_dict,
-        learning_rate,
-        iteration,
-        loss_scale,
-        report_memory_flag,
-        skipped_iter,
-        *args,
-        is_first_iteration=False,
-        **kwargs,
-    ):
-        result = original(
-            loss_dict,
-            total_loss_dict,
-            learning_rate,
-            iteration,
-            loss_scale,
-            report_memory_flag,
-            skipped_iter,
-            *args,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
-        domain_loss.end_iteration(bool(skipped_iter))
-        if iteration % training.get_args().log_interval and not is_first_iteration:
-            return result
-        levels = domain_loss.reduce_interval(mpu.get_data_parallel_group(with_context_parallel=True))
-        if not is_first_iteration:  # Megatron's own accumulator carries the first iteration over too
-            domain_loss.interval.zero_()
-        if training.is_last_rank():
-            writer, wandb_writer = training.get_tensorboard_writer(), training.get_wandb_writer()
-            # One write for all levels: print() writes the text and its newline apart, and another
-            # rank's output landing between them would join the lines.
-            sys.stdout.write("".join(format_line(iteration, level, losses) + "\n" for level, losses in levels.items()))
-            sys.stdout.flush()
-            for level, losses in levels.items():
-                scalars = {}
-                for name, (loss, tokens) in losses.items():
-                    scalars[TAG.format(level=level, name=name)] = loss
-                    scalars[TOKENS_TAG.format(level=level, name=name)] = tokens
-                if writer:
-                    for tag, value in scalars.items():
-                        writer.add_scalar(tag, value, iteration)
-                if wandb_writer:
-                    wandb_writer.log(scalars, iteration)
-        return result
-
-    training.training_log = training_log
+        levels = self.reduce_interval(mpu.get_data_parallel_group(with_context_parallel=True))
+        if not first_of_launch:  # Megatron's own accumulator carries a launch's first iteration over too
+            self.interval.zero_()
+        report = Report()
+        for level, losses in levels.items():
+            report.lines.append(domain_loss_line(iteration, level, losses))
+            for name, (loss, tokens) in losses.items():
+                report.scalars[DOMAIN_LOSS_TAG.format(level=level, name=name)] = loss
+                report.scalars[DOMAIN_TOKENS_TAG.format(level=level, name=name)] = tokens
+        return report

@@ -208,6 +208,8 @@ def logging_args(cfg) -> list[str]:
         args += ["--log-throughput"]
     if lg.log_memory and not on_cpu(cfg):
         args += ["--log-memory-to-tensorboard"]
+    if lg.get("megatron_straggler") and not on_cpu(cfg):  # CUDA timers: nothing to measure on a CPU
+        args += ["--log-straggler", "--straggler-minmax-count", lg.megatron_straggler]
     if lg.wandb_project:
         args += [
             "--wandb-project",

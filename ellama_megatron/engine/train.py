@@ -77,55 +77,61 @@ def loss_checks(cfg):
     )
 
 
-def install_checkpoint_retention(cfg) -> None:
-    """checkpoint.keep_last/keep_every, applied by rank 0 each time a save returns (every save of
-    Megatron's loop goes through training.save_checkpoint: periodic, final, on a signal, for a rerun).
+def loop_hooks(cfg, domain_loss, megatron_args):
+    """What engine/megatron_hooks.py does in this run: heartbeats where the launcher asked for them,
+    rank 0's timeline, the interval metrics, checkpoint retention, validation at iteration 0."""
+    import socket
 
-    Megatron's own --save-retain-interval keeps only the newest checkpoint besides every N-th, and
-    deletes the previous one as soon as a save ends: one checkpoint, not K, and not the older one a
-    rollback resumes from. Under resilience.spike_policy=rollback the checkpoints a rejection at the
-    next iteration would roll back to, and all newer ones, are kept too."""
-    from functools import wraps
-
+    import psutil
     import torch
-    from megatron.training import training
 
-    from ellama_megatron.engine.megatron_args import checkpoint_dir
-    from ellama_megatron.formats.megatron_checkpoint import complete_iterations, prune_checkpoints
-    from ellama_megatron.run.recovery import rollback_target
+    from ellama_megatron.engine.megatron_args import checkpoint_dir, on_cpu
+    from ellama_megatron.engine.megatron_hooks import LoopHooks
+    from ellama_megatron.engine.metrics import TokensPerSecond
+    from ellama_megatron.engine.stragglers import StragglerClock
+    from ellama_megatron.formats.heartbeat import HEARTBEAT_DIR_ENV, HeartbeatWriter
+    from ellama_megatron.formats.timeline import TimelineWriter, default_launch_id
+    from ellama_megatron.run.recovery import prune_after_save
 
-    c, r = cfg.checkpoint, cfg.resilience
-    if c.keep_last is None:
-        return
-    save_dir = checkpoint_dir(cfg)
-    original = training.save_checkpoint
-
-    @wraps(original)
-    def save_checkpoint(*args, **kwargs):
-        result = original(*args, **kwargs)
-        if torch.distributed.get_rank() == 0:
-            keep_from = None
-            if r.spike_policy == "rollback":
-                complete = complete_iterations(save_dir)
-                target = rollback_target(complete, complete[-1] + 1, r.rollback_distance) if complete else None
-                keep_from = 0 if target is None else target  # none that old yet: any may become the target
-            deleted = prune_checkpoints(save_dir, c.keep_last, c.keep_every, keep_from)
-            if deleted:
-                print(
-                    f"deleted checkpoints of iterations {deleted} (checkpoint.keep_last={c.keep_last}, "
-                    f"keep_every={c.keep_every})",
-                    flush=True,
-                )
-        return result
-
-    training.save_checkpoint = save_checkpoint
+    rank = int(os.environ.get("RANK", "0"))
+    folder = os.environ.get(HEARTBEAT_DIR_ENV)
+    heartbeat = (
+        HeartbeatWriter(folder, rank, int(os.environ.get("LOCAL_RANK", "0")), socket.gethostname()) if folder else None
+    )
+    hooks = LoopHooks(
+        eval_at_start=bool(cfg.train.get("eval_at_start")),  # .get: a run folder written before the key existed
+        heartbeat=heartbeat,
+        timeline=TimelineWriter(cfg.run_dir, default_launch_id()) if rank == 0 else None,
+    )
+    if hooks.timeline is not None:
+        hooks.timeline.write("start", 0, t=psutil.Process().create_time())
+    hooks.beat("setup")
+    if cfg.logging.log_throughput:
+        hooks.metrics.append(
+            TokensPerSecond(megatron_args.global_batch_size, megatron_args.seq_length, megatron_args.world_size)
+        )
+    if domain_loss is not None:
+        hooks.metrics.append(domain_loss)
+    logging_cfg = cfg.logging
+    if logging_cfg.get("straggler_factor") is not None:
+        on_gpu = not on_cpu(cfg) and torch.cuda.is_available()
+        clock = StragglerClock(
+            float(logging_cfg.straggler_factor), int(logging_cfg.straggler_intervals), cfg.run_dir, on_gpu
+        )
+        hooks.straggler_clock = clock
+        hooks.metrics.append(clock)
+    if cfg.checkpoint.keep_last is not None and rank == 0:
+        save_dir = checkpoint_dir(cfg)
+        hooks.after_save = partial(prune_after_save, save_dir, cfg.checkpoint, cfg.resilience)
+    return hooks
 
 
 def run(cfg) -> None:
     from ellama_megatron.engine.datasets import datasets_provider, resolve_blend
-    from ellama_megatron.engine.domain_loss import DomainLoss, install_domain_loss_log
+    from ellama_megatron.engine.domain_loss import DomainLoss
     from ellama_megatron.engine.forward_step import SPIKE_REFERENCE, forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
+    from ellama_megatron.engine.megatron_hooks import install as install_loop_hooks
     from ellama_megatron.formats.atomic import write_json_atomic
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
@@ -149,20 +155,12 @@ def run(cfg) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from ellama_megatron.engine.tokens_log import install_tokens_per_second_log
-
-    install_tokens_per_second_log()
-    if cfg.train.get("eval_at_start"):  # .get: a run folder written before the key existed
-        from ellama_megatron.engine.validate_at_start import install_validation_at_start
-
-        install_validation_at_start()
-    install_checkpoint_retention(cfg)
     checks = loss_checks(cfg)
     SPIKE_REFERENCE.load(checks.reference_file)  # before any rank trains and rewrites it
     domain_loss = DomainLoss.from_blend(blend["train"], cfg.logging.train_loss_by)
-    if domain_loss is not None:
-        install_domain_loss_log(domain_loss)
     args = parse_and_validate_args()
+    hooks = loop_hooks(cfg, domain_loss, args)
+    install_loop_hooks(hooks)
     container = pretrain_cfg_container_from_args(args)
     cache = Path(cfg.run_dir) / "dataset_cache"
     training.pretrain(
@@ -175,6 +173,8 @@ def run(cfg) -> None:
     # pretrain returns only when the budget is spent (early exits call sys.exit after saving).
     import torch.distributed as dist
 
+    hooks.mark("done")
+    hooks.beat("done")
     if dist.get_rank() == 0:
         done = {"iteration": saved_iteration(cfg.run_dir), "train_iters": RunPlan.from_cfg(cfg).train_iterations}
         write_json_atomic(Path(cfg.run_dir) / DONE_FILE, done)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ellama_megatron.engine.domain_loss import parse_tag
-from ellama_megatron.engine.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import write_figure_atomic
+from ellama_megatron.formats.train_log import TrainLog, parse_domain_tag, parse_train_log
 
 _VALID_TAG = "lm loss validation-"
 
@@ -27,7 +26,7 @@ def read_tensorboard(path: str | Path) -> TrainLog:
             log.train_loss.update({e.step: e.value for e in acc.Scalars(tag)})
         elif tag.startswith(_VALID_TAG) and not tag.endswith((" vs samples", " ppl")):
             log.valid_loss.setdefault(tag[len(_VALID_TAG) :], {}).update({e.step: e.value for e in acc.Scalars(tag)})
-        elif domain_tag := parse_tag(tag):  # "lm loss by group/general", "tokens by group/general"
+        elif domain_tag := parse_domain_tag(tag):  # "lm loss by group/general", "tokens by group/general"
             kind, level, domain = domain_tag
             curves = log.domain_train_loss if kind == "loss" else log.domain_train_tokens
             convert = float if kind == "loss" else int

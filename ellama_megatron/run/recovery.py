@@ -57,6 +57,29 @@ def rollback_target(complete: list[int], rejected: int, distance: int) -> int | 
     return eligible[-1] if eligible else None
 
 
+def prune_after_save(save_dir: str | Path, checkpoint, resilience) -> list[int]:
+    """checkpoint.keep_last/keep_every, applied by rank 0 each time a save returns (every save of
+    Megatron's loop goes through its save_checkpoint: periodic, final, on a signal, for a rerun).
+
+    Megatron's own --save-retain-interval keeps only the newest checkpoint besides every N-th, and
+    deletes the previous one as soon as a save ends: one checkpoint, not K, and not the older one a
+    rollback resumes from. Under resilience.spike_policy=rollback the checkpoints a rejection at the
+    next iteration would roll back to, and all newer ones, are kept too. Returns the iterations deleted."""
+    keep_from = None
+    if resilience.spike_policy == "rollback":
+        complete = megatron_checkpoint.complete_iterations(save_dir)
+        target = rollback_target(complete, complete[-1] + 1, resilience.rollback_distance) if complete else None
+        keep_from = 0 if target is None else target  # none that old yet: any may become the target
+    deleted = megatron_checkpoint.prune_checkpoints(save_dir, checkpoint.keep_last, checkpoint.keep_every, keep_from)
+    if deleted:
+        print(
+            f"deleted checkpoints of iterations {deleted} (checkpoint.keep_last={checkpoint.keep_last}, "
+            f"keep_every={checkpoint.keep_every})",
+            flush=True,
+        )
+    return deleted
+
+
 def _relaunch_plan(save_dir: Path, policy: str, distance: int, rejected: int) -> tuple[int, list[int]] | str:
     """(checkpoint to resume from, iterations to skip), or why the run cannot go on."""
     complete = megatron_checkpoint.complete_iterations(save_dir)

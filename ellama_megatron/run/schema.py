@@ -171,11 +171,27 @@ class LoggingConfig:
     log_throughput: bool = MISSING
     log_memory: bool = MISSING
     train_loss_by: str | None = MISSING  # None, or one of TRAIN_LOSS_LEVELS (engine/domain_loss.py)
+    straggler_factor: float | None = MISSING  # a rank this many times the median compute is slow; None = off
+    straggler_intervals: int = MISSING  # ... for this many log intervals in a row: an events.jsonl entry
+    megatron_straggler: int | None = MISSING  # GPU: Megatron's --log-straggler, reporting this many ranks
 
     def problems(self) -> list[str]:
+        errors = []
         if self.train_loss_by is not None and self.train_loss_by not in TRAIN_LOSS_LEVELS:
-            return [f"logging.train_loss_by={self.train_loss_by!r} must be group, source or null (off)"]
-        return []
+            errors.append(f"logging.train_loss_by={self.train_loss_by!r} must be group, source or null (off)")
+        if self.straggler_factor is not None and self.straggler_factor <= 1:
+            errors.append(
+                f"logging.straggler_factor={self.straggler_factor} must be above 1 (a rank slower than the "
+                "median by this factor), or null to stop measuring"
+            )
+        if self.straggler_intervals < 1:
+            errors.append(f"logging.straggler_intervals={self.straggler_intervals} must be at least 1")
+        if self.megatron_straggler is not None and self.megatron_straggler < 1:
+            errors.append(
+                f"logging.megatron_straggler={self.megatron_straggler} must be at least 1 (ranks to report), "
+                "or null (off)"
+            )
+        return errors
 
 
 RERUN_MODES = ("validate_results", "disabled")  # Megatron's --rerun-mode values a training run can use

@@ -18,8 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ellama_megatron.data.blend_plan import resolve_shares
-from ellama_megatron.engine.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.formats.train_log import TrainLog, parse_train_log
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.run.model_source import run_model
 from ellama_megatron.run.plan import train_iterations

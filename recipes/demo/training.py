@@ -40,7 +40,7 @@ def tokens_per_iteration(overrides: list[str]) -> int:
 
 def progress_line(line: str) -> str | None:
     """Training progress worth printing: every 10th iteration and every validation loss."""
-    from ellama_megatron.engine.train_log import compact_line
+    from ellama_megatron.formats.train_log import compact_line
 
     short = compact_line(line)
     if short and short.startswith("iteration") and "validation" not in short:
@@ -116,7 +116,7 @@ def launch(
 
 def train(run_dir: Path, overrides: list[str], opts: DemoOptions, local_slurm: LocalSlurm, job_name: str) -> dict:
     """One training run, or the finished one an earlier demo left; its launcher, losses and log."""
-    from ellama_megatron.engine.train_log import parse_train_log
+    from ellama_megatron.formats.train_log import parse_train_log
 
     log = run_dir / "train.log"
     finished = (run_dir / "done.json").exists() and log.exists()
