@@ -61,6 +61,76 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Elements per block of the weighted sums: their float32 temporaries (256 KiB each) stay in the
+# core's L2 cache, so converting, scaling and adding cost one pass over memory, not one each.
+BLOCK_ELEMENTS = 1 << 16
+
+
+def weighted_sum(
+    chunks: list[torch.Tensor], weights: list[float], divisor: float = 1.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_i weights[i] * chunks[i] / divisor`` in the compute dtype, rounded once to the
+    chunks' dtype, block by block. Every element sees the same operations in the same order as
+    the whole-tensor expression ``(w0 * c0.float() + w1 * c1.float() + ...) / divisor`` (no
+    fused multiply-add), so the result is bit for bit that expression's; ``divisor`` 1 divides
+    nothing. ``out``: where to write (a tensor of the chunks' shape and dtype)."""
+    first = chunks[0]
+    ct = compute_dtype(first.dtype)
+    out = torch.empty_like(first) if out is None else out
+    flat_in = [c.reshape(-1) for c in chunks]
+    flat_out = out.view(-1)
+    n = flat_out.numel()
+    size = min(n, BLOCK_ELEMENTS)
+    acc = torch.empty(size, dtype=ct)
+    tmp = torch.empty(size, dtype=ct) if len(chunks) > 1 else None
+    for start in range(0, n, BLOCK_ELEMENTS):
+        stop = min(n, start + BLOCK_ELEMENTS)
+        a = acc[: stop - start]
+        a.copy_(flat_in[0][start:stop]).mul_(weights[0])
+        for c, w in zip(flat_in[1:], weights[1:]):
+            t = tmp[: stop - start]
+            a.add_(t.copy_(c[start:stop]).mul_(w))
+        if divisor != 1.0:
+            a.div_(divisor)
+        flat_out[start:stop].copy_(a)
+    return out
+
+
+class WeightedAccumulator:
+    """``weighted_sum`` over inputs that arrive one at a time (each whole tensor read once, any
+    number of inputs): a float32 (float64) running sum of the tensor's size, the same operations
+    per element in the same order, so the same bits."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+
+    def add(self, tensor: torch.Tensor, weight: float) -> None:
+        flat = tensor.reshape(-1)
+        if self.sum is None:
+            self.dtype, self.shape = tensor.dtype, tensor.shape
+            self.sum = torch.empty(flat.numel(), dtype=compute_dtype(tensor.dtype))
+            for start in range(0, flat.numel(), BLOCK_ELEMENTS):
+                stop = start + BLOCK_ELEMENTS
+                self.sum[start:stop].copy_(flat[start:stop]).mul_(weight)
+            return
+        tmp = torch.empty(min(flat.numel(), BLOCK_ELEMENTS), dtype=self.sum.dtype)
+        for start in range(0, flat.numel(), BLOCK_ELEMENTS):
+            stop = min(flat.numel(), start + BLOCK_ELEMENTS)
+            self.sum[start:stop].add_(tmp[: stop - start].copy_(flat[start:stop]).mul_(weight))
+
+    def result(self, divisor: float = 1.0) -> torch.Tensor:
+        """The sum divided by ``divisor``, rounded once to the inputs' dtype."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        flat = out.view(-1)
+        for start in range(0, flat.numel(), BLOCK_ELEMENTS):
+            stop = start + BLOCK_ELEMENTS
+            block = self.sum[start:stop]
+            if divisor != 1.0:
+                block.div_(divisor)
+            flat[start:stop].copy_(block)
+        return out
+
+
 def slerp_weights(t: float, stats: TensorStatistics) -> tuple[float, float]:
     """(w_base, w_adapted) with slerp = w_base * base + w_adapted * adapted on the unnormalised tensors.
 
