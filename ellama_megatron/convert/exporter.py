@@ -5,6 +5,7 @@ record beside the checkpoints, the tokenizer from the converted base model the r
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files, is_hf_folder, read_config
 from ellama_megatron.formats.hf_shards import MAX_SHARD_BYTES, ShardedWriter
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, locate, record_path, tokenizer_source
+from ellama_megatron.formats.prefetch import AHEAD_BYTES, ordered_map, parallel_work
 from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import LlamaConfig
@@ -93,11 +95,18 @@ def write_hf_folder(
     hf_files = tokenizer_source(root, record)
     source_config = read_config(hf_files) if hf_files is not None and is_hf_folder(hf_files) else None
     config_json = hf_config_dict(cfg, dtype, source_config)
-    with staged_output(out) as tmp:
+
+    def produce(step):  # on worker threads, ahead of the writer
+        m, layer, _ = step
+        return m.to_hf(cfg, read(m.megatron, layer))
+
+    def nbytes(step) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in step[2])
+
+    with staged_output(out) as tmp, parallel_work():
         writer = ShardedWriter(tmp, tensor_list, max_shard_bytes)
         summary = Summary(what, writer.total_size, quiet=quiet)
-        for m, layer, outputs in plan:
-            tensors = m.to_hf(cfg, read(m.megatron, layer))
+        for (_, _, outputs), tensors in zip(plan, ordered_map(produce, plan, cost=nbytes, budget=AHEAD_BYTES)):
             for (name, _, _), t in zip(outputs, tensors):
                 writer.write(name, t)
                 summary.add(t.numel() * t.element_size())

@@ -32,11 +32,23 @@ class TensorStatistics:
     adapted_sq: float = 0.0
 
     def add(self, base: torch.Tensor, adapted: torch.Tensor) -> None:
-        b = base.double().reshape(-1)
-        a = adapted.double().reshape(-1)
-        self.dot += float(b @ a)
-        self.base_sq += float(b @ b)
-        self.adapted_sq += float(a @ a)
+        """Add a chunk's sums, block by block (float64 copies of one block at a time)."""
+        fb, fa = base.reshape(-1), adapted.reshape(-1)
+        n = fb.numel()
+        b = torch.empty(min(n, BLOCK_ELEMENTS), dtype=torch.float64)
+        a = torch.empty_like(b)
+        for start in range(0, n, BLOCK_ELEMENTS):
+            stop = min(n, start + BLOCK_ELEMENTS)
+            bb, ab = b[: stop - start].copy_(fb[start:stop]), a[: stop - start].copy_(fa[start:stop])
+            self.dot += float(bb @ ab)
+            self.base_sq += float(bb @ bb)
+            self.adapted_sq += float(ab @ ab)
+
+    def __iadd__(self, other: TensorStatistics) -> TensorStatistics:
+        self.dot += other.dot
+        self.base_sq += other.base_sq
+        self.adapted_sq += other.adapted_sq
+        return self
 
     @classmethod
     def of(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> TensorStatistics:
@@ -76,20 +88,21 @@ def weighted_sum(
     nothing. ``out``: where to write (a tensor of the chunks' shape and dtype)."""
     first = chunks[0]
     ct = compute_dtype(first.dtype)
-    out = torch.empty_like(first) if out is None else out
+    out = torch.empty(first.shape, dtype=first.dtype) if out is None else out
     flat_in = [c.reshape(-1) for c in chunks]
     flat_out = out.view(-1)
     n = flat_out.numel()
     size = min(n, BLOCK_ELEMENTS)
     acc = torch.empty(size, dtype=ct)
-    tmp = torch.empty(size, dtype=ct) if len(chunks) > 1 else None
+    tmp = torch.empty(size, dtype=ct)
+    # One-element weight tensors (not Python scalars): the product of a bf16 block and a float32
+    # tensor is computed in float32 in one operation, the conversion included; same bits.
+    ws = [torch.tensor([w], dtype=ct) for w in weights]
     for start in range(0, n, BLOCK_ELEMENTS):
         stop = min(n, start + BLOCK_ELEMENTS)
-        a = acc[: stop - start]
-        a.copy_(flat_in[0][start:stop]).mul_(weights[0])
-        for c, w in zip(flat_in[1:], weights[1:]):
-            t = tmp[: stop - start]
-            a.add_(t.copy_(c[start:stop]).mul_(w))
+        a = torch.mul(flat_in[0][start:stop], ws[0], out=acc[: stop - start])
+        for c, w in zip(flat_in[1:], ws[1:]):
+            a.add_(torch.mul(c[start:stop], w, out=tmp[: stop - start]))
         if divisor != 1.0:
             a.div_(divisor)
         flat_out[start:stop].copy_(a)
@@ -182,21 +195,32 @@ def merge_chunk(
     if not out_dtype.is_floating_point:
         # Integer buffers (none in Llama) are not interpolated: they come from the base.
         return chunks[0]
-    ct = compute_dtype(out_dtype)
-    base = chunks[0].to(ct)
     if method == "linear":
-        out = (1.0 - alpha) * base + alpha * chunks[1].to(ct)
-    elif method == "slerp":
+        return weighted_sum(chunks[:2], [1.0 - alpha, alpha])
+    if method == "slerp":
         if stats is None:
             raise ValueError("slerp needs the whole tensor's statistics")
-        wb, wa = slerp_weights(alpha, stats)
-        out = wb * base + wa * chunks[1].to(ct)
-    elif method == "task_arithmetic":
-        weights = weights or [1.0] * (len(chunks) - 1)
-        delta = torch.zeros_like(base)
-        for w, m in zip(weights, chunks[1:]):
-            delta += w * (m.to(ct) - base)
-        out = base + alpha * delta
-    else:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    return out.to(out_dtype)
+        return weighted_sum(chunks[:2], list(slerp_weights(alpha, stats)))
+    if method == "task_arithmetic":
+        return task_arithmetic(chunks, alpha, weights or [1.0] * (len(chunks) - 1))
+    raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def task_arithmetic(chunks: list[torch.Tensor], alpha: float, weights: list[float]) -> torch.Tensor:
+    """``base + alpha * sum_i weights[i] * (chunks[1 + i] - base)`` in the compute dtype, rounded
+    once, block by block (the same operations per element as the whole-tensor expression)."""
+    ct = compute_dtype(chunks[0].dtype)
+    out = torch.empty(chunks[0].shape, dtype=chunks[0].dtype)
+    flat = [c.reshape(-1) for c in chunks]
+    flat_out = out.view(-1)
+    n = flat_out.numel()
+    size = min(n, BLOCK_ELEMENTS)
+    base, delta, tmp = (torch.empty(size, dtype=ct) for _ in range(3))
+    for start in range(0, n, BLOCK_ELEMENTS):
+        stop = min(n, start + BLOCK_ELEMENTS)
+        k = stop - start
+        b, d = base[:k].copy_(flat[0][start:stop]), delta[:k].zero_()
+        for w, m in zip(weights, flat[1:]):
+            d.add_(tmp[:k].copy_(m[start:stop]).sub_(b).mul_(w))
+        flat_out[start:stop].copy_(d.mul_(alpha).add_(b))
+    return out
