@@ -9,7 +9,8 @@ Two random-weight Llama models of 0.95B parameters (hidden 2048, 13 layers, FFN 
 with --keep-models for the next run). Each round runs, one after the other: `cp -r` of the base
 folder, then for each method ours and mergekit's (the order of the two alternating between rounds);
 every run is followed by `sync` inside its timing, its output deleted after. Methods: linear at
-alpha 0.5; task arithmetic base + 0.5 (adapted - base); SLERP at t 0.5.
+alpha 0.5; task arithmetic base + 0.5 (adapted - base); SLERP at t 0.5; mergekit computes in
+float32 and writes bf16, as ours does.
 
 mergekit 0.1.5 needs transformers >= 5, < 6 and immutables, peft, sentencepiece; install it in a
 scratch virtual environment, not in the project's (it is no dependency of ours).
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from streaming_bench import (  # noqa: E402
+    SMALL_LLAMA,
     copy_command,
     load_average,
     machine_line,
@@ -39,33 +41,28 @@ from streaming_bench import (  # noqa: E402
 from ellama_megatron.formats.hf_folder import HFFolder  # noqa: E402
 from ellama_megatron.llama.config import load_model_config  # noqa: E402
 
-MODEL = dict(
-    hidden_size=2048,
-    num_layers=13,
-    ffn_hidden_size=8192,
-    num_attention_heads=16,
-    num_query_groups=8,
-    kv_channels=128,
-    vocab_size=32000,
-    name="bench_0.95b",
-)
 METHODS = ("linear", "task_arithmetic", "slerp")
+
+
+# mergekit computes in float32 and writes bf16, the arithmetic ours does (with `dtype: bfloat16` its
+# task arithmetic rounds every step to bf16; its linear merge computes in float32 either way).
+MERGEKIT_DTYPES = "dtype: float32\nout_dtype: bfloat16\n"
 
 
 def mergekit_config(method: str, base: Path, adapted: Path) -> str:
     if method == "linear":
         return (
             f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
-            f"  - model: {adapted}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"
+            f"  - model: {adapted}\n    parameters: {{weight: 0.5}}\n" + MERGEKIT_DTYPES
         )
     if method == "task_arithmetic":
         return (
             f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {adapted}\n"
-            "    parameters: {weight: 0.5}\ndtype: bfloat16\n"
+            "    parameters: {weight: 0.5}\n" + MERGEKIT_DTYPES
         )
     return (
         f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {adapted}\n"
-        "parameters: {t: 0.5}\ndtype: bfloat16\n"
+        "parameters: {t: 0.5}\n" + MERGEKIT_DTYPES
     )
 
 
@@ -103,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     work = args.work / "merge_bench"
     base, adapted = work / "base", work / "adapted"
-    cfg = dataclasses.replace(load_model_config("llama31_8b"), **MODEL)
+    cfg = dataclasses.replace(load_model_config("llama31_8b"), **SMALL_LLAMA)
     if not (base / "config.json").is_file():
         shutil.rmtree(work, ignore_errors=True)
         nbytes = write_random_llama(base, cfg, seed=0, shard_bytes=500 * 10**6)
@@ -129,7 +126,7 @@ def main() -> None:
                 loads.append(load_average())
                 runs.setdefault(name, []).append(t)
                 print(
-                    f"round {r + 1} {name}: {t.wall_s:.1f} s, CPU {t.cpu_s:.1f} s, {t.peak_rss_gib:.2f} GiB", flush=True
+                    f"round {r + 1} {name}: {t.wall_s:.1f} s, CPU {t.cpu_s:.1f} s, {t.peak_rss_mib:.0f} MiB", flush=True
                 )
                 method = name.split()[-1]
                 if r == 0 and name.startswith("ours"):  # round 1 runs ours first: kept for the comparison
@@ -165,7 +162,7 @@ def main() -> None:
             same = "bit-identical" if differ == 0 else f"{differ:,} of {total:,} elements differ"
         lines.append(
             f"| {name} | {wall:.1f} s | {wall / cp:.2f}x | {f'{wall / mk:.2f}x' if mk else '-'} | "
-            f"{median([t.cpu_s for t in ts]):.1f} s | {max(t.peak_rss_gib for t in ts):.2f} GiB | {same} |"
+            f"{median([t.cpu_s for t in ts]):.1f} s | {max(t.peak_rss_mib for t in ts):.0f} MiB | {same} |"
         )
     print("\n".join(lines))
 

@@ -27,6 +27,19 @@ from ellama_megatron.llama import weights as W  # noqa: E402
 from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict  # noqa: E402
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer  # noqa: E402
 
+# A Llama of 0.95B parameters (1.9 GB in bf16): big enough that per-byte costs dominate, small
+# enough for a 2-core VM's page cache to hold two of them and their outputs.
+SMALL_LLAMA = dict(
+    hidden_size=2048,
+    num_layers=13,
+    ffn_hidden_size=8192,
+    num_attention_heads=16,
+    num_query_groups=8,
+    kv_channels=128,
+    vocab_size=32000,
+    name="bench_0.95b",
+)
+
 
 def write_random_llama(folder: Path, cfg, seed: int = 0, shard_bytes: int | None = None) -> int:
     """A random-weight Llama Hugging Face folder of ``cfg``'s shape in bf16 (std 0.02), generated
@@ -55,26 +68,32 @@ def write_random_llama(folder: Path, cfg, seed: int = 0, shard_bytes: int | None
 class Timing:
     wall_s: float  # from start until the output is on disk (the command, then sync)
     cpu_s: float  # the command's user + system CPU time
-    peak_rss_gib: float  # the command's peak resident memory
+    peak_rss_mib: float  # the command's peak resident memory
 
 
-def timed(cmd: list[str], log: Path) -> Timing:
+def timed(cmd: list[str], log: Path, pythonpath: Path | None = None) -> Timing:
     """Run ``cmd`` (cwd: the repository), then ``sync``: its output is on disk when the clock
     stops, as it is for a copy timed the same way. CPU time and peak RSS come from GNU time (the
     command's own: a child forked from this process would report this process's peak). A failure
-    stops the benchmark; its output is in ``log``."""
+    stops the benchmark; its output is in ``log``. ``pythonpath``: the checkout whose package the
+    command imports (another version of the tools, to compare with)."""
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)} if pythonpath else None
     usage = log.with_suffix(".time")
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(
-            ["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage), *cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+            ["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage), *cmd],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
     user, system, max_kb = usage.read_text().split()[-3:]
-    return Timing(wall, float(user) + float(system), int(max_kb) / 2**20)
+    return Timing(wall, float(user) + float(system), int(max_kb) / 1024)
 
 
 def copy_command(src: Path, dst: Path) -> list[str]:

@@ -4,10 +4,11 @@ A torch_dist checkpoint (one ``iter_*`` or ``release`` folder of a Megatron save
 megatron_checkpoint.py) is a PyTorch Distributed Checkpoint (``.metadata`` + ``__0_0.distcp``) whose
 keys are Megatron's sharded keys, plus ``metadata.json`` naming the backend; Megatron's non-tensor
 state sits in the ``common_state`` byte object. Writing goes through torch's own FileSystemWriter
-with a planner whose items are produced on demand, so one process writes the whole (global, TP=1)
-model holding one tensor at a time; Megatron's loader cuts global tensors into any TP/PP layout, so
-such a checkpoint starts runs of any parallel layout. Reading asks the same reader for one layer's
-slice of a stacked key, whatever TP/PP wrote it.
+with a planner whose items are produced on demand (on worker threads, at most ``AHEAD_BYTES``
+ahead of the writer), so one process writes the whole (global, TP=1) model holding a few tensors
+at a time; Megatron's loader cuts global tensors into any TP/PP layout, so such a checkpoint starts
+runs of any parallel layout. Reading asks the same reader for one layer's slice of a stacked key,
+whatever TP/PP wrote it (one reader per thread, so slices can be read on several at once).
 """
 
 from __future__ import annotations

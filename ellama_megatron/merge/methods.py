@@ -122,14 +122,16 @@ class WeightedAccumulator:
         if self.sum is None:
             self.dtype, self.shape = tensor.dtype, tensor.shape
             self.sum = torch.empty(flat.numel(), dtype=compute_dtype(tensor.dtype))
+            w = torch.tensor([weight], dtype=self.sum.dtype)  # converts and scales in one op (weighted_sum)
             for start in range(0, flat.numel(), BLOCK_ELEMENTS):
                 stop = start + BLOCK_ELEMENTS
-                self.sum[start:stop].copy_(flat[start:stop]).mul_(weight)
+                torch.mul(flat[start:stop], w, out=self.sum[start:stop])
             return
+        w = torch.tensor([weight], dtype=self.sum.dtype)
         tmp = torch.empty(min(flat.numel(), BLOCK_ELEMENTS), dtype=self.sum.dtype)
         for start in range(0, flat.numel(), BLOCK_ELEMENTS):
             stop = min(flat.numel(), start + BLOCK_ELEMENTS)
-            self.sum[start:stop].add_(tmp[: stop - start].copy_(flat[start:stop]).mul_(weight))
+            self.sum[start:stop].add_(torch.mul(flat[start:stop], w, out=tmp[: stop - start]))
 
     def result(self, divisor: float = 1.0) -> torch.Tensor:
         """The sum divided by ``divisor``, rounded once to the inputs' dtype."""
