@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 # Bytes of work produced ahead of a writer (always at least one item): bounds what the overlap of
 # producing and writing costs in memory (an 8B model's embedding alone is 1 GB in bf16).
-AHEAD_BYTES = 1 << 30
+AHEAD_BYTES = 512 * 2**20
 
 
 def default_workers() -> int:
