@@ -12,6 +12,9 @@ every run is followed by `sync` inside its timing, its output deleted after. Met
 alpha 0.5; task arithmetic base + 0.5 (adapted - base); SLERP at t 0.5; mergekit computes in
 float32 and writes bf16, as ours does.
 
+--before CHECKOUT also runs that checkout's tools/merge.py (before/after a change); its output is
+compared with ours.
+
 mergekit 0.1.5 needs transformers >= 5, < 6 and immutables, peft, sentencepiece; install it in a
 scratch virtual environment, not in the project's (it is no dependency of ours).
 """
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from streaming_bench import (  # noqa: E402
+    REPO,
     SMALL_LLAMA,
     copy_command,
     load_average,
@@ -66,8 +70,8 @@ def mergekit_config(method: str, base: Path, adapted: Path) -> str:
     )
 
 
-def ours_command(method: str, base: Path, adapted: Path, out: Path) -> list[str]:
-    return [sys.executable, "tools/merge.py", "--base", str(base), "--adapted", str(adapted)] + [
+def ours_command(method: str, base: Path, adapted: Path, out: Path, checkout: Path = REPO) -> list[str]:
+    return [sys.executable, str(checkout / "tools" / "merge.py"), "--base", str(base), "--adapted", str(adapted)] + [
         "--alpha",
         "0.5",
         "--method",
@@ -97,6 +101,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--keep-models", action="store_true", help="keep the two input models for another run")
+    p.add_argument("--before", type=Path, help="another checkout whose tools/merge.py runs too, for comparison")
     args = p.parse_args()
     work = args.work / "merge_bench"
     base, adapted = work / "base", work / "adapted"
@@ -120,9 +125,12 @@ def main() -> None:
                     (f"ours {method}", ours_command(method, base, adapted, work / "out_ours"), work / "out_ours"),
                     (f"mergekit {method}", [str(args.mergekit), str(cfg_file), str(work / "out_mk")], work / "out_mk"),
                 ]
+                if args.before:  # the other version between ours and mergekit's, alternating too
+                    cmd = ours_command(method, base, adapted, work / "out_before", args.before)
+                    pair.insert(1, (f"before {method}", cmd, work / "out_before"))
                 jobs += pair if r % 2 == 0 else pair[::-1]
             for name, cmd, out in jobs:
-                t = timed(cmd, work / "last.log")
+                t = timed(cmd, work / "last.log", args.before if name.startswith("before") else None)
                 loads.append(load_average())
                 runs.setdefault(name, []).append(t)
                 print(
@@ -132,6 +140,8 @@ def main() -> None:
                 if r == 0 and name.startswith("ours"):  # round 1 runs ours first: kept for the comparison
                     out.rename(work / f"kept_{method}")
                     continue
+                if r == 0 and name.startswith("before"):
+                    identity[f"before {method}"] = differing_elements(work / f"kept_{method}", out)
                 if r == 0 and name.startswith("mergekit"):
                     identity[method] = differing_elements(work / f"kept_{method}", out)
                     shutil.rmtree(work / f"kept_{method}")
@@ -142,14 +152,16 @@ def main() -> None:
     cp = median([t.wall_s for t in runs["cp"]])
     lines = [
         machine_line(
-            f"python benchmarks/merge_speed.py --work {args.work} --mergekit {args.mergekit} --rounds {args.rounds}",
+            f"python benchmarks/merge_speed.py --work {args.work} --mergekit {args.mergekit} --rounds {args.rounds}"
+            + (f" --methods {' '.join(args.methods)}" if args.methods != list(METHODS) else "")
+            + (f" --before {args.before}" if args.before else ""),
             loads,
         ),
         "",
         f"Two random Llama models of {cfg.num_parameters() / 1e9:.2f}B parameters, bf16, {nbytes / 1e9:.2f} GB each; "
         f"medians of {args.rounds} interleaved rounds; wall time includes `sync`.",
         "",
-        "| run | wall (median) | vs `cp` | vs mergekit | CPU time | peak RSS | output vs mergekit |",
+        "| run | wall (median) | vs `cp` | vs mergekit | CPU time | peak RSS | output vs mergekit (before: vs ours) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, ts in runs.items():
@@ -157,8 +169,9 @@ def main() -> None:
         method = name.split()[1] if " " in name else None
         mk = median([t.wall_s for t in runs[f"mergekit {method}"]]) if method else None
         same = ""
-        if name.startswith("ours") and method in identity:
-            differ, total = identity[method]
+        key = f"before {method}" if name.startswith("before") else method
+        if not name.startswith("mergekit") and key in identity:
+            differ, total = identity[key]
             same = "bit-identical" if differ == 0 else f"{differ:,} of {total:,} elements differ"
         lines.append(
             f"| {name} | {wall:.1f} s | {wall / cp:.2f}x | {f'{wall / mk:.2f}x' if mk else '-'} | "

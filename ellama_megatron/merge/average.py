@@ -10,8 +10,8 @@ average is rounded once, not after every addition; the result is bit for bit the
 ``(w_0 * x_0.float() + w_1 * x_1.float() + ...) / sum(w)`` cast back. Only model weights are read:
 optimizer state, the fp32 master copy of a bf16 run included, is left alone.
 
-Memory: the running sum (4 bytes per element of the largest tensor group) plus one input's tensor,
-whatever the number of inputs.
+Memory, per tensor being averaged (the writer's worker threads average a few at once): the running
+sum (4 bytes per element) plus one input's tensor, whatever the number of inputs.
 
 Output: a weights-only Megatron checkpoint in the merge's layout (starts runs with
 checkpoint.init_from, exports, evaluates), or a Hugging Face folder written as the export writes one.
