@@ -58,12 +58,14 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes, as Megatron-LM's --workers")
     args = p.parse_args()
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    from ellama_megatron.formats import indexed_dataset
 
     start = time.time()
     vocab = build_tokenizer(_tokenizer_args(args.tokenizer)).vocab_size
-    builder = IndexedDatasetBuilder(f"{args.output_prefix}.bin", dtype=DType.optimal_dtype(vocab))
+    builder = indexed_dataset.builder(args.output_prefix, DType.optimal_dtype(vocab))
     docs = tokens = 0
     with (
         open(args.input, encoding="utf-8") as fin,
@@ -74,7 +76,7 @@ def main() -> None:
                 builder.add_document(ids, [len(ids)])
                 docs += 1
                 tokens += len(ids)
-    builder.finalize(f"{args.output_prefix}.idx")
+    indexed_dataset.finalize(builder, args.output_prefix)
     wall = time.time() - start
     print(
         json.dumps(

@@ -22,19 +22,18 @@ DOMAINS = {"general": (4, 200), "ecommerce": (200, 500)}
 
 
 def write_domain_datasets(out: Path, seed: int = 0) -> dict[str, dict[str, str]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ellama_megatron.formats import indexed_dataset
 
     rng = np.random.default_rng(seed)
     prefixes: dict[str, dict[str, str]] = {}
     for name, (lo, hi) in DOMAINS.items():
         for split, docs in (("train", 300), ("valid", 20)):
             prefix = out / f"{name}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            documents = []
             for _ in range(docs):
                 start = int(rng.integers(lo, hi - 10))
-                doc = [start + i % 7 for i in range(int(rng.integers(20, 200)))] + [2]
-                builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
-            builder.finalize(f"{prefix}.idx")
+                documents.append([start + i % 7 for i in range(int(rng.integers(20, 200)))] + [2])
+            indexed_dataset.write_documents(prefix, documents, np.int32)
             prefixes.setdefault(name, {})[split] = str(prefix)
     return prefixes
 

@@ -19,6 +19,7 @@ from ellama_megatron.data.document_tokens import DocumentTokensError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
 from ellama_megatron.data.real_prose import licence_paragraphs
 from ellama_megatron.data.serializers import RecordSerializer, load_template
+from ellama_megatron.formats import indexed_dataset
 
 SITE = Path(sysconfig.get_paths()["purelib"])
 LLAMA3_FOLDER = (
@@ -58,10 +59,7 @@ def run(corpus_path, out, tokenizer, **options):
 
 
 def read_back(manifest_prefix) -> list[list[int]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(manifest_prefix))
-    return [ds[i].tolist() for i in range(len(ds))]
+    return [ids.tolist() for ids in indexed_dataset.read_sequences(manifest_prefix)]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -122,7 +120,7 @@ def test_bos_always_on_a_folder_naming_no_bos_takes_bos_token(corpus, tmp_path):
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:100]))
     with pytest.raises(DocumentTokensError, match="names no bos_token.*--bos-token '<\\|begin_of_text\\|>'"):
         run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", eod_token="<|end_of_text|>")
-    assert not list(tmp_path.glob("bare*.bin"))
+    assert not list(tmp_path.glob(f"bare*{indexed_dataset.BIN_SUFFIX}"))
     with pytest.raises(DocumentTokensError, match="--bos-token '<bos>': not a token of"):
         run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<bos>", eod_token="<|end_of_text|>")
     with pytest.raises(DocumentTokensError, match="with --bos never"):
@@ -153,7 +151,7 @@ def test_an_instruct_folder_needs_an_explicit_eod(corpus, tmp_path):
         run(path, tmp_path / "instruct", instruct)
     msg = str(e.value)
     assert "eos_token is <|eot_id|> (id 128009" in msg and "--eod-token '<|end_of_text|>'" in msg
-    assert not list(tmp_path.glob("instruct*.bin"))  # refused before any work
+    assert not list(tmp_path.glob(f"instruct*{indexed_dataset.BIN_SUFFIX}"))  # refused before any work
     manifest = run(path, tmp_path / "instruct", instruct, eod_token="<|end_of_text|>")
     assert {d[-1] for d in read_back(tmp_path / "instruct_train")} == {END_OF_TEXT}
     assert manifest["documents"]["eod"]["from"] == "--eod-token"

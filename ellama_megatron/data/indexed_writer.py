@@ -20,6 +20,7 @@ import numpy
 from ellama_megatron.data.readers import RawRecord, WorkUnit, read_unit
 from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
 from ellama_megatron.data.validation_split import is_validation
+from ellama_megatron.formats import indexed_dataset
 
 SPLITS = ("train", "valid")
 MAX_EXAMPLES_PER_UNIT = 20
@@ -250,21 +251,9 @@ def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
 
 
 def merge_parts(part_prefixes: list[str], out_prefix: str, dtype: type) -> None:
-    """Write ``out_prefix``.bin/.idx with Megatron's IndexedDatasetBuilder from raw parts, in order.
-
-    Equivalent to ``builder.add_document(doc, [len(doc)])`` for every document (what Megatron-LM's
-    preprocess_data does), with the payload copied a part at a time instead of a document at a time.
-    """
-    import shutil
-
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
-
-    builder = IndexedDatasetBuilder(get_bin_path(out_prefix), dtype=dtype)
-    for prefix in part_prefixes:
-        with open(f"{prefix}.tokens", "rb") as f:
-            shutil.copyfileobj(f, builder.data_file, 16 << 20)
-        sizes = numpy.load(f"{prefix}.lengths.npy").tolist()
-        base = len(builder.sequence_lengths)
-        builder.sequence_lengths.extend(sizes)
-        builder.document_indices.extend(range(base + 1, base + len(sizes) + 1))
-    builder.finalize(get_idx_path(out_prefix))
+    """Write the dataset ``out_prefix`` (formats/indexed_dataset.py) from raw parts, in order: the
+    same bytes as ``add_document(doc, [len(doc)])`` for every document (what Megatron-LM's
+    preprocess_data does), the payload copied a part at a time instead of a document at a time."""
+    indexed_dataset.write_payloads(
+        out_prefix, ((f"{p}.tokens", numpy.load(f"{p}.lengths.npy")) for p in part_prefixes), dtype
+    )

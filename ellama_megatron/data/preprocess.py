@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ellama_megatron.data import indexed_writer
 from ellama_megatron.data.document_tokens import DocumentTokens, document_tokens
-from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, encode_unit, merge_parts
+from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, UnitResult, encode_unit, merge_parts
 from ellama_megatron.data.manifest import (
     MANIFEST_FORMAT,
     file_sha256,
@@ -30,7 +30,8 @@ from ellama_megatron.data.manifest import (
     split_prefix,
 )
 from ellama_megatron.data.readers import InputError, WorkUnit, check_readable, expand_inputs, plan_units, read_unit
-from ellama_megatron.data.serializers import MissingField, RecordSerializer, load_template, serialize
+from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.formats.tokenizer_folder import TokenizerInfo, load_tokenizer_folder
 
@@ -297,6 +298,66 @@ def no_document_error(files, records: int, skipped: Counter) -> InputError:
     )
 
 
+def finalize_outputs(
+    opts: PreprocessOptions,
+    plan: PreprocessPlan,
+    out_prefix: Path,
+    work_dir: Path,
+    parts: list[str],
+    results: list[UnitResult],
+    records_per_file: dict[str, int],
+    digests: dict[str, str | None],
+    start: float,
+    require_documents: bool,
+    **extra,
+) -> dict:
+    """The tail both drivers share (preprocess() and a pipeline task, data/pipeline.py): the counts of
+    ``results`` summed, the raw ``parts`` (in ``work_dir``, in input order) merged into one dataset per
+    split, the old outputs of ``out_prefix`` replaced, and its manifest written last; returns it.
+    ``records_per_file``: records read per input, in the manifest's order; ``digests``: their sha256
+    (None where not computed). With ``require_documents``, no document at all is an InputError before
+    any output changes. ``extra`` goes to the manifest (a pipeline task's rank)."""
+    splits = {s: SplitStats() for s in SPLITS}
+    skipped: Counter = Counter()
+    examples: list = []
+    for r in results:
+        for s in SPLITS:
+            splits[s].merge(r.splits[s])
+        skipped.update(r.skipped)
+        examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
+    if require_documents and sum(splits[s].documents for s in SPLITS) == 0:
+        raise no_document_error(list(records_per_file), sum(records_per_file.values()), skipped)
+    written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
+    for s in written:
+        merge_parts([f"{p}_{s}" for p in parts], str(work_dir / s), plan.job.dtype)
+    # From here on the outputs change: old ones (when overwriting) go first, manifest first, so an
+    # interruption never leaves a manifest describing datasets it does not match.
+    for p in output_files(out_prefix):
+        p.unlink(missing_ok=True)
+    for s in written:
+        indexed_dataset.replace(work_dir / s, split_prefix(out_prefix, s))
+    domain_filter = None
+    if plan.threshold is not None:
+        filtered = [r.domain_filter for r in results if r.domain_filter is not None]
+        domain_filter = domain_filter_manifest(opts, plan.threshold, filtered)
+    manifest = build_manifest(
+        opts,
+        plan,
+        splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
+        inputs=[
+            {"path": path, "bytes": os.path.getsize(path), "sha256": digests.get(path), "records": n}
+            for path, n in records_per_file.items()
+        ],
+        skipped=skipped,
+        examples=examples,
+        domain_filter=domain_filter,
+        seconds=time.time() - start,
+        **extra,
+    )
+    write_json_atomic(manifest_path(out_prefix), manifest)
+    return manifest
+
+
 def preprocess(opts: PreprocessOptions) -> dict:
     """Run the whole pipeline; returns the manifest (also written to ``<prefix>.manifest.json``)."""
     start = time.time()
@@ -315,47 +376,21 @@ def preprocess(opts: PreprocessOptions) -> dict:
                 job, plan.units, tmp_dir, plan.tok.backend_json, opts.workers, opts.progress, plan.classifier
             )
             checksums = list(digests)
-        splits = {s: SplitStats() for s in SPLITS}
-        skipped: Counter = Counter()
-        examples: list = []
-        records_per_file: Counter = Counter()
+        records: Counter = Counter()
         for r in results:
-            for s in SPLITS:
-                splits[s].merge(r.splits[s])
-            skipped.update(r.skipped)
-            examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
-            records_per_file[r.unit.path] += r.records
-        if not opts.allow_empty and sum(splits[s].documents for s in SPLITS) == 0:
-            raise no_document_error(files, sum(records_per_file.values()), skipped)
-        written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
-        for s in written:
-            merge_parts([f"{p}_{s}" for p in parts], os.path.join(tmp_dir, s), job.dtype)
-        # From here on the outputs change: old ones (when overwriting) go first, manifest first, so
-        # an interruption never leaves a manifest describing datasets it does not match.
-        for p in output_files(out_prefix):
-            p.unlink(missing_ok=True)
-        for s in written:
-            for ext in (".bin", ".idx"):
-                os.replace(os.path.join(tmp_dir, s + ext), split_prefix(out_prefix, s) + ext)
-        manifest = build_manifest(
+            records[r.unit.path] += r.records
+        return finalize_outputs(
             opts,
             plan,
-            splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
-            inputs=[
-                {"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
-                for f, d in zip(files, checksums)
-            ],
-            skipped=skipped,
-            examples=examples,
-            domain_filter=(
-                domain_filter_manifest(opts, plan.threshold, [r.domain_filter for r in results])
-                if plan.classifier is not None
-                else None
-            ),
-            seconds=time.time() - start,
+            out_prefix,
+            Path(tmp_dir),
+            parts,
+            results,
+            records_per_file={str(f): records[str(f)] for f in files},
+            digests=dict(zip(map(str, files), checksums)),
+            start=start,
+            require_documents=not opts.allow_empty,
         )
-        write_json_atomic(manifest_path(out_prefix), manifest)
-        return manifest
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -375,128 +410,4 @@ def summary_line(manifest: dict) -> str:
         f"{manifest['source']}: {tr['documents']:,} train docs / {tr['tokens']:,} tokens, "
         f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, {filtered}"
         f"{manifest['skipped']['count']:,} skipped, {total / secs:,.0f} tokens/s ({manifest['seconds']} s)"
-    )
-
-
-def add_preprocess_arguments(p) -> None:
-    """The options of preprocessing on an argparse parser: tools/preprocess_data.py's, which
-    tools/prepare_data.py shares (one definition, one help text)."""
-    p.add_argument("--input", nargs="+", required=True, help="input files or folders (all formats above)")
-    p.add_argument("--output-prefix", required=True, help="output path without suffix, e.g. data/ellama/reviews_de")
-    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with tokenizer.json)")
-    p.add_argument(
-        "--template",
-        default="plain",
-        help="listing | review | plain | path to a template YAML (keys: text, required, html_fields). Default: plain",
-    )
-    p.add_argument(
-        "--text-key", default="text", help="record key holding the text for --template plain (default: text)"
-    )
-    p.add_argument("--language-key", default="language", help="record key holding a language code (default: language)")
-    p.add_argument("--default-language", default="und", help="language recorded for records without one (default: und)")
-    p.add_argument(
-        "--id-key",
-        default=None,
-        help="record key identifying a document; the validation split hashes it (default: hash the text)",
-    )
-    p.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.0,
-        help="fraction of documents held out for validation, e.g. 0.005 (default: 0)",
-    )
-    p.add_argument(
-        "--source", default=None, help="source name recorded in the manifest (default: the prefix's file name)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes; each reads its own shards and batch-encodes on its own threads (default: 1)",
-    )
-    p.add_argument(
-        "--shard-mb",
-        type=float,
-        default=64,
-        help="plain JSONL/Parquet inputs are cut into shards of this size (default: 64)",
-    )
-    p.add_argument("--batch-docs", type=int, default=1000, help="documents per tokenizer batch (default: 1000)")
-    p.add_argument(
-        "--domain-filter",
-        default=None,
-        metavar="MODEL_DIR",
-        help="keep only documents this classifier (tools/domain_classifier.py train) scores above the "
-        "threshold; runs in the workers on the serialized text, before tokenization",
-    )
-    p.add_argument(
-        "--domain-threshold",
-        type=float,
-        default=None,
-        help="keep scores strictly above this (default: the threshold stored with the classifier)",
-    )
-    p.add_argument(
-        "--bos",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
-        "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written",
-    )
-    p.add_argument(
-        "--bos-token",
-        default=None,
-        help="the BOS token (default: the folder's bos_token); for a folder that names none, e.g. a bare "
-        "tokenizer.json: --bos always --bos-token '<|begin_of_text|>'",
-    )
-    p.add_argument(
-        "--eod-token",
-        default=None,
-        help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
-        "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')",
-    )
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument(
-        "--max-doc-chars",
-        type=int,
-        default=DEFAULT_MAX_DOC_CHARS,
-        help="skip (and count in the summary) documents longer than this many characters: tokenizing "
-        f"costs ~200x a document's size in memory (default {DEFAULT_MAX_DOC_CHARS:,}; 0: no limit)",
-    )
-    p.add_argument(
-        "--allow-empty",
-        action="store_true",
-        help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def preprocess_options(args) -> PreprocessOptions:
-    """PreprocessOptions from the parsed ``add_preprocess_arguments`` options (errors of the
-    template: InputError/ValueError naming it)."""
-    serializer = RecordSerializer(
-        template=load_template(args.template, text_key=args.text_key),
-        language_key=args.language_key,
-        default_language=args.default_language,
-        id_key=args.id_key,
-    )
-    return PreprocessOptions(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer_dir=args.tokenizer,
-        serializer=serializer,
-        source=args.source,
-        valid_fraction=args.valid_fraction,
-        workers=args.workers,
-        shard_bytes=int(args.shard_mb * (1 << 20)),
-        batch_docs=args.batch_docs,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        domain_filter=args.domain_filter,
-        domain_threshold=args.domain_threshold,
-        bos=args.bos,
-        eod_token=args.eod_token,
-        bos_token=args.bos_token,
-        allow_empty=args.allow_empty,
-        max_doc_chars=args.max_doc_chars,
     )
