@@ -38,6 +38,21 @@ def write_domain_datasets(out: Path, seed: int = 0) -> dict[str, dict[str, str]]
     return prefixes
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenizer_cache(tmp_path_factory):
+    """The tokenizer-folder cache (formats/tokenizer_folder.py) of this session, not the user's;
+    set in the environment, so tools run as subprocesses use it too."""
+    from ellama_megatron.formats.tokenizer_folder import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("tokenizer_cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture(scope="session")
 def domain_data(tmp_path_factory) -> dict[str, dict[str, str]]:
     return write_domain_datasets(tmp_path_factory.mktemp("domains"))

@@ -209,6 +209,31 @@ def test_tokenizer_folder_that_is_not_one(tmp_path):
         load_tokenizer_folder(tmp_path / "broken")
 
 
+def test_tokenizer_folder_is_cached_by_its_files(tmp_path, tokenizer_dir, monkeypatch):
+    """What transformers makes of a folder is loaded once: a second process gets the same answer
+    without importing transformers; a folder with other files is loaded through transformers again."""
+    import shutil
+
+    from ellama_megatron.formats.tokenizer_folder import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    first = load_tokenizer_folder(tokenizer_dir)
+    code = (
+        "import sys; from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder as load; "
+        "i = load(sys.argv[1]); print('transformers' in sys.modules, i.vocab_size, i.eos_id, i.bos_id, i.sha256, "
+        "len(i.backend_json))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tokenizer_dir)], capture_output=True, text=True, check=True)
+    expected = [first.vocab_size, first.eos_id, first.bos_id, first.sha256, len(first.backend_json)]
+    assert out.stdout.split() == ["False", *map(str, expected)]
+    assert load_tokenizer_folder(tokenizer_dir) == first
+    other = shutil.copytree(tokenizer_dir, tmp_path / "other")
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["eos_token"] = config["bos_token"]
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer_folder(other).eos_id == first.bos_id != first.eos_id
+
+
 def test_template_that_fits_no_record_fails_before_work(tmp_path, tokenizer_dir, corpora):
     with pytest.raises(InputError, match="none of the first 100 records fits template 'review'.*keys seen"):
         _run([corpora["general_en"]], tmp_path / "o", tokenizer_dir, template="review")

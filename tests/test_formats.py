@@ -227,6 +227,9 @@ def test_indexed_dataset_writers_write_megatrons_bytes(tmp_path):
         (tmp_path / f"part{i}").write_bytes(numpy.array(sum(part, []), dtype=numpy.uint16).tobytes())
     payloads = [(tmp_path / "part0", [4]), (tmp_path / "part1", numpy.array([2, 6]))]
     assert same(indexed_dataset.write_payloads(tmp_path / "payloads", payloads, numpy.uint16))
+    (tmp_path / "whole").write_bytes(numpy.array(sum(docs, []), dtype=numpy.uint16).tobytes())
+    one = [(tmp_path / "whole", [len(d) for d in docs])]
+    assert same(indexed_dataset.write_payloads(tmp_path / "one_payload", one, numpy.uint16))
     indexed_dataset.write_documents(tmp_path / "first", docs[:2], numpy.uint16)
     indexed_dataset.write_documents(tmp_path / "rest", docs[2:], numpy.uint16)
     assert same(indexed_dataset.concatenate([tmp_path / "first", tmp_path / "rest"], tmp_path / "joined"))
@@ -241,3 +244,26 @@ def test_indexed_dataset_writers_write_megatrons_bytes(tmp_path):
         indexed_dataset.write_documents(tmp_path / "cut", failing(), numpy.uint16)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert not any("cut" in name for name in before)  # nothing half-written, no temporary left
+
+
+def test_token_dtype_and_index_are_megatrons(tmp_path):
+    """optimal_dtype and write_index, which spare preprocessing the import of Megatron-Core (and
+    torch), choose and write what Megatron-Core does, for both dtypes and an empty dataset."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from ellama_megatron.formats import indexed_dataset
+
+    for vocab in (None, 1, 512, 65_499, 65_500, 128_256):
+        assert indexed_dataset.optimal_dtype(vocab) is DType.optimal_dtype(vocab)
+    for dtype, docs in (
+        (numpy.uint16, [[5, 6, 2], [7, 2]]),
+        (numpy.int32, [[128000, 70000, 128001]]),
+        (numpy.int32, []),
+    ):
+        built = indexed_dataset.builder(tmp_path / "ref", dtype)
+        for d in docs:
+            built.add_document(numpy.array(d), [len(d)])
+        indexed_dataset.finalize(built, tmp_path / "ref")
+        indexed_dataset.write_index(tmp_path / "ours.idx", dtype, [len(d) for d in docs])
+        assert (tmp_path / "ours.idx").read_bytes() == indexed_dataset.idx_path(tmp_path / "ref").read_bytes()

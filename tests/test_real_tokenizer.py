@@ -155,3 +155,35 @@ def test_an_instruct_folder_needs_an_explicit_eod(corpus, tmp_path):
     manifest = run(path, tmp_path / "instruct", instruct, eod_token="<|end_of_text|>")
     assert {d[-1] for d in read_back(tmp_path / "instruct_train")} == {END_OF_TEXT}
     assert manifest["documents"]["eod"]["from"] == "--eod-token"
+
+
+def test_short_real_documents_same_bytes_with_1_and_2_workers(tmp_path):
+    """Many short real documents (paragraphs of the licences and of Python's language reference,
+    whitespace as in the files, a few dozen tokens each): the dataset written with 1 worker and with
+    2 (units of 64 KB, their parts joined in input order) is byte for byte the one Megatron's builder
+    writes from ``tokenizer(text).input_ids + [EOD]`` per document, as Megatron-LM's script does."""
+    import numpy
+    from transformers import AutoTokenizer
+
+    from ellama_megatron.data.real_prose import python_reference_records
+
+    docs = licence_paragraphs() + [
+        p for r in python_reference_records() for p in r["text"].split("\n\n") if p.strip() and len(p) < 2000
+    ]
+    assert len(docs) > 3000
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for workers in (1, 2):
+        manifest = run(path, tmp_path / f"w{workers}", LLAMA3_FOLDER, workers=workers)
+        assert manifest["splits"]["train"]["documents"] == len(docs)
+    tok = AutoTokenizer.from_pretrained(str(LLAMA3_FOLDER))
+    reference = tmp_path / "reference"
+    built = indexed_dataset.builder(reference, numpy.int32)
+    for ids in tok(docs).input_ids:
+        built.add_document(numpy.array(ids + [END_OF_TEXT]), [len(ids) + 1])
+    indexed_dataset.finalize(built, reference)
+    for workers in (1, 2):
+        for ours, ref in zip(
+            indexed_dataset.pair_paths(tmp_path / f"w{workers}_train"), indexed_dataset.pair_paths(reference)
+        ):
+            assert ours.read_bytes() == ref.read_bytes(), (workers, ours.name)

@@ -40,7 +40,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
 
 from ellama_megatron.data import indexed_writer
-from ellama_megatron.data.indexed_writer import SPLITS, PartWriter, SplitStats, UnitResult, serialize_record
+from ellama_megatron.data.indexed_writer import SPLITS, Batch, PartWriter, SplitStats, UnitResult, serialize_record
 from ellama_megatron.data.manifest import MANIFEST_FORMAT, file_sha256, manifest_path, output_files, read_manifest
 from ellama_megatron.data.preprocess import (
     MAX_EXAMPLES,
@@ -130,7 +130,8 @@ class SerializeRecords(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
-            serialized = serialize_record(self.job, doc.metadata["raw"], self.ledger.totals)
+            raw = doc.metadata["raw"]
+            serialized = serialize_record(self.job, raw.record, self.ledger.totals, raw)
             if serialized is None:
                 self.stat_update("dropped")
                 continue
@@ -205,7 +206,12 @@ class WriteIndexedDatasets(PipelineStep):
                     hash_new_files()
                     with self.track_time(unit="batch"):
                         writer.add(
-                            [(d.metadata["raw"], d.text, d.metadata["language"], d.metadata["split"]) for d in batch]
+                            Batch(
+                                [d.metadata["raw"] for d in batch],
+                                [d.text for d in batch],
+                                [d.metadata["language"] for d in batch],
+                                [d.metadata["split"] for d in batch],
+                            )
                         )
                     self.stat_update("documents", value=len(batch))
                     if fail:

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
+
 from ellama_megatron.data import indexed_writer
 from ellama_megatron.data.document_tokens import DocumentTokens, document_tokens
 from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, UnitResult, encode_unit, merge_parts
@@ -170,31 +172,75 @@ def domain_filter_manifest(opts: PreprocessOptions, threshold: float, parts) -> 
     return {"model": str(opts.domain_filter), "model_sha256": file_sha256(meta), **stats.to_dict()}
 
 
-def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers: int, progress: bool, classifier=None):
+def _worker_pool(plan: PreprocessPlan, workers: int):
+    """The worker processes of ``workers`` > 1 (None for 1: units are encoded in this process).
+
+    Forked, so each inherits the Rust tokenizer this process built for its checks (building Llama
+    3's again costs each spawned worker 0.4 s or more, and its imports as much): started before this
+    process starts any thread (checksums, progress bar) and after it only ran single-text encodes,
+    which leave the tokenizer's thread pool unstarted, the one thing a fork would break. Each worker
+    then starts its pool with its share of the cores."""
+    if workers <= 1:
+        return None
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    return multiprocessing.get_context("fork").Pool(
+        workers, initializer=indexed_writer.worker_init, initargs=(plan.tok.backend_json, threads, plan.classifier)
+    )
+
+
+class _JoinedParts:
+    """The parts of the finished units appended, in input order, to one part per split as they come
+    in: with worker processes the main process does it while they encode (it is idle otherwise),
+    and the final dataset is then a rename, not a copy of every token at the end."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.files = {s: open(f"{prefix}_{s}.tokens", "wb") for s in SPLITS}
+        self.lengths: dict[str, list] = {s: [] for s in SPLITS}
+
+    def append(self, part: str) -> None:
+        for s in SPLITS:
+            if self.files[s].tell() == 0:  # nothing joined yet: the part becomes the joined file
+                self.files[s].close()
+                os.replace(f"{part}_{s}.tokens", f"{self.prefix}_{s}.tokens")
+                self.files[s] = open(f"{self.prefix}_{s}.tokens", "ab")
+            else:
+                with open(f"{part}_{s}.tokens", "rb") as f:
+                    shutil.copyfileobj(f, self.files[s], 16 << 20)
+            self.lengths[s].append(numpy.load(f"{part}_{s}.lengths.npy"))
+            for suffix in (".tokens", ".lengths.npy"):
+                Path(f"{part}_{s}{suffix}").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for s in SPLITS:
+            self.files[s].close()
+            lengths = numpy.concatenate(self.lengths[s]) if self.lengths[s] else numpy.zeros(0, numpy.int64)
+            numpy.save(f"{self.prefix}_{s}.lengths.npy", lengths)
+
+
+def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, pool, progress: bool, classifier=None):
+    """Encode every unit (in this process, or in ``pool``'s); returns the joined part and the units' results."""
     parts = [os.path.join(tmp_dir, f"part{i:05d}") for i in range(len(units))]
     from tqdm import tqdm
 
     bar = tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    joined = _JoinedParts(os.path.join(tmp_dir, "joined"))
     results = []
-    if workers <= 1:
-        indexed_writer.install_tokenizer(tokenizer_json)
-        indexed_writer.install_domain_classifier(classifier)
-        for unit, part in zip(units, parts):
-            results.append(encode_unit(job, unit, part))
+    try:
+        if pool is None:
+            indexed_writer.install_tokenizer(tokenizer_json)
+            indexed_writer.install_domain_classifier(classifier)
+            finished = (encode_unit(job, unit, part) for unit, part in zip(units, parts))
+        else:
+            finished = (r.get() for r in [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)])
+        for unit, part, result in zip(units, parts, finished):
+            joined.append(part)
+            results.append(result)
             bar.update(unit.size)
-    else:
-        # spawn: the Rust tokenizer's thread pool does not survive fork.
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
-        with ctx.Pool(
-            workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads, classifier)
-        ) as pool:
-            pending = [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)]
-            for unit, res in zip(units, pending):
-                results.append(res.get())
-                bar.update(unit.size)
+    finally:
+        joined.close()
     bar.close()
-    return parts, results
+    return [joined.prefix], results
 
 
 @dataclass
@@ -230,10 +276,11 @@ def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
-    # At least 4 units per reader where inputs can be cut, so no reader idles at the end.
+    # About 16 units per reader where inputs can be cut (none under 1 MB), so no reader idles long at
+    # the end: the last unit is what one core works on alone.
     parallel = opts.workers if parallel is None else parallel
     total = sum(os.path.getsize(f) for f in files)
-    shard = opts.shard_bytes if parallel == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * parallel)))
+    shard = opts.shard_bytes if parallel == 1 else min(opts.shard_bytes, max(1 << 20, total // (16 * parallel)))
     if total == 0 and not opts.allow_empty:
         raise InputError(
             f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
@@ -368,12 +415,13 @@ def preprocess(opts: PreprocessOptions) -> dict:
     for folder in remove_stale_temp_folders(out_prefix):
         print(f"removed {folder}: temporary folder of an earlier run on this prefix that died", file=sys.stderr)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
+    pool = _worker_pool(plan, opts.workers)
     try:
         Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
             parts, results = _run_units(
-                job, plan.units, tmp_dir, plan.tok.backend_json, opts.workers, opts.progress, plan.classifier
+                job, plan.units, tmp_dir, plan.tok.backend_json, pool, opts.progress, plan.classifier
             )
             checksums = list(digests)
         records: Counter = Counter()
@@ -392,6 +440,8 @@ def preprocess(opts: PreprocessOptions) -> dict:
             require_documents=not opts.allow_empty,
         )
     finally:
+        if pool is not None:
+            pool.terminate()
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
