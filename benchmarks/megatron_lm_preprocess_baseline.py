@@ -1,5 +1,6 @@
 """The baseline for tools/preprocess_data.py: Megatron-LM's tools/preprocess_data.py default path,
-rebuilt from the megatron-core wheel's own parts (that script is not in the wheel).
+rebuilt from the megatron-core wheel's own parts (that script is not in the wheel). The comparison
+with the real script, cloned from GitHub, is benchmarks/preprocess_vs_megatron_lm.py.
 
     python benchmarks/megatron_lm_preprocess_baseline.py --input corpus.jsonl --tokenizer DIR \\
         --output-prefix /tmp/mlm --workers 2
@@ -18,7 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ellama_megatron from this checkout
 
 _TOKENIZER = None
 
