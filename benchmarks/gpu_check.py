@@ -190,7 +190,8 @@ def step_presets(check: Check) -> dict:
 def write_token_datasets(folder: Path, vocab: int, docs: int, doc_tokens: int) -> dict[str, dict[str, str]]:
     """Two domains of random tokens as Megatron indexed datasets (train and valid each)."""
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from ellama_megatron.formats import indexed_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -198,11 +199,8 @@ def write_token_datasets(folder: Path, vocab: int, docs: int, doc_tokens: int) -
     for domain in ("general", "ecommerce"):
         for split, count in (("train", docs), ("valid", 2)):
             prefix = folder / f"{domain}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-            for _ in range(count):
-                doc = rng.integers(3, vocab, doc_tokens, dtype=np.int32)
-                builder.add_document(doc, [len(doc)])
-            builder.finalize(f"{prefix}.idx")
+            documents = [rng.integers(3, vocab, doc_tokens, dtype=np.int32) for _ in range(count)]
+            indexed_dataset.write_documents(prefix, documents, np.int32)
             prefixes.setdefault(domain, {})[split] = str(prefix)
     return prefixes
 

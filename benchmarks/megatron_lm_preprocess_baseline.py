@@ -1,5 +1,6 @@
 """The baseline for tools/preprocess_data.py: Megatron-LM's tools/preprocess_data.py default path,
-rebuilt from the megatron-core wheel's own parts (that script is not in the wheel).
+rebuilt from the megatron-core wheel's own parts (that script is not in the wheel). The comparison
+with the real script, cloned from GitHub, is benchmarks/preprocess_vs_megatron_lm.py.
 
     python benchmarks/megatron_lm_preprocess_baseline.py --input corpus.jsonl --tokenizer DIR \\
         --output-prefix /tmp/mlm --workers 2
@@ -18,7 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ellama_megatron from this checkout
 
 _TOKENIZER = None
 
@@ -58,12 +63,14 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes, as Megatron-LM's --workers")
     args = p.parse_args()
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    from ellama_megatron.formats import indexed_dataset
 
     start = time.time()
     vocab = build_tokenizer(_tokenizer_args(args.tokenizer)).vocab_size
-    builder = IndexedDatasetBuilder(f"{args.output_prefix}.bin", dtype=DType.optimal_dtype(vocab))
+    builder = indexed_dataset.builder(args.output_prefix, DType.optimal_dtype(vocab))
     docs = tokens = 0
     with (
         open(args.input, encoding="utf-8") as fin,
@@ -74,7 +81,7 @@ def main() -> None:
                 builder.add_document(ids, [len(ids)])
                 docs += 1
                 tokens += len(ids)
-    builder.finalize(f"{args.output_prefix}.idx")
+    indexed_dataset.finalize(builder, args.output_prefix)
     wall = time.time() - start
     print(
         json.dumps(

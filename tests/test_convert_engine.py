@@ -25,23 +25,16 @@ def base(tmp_path_factory):
     """A tiny HF model whose loss is far from random init's ln(vocab), its import, and data on which
     every training sample is the same: identical 128-token documents make sample i the tokens
     [128 i, 128 i + 129) = doc + doc[0], so iteration 1's loss is the HF model's loss on that."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import LlamaForCausalLM
+
+    from ellama_megatron.formats import indexed_dataset
 
     root = tmp_path_factory.mktemp("engine")
     hf = make_hf(root / "hf", seed=3, init_method_std=0.4)
     import_hf(hf, root / "ckpt", quiet=True)
     doc = np.random.default_rng(0).integers(4, 512, SEQ).astype(np.int32)  # no EOD (id 2) inside
-    prefix = root / "same"
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for _ in range(64):
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(f"{prefix}.idx")
-    valid = root / "valid"
-    builder = IndexedDatasetBuilder(f"{valid}.bin", dtype=np.int32)
-    for _ in range(8):
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(f"{valid}.idx")
+    prefix = indexed_dataset.write_documents(root / "same", [doc] * 64, np.int32)
+    valid = indexed_dataset.write_documents(root / "valid", [doc] * 8, np.int32)
     tokens = torch.tensor(np.concatenate([doc, doc[:1]]), dtype=torch.long)
     model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32)
     with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 
 from ellama_megatron.data.blend_plan import PlanError, plan_blend, resolve_shares
 from ellama_megatron.data.manifest import MANIFEST_FORMAT, ManifestError
+from ellama_megatron.formats import indexed_dataset
 
 SHA = "0" * 64
 
@@ -36,8 +37,8 @@ def write_manifest(folder, name, train_tokens, valid_tokens=0, languages=None, s
         }
     path = folder / f"{name}.manifest.json"
     for split in splits:  # the plan checks that each manifest's dataset files exist
-        for ext in (".bin", ".idx"):
-            (folder / f"{splits[split]['prefix']}{ext}").touch()
+        for file in indexed_dataset.pair_paths(folder / splits[split]["prefix"]):
+            file.touch()
     path.write_text(
         json.dumps(
             {"format": MANIFEST_FORMAT, "source": name, "splits": splits, "tokenizer": {"tokenizer_json_sha256": sha}}
@@ -204,16 +205,12 @@ class _Tok:
 
 def _build_source(folder, name, lo, n_tokens, seed):
     """A dataset whose ids all lie in [lo, lo+500): each sample's tokens tell its source."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     rng = numpy.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(str(folder / f"{name}_train.bin"), dtype=numpy.uint16)
-    total = 0
+    docs, total = [], 0
     while total < n_tokens:
-        doc = numpy.append(rng.integers(lo, lo + 500, rng.integers(20, 80)), 2).astype(numpy.uint16)
-        builder.add_document(doc, [doc.size])
-        total += doc.size
-    builder.finalize(str(folder / f"{name}_train.idx"))
+        docs.append(numpy.append(rng.integers(lo, lo + 500, rng.integers(20, 80)), 2).astype(numpy.uint16))
+        total += docs[-1].size
+    indexed_dataset.write_documents(folder / f"{name}_train", docs, numpy.uint16)
     return write_manifest(folder, name, total)
 
 

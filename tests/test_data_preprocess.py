@@ -15,6 +15,7 @@ from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template, serialize
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
@@ -39,9 +40,7 @@ def _run(inputs, prefix, tokenizer_dir, template="listing", **kw):
 
 
 def _read_docs(prefix):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(prefix))
+    ds = indexed_dataset.read(prefix)
     return [numpy.asarray(ds[i]).tolist() for i in range(len(ds))], ds
 
 
@@ -87,12 +86,14 @@ def test_output_equals_megatron_builder_document_by_document(tmp_path, tokenizer
 
     _run([corpora["reviews"]], tmp_path / "ours", tokenizer_dir, template="review")
     docs, _ = _read_docs(tmp_path / "ours_train")
-    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=numpy.uint16)
+    builder = IndexedDatasetBuilder(str(indexed_dataset.bin_path(tmp_path / "ref")), dtype=numpy.uint16)
     for d in docs:
         builder.add_document(numpy.array(d), [len(d)])
-    builder.finalize(str(tmp_path / "ref.idx"))
-    for ext in (".bin", ".idx"):
-        assert (tmp_path / f"ours_train{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+    builder.finalize(str(indexed_dataset.idx_path(tmp_path / "ref")))
+    for ours, ref in zip(
+        indexed_dataset.pair_paths(tmp_path / "ours_train"), indexed_dataset.pair_paths(tmp_path / "ref")
+    ):
+        assert ours.read_bytes() == ref.read_bytes()
 
 
 def test_int32_merge_for_large_vocabularies(tmp_path):
@@ -125,9 +126,11 @@ def test_same_output_for_any_workers_shards_and_order(tmp_path, tokenizer_dir, c
         shard_bytes=20_000,
     )
     c = _run([shuffled], tmp_path / "c", tokenizer_dir, valid_fraction=0.2, id_key="id")
-    for ext in (".bin", ".idx"):
-        for split in ("train", "valid"):
-            assert (tmp_path / f"a_{split}{ext}").read_bytes() == (tmp_path / f"b_{split}{ext}").read_bytes()
+    for split in ("train", "valid"):
+        for a_file, b_file in zip(
+            indexed_dataset.pair_paths(tmp_path / f"a_{split}"), indexed_dataset.pair_paths(tmp_path / f"b_{split}")
+        ):
+            assert a_file.read_bytes() == b_file.read_bytes()
     strip = lambda m: {k: {**v, "prefix": None} for k, v in m["splits"].items()}  # noqa: E731
     assert strip(a) == strip(b)
     # Shuffled input: the same documents are held out (chosen by id, not position).
@@ -190,7 +193,7 @@ def test_output_exists_fails_unless_overwrite(tmp_path, tokenizer_dir, corpora):
     with pytest.raises(InputError, match="output exists.*--overwrite"):
         _run([corpora["reviews"]], tmp_path / "r", tokenizer_dir, template="review")
     m = _run([corpora["reviews"]], tmp_path / "r", tokenizer_dir, template="review", overwrite=True)
-    assert "valid" not in m["splits"] and not (tmp_path / "r_valid.bin").exists()  # no stale split left
+    assert "valid" not in m["splits"] and not indexed_dataset.bin_path(tmp_path / "r_valid").exists()  # no stale split
 
 
 def test_tokenizer_folder_that_is_not_one(tmp_path):
@@ -204,6 +207,31 @@ def test_tokenizer_folder_that_is_not_one(tmp_path):
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerFolderError, match="cannot load"):
         load_tokenizer_folder(tmp_path / "broken")
+
+
+def test_tokenizer_folder_is_cached_by_its_files(tmp_path, tokenizer_dir, monkeypatch):
+    """What transformers makes of a folder is loaded once: a second process gets the same answer
+    without importing transformers; a folder with other files is loaded through transformers again."""
+    import shutil
+
+    from ellama_megatron.formats.tokenizer_folder import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    first = load_tokenizer_folder(tokenizer_dir)
+    code = (
+        "import sys; from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder as load; "
+        "i = load(sys.argv[1]); print('transformers' in sys.modules, i.vocab_size, i.eos_id, i.bos_id, i.sha256, "
+        "len(i.backend_json))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tokenizer_dir)], capture_output=True, text=True, check=True)
+    expected = [first.vocab_size, first.eos_id, first.bos_id, first.sha256, len(first.backend_json)]
+    assert out.stdout.split() == ["False", *map(str, expected)]
+    assert load_tokenizer_folder(tokenizer_dir) == first
+    other = shutil.copytree(tokenizer_dir, tmp_path / "other")
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["eos_token"] = config["bos_token"]
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer_folder(other).eos_id == first.bos_id != first.eos_id
 
 
 def test_template_that_fits_no_record_fails_before_work(tmp_path, tokenizer_dir, corpora):

@@ -17,6 +17,7 @@ import pytest
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.train_log import parse_train_log
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def test_corpora_and_dataset_manifests(demo):
         for split in ("train", "valid"):
             s = m["splits"][split]
             assert s["documents"] > 0 and s["tokens"] > 0
-            assert (out / "data" / f"{s['prefix']}.bin").stat().st_size > 0
+            assert indexed_dataset.bin_path(out / "data" / s["prefix"]).stat().st_size > 0
     reviews = json.loads((out / "data" / "reviews.manifest.json").read_text())
     assert set(reviews["splits"]["train"]["languages"]) == {"en", "de", "fr"}
 

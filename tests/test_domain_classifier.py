@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ellama_megatron.classify.features import FeatureConfig, feature_matrix, linear_scores
+from ellama_megatron.formats import indexed_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -297,7 +298,6 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
     """tools/preprocess_data.py --domain-filter: the written dataset holds exactly the tokenized
     documents the classifier scores over the threshold, in input order, whatever the workers; the
     manifest counts what the filter saw and kept."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from tokenizers import Tokenizer
 
     from ellama_megatron.classify.filter import DomainFilter
@@ -349,7 +349,7 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
         r = cli(tmp_path / "out" / name, "--domain-threshold", str(threshold), *extra)
         assert r.returncode == 0, r.stderr
         assert f"domain filter kept {len(expected)}/{len(mixed)} docs" in r.stdout
-        ds = IndexedDataset(str(tmp_path / "out" / f"{name}_train"))
+        ds = indexed_dataset.read(tmp_path / "out" / f"{name}_train")
         assert [np.asarray(ds[i]).tolist() for i in range(len(ds))] == expected_ids
         manifest = json.loads((tmp_path / "out" / f"{name}.manifest.json").read_text())
         df = manifest["domain_filter"]
@@ -359,7 +359,8 @@ def test_preprocess_stage_keeps_exactly_the_docs_over_threshold(tmp_path):
         assert sum(b["docs"] for b in df["histogram"]) == len(mixed)
         assert df["model"] == str(tmp_path / "clf") and len(df["model_sha256"]) == 64
         assert manifest["records"] == len(mixed) and manifest["splits"]["train"]["documents"] == len(expected)
-    assert (tmp_path / "out" / "one_train.bin").read_bytes() == (tmp_path / "out" / "two_train.bin").read_bytes()
+    one, two = (indexed_dataset.bin_path(tmp_path / "out" / f"{n}_train") for n in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()
 
     # The model's own threshold (0.5) when none is given.
     r = cli(tmp_path / "out" / "default")

@@ -32,7 +32,7 @@ VOCAB = 512  # the tiny model's
 def write_two_difficulties(out) -> dict[str, dict[str, str]]:
     """random: uniform tokens (loss stays near ln 512 = 6.24); repetitive: one 8-token phrase over
     and over (learnt within a few steps)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ellama_megatron.formats import indexed_dataset
 
     rng = np.random.default_rng(0)
     phrase = [5, 9, 17, 33, 65, 129, 257, 300]
@@ -40,12 +40,11 @@ def write_two_difficulties(out) -> dict[str, dict[str, str]]:
     for name in ("random", "repetitive"):
         for split, docs in (("train", 100), ("valid", 4)):
             prefix = out / f"{name}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            documents = []
             for _ in range(docs):
                 doc = rng.integers(3, VOCAB, 200) if name == "random" else np.array(phrase * 25)
-                doc = np.append(doc, 2).astype(np.int32)  # EOD
-                builder.add_document(doc, [len(doc)])
-            builder.finalize(f"{prefix}.idx")
+                documents.append(np.append(doc, 2).astype(np.int32))  # EOD
+            indexed_dataset.write_documents(prefix, documents, np.int32)
             prefixes.setdefault(name, {})[split] = str(prefix)
     return prefixes
 

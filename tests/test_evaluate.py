@@ -81,16 +81,14 @@ def test_perplexity_equals_transformers(setup):
 
 def test_indexed_dataset_matches_jsonl(setup, tmp_path):
     """The same documents as a Megatron indexed dataset (BOS + text + EOS ids) give the same perplexity."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import AutoTokenizer
+
+    from ellama_megatron.formats import indexed_dataset
 
     tok = AutoTokenizer.from_pretrained(setup["model"])
     prefix = tmp_path / "general_text_document"
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
-    for line in open(setup["data"]["general"]):
-        ids = tok(json.loads(line)["text"])["input_ids"] + [tok.eos_token_id]
-        builder.add_document(np.array(ids), [len(ids)])
-    builder.finalize(str(prefix) + ".idx")
+    docs = [tok(json.loads(line)["text"])["input_ids"] + [tok.eos_token_id] for line in open(setup["data"]["general"])]
+    indexed_dataset.write_documents(prefix, docs, np.int32)
     sources = [parse_domain_spec(f"general={prefix}"), parse_domain_spec(f"g_jsonl={setup['data']['general']}")]
     res = evaluate_model_dir(setup["model"], sources, seq_length=SEQ, batch_size=3, device="cpu", progress=False)
     a, b = res["domains"]["general"], res["domains"]["g_jsonl"]

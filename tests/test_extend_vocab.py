@@ -255,7 +255,8 @@ def test_extended_checkpoint_converts_to_megatron_and_trains(extended, tmp_path)
     recipes/cpt.py continues training from it on data tokenized with the new tokenizer."""
     import numpy as np
     from conftest import run_cpt
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from ellama_megatron.formats import indexed_dataset
 
     ckpt = tmp_path / "ckpt"
     r = subprocess.run(
@@ -281,11 +282,8 @@ def test_extended_checkpoint_converts_to_megatron_and_trains(extended, tmp_path)
     for name, texts in (("ecommerce", extended["listings"]), ("general", extended["general"])):
         for split, part in (("train", texts[:250]), ("valid", texts[250:])):
             prefix = tmp_path / f"{name}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-            for enc in new_tok.encode_batch(part, add_special_tokens=False):
-                doc = enc.ids + [2]
-                builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
-            builder.finalize(f"{prefix}.idx")
+            docs = [enc.ids + [2] for enc in new_tok.encode_batch(part, add_special_tokens=False)]
+            indexed_dataset.write_documents(prefix, docs, np.int32)
             data.setdefault(name, {})[split] = str(prefix)
     assert any(i >= 512 for i in new_tok.encode(extended["listings"][0]).ids)
     proc, log = run_cpt(tmp_path / "run", data, "model.vocab_size=640", f"checkpoint.init_from={ckpt}")

@@ -187,3 +187,83 @@ def test_finding_a_checkpoint_record_does_not_import_torch():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_indexed_dataset_pair_is_named_as_megatron_names_it(tmp_path):
+    from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+    from ellama_megatron.formats import indexed_dataset
+
+    prefix = tmp_path / "corpus_train"
+    assert indexed_dataset.pair_paths(prefix) == (Path(get_bin_path(str(prefix))), Path(get_idx_path(str(prefix))))
+    assert indexed_dataset.prefix_of(tmp_path / "corpus_train.bin") == prefix
+    assert indexed_dataset.prefix_of(tmp_path / "corpus_train.idx") == prefix
+    assert indexed_dataset.prefix_of(prefix) == prefix
+    assert indexed_dataset.missing_files(prefix) == list(indexed_dataset.pair_paths(prefix))
+    indexed_dataset.idx_path(prefix).touch()
+    assert indexed_dataset.missing_files(prefix) == [indexed_dataset.bin_path(prefix)]
+    assert not indexed_dataset.exists(prefix)
+
+
+def test_indexed_dataset_writers_write_megatrons_bytes(tmp_path):
+    """write_documents, write_payloads and concatenate give the bytes of Megatron's builder fed one
+    document at a time (what Megatron-LM's preprocess_data does), and appear whole or not at all."""
+    import numpy
+
+    from ellama_megatron.formats import indexed_dataset
+
+    docs = [[1, 2, 3, 9], [7, 9], [4, 4, 4, 4, 4, 9]]
+    ref = indexed_dataset.builder(tmp_path / "ref", numpy.uint16)
+    for d in docs:
+        ref.add_document(numpy.array(d), [len(d)])
+    indexed_dataset.finalize(ref, tmp_path / "ref")
+
+    def same(prefix) -> bool:
+        pairs = zip(indexed_dataset.pair_paths(tmp_path / "ref"), indexed_dataset.pair_paths(prefix))
+        return all(a.read_bytes() == b.read_bytes() for a, b in pairs)
+
+    assert same(indexed_dataset.write_documents(tmp_path / "docs", docs, numpy.uint16))
+    for i, part in enumerate((docs[:1], docs[1:])):
+        (tmp_path / f"part{i}").write_bytes(numpy.array(sum(part, []), dtype=numpy.uint16).tobytes())
+    payloads = [(tmp_path / "part0", [4]), (tmp_path / "part1", numpy.array([2, 6]))]
+    assert same(indexed_dataset.write_payloads(tmp_path / "payloads", payloads, numpy.uint16))
+    (tmp_path / "whole").write_bytes(numpy.array(sum(docs, []), dtype=numpy.uint16).tobytes())
+    one = [(tmp_path / "whole", [len(d) for d in docs])]
+    assert same(indexed_dataset.write_payloads(tmp_path / "one_payload", one, numpy.uint16))
+    indexed_dataset.write_documents(tmp_path / "first", docs[:2], numpy.uint16)
+    indexed_dataset.write_documents(tmp_path / "rest", docs[2:], numpy.uint16)
+    assert same(indexed_dataset.concatenate([tmp_path / "first", tmp_path / "rest"], tmp_path / "joined"))
+    assert [s.tolist() for s in indexed_dataset.read_sequences(tmp_path / "joined")] == docs
+    assert [s.tolist() for s in indexed_dataset.read_sequences(tmp_path / "joined", limit=2)] == docs[:2]
+
+    def failing():
+        yield docs[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        indexed_dataset.write_documents(tmp_path / "cut", failing(), numpy.uint16)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert not any("cut" in name for name in before)  # nothing half-written, no temporary left
+
+
+def test_token_dtype_and_index_are_megatrons(tmp_path):
+    """optimal_dtype and write_index, which spare preprocessing the import of Megatron-Core (and
+    torch), choose and write what Megatron-Core does, for both dtypes and an empty dataset."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from ellama_megatron.formats import indexed_dataset
+
+    for vocab in (None, 1, 512, 65_499, 65_500, 128_256):
+        assert indexed_dataset.optimal_dtype(vocab) is DType.optimal_dtype(vocab)
+    for dtype, docs in (
+        (numpy.uint16, [[5, 6, 2], [7, 2]]),
+        (numpy.int32, [[128000, 70000, 128001]]),
+        (numpy.int32, []),
+    ):
+        built = indexed_dataset.builder(tmp_path / "ref", dtype)
+        for d in docs:
+            built.add_document(numpy.array(d), [len(d)])
+        indexed_dataset.finalize(built, tmp_path / "ref")
+        indexed_dataset.write_index(tmp_path / "ours.idx", dtype, [len(d) for d in docs])
+        assert (tmp_path / "ours.idx").read_bytes() == indexed_dataset.idx_path(tmp_path / "ref").read_bytes()

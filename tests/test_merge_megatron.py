@@ -204,8 +204,9 @@ def test_merged_checkpoint_starts_the_engine_at_its_own_loss(ckpts, tmp_path):
 
     import numpy as np
     from conftest import run_cpt
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import LlamaForCausalLM
+
+    from ellama_megatron.formats import indexed_dataset
 
     # Weights far from a random init (std 0.4), so a failed load could not pass for a good one.
     cfg = dataclasses.replace(ckpts["cfg"], init_method_std=0.4)
@@ -218,10 +219,7 @@ def test_merged_checkpoint_starts_the_engine_at_its_own_loss(ckpts, tmp_path):
     seq = 128  # conf/train/tiny.yaml seq_length
     doc = np.random.default_rng(0).integers(4, 512, seq).astype(np.int32)  # no EOD (id 2) inside
     for split, n in (("train", 64), ("valid", 8)):
-        builder = IndexedDatasetBuilder(str(tmp_path / f"{split}.bin"), dtype=np.int32)
-        for _ in range(n):
-            builder.add_document(doc, [len(doc)])
-        builder.finalize(str(tmp_path / f"{split}.idx"))
+        indexed_dataset.write_documents(tmp_path / split, [doc] * n, np.int32)
     data = {"general": {"train": str(tmp_path / "train"), "valid": str(tmp_path / "valid")}}
     export_hf(out, tmp_path / "merged_hf", quiet=True)
     tokens = torch.tensor(np.concatenate([doc, doc[:1]]), dtype=torch.long)

@@ -17,6 +17,7 @@ from ellama_megatron.data.pipeline import FAIL_TASK_ENV, ExecutorSettings, prepa
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
@@ -47,18 +48,14 @@ def _opts(corpus, prefix, tokenizer_dir, template, **kw) -> PreprocessOptions:
 
 
 def _docs(prefix) -> list[list[int]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(prefix))
-    return [numpy.asarray(ds[i]).tolist() for i in range(len(ds))]
+    return [numpy.asarray(ids).tolist() for ids in indexed_dataset.read_sequences(prefix)]
 
 
 def _task_files(prefix: Path, tasks: int) -> dict[str, bytes]:
     out = {}
     for r in range(tasks):
         for split in ("train", "valid"):
-            for ext in (".bin", ".idx"):
-                path = Path(f"{task_prefix(prefix, r, tasks)}_{split}{ext}")
+            for path in indexed_dataset.pair_paths(f"{task_prefix(prefix, r, tasks)}_{split}"):
                 if path.exists():
                     out[path.name] = path.read_bytes()
     return out

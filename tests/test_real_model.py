@@ -78,8 +78,9 @@ def test_evaluate_of_the_export_equals_transformers_on_real_prose(smollm2, expor
 def test_cpt_from_init_from_alone_starts_at_transformers_loss(smollm2, tmp_path):
     """Identical 128-token documents of real text make every sample doc + doc[0] (as in
     test_convert_engine), so iteration 1's loss is transformers' loss on those tokens."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from ellama_megatron.formats import indexed_dataset
 
     root, hf, _ = smollm2
     tok = AutoTokenizer.from_pretrained(hf)
@@ -89,10 +90,7 @@ def test_cpt_from_init_from_alone_starts_at_transformers_loss(smollm2, tmp_path)
     prefixes = {}
     for split, copies in (("train", 16), ("valid", 2)):
         prefix = tmp_path / f"prose_{split}"
-        builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-        for _ in range(copies):
-            builder.add_document(doc, [len(doc)])
-        builder.finalize(f"{prefix}.idx")
+        indexed_dataset.write_documents(prefix, [doc] * copies, np.int32)
         prefixes[split] = str(prefix)
     tokens = torch.tensor(np.concatenate([doc, doc[:1]]), dtype=torch.long)
     model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32)

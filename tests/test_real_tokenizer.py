@@ -18,6 +18,7 @@ import pytest
 from ellama_megatron.data.document_tokens import DocumentTokensError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
 from ellama_megatron.data.serializers import RecordSerializer, load_template
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.testing.real_prose import licence_paragraphs
 
 SITE = Path(sysconfig.get_paths()["purelib"])
@@ -58,10 +59,7 @@ def run(corpus_path, out, tokenizer, **options):
 
 
 def read_back(manifest_prefix) -> list[list[int]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(manifest_prefix))
-    return [ds[i].tolist() for i in range(len(ds))]
+    return [ids.tolist() for ids in indexed_dataset.read_sequences(manifest_prefix)]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -122,7 +120,7 @@ def test_bos_always_on_a_folder_naming_no_bos_takes_bos_token(corpus, tmp_path):
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:100]))
     with pytest.raises(DocumentTokensError, match="names no bos_token.*--bos-token '<\\|begin_of_text\\|>'"):
         run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", eod_token="<|end_of_text|>")
-    assert not list(tmp_path.glob("bare*.bin"))
+    assert not list(tmp_path.glob(f"bare*{indexed_dataset.BIN_SUFFIX}"))
     with pytest.raises(DocumentTokensError, match="--bos-token '<bos>': not a token of"):
         run(path, tmp_path / "bare", LLAMA3_BARE, bos="always", bos_token="<bos>", eod_token="<|end_of_text|>")
     with pytest.raises(DocumentTokensError, match="with --bos never"):
@@ -153,7 +151,38 @@ def test_an_instruct_folder_needs_an_explicit_eod(corpus, tmp_path):
         run(path, tmp_path / "instruct", instruct)
     msg = str(e.value)
     assert "eos_token is <|eot_id|> (id 128009" in msg and "--eod-token '<|end_of_text|>'" in msg
-    assert not list(tmp_path.glob("instruct*.bin"))  # refused before any work
+    assert not list(tmp_path.glob(f"instruct*{indexed_dataset.BIN_SUFFIX}"))  # refused before any work
     manifest = run(path, tmp_path / "instruct", instruct, eod_token="<|end_of_text|>")
     assert {d[-1] for d in read_back(tmp_path / "instruct_train")} == {END_OF_TEXT}
     assert manifest["documents"]["eod"]["from"] == "--eod-token"
+
+
+def test_short_real_documents_same_bytes_with_1_and_2_workers(tmp_path):
+    """Many short real documents (paragraphs of the licences and of Python's language reference,
+    whitespace as in the files, a few dozen tokens each): the dataset written with 1 worker and with
+    2 (units of 64 KB, their parts joined in input order) is byte for byte the one Megatron's builder
+    writes from ``tokenizer(text).input_ids + [EOD]`` per document, as Megatron-LM's script does."""
+    import numpy
+    from ellama_megatron.testing.real_prose import python_reference_records
+    from transformers import AutoTokenizer
+
+    docs = licence_paragraphs() + [
+        p for r in python_reference_records() for p in r["text"].split("\n\n") if p.strip() and len(p) < 2000
+    ]
+    assert len(docs) > 3000
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for workers in (1, 2):
+        manifest = run(path, tmp_path / f"w{workers}", LLAMA3_FOLDER, workers=workers)
+        assert manifest["splits"]["train"]["documents"] == len(docs)
+    tok = AutoTokenizer.from_pretrained(str(LLAMA3_FOLDER))
+    reference = tmp_path / "reference"
+    built = indexed_dataset.builder(reference, numpy.int32)
+    for ids in tok(docs).input_ids:
+        built.add_document(numpy.array(ids + [END_OF_TEXT]), [len(ids) + 1])
+    indexed_dataset.finalize(built, reference)
+    for workers in (1, 2):
+        for ours, ref in zip(
+            indexed_dataset.pair_paths(tmp_path / f"w{workers}_train"), indexed_dataset.pair_paths(reference)
+        ):
+            assert ours.read_bytes() == ref.read_bytes(), (workers, ours.name)

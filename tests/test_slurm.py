@@ -27,20 +27,18 @@ ITERS = 30
 
 def write_tiny_data(root: Path) -> Path:
     """Two domains of random-ish token ids as Megatron indexed datasets, and their blend file."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ellama_megatron.formats import indexed_dataset
 
     rng = np.random.default_rng(0)
     blend = {"train": [], "valid": {}}
     for name, low in (("general", 4), ("ecommerce", 200)):
         for split, docs in (("train", 300), ("valid", 20)):
             prefix = root / f"{name}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+            documents = []
             for _ in range(docs):
                 n = int(rng.integers(20, 200))
-                doc = np.append(low + (np.arange(n) * 7 + rng.integers(0, 5, n)) % 250, 2).astype(np.int32)
-                builder.add_document(torch.from_numpy(doc), [len(doc)])
-            builder.finalize(f"{prefix}.idx")
+                documents.append(np.append(low + (np.arange(n) * 7 + rng.integers(0, 5, n)) % 250, 2).astype(np.int32))
+            indexed_dataset.write_documents(prefix, documents, np.int32)
             if split == "train":
                 blend["train"].append({"prefix": str(prefix), "weight": 1.0})
             else:

@@ -32,11 +32,13 @@ from ellama_megatron.cli import run_tool
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Could not determine rank).*")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
+from preprocess_data import add_preprocess_arguments, preprocess_options  # tools/: this script's folder
+
 from ellama_megatron.data.document_tokens import DocumentTokensError
 from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.data.manifest import ManifestError
 from ellama_megatron.data.pipeline import ExecutorSettings, prepare
-from ellama_megatron.data.preprocess import add_preprocess_arguments, preprocess_options, summary_line
+from ellama_megatron.data.preprocess import summary_line
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError
 

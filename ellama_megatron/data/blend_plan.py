@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ellama_megatron.data.manifest import dataset_prefixes, read_manifest
+from ellama_megatron.formats import indexed_dataset
 
 DEFAULT_MAX_EPOCHS = 1.0
 SHARE_TOLERANCE = 1e-6
@@ -207,13 +207,12 @@ def plan_blend(data_cfg, train_tokens: float, seq_length: int) -> BlendPlan:
                 vprefixes = [p for p, _ in dataset_prefixes(path, m, "valid")]
                 plan.valid_prefixes.extend(vprefixes)
                 for p in [p for p, _ in train] + vprefixes:
-                    for ext in (".bin", ".idx"):
-                        # A stat each: a blend naming a moved or deleted dataset would fail only in the ranks.
-                        if not Path(str(p) + ext).is_file():
-                            raise PlanError(
-                                f"{path}: its dataset {p}{ext} is missing; copy the dataset beside "
-                                "the manifest or preprocess it again (tools/preprocess_data.py)"
-                            )
+                    # A stat each: a blend naming a moved or deleted dataset would fail only in the ranks.
+                    if missing := indexed_dataset.missing_files(p):
+                        raise PlanError(
+                            f"{path}: its dataset {missing[0]} is missing; copy the dataset beside "
+                            "the manifest or preprocess it again (tools/preprocess_data.py)"
+                        )
                 plan.tokens_available += tokens
             plan.tokens_drawn = plan.share * num_samples * seq_length
             if plan.share > 0 and plan.tokens_available == 0:

@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from ellama_megatron.formats import indexed_dataset
+
 MANIFEST_FORMAT = "ellama-megatron/manifest/v1"
 
 
@@ -39,7 +41,7 @@ def output_files(output_prefix: str | Path) -> list[Path]:
     """Every file a preprocessing run creates for ``output_prefix``."""
     files = [manifest_path(output_prefix)]
     for split in ("train", "valid"):
-        files += [Path(split_prefix(output_prefix, split) + ext) for ext in (".bin", ".idx")]
+        files += indexed_dataset.pair_paths(split_prefix(output_prefix, split))
     return files
 
 

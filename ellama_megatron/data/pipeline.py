@@ -40,28 +40,13 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
 
 from ellama_megatron.data import indexed_writer
-from ellama_megatron.data.indexed_writer import (
-    SPLITS,
-    PartWriter,
-    SplitStats,
-    UnitResult,
-    merge_parts,
-    serialize_record,
-)
-from ellama_megatron.data.manifest import (
-    MANIFEST_FORMAT,
-    file_sha256,
-    manifest_path,
-    output_files,
-    read_manifest,
-    split_prefix,
-)
+from ellama_megatron.data.indexed_writer import SPLITS, Batch, PartWriter, SplitStats, UnitResult, serialize_record
+from ellama_megatron.data.manifest import MANIFEST_FORMAT, file_sha256, manifest_path, output_files, read_manifest
 from ellama_megatron.data.preprocess import (
     MAX_EXAMPLES,
     PreprocessOptions,
     PreprocessPlan,
-    build_manifest,
-    domain_filter_manifest,
+    finalize_outputs,
     no_document_error,
     plan_preprocess,
 )
@@ -145,7 +130,8 @@ class SerializeRecords(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
-            serialized = serialize_record(self.job, doc.metadata["raw"], self.ledger.totals)
+            raw = doc.metadata["raw"]
+            serialized = serialize_record(self.job, raw.record, self.ledger.totals, raw)
             if serialized is None:
                 self.stat_update("dropped")
                 continue
@@ -220,7 +206,12 @@ class WriteIndexedDatasets(PipelineStep):
                     hash_new_files()
                     with self.track_time(unit="batch"):
                         writer.add(
-                            [(d.metadata["raw"], d.text, d.metadata["language"], d.metadata["split"]) for d in batch]
+                            Batch(
+                                [d.metadata["raw"] for d in batch],
+                                [d.text for d in batch],
+                                [d.metadata["language"] for d in batch],
+                                [d.metadata["split"] for d in batch],
+                            )
                         )
                     self.stat_update("documents", value=len(batch))
                     if fail:
@@ -232,37 +223,22 @@ class WriteIndexedDatasets(PipelineStep):
             writer.save()
             hash_new_files()
             digests = {path: f.result() for path, f in checksums.items()}
-        splits = self.ledger.totals.splits
-        written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
-        for s in written:
-            merge_parts([str(tmp / f"part_{s}")], str(tmp / s), job.dtype)
-        for p in output_files(out_prefix):  # an earlier attempt's outputs go, manifest first
-            p.unlink(missing_ok=True)
-        for s in written:
-            for ext in (".bin", ".idx"):
-                os.replace(tmp / f"{s}{ext}", split_prefix(out_prefix, s) + ext)
         totals = self.ledger.totals
-        manifest = build_manifest(
+        finalize_outputs(
             self.opts,
             self.plan,
-            splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
-            inputs=[
-                {"path": path, "bytes": os.path.getsize(path), "sha256": digests.get(path), "records": n}
-                for path, n in self.ledger.records_per_file.items()
-            ],
-            skipped=totals.skipped,
-            examples=totals.examples[:MAX_EXAMPLES],
-            domain_filter=(
-                domain_filter_manifest(self.opts, self.plan.threshold, [totals.domain_filter])
-                if totals.domain_filter is not None
-                else None
-            ),
-            seconds=time.time() - start,
+            out_prefix,
+            tmp,
+            [str(tmp / "part")],
+            [totals],
+            records_per_file=dict(self.ledger.records_per_file),
+            digests=digests,
+            start=start,
+            require_documents=False,  # a task may hold nothing; finish() checks the sum of the tasks
             task={"rank": rank, "tasks": world_size},
         )
-        write_json_atomic(manifest_path(out_prefix), manifest)
         shutil.rmtree(tmp, ignore_errors=True)
-        self.stat_update("tokens", value=sum(splits[s].tokens for s in SPLITS))
+        self.stat_update("tokens", value=sum(totals.splits[s].tokens for s in SPLITS))
         write_source_manifest(self.opts.output_prefix, world_size)
         return
         yield  # a generator that yields nothing: the last step

@@ -13,15 +13,18 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
+
 from ellama_megatron.data import indexed_writer
 from ellama_megatron.data.document_tokens import DocumentTokens, document_tokens
-from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, encode_unit, merge_parts
+from ellama_megatron.data.indexed_writer import SPLITS, EncodeJob, SplitStats, UnitResult, encode_unit, merge_parts
 from ellama_megatron.data.manifest import (
     MANIFEST_FORMAT,
     file_sha256,
@@ -30,7 +33,8 @@ from ellama_megatron.data.manifest import (
     split_prefix,
 )
 from ellama_megatron.data.readers import InputError, WorkUnit, check_readable, expand_inputs, plan_units, read_unit
-from ellama_megatron.data.serializers import MissingField, RecordSerializer, load_template, serialize
+from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.atomic import write_json_atomic
 from ellama_megatron.formats.tokenizer_folder import TokenizerInfo, load_tokenizer_folder
 
@@ -169,31 +173,79 @@ def domain_filter_manifest(opts: PreprocessOptions, threshold: float, parts) -> 
     return {"model": str(opts.domain_filter), "model_sha256": file_sha256(meta), **stats.to_dict()}
 
 
-def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, workers: int, progress: bool, classifier=None):
+def _worker_pool(plan: PreprocessPlan, workers: int):
+    """The worker processes of ``workers`` > 1 (None for 1: units are encoded in this process).
+
+    Forked, so each inherits the Rust tokenizer this process built for its checks (building Llama
+    3's again costs each spawned worker 0.4 s or more, and its imports as much): started before this
+    process starts any thread (checksums, progress bar) and after it only ran single-text encodes,
+    which leave the tokenizer's thread pool unstarted, the one thing a fork would break. Each worker
+    then starts its pool with its share of the cores. A process that already runs threads of its
+    own (a caller's) or the tokenizer's pool (a batch encode of an earlier run in the same process)
+    spawns its workers instead: a fork copies locks those threads may hold. (numpy's OpenBLAS
+    threads are there from its import on; OpenBLAS prepares itself for a fork.)"""
+    if workers <= 1:
+        return None
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    fork = threading.active_count() == 1 and not indexed_writer.batch_encoded()
+    return multiprocessing.get_context("fork" if fork else "spawn").Pool(
+        workers, initializer=indexed_writer.worker_init, initargs=(plan.tok.backend_json, threads, plan.classifier)
+    )
+
+
+class _JoinedParts:
+    """The parts of the finished units appended, in input order, to one part per split as they come
+    in: with worker processes the main process does it while they encode (it is idle otherwise),
+    and the final dataset is then a rename, not a copy of every token at the end."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.files = {s: open(f"{prefix}_{s}.tokens", "wb") for s in SPLITS}
+        self.lengths: dict[str, list] = {s: [] for s in SPLITS}
+
+    def append(self, part: str) -> None:
+        for s in SPLITS:
+            if self.files[s].tell() == 0:  # nothing joined yet: the part becomes the joined file
+                self.files[s].close()
+                os.replace(f"{part}_{s}.tokens", f"{self.prefix}_{s}.tokens")
+                self.files[s] = open(f"{self.prefix}_{s}.tokens", "ab")
+            else:
+                with open(f"{part}_{s}.tokens", "rb") as f:
+                    shutil.copyfileobj(f, self.files[s], 16 << 20)
+            self.lengths[s].append(numpy.load(f"{part}_{s}.lengths.npy"))
+            for suffix in (".tokens", ".lengths.npy"):
+                Path(f"{part}_{s}{suffix}").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for s in SPLITS:
+            self.files[s].close()
+            lengths = numpy.concatenate(self.lengths[s]) if self.lengths[s] else numpy.zeros(0, numpy.int64)
+            numpy.save(f"{self.prefix}_{s}.lengths.npy", lengths)
+
+
+def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, pool, progress: bool, classifier=None):
+    """Encode every unit (in this process, or in ``pool``'s); returns the joined part and the units' results."""
     parts = [os.path.join(tmp_dir, f"part{i:05d}") for i in range(len(units))]
     from tqdm import tqdm
 
     bar = tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    joined = _JoinedParts(os.path.join(tmp_dir, "joined"))
     results = []
-    if workers <= 1:
-        indexed_writer.install_tokenizer(tokenizer_json)
-        indexed_writer.install_domain_classifier(classifier)
-        for unit, part in zip(units, parts):
-            results.append(encode_unit(job, unit, part))
+    try:
+        if pool is None:
+            indexed_writer.install_tokenizer(tokenizer_json)
+            indexed_writer.install_domain_classifier(classifier)
+            finished = (encode_unit(job, unit, part) for unit, part in zip(units, parts))
+        else:
+            finished = (r.get() for r in [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)])
+        for unit, part, result in zip(units, parts, finished):
+            joined.append(part)
+            results.append(result)
             bar.update(unit.size)
-    else:
-        # spawn: the Rust tokenizer's thread pool does not survive fork.
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
-        with ctx.Pool(
-            workers, initializer=indexed_writer.worker_init, initargs=(tokenizer_json, threads, classifier)
-        ) as pool:
-            pending = [pool.apply_async(encode_unit, (job, u, p)) for u, p in zip(units, parts)]
-            for unit, res in zip(units, pending):
-                results.append(res.get())
-                bar.update(unit.size)
+    finally:
+        joined.close()
     bar.close()
-    return parts, results
+    return [joined.prefix], results
 
 
 @dataclass
@@ -229,10 +281,11 @@ def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_
     files = expand_inputs(opts.inputs)
     for f in files:
         check_readable(f)
-    # At least 4 units per reader where inputs can be cut, so no reader idles at the end.
+    # About 16 units per reader where inputs can be cut (none under 1 MB), so no reader idles long at
+    # the end: the last unit is what one core works on alone.
     parallel = opts.workers if parallel is None else parallel
     total = sum(os.path.getsize(f) for f in files)
-    shard = opts.shard_bytes if parallel == 1 else min(opts.shard_bytes, max(1 << 20, total // (4 * parallel)))
+    shard = opts.shard_bytes if parallel == 1 else min(opts.shard_bytes, max(1 << 20, total // (16 * parallel)))
     if total == 0 and not opts.allow_empty:
         raise InputError(
             f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
@@ -297,6 +350,66 @@ def no_document_error(files, records: int, skipped: Counter) -> InputError:
     )
 
 
+def finalize_outputs(
+    opts: PreprocessOptions,
+    plan: PreprocessPlan,
+    out_prefix: Path,
+    work_dir: Path,
+    parts: list[str],
+    results: list[UnitResult],
+    records_per_file: dict[str, int],
+    digests: dict[str, str | None],
+    start: float,
+    require_documents: bool,
+    **extra,
+) -> dict:
+    """The tail both drivers share (preprocess() and a pipeline task, data/pipeline.py): the counts of
+    ``results`` summed, the raw ``parts`` (in ``work_dir``, in input order) merged into one dataset per
+    split, the old outputs of ``out_prefix`` replaced, and its manifest written last; returns it.
+    ``records_per_file``: records read per input, in the manifest's order; ``digests``: their sha256
+    (None where not computed). With ``require_documents``, no document at all is an InputError before
+    any output changes. ``extra`` goes to the manifest (a pipeline task's rank)."""
+    splits = {s: SplitStats() for s in SPLITS}
+    skipped: Counter = Counter()
+    examples: list = []
+    for r in results:
+        for s in SPLITS:
+            splits[s].merge(r.splits[s])
+        skipped.update(r.skipped)
+        examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
+    if require_documents and sum(splits[s].documents for s in SPLITS) == 0:
+        raise no_document_error(list(records_per_file), sum(records_per_file.values()), skipped)
+    written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
+    for s in written:
+        merge_parts([f"{p}_{s}" for p in parts], str(work_dir / s), plan.job.dtype)
+    # From here on the outputs change: old ones (when overwriting) go first, manifest first, so an
+    # interruption never leaves a manifest describing datasets it does not match.
+    for p in output_files(out_prefix):
+        p.unlink(missing_ok=True)
+    for s in written:
+        indexed_dataset.replace(work_dir / s, split_prefix(out_prefix, s))
+    domain_filter = None
+    if plan.threshold is not None:
+        filtered = [r.domain_filter for r in results if r.domain_filter is not None]
+        domain_filter = domain_filter_manifest(opts, plan.threshold, filtered)
+    manifest = build_manifest(
+        opts,
+        plan,
+        splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
+        inputs=[
+            {"path": path, "bytes": os.path.getsize(path), "sha256": digests.get(path), "records": n}
+            for path, n in records_per_file.items()
+        ],
+        skipped=skipped,
+        examples=examples,
+        domain_filter=domain_filter,
+        seconds=time.time() - start,
+        **extra,
+    )
+    write_json_atomic(manifest_path(out_prefix), manifest)
+    return manifest
+
+
 def preprocess(opts: PreprocessOptions) -> dict:
     """Run the whole pipeline; returns the manifest (also written to ``<prefix>.manifest.json``)."""
     start = time.time()
@@ -307,56 +420,33 @@ def preprocess(opts: PreprocessOptions) -> dict:
     for folder in remove_stale_temp_folders(out_prefix):
         print(f"removed {folder}: temporary folder of an earlier run on this prefix that died", file=sys.stderr)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
+    pool = _worker_pool(plan, opts.workers)
     try:
         Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
             parts, results = _run_units(
-                job, plan.units, tmp_dir, plan.tok.backend_json, opts.workers, opts.progress, plan.classifier
+                job, plan.units, tmp_dir, plan.tok.backend_json, pool, opts.progress, plan.classifier
             )
             checksums = list(digests)
-        splits = {s: SplitStats() for s in SPLITS}
-        skipped: Counter = Counter()
-        examples: list = []
-        records_per_file: Counter = Counter()
+        records: Counter = Counter()
         for r in results:
-            for s in SPLITS:
-                splits[s].merge(r.splits[s])
-            skipped.update(r.skipped)
-            examples.extend(r.examples[: MAX_EXAMPLES - len(examples)])
-            records_per_file[r.unit.path] += r.records
-        if not opts.allow_empty and sum(splits[s].documents for s in SPLITS) == 0:
-            raise no_document_error(files, sum(records_per_file.values()), skipped)
-        written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
-        for s in written:
-            merge_parts([f"{p}_{s}" for p in parts], os.path.join(tmp_dir, s), job.dtype)
-        # From here on the outputs change: old ones (when overwriting) go first, manifest first, so
-        # an interruption never leaves a manifest describing datasets it does not match.
-        for p in output_files(out_prefix):
-            p.unlink(missing_ok=True)
-        for s in written:
-            for ext in (".bin", ".idx"):
-                os.replace(os.path.join(tmp_dir, s + ext), split_prefix(out_prefix, s) + ext)
-        manifest = build_manifest(
+            records[r.unit.path] += r.records
+        return finalize_outputs(
             opts,
             plan,
-            splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
-            inputs=[
-                {"path": str(f), "bytes": os.path.getsize(f), "sha256": d, "records": records_per_file[str(f)]}
-                for f, d in zip(files, checksums)
-            ],
-            skipped=skipped,
-            examples=examples,
-            domain_filter=(
-                domain_filter_manifest(opts, plan.threshold, [r.domain_filter for r in results])
-                if plan.classifier is not None
-                else None
-            ),
-            seconds=time.time() - start,
+            out_prefix,
+            Path(tmp_dir),
+            parts,
+            results,
+            records_per_file={str(f): records[str(f)] for f in files},
+            digests=dict(zip(map(str, files), checksums)),
+            start=start,
+            require_documents=not opts.allow_empty,
         )
-        write_json_atomic(manifest_path(out_prefix), manifest)
-        return manifest
     finally:
+        if pool is not None:
+            pool.terminate()
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
@@ -375,128 +465,4 @@ def summary_line(manifest: dict) -> str:
         f"{manifest['source']}: {tr['documents']:,} train docs / {tr['tokens']:,} tokens, "
         f"{va['documents']:,} valid docs / {va['tokens']:,} tokens, {filtered}"
         f"{manifest['skipped']['count']:,} skipped, {total / secs:,.0f} tokens/s ({manifest['seconds']} s)"
-    )
-
-
-def add_preprocess_arguments(p) -> None:
-    """The options of preprocessing on an argparse parser: tools/preprocess_data.py's, which
-    tools/prepare_data.py shares (one definition, one help text)."""
-    p.add_argument("--input", nargs="+", required=True, help="input files or folders (all formats above)")
-    p.add_argument("--output-prefix", required=True, help="output path without suffix, e.g. data/ellama/reviews_de")
-    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with tokenizer.json)")
-    p.add_argument(
-        "--template",
-        default="plain",
-        help="listing | review | plain | path to a template YAML (keys: text, required, html_fields). Default: plain",
-    )
-    p.add_argument(
-        "--text-key", default="text", help="record key holding the text for --template plain (default: text)"
-    )
-    p.add_argument("--language-key", default="language", help="record key holding a language code (default: language)")
-    p.add_argument("--default-language", default="und", help="language recorded for records without one (default: und)")
-    p.add_argument(
-        "--id-key",
-        default=None,
-        help="record key identifying a document; the validation split hashes it (default: hash the text)",
-    )
-    p.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.0,
-        help="fraction of documents held out for validation, e.g. 0.005 (default: 0)",
-    )
-    p.add_argument(
-        "--source", default=None, help="source name recorded in the manifest (default: the prefix's file name)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes; each reads its own shards and batch-encodes on its own threads (default: 1)",
-    )
-    p.add_argument(
-        "--shard-mb",
-        type=float,
-        default=64,
-        help="plain JSONL/Parquet inputs are cut into shards of this size (default: 64)",
-    )
-    p.add_argument("--batch-docs", type=int, default=1000, help="documents per tokenizer batch (default: 1000)")
-    p.add_argument(
-        "--domain-filter",
-        default=None,
-        metavar="MODEL_DIR",
-        help="keep only documents this classifier (tools/domain_classifier.py train) scores above the "
-        "threshold; runs in the workers on the serialized text, before tokenization",
-    )
-    p.add_argument(
-        "--domain-threshold",
-        type=float,
-        default=None,
-        help="keep scores strictly above this (default: the threshold stored with the classifier)",
-    )
-    p.add_argument(
-        "--bos",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="BOS before every document: auto = what the tokenizer's template adds (Meta's Llama 3 folders: "
-        "<|begin_of_text|>; a bare tokenizer.json: none), always, never; the manifest records what was written",
-    )
-    p.add_argument(
-        "--bos-token",
-        default=None,
-        help="the BOS token (default: the folder's bos_token); for a folder that names none, e.g. a bare "
-        "tokenizer.json: --bos always --bos-token '<|begin_of_text|>'",
-    )
-    p.add_argument(
-        "--eod-token",
-        default=None,
-        help="token after every document (default: the folder's eos_token; a chat folder's end-of-turn "
-        "eos such as <|eot_id|> is refused without this option, e.g. --eod-token '<|end_of_text|>')",
-    )
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument(
-        "--max-doc-chars",
-        type=int,
-        default=DEFAULT_MAX_DOC_CHARS,
-        help="skip (and count in the summary) documents longer than this many characters: tokenizing "
-        f"costs ~200x a document's size in memory (default {DEFAULT_MAX_DOC_CHARS:,}; 0: no limit)",
-    )
-    p.add_argument(
-        "--allow-empty",
-        action="store_true",
-        help="write a 0-document dataset when no document is left (refused by default: usually a wrong input)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def preprocess_options(args) -> PreprocessOptions:
-    """PreprocessOptions from the parsed ``add_preprocess_arguments`` options (errors of the
-    template: InputError/ValueError naming it)."""
-    serializer = RecordSerializer(
-        template=load_template(args.template, text_key=args.text_key),
-        language_key=args.language_key,
-        default_language=args.default_language,
-        id_key=args.id_key,
-    )
-    return PreprocessOptions(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer_dir=args.tokenizer,
-        serializer=serializer,
-        source=args.source,
-        valid_fraction=args.valid_fraction,
-        workers=args.workers,
-        shard_bytes=int(args.shard_mb * (1 << 20)),
-        batch_docs=args.batch_docs,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        domain_filter=args.domain_filter,
-        domain_threshold=args.domain_threshold,
-        bos=args.bos,
-        eod_token=args.eod_token,
-        bos_token=args.bos_token,
-        allow_empty=args.allow_empty,
-        max_doc_chars=args.max_doc_chars,
     )

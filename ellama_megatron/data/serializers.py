@@ -20,6 +20,7 @@ pass ``--template my_template.yaml`` to use your own (keys: text, required, html
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import string
@@ -188,6 +189,24 @@ def render_value(value, strip: bool = False, normalize_whitespace: bool = True) 
     return strip_html(text) if strip else text
 
 
+@functools.lru_cache(maxsize=64)
+def _template_lines(template: Template) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each line of the template with the fields it names: parsed once, not once per record."""
+    return tuple(
+        (line, tuple(f for _, f, _, _ in string.Formatter().parse(line) if f)) for line in template.text.split("\n")
+    )
+
+
+def text_as_given_key(template: Template) -> str | None:
+    """The record key of a template that is one required field written as given (``plain``): a
+    record whose value there is a non-blank string serializes to that string itself, which callers
+    on the hot path take without ``serialize``. None for any other template."""
+    if template.normalize_whitespace or template.html_fields or len(template.required) != 1:
+        return None
+    key = template.required[0]
+    return key if template.text == "{" + key + "}" else None
+
+
 def serialize(record: dict, template: Template) -> str:
     """The record's training text; raises MissingField when a required field is absent or empty."""
     rendered: dict[str, str] = {}
@@ -195,8 +214,7 @@ def serialize(record: dict, template: Template) -> str:
         if _is_empty(record.get(name)):
             raise MissingField(name)
     out_lines = []
-    for line in template.text.split("\n"):
-        names = [f for _, f, _, _ in string.Formatter().parse(line) if f]
+    for line, names in _template_lines(template):
         keep = True
         for name in names:
             if name not in rendered:

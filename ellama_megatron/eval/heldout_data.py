@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ellama_megatron.formats import indexed_dataset
+
 
 @dataclasses.dataclass
 class Document:
@@ -36,17 +38,16 @@ def parse_domain_spec(spec: str) -> DomainSource:
     if not name:
         raise ValueError(f"--data {spec!r}: empty domain name; expected DOMAIN=PATH")
     path = Path(raw)
-    if path.suffix in (".jsonl", ".json") or (path.is_file() and path.suffix not in (".bin", ".idx")):
+    if path.suffix in (".jsonl", ".json") or (path.is_file() and not indexed_dataset.is_pair_file(path)):
         if not path.is_file():
             raise ValueError(f"--data {spec!r}: file {path} does not exist")
         return DomainSource(name, path, "jsonl")
-    prefix = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
-    for ext in (".bin", ".idx"):
-        if not Path(str(prefix) + ext).is_file():
-            raise ValueError(
-                f"--data {spec!r}: {prefix}{ext} does not exist; give a .jsonl file or a Megatron indexed "
-                "dataset prefix (path without .bin/.idx)"
-            )
+    prefix = indexed_dataset.prefix_of(path)
+    if missing := indexed_dataset.missing_files(prefix):
+        raise ValueError(
+            f"--data {spec!r}: {missing[0]} does not exist; give a .jsonl file or a Megatron indexed "
+            f"dataset prefix (path without {'/'.join(indexed_dataset.SUFFIXES)})"
+        )
     return DomainSource(name, prefix, "indexed")
 
 
@@ -79,9 +80,7 @@ def check_documents(src: DomainSource, text_key: str = "text", max_docs: int | N
         if src.kind == "jsonl":
             n = sum(1 for _ in _jsonl_records(src, text_key, max_docs))
         else:
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-            n = len(IndexedDataset(str(src.path)))
+            n = len(indexed_dataset.read(src.path))
     except UnicodeDecodeError as e:
         raise ValueError(f"{src.path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSONL file") from None
     except (AssertionError, OSError, IndexError) as e:  # Megatron asserts on a damaged .idx
@@ -108,12 +107,8 @@ def read_documents(
                 ids = ids + [eos]
             docs.append(Document(np.asarray(ids, dtype=np.int64), lang))
     else:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        ds = IndexedDataset(str(src.path))
-        n = len(ds) if max_docs is None else min(len(ds), max_docs)
-        for i in range(n):
-            docs.append(Document(np.asarray(ds[i], dtype=np.int64), None))
+        for ids in indexed_dataset.read_sequences(src.path, max_docs):
+            docs.append(Document(np.asarray(ids, dtype=np.int64), None))
     if not docs:
         raise ValueError(f"{src.path}: no documents")
     return docs

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
+
+from ellama_megatron.formats.atomic import write_json_atomic, write_text_atomic
+from ellama_megatron.formats.indexed_dataset import optimal_dtype
 
 # The files that make up a tokenizer (transformers' fast and slow formats, chat templates). Two
 # models have the same tokenizer when these are the same.
@@ -70,9 +74,7 @@ class TokenizerInfo:
     @property
     def dtype(self) -> type:
         """Token dtype of the .bin file, chosen exactly as Megatron-LM's preprocess_data does."""
-        from megatron.core.datasets.indexed_dataset import DType  # lazy: Megatron-Core imports in seconds
-
-        return DType.optimal_dtype(self.vocab_size)
+        return optimal_dtype(self.vocab_size)
 
     def identity(self) -> dict:
         return {
@@ -85,8 +87,70 @@ class TokenizerInfo:
         }
 
 
+# What transformers makes of a folder is cached, keyed by the folder's tokenizer files and the
+# versions of transformers and tokenizers: loading it through transformers imports torch (4-5
+# CPU-seconds measured on the 2-core VM, a quarter of tokenizing 40 MB on one core), the cached
+# answer reads in milliseconds. Megatron-LM loads the folder with AutoTokenizer too, so this is
+# where the ids are decided; a change to any file or version is another key.
+CACHE_ENV = "ELLAMA_TOKENIZER_CACHE"  # the cache folder; "off" (or empty) turns the cache off
+
+
+def cache_folder() -> Path | None:
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return Path(value) if value not in ("", "off") else None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "ellama-megatron" / "tokenizer-folders"
+
+
+def _cache_key(path: Path, digest: str) -> str:
+    """The folder's tokenizer files (``digest``: tokenizer.json's sha256) and the library versions."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(f"transformers {version('transformers')} tokenizers {version('tokenizers')}".encode())
+    for name in tokenizer_files_in(path):
+        h.update(f"\0{name}\0".encode())
+        h.update(
+            bytes.fromhex(digest) if name == "tokenizer.json" else hashlib.sha256((path / name).read_bytes()).digest()
+        )
+    return h.hexdigest()
+
+
+def _cached(path: Path, digest: str) -> TokenizerInfo | None:
+    folder = cache_folder()
+    if folder is None:
+        return None
+    key = _cache_key(path, digest)
+    try:
+        meta = json.loads((folder / f"{key}.json").read_text())
+        backend = (folder / f"{key}.tokenizer.json").read_text()
+    except (OSError, ValueError):
+        return None
+    if len(backend) != meta.get("backend_chars"):  # written whole by rename; a damaged copy reloads
+        return None
+    return TokenizerInfo(
+        str(path), path.resolve().name, meta["vocab_size"], meta["eos_id"], meta["bos_id"], digest, backend
+    )
+
+
+def _store(path: Path, info: TokenizerInfo) -> None:
+    folder = cache_folder()
+    if folder is None:
+        return
+    key = _cache_key(path, info.sha256)
+    meta = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "bos_id": info.bos_id}
+    meta["backend_chars"] = len(info.backend_json)
+    try:
+        write_text_atomic(folder / f"{key}.tokenizer.json", info.backend_json)
+        write_json_atomic(folder / f"{key}.json", meta)
+    except OSError:
+        pass  # a read-only home: no cache, the same result
+
+
 def load_tokenizer_folder(folder: str | Path) -> TokenizerInfo:
-    """Load and check a tokenizer folder; every failure names the folder and the fix."""
+    """Load and check a tokenizer folder; every failure names the folder and the fix. What
+    transformers makes of it comes from the cache (``cache_folder``) when the same files were loaded
+    before with the same versions."""
     path = Path(folder)
     if not path.is_dir():
         raise TokenizerFolderError(
@@ -98,6 +162,9 @@ def load_tokenizer_folder(folder: str | Path) -> TokenizerInfo:
             f"--tokenizer {path}: no tokenizer.json (found {present}). Pass the folder of a Hugging Face "
             "fast tokenizer, e.g. the Llama 3.1 model folder."
         )
+    digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+    if (info := _cached(path, digest)) is not None:
+        return info
     from transformers import AutoTokenizer
 
     try:
@@ -107,8 +174,7 @@ def load_tokenizer_folder(folder: str | Path) -> TokenizerInfo:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise TokenizerFolderError(f"--tokenizer {path}: not a fast (Rust) tokenizer; tokenizer.json is required")
-    digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
-    return TokenizerInfo(
+    info = TokenizerInfo(
         folder=str(path),
         name=path.resolve().name,
         vocab_size=len(tok),
@@ -117,3 +183,5 @@ def load_tokenizer_folder(folder: str | Path) -> TokenizerInfo:
         sha256=digest,
         backend_json=backend.to_str(),
     )
+    _store(path, info)
+    return info

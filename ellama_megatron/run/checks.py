@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.run.memory import report_for
 from ellama_megatron.run.model_source import AUTO, run_model
 from ellama_megatron.run.plan import RunPlan
@@ -33,12 +34,11 @@ def check_data(blend: dict) -> list[str]:
         if float(d["weight"]) <= 0:
             errors.append(f"training blend weight {d['weight']} for {d['prefix']} must be positive")
     for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not Path(str(prefix) + ext).exists():
-                errors.append(
-                    f"dataset file {prefix}{ext} not found (prefixes are paths without .bin/.idx; "
-                    f"make them with tools/preprocess_data.py)"
-                )
+        for path in indexed_dataset.missing_files(prefix):
+            errors.append(
+                f"dataset file {path} not found (prefixes are paths without {'/'.join(indexed_dataset.SUFFIXES)}; "
+                f"make them with tools/preprocess_data.py)"
+            )
     return errors
 
 

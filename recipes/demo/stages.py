@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.atomic import write_json_atomic, write_text_atomic
 from ellama_megatron.testing.slurm import LocalSlurm
 
@@ -180,15 +181,7 @@ def merge_indexed(prefixes: list[Path], out_prefix: Path) -> Path:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-        dtype = IndexedDataset(str(prefixes[0])).index.dtype
-        out_prefix.parent.mkdir(parents=True, exist_ok=True)
-        builder = IndexedDatasetBuilder(f"{out_prefix}.bin", dtype=dtype)
-        for p in prefixes:
-            builder.add_index(str(p))
-        builder.finalize(f"{out_prefix}.idx")
-    return out_prefix
+        return indexed_dataset.concatenate(prefixes, out_prefix)
 
 
 # ---- the stages --------------------------------------------------------------------------------
