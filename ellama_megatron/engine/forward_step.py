@@ -107,11 +107,12 @@ class LossChecks:
     )
     inject_at: int | None = None  # tests: this 1-based training iteration's loss is made bad, as bad data would
     inject_kind: str = "spike"  # nan, or spike (x INJECTED_SPIKE)
+    crash_at: int | None = None  # tests: the last rank raises in this 1-based training iteration, every time
 
     def for_evaluation(self) -> LossChecks:
         """Validation losses are other data (other domains, other batch sizes): checked for NaN/Inf
         only, never judged against the training reference nor injected into."""
-        return replace(self, spike_factor=None, inject_at=None)
+        return replace(self, spike_factor=None, inject_at=None, crash_at=None)
 
 
 INJECTED_SPIKE = 1e4  # what resilience.inject_loss_kind=spike multiplies the loss by: far past any spike_factor
@@ -223,6 +224,17 @@ def injected(loss: torch.Tensor, checks: LossChecks) -> torch.Tensor:
     return loss * (float("nan") if checks.inject_kind == "nan" else INJECTED_SPIKE)
 
 
+def crash_if_injected(checks: LossChecks) -> None:
+    """resilience.inject_crash_at (tests): one rank fails at that iteration on every run of it, as a
+    bug or a bad sample would; the others block in the next collective until the launcher ends them."""
+    import torch.distributed as dist
+    from megatron.training import get_args
+
+    if checks.crash_at is not None and get_args().curr_iteration + 1 == checks.crash_at:
+        if dist.get_rank() == dist.get_world_size() - 1:
+            raise RuntimeError(f"injected crash at iteration {checks.crash_at} (resilience.inject_crash_at)")
+
+
 def loss_func(
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
@@ -253,6 +265,7 @@ def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain
     timers("batch-generator", log_level=2).start()
     domain_loss = domain_loss if model.training else None
     checks = checks if model.training else checks.for_evaluation()
+    crash_if_injected(checks)
     batch = get_batch(data_iterator, with_dataset_id=domain_loss is not None)
     timers("batch-generator").stop()
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])

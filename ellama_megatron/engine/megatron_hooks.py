@@ -217,7 +217,7 @@ def install(hooks: LoopHooks) -> None:
 
     def train_step(original):
         def wrapper(*args, **kwargs):
-            hooks._iteration = training.get_args().iteration + 1
+            hooks._iteration = training.get_args().curr_iteration + 1  # the loop keeps its count there
             hooks._step_began = time.monotonic()
             hooks.beat("step", "compute")
             if hooks.straggler_clock is not None:
