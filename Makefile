@@ -1,5 +1,5 @@
 # The README's two commands. Each creates .venv with Python 3.12 and installs what it needs first.
-.PHONY: demo demo-real test test-fast setup
+.PHONY: demo demo-real lint test test-fast setup
 
 setup:
 	bash scripts/bootstrap.sh
@@ -11,10 +11,17 @@ demo: setup
 demo-real: setup
 	.venv/bin/python recipes/demo.py --real
 
-# The whole suite, as CI runs it (starts a local Slurm for the tests that need one).
-test: setup
+# Ruff's rules and formatting (pyproject.toml [tool.ruff]), so that style is checked by the tool, not
+# by reviewers; under a second, where the suite takes minutes.
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+# The whole suite, as CI runs it (starts a local Slurm for the tests that need one); lint first, so
+# a lint error fails CI at once.
+test: setup lint
 	.venv/bin/python -m pytest -q
 
-# Without the end-to-end runs (seconds instead of minutes).
+# Without the end-to-end runs (seconds instead of minutes), and without lint, so a change not yet
+# formatted can still be tested; `make lint` checks it.
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow and not slurm"

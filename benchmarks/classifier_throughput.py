@@ -47,9 +47,9 @@ def main() -> None:
     from ellama_megatron.classify.features import FeatureConfig
     from ellama_megatron.classify.filter import DomainFilter, filter_documents
     from ellama_megatron.classify.model import train_classifier
-    from ellama_megatron.data.demo_corpora import write_demo_corpora
     from ellama_megatron.data.documents import iter_documents, read_texts
     from ellama_megatron.data.serializers import load_template
+    from ellama_megatron.testing.demo_corpora import write_demo_corpora
 
     with tempfile.TemporaryDirectory() as d:
         c = write_demo_corpora(d, docs=args.docs, seed=0)
@@ -61,7 +61,8 @@ def main() -> None:
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         print(
             f"corpus: {len(texts)} docs, {mb:.2f} MB, mean {1e6 * mb / len(texts):.0f} bytes/doc; "
-            f"held-out precision {report['heldout_metrics']['precision']:.3f} recall {report['heldout_metrics']['recall']:.3f}"
+            f"held-out precision {report['heldout_metrics']['precision']:.3f} "
+            f"recall {report['heldout_metrics']['recall']:.3f}"
         )
 
         def score_only():

@@ -124,8 +124,10 @@ def main() -> None:
             "`shutil.copyfile` of the shards + `sync` (page cache warm for all three).\n\n"
             "| step | wall time | peak RSS | vs copy |\n|---|---|---|---|\n"
             f"| plain copy of the shards | {copy:.0f} s | - | 1.0x |\n"
-            f"| import (HF -> torch_dist) | {imp_wall:.0f} s | {imp['peak_rss_bytes'] / 2**30:.2f} GiB | {imp_wall / copy:.1f}x |\n"
-            f"| export (torch_dist -> HF) | {exp_wall:.0f} s | {exp['peak_rss_bytes'] / 2**30:.2f} GiB | {exp_wall / copy:.1f}x |\n\n"
+            f"| import (HF -> torch_dist) | {imp_wall:.0f} s | {imp['peak_rss_bytes'] / 2**30:.2f} GiB "
+            f"| {imp_wall / copy:.1f}x |\n"
+            f"| export (torch_dist -> HF) | {exp_wall:.0f} s | {exp['peak_rss_bytes'] / 2**30:.2f} GiB "
+            f"| {exp_wall / copy:.1f}x |\n\n"
             f"Round trip bit-identical: {same}.\n"
         )
         with open(REPO / "docs" / "benchmarks.md", "a") as f:

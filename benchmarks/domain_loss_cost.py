@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps({"iters": a.iters, "repeats": a.repeats, "settings": result}, indent=2))
     print(
-        f"domain_loss_cost: {a.repeats * len(SETTINGS)} launches of {a.iters} iterations in {time.time() - start:.0f} s; "
+        f"domain_loss_cost: {a.repeats * len(SETTINGS)} launches of {a.iters} iterations "
+        f"in {time.time() - start:.0f} s; "
         f"per group {result['group']['overhead']:+.1%}, per source {result['source']['overhead']:+.1%} vs off"
     )
     return 0

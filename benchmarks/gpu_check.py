@@ -270,8 +270,8 @@ def step_engine(check: Check) -> dict:
     alone repeats iterations 3 and 4."""
     from omegaconf import OmegaConf
 
-    from ellama_megatron.formats.train_log import parse_train_log
     from ellama_megatron.formats.megatron_checkpoint import TRACKER_FILE, iteration_folder
+    from ellama_megatron.formats.train_log import parse_train_log
     from ellama_megatron.llama.config import load_model_config
     from ellama_megatron.run.plan import RunPlan
 

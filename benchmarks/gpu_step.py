@@ -11,16 +11,10 @@ MFU against the GPU's dense bf16 peak and peak memory.
     python benchmarks/gpu_step.py --profile prof/ --steps 4     # PyTorch profiler trace
     python benchmarks/gpu_step.py --tiny                        # seconds on a CPU (smoke test)
 
-Model FLOPs per token (matmuls only, 2 FLOPs per multiply-add, backward = 2 x forward, so
-training = 3 x forward; recomputation is not counted, as MFU requires):
-
-    dense     = 6 * ( L * (h*(q + 2*kv) + q*h + 3*h*f) + h*V )
-    attn_full = 12 * L * q * s      (QK^T and PV over the full s x s square: PaLM / torchtitan)
-    attn      = 6 * L * q * s       (causal: only the lower triangle is needed)
-
-with L layers, h hidden, q = heads*head_dim, kv = groups*head_dim, f FFN width, V vocab, s sequence.
-"model TFLOP/s" = (dense + attn) * tokens / time; MFU = that / peak. The PaLM-convention MFU
-(dense + attn_full) is printed too, to compare with torchtitan's 33-39%.
+Model FLOPs per token are the planner's (ellama_megatron.llama.config: 6 x the matmul parameters,
+plus the attention products; recomputation is not counted, as MFU requires). "model TFLOP/s"
+charges the causal attention (the lower triangle of the s x s square) and MFU = that / peak; the
+PaLM-convention MFU (the full square) is printed too, to compare with torchtitan's 33-39%.
 
 Which parts are the engine's and which are stand-ins: the model comes from the engine's provider
 (ellama_megatron.llama.megatron: TransformerConfig, layer spec with SDPAttention or TE's, GPTModel);
@@ -51,57 +45,25 @@ import torch
 import torch.distributed as dist
 
 from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.llama.config import (
+    LlamaConfig,
+    attention_flops_per_token,
+    flops_per_token,
+    load_model_config,
+    matmul_params,
+)
+from ellama_megatron.run.memory import estimate_memory
+from ellama_megatron.run.plan import RunPlan
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by substring of the device name.
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
 
 
-@dataclasses.dataclass
-class StepShape:
-    """What one benchmark step computes."""
-
-    preset: str
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    groups: int
-    head_dim: int
-    vocab: int
-    seq: int
-    micro_batch: int
-    accum: int
-    rotary_base: float
-    rope_scaling_factor: float | None
-    norm_epsilon: float
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.seq * self.micro_batch * self.accum
-
-
-def training_flops_per_token(shape: StepShape) -> dict[str, float]:
-    """Model FLOPs of one training token (see the module docstring for the formula)."""
-    L, h, f, V, s = shape.layers, shape.hidden, shape.ffn, shape.vocab, shape.seq
-    q, kv = shape.heads * shape.head_dim, shape.groups * shape.head_dim
-    dense = 6 * (L * (h * (q + 2 * kv) + q * h + 3 * h * f) + h * V)
-    return {"dense": dense, "attn_causal": 6 * L * q * s, "attn_full": 12 * L * q * s}
-
-
-def parameter_count(shape: StepShape) -> int:
-    h, f = shape.hidden, shape.ffn
-    q, kv = shape.heads * shape.head_dim, shape.groups * shape.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-    return shape.layers * per_layer + 2 * shape.vocab * h + h
-
-
-def planned_memory_bytes(model_cfg, shape: StepShape, args) -> float:
-    """The project planner's estimate for this step on one GPU with the engine's optimizer."""
-    from ellama_megatron.run.memory import estimate_memory
-    from ellama_megatron.run.plan import RunPlan
-
-    plan = RunPlan(
-        model=dataclasses.replace(model_cfg, num_layers=shape.layers),
+def step_plan(model_cfg: LlamaConfig, layers: int, args: argparse.Namespace) -> RunPlan:
+    """What one benchmark step computes, as the planner and the engine describe a run: the preset
+    cut to ``layers`` on one GPU (TP = PP = DP = 1), one optimizer step's worth of tokens."""
+    return RunPlan(
+        model=dataclasses.replace(model_cfg, num_layers=layers),
         nodes=1,
         procs_per_node=1,
         tp=1,
@@ -112,26 +74,35 @@ def planned_memory_bytes(model_cfg, shape: StepShape, args) -> float:
         distributed_optimizer=True,
         recompute=None if args.recompute == "none" else args.recompute,
         recompute_num_layers=1 if args.recompute == "full" else None,
-        seq_length=shape.seq,
-        micro_batch_size=shape.micro_batch,
-        global_batch_size=shape.micro_batch * shape.accum,
-        train_tokens=float(shape.tokens_per_step),
+        seq_length=args.seq,
+        micro_batch_size=args.micro_batch,
+        global_batch_size=args.micro_batch * args.accum,
+        train_tokens=float(args.seq * args.micro_batch * args.accum),
         precision=args.dtype,
         flash_attention=args.attention != "unfused",
     )
-    return estimate_memory(plan).total
 
 
-def layers_that_fit(model_cfg, shape: StepShape, args, memory_bytes: int) -> int:
+def layers_that_fit(model_cfg: LlamaConfig, args, memory_bytes: int) -> int:
     """Most layers (at most the model's own count) the planner fits in ``headroom`` of the memory."""
     layers = 1
     while (
         layers < model_cfg.num_layers
-        and planned_memory_bytes(model_cfg, dataclasses.replace(shape, layers=layers + 1), args)
-        <= args.headroom * memory_bytes
+        and estimate_memory(step_plan(model_cfg, layers + 1, args)).total <= args.headroom * memory_bytes
     ):
         layers += 1
     return layers
+
+
+def training_flops_per_token(plan: RunPlan) -> dict[str, float]:
+    """Model FLOPs of one training token (ellama_megatron.llama.config): the matmuls alone, and with
+    the attention products counted causally and over the full square (PaLM)."""
+    dense = 6 * matmul_params(plan.model)
+    return {
+        "dense": dense,
+        "attn_causal": attention_flops_per_token(plan.model, plan.seq_length, causal=True),
+        "palm": flops_per_token(plan.model, plan.seq_length),
+    }
 
 
 def peak_tflops_for(device_name: str) -> float | None:
@@ -175,9 +146,7 @@ def init_single_process(device: torch.device, seed: int, attention: str) -> None
     )
 
 
-def build_model(
-    model_cfg, shape: StepShape, args: argparse.Namespace, device: torch.device, transformer_impl: str, attention: str
-):
+def build_model(plan: RunPlan, args: argparse.Namespace, device: torch.device, transformer_impl: str, attention: str):
     """The GPTModel training builds (llama/megatron.py: the same TransformerConfig translation),
     with this benchmark's layer count and settings."""
     from ellama_megatron.llama import megatron as llama_megatron
@@ -196,10 +165,9 @@ def build_model(
         runtime += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif args.recompute == "selective":
         runtime += ["--recompute-granularity", "selective"]
-    model_cfg = dataclasses.replace(model_cfg, num_layers=shape.layers)
-    config = llama_megatron.transformer_config(model_cfg, transformer_impl, runtime, seq_length=shape.seq)
+    config = llama_megatron.transformer_config(plan.model, transformer_impl, runtime, seq_length=plan.seq_length)
     spec = llama_megatron.layer_spec(transformer_impl, attention)
-    model = llama_megatron.build_gpt_model(model_cfg, config, spec, shape.vocab).to(device)
+    model = llama_megatron.build_gpt_model(plan.model, config, spec, plan.model.vocab_size).to(device)
     if config.bf16:
         # As megatron.training's get_model: bf16 weights, fp32 logits/loss out of the wrapper.
         from megatron.core.transformer.module import Float16Module
@@ -259,17 +227,18 @@ class MegatronAdam:
             raise RuntimeError("gpu_step: the Megatron optimizer skipped its step")
 
 
-def run_steps(trainer, shape, args, device, attention, on_step):
+def run_steps(trainer, plan: RunPlan, args, device, attention, on_step):
     """Warm-up then timed steps; returns the timed steps' seconds and the last loss."""
     model = trainer.model
+    seq, accum = plan.seq_length, plan.grad_accumulation
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    tokens = torch.randint(0, shape.vocab, (shape.micro_batch, shape.seq + 1), generator=gen).to(device)
+    tokens = torch.randint(0, plan.model.vocab_size, (plan.micro_batch_size, seq + 1), generator=gen).to(device)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    positions = torch.arange(shape.seq, device=device).unsqueeze(0).expand_as(inputs)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand_as(inputs)
     # Megatron's unfused attention builds its causal mask on "cuda" when given none.
     mask = None
     if attention == "unfused" and device.type == "cpu":
-        mask = torch.triu(torch.ones(shape.seq, shape.seq, dtype=torch.bool), 1)[None, None]
+        mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]
 
     def sync():
         if device.type == "cuda":
@@ -280,16 +249,16 @@ def run_steps(trainer, shape, args, device, attention, on_step):
         sync()
         start = time.perf_counter()
         trainer.zero_grad()
-        for _ in range(shape.accum):
+        for _ in range(accum):
             per_token = model(inputs, positions, mask, labels=labels)
-            loss = per_token.float().mean() / shape.accum
+            loss = per_token.float().mean() / accum
             loss.backward()
         trainer.step()
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
         on_step(step)
-    return times, float(loss) * shape.accum
+    return times, float(loss) * accum
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -393,31 +362,15 @@ def validate(args) -> None:
         raise SystemExit("gpu_step: --device cuda but torch sees no GPU; use --device cpu (with --tiny)")
 
 
-def shape_from_args(args):
-    from ellama_megatron.llama.config import load_model_config
-
+def model_from_args(args) -> LlamaConfig:
+    """The --model preset from conf/model, as training loads it; --seq checked against it."""
     try:
         cfg = load_model_config(args.model)
     except ValueError as err:
-        raise SystemExit(f"gpu_step: --model: {err}")
+        raise SystemExit(f"gpu_step: --model: {err}") from err
     if args.seq > cfg.max_position_embeddings:
         raise SystemExit(f"gpu_step: --seq {args.seq} exceeds {cfg.name}'s max_position_embeddings")
-    return cfg, StepShape(
-        preset=cfg.name,
-        layers=0 if args.layers == "auto" else int(args.layers),
-        hidden=cfg.hidden_size,
-        ffn=cfg.ffn_hidden_size,
-        heads=cfg.num_attention_heads,
-        groups=cfg.num_query_groups,
-        head_dim=cfg.kv_channels,
-        vocab=cfg.vocab_size,
-        seq=args.seq,
-        micro_batch=args.micro_batch,
-        accum=args.accum,
-        rotary_base=cfg.rotary_base,
-        rope_scaling_factor=cfg.rope_scaling_factor,
-        norm_epsilon=cfg.norm_epsilon,
-    )
+    return cfg
 
 
 def software_versions() -> dict[str, str]:
@@ -453,11 +406,11 @@ def profiled(args):
     )
 
 
-def measure(model_cfg, shape, args, device, transformer_impl, attention):
+def measure(plan: RunPlan, args, device, transformer_impl, attention):
     """Build the model and optimizer, run warm-up and timed steps (profiled if asked)."""
     from tqdm import tqdm
 
-    model, config = build_model(model_cfg, shape, args, device, transformer_impl, attention)
+    model, config = build_model(plan, args, device, transformer_impl, attention)
     trainer = MegatronAdam(model, config, args) if args.optimizer == "megatron" else TorchAdamW(model, device)
     bar = tqdm(total=args.warmup + args.steps, desc="steps", unit="step")
     try:
@@ -468,7 +421,7 @@ def measure(model_cfg, shape, args, device, transformer_impl, attention):
                 if prof is not None:
                     prof.step()
 
-            times, loss = run_steps(trainer, shape, args, device, attention, on_step)
+            times, loss = run_steps(trainer, plan, args, device, attention, on_step)
     finally:
         bar.close()
     if prof is not None:
@@ -494,21 +447,23 @@ def main(argv=None) -> dict:
     try:
         transformer_impl, attention = resolve_impl(args.transformer, args.attention)
     except ValueError as err:
-        raise SystemExit(f"gpu_step: --transformer/--attention: {err}")
-    model_cfg, shape = shape_from_args(args)
+        raise SystemExit(f"gpu_step: --transformer/--attention: {err}") from err
+    model_cfg = model_from_args(args)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     total_memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    if shape.layers == 0:
+    if args.layers == "auto":
         if total_memory is None:
             raise SystemExit("gpu_step: --layers auto needs a GPU's memory size; give --layers N on CPU")
-        shape.layers = layers_that_fit(model_cfg, shape, args, total_memory)
+        plan = step_plan(model_cfg, layers_that_fit(model_cfg, args, total_memory), args)
+    else:
+        plan = step_plan(model_cfg, int(args.layers), args)
     peak_tflops = args.peak_tflops or (peak_tflops_for(device_name) if device.type == "cuda" else None)
 
     init_single_process(device, args.seed, attention)
     torch.manual_seed(args.seed)
     print(
-        f"gpu_step: {shape.preset} shape, {shape.layers} layers, seq {shape.seq}, micro-batch "
-        f"{shape.micro_batch} x {shape.accum}, {args.dtype}, attention {attention}, recompute "
+        f"gpu_step: {model_cfg.name} shape, {plan.model.num_layers} layers, seq {plan.seq_length}, micro-batch "
+        f"{plan.micro_batch_size} x {plan.grad_accumulation}, {args.dtype}, attention {attention}, recompute "
         f"{args.recompute}, fusions {args.fusions}, on {device_name}",
         flush=True,
     )
@@ -516,22 +471,22 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of the attempt that runs
         try:
-            times, loss = measure(model_cfg, shape, args, device, transformer_impl, attention)
+            times, loss = measure(plan, args, device, transformer_impl, attention)
             break
         except torch.OutOfMemoryError:
             # The planner's estimate is a model; with "auto", step down until the step runs.
-            if args.layers != "auto" or shape.layers == 1:
+            if args.layers != "auto" or plan.model.num_layers == 1:
                 raise
-        shape.layers -= 1
-        print(f"gpu_step: out of memory, retrying with {shape.layers} layers", flush=True)
+        plan = step_plan(model_cfg, plan.model.num_layers - 1, args)
+        print(f"gpu_step: out of memory, retrying with {plan.model.num_layers} layers", flush=True)
         gc.collect()  # outside the except block: the traceback no longer holds the old model
         torch.cuda.empty_cache()
     if not math.isfinite(loss):
         raise SystemExit(f"gpu_step: loss is {loss}: the step is broken, figures withheld")
 
     step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
-    flops = training_flops_per_token(shape)
-    tokens_s = shape.tokens_per_step / step_s
+    flops = training_flops_per_token(plan)
+    tokens_s = plan.tokens_per_step / step_s
     tflops = {k: v * tokens_s / 1e12 for k, v in flops.items()}
     model_tflops = tflops["dense"] + tflops["attn_causal"]
     peak_mem, peak_kind = peak_memory_bytes(device)
@@ -539,27 +494,34 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "device": device_name,
         "software": software_versions(),
-        "shape": dataclasses.asdict(shape),
+        "shape": {
+            "preset": model_cfg.name,
+            "layers": plan.model.num_layers,
+            "seq": plan.seq_length,
+            "micro_batch": plan.micro_batch_size,
+            "accum": plan.grad_accumulation,
+        },
+        "model": plan.model.to_dict(),
         "transformer_impl": transformer_impl,
         "attention": attention,
         "recompute": args.recompute,
         "optimizer": args.optimizer,
         "fusions": args.fusions,
         "dtype": args.dtype,
-        "parameters": parameter_count(shape),
+        "parameters": plan.model.num_parameters(),
         "step_s_median": step_s,
         "step_s_all": times,
         "tokens_per_s": tokens_s,
         "model_tflops": model_tflops,
         "model_tflops_no_attention": tflops["dense"],
-        "model_tflops_palm_convention": tflops["dense"] + tflops["attn_full"],
+        "model_tflops_palm_convention": tflops["palm"],
         "peak_tflops": peak_tflops,
         "mfu": model_tflops / peak_tflops if peak_tflops else None,
         "mfu_no_attention": tflops["dense"] / peak_tflops if peak_tflops else None,
-        "mfu_palm_convention": (tflops["dense"] + tflops["attn_full"]) / peak_tflops if peak_tflops else None,
+        "mfu_palm_convention": tflops["palm"] / peak_tflops if peak_tflops else None,
         "peak_memory_gib": peak_mem / 2**30,
         "peak_memory_kind": peak_kind,
-        "planner_estimate_gib": planned_memory_bytes(model_cfg, shape, args) / 2**30,
+        "planner_estimate_gib": estimate_memory(plan).total / 2**30,
         "final_loss": loss,
     }
     if args.json:
@@ -570,7 +532,7 @@ def main(argv=None) -> dict:
         else "MFU n/a (no GPU peak)"
     )
     print(
-        f"gpu_step: {shape.layers} x {shape.preset} layers, step {step_s * 1e3:.1f} ms, "
+        f"gpu_step: {plan.model.num_layers} x {model_cfg.name} layers, step {step_s * 1e3:.1f} ms, "
         f"{tokens_s:,.0f} tokens/s, {model_tflops:.4g} model TFLOP/s ({tflops['dense']:.4g} without "
         f"attention), {mfu}, peak memory {result['peak_memory_gib']:.2f} GiB ({peak_kind}; planner "
         f"{result['planner_estimate_gib']:.2f} GiB), loss {loss:.3f}",

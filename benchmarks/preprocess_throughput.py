@@ -4,7 +4,7 @@ byte-level BPE tokenizer, at 1 and 2 worker processes. Run by hand; results go t
     python benchmarks/preprocess_throughput.py --work-dir /tmp/ellama_bench --mb 220
 
 Everything is made locally: the corpus is the demo generator's listings, reviews and general text
-(ellama_megatron/data/demo_corpora.py) serialized to {"text": ...} JSON Lines (the input Megatron-LM's
+(ellama_megatron/testing/demo_corpora.py) serialized to {"text": ...} JSON Lines (the input Megatron-LM's
 own tools/preprocess_data.py reads, for a like-for-like comparison), each document followed by a
 long tail of made-up words so a byte-level BPE can learn a full 128,256-entry vocabulary (trained
 on the first --tokenizer-mb of the corpus). Each run is the whole tool as a subprocess (interpreter
@@ -34,11 +34,13 @@ import numpy
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ellama_megatron.data.demo_corpora import make_general, make_listing, make_review  # noqa: E402
 from ellama_megatron.data.serializers import load_template, serialize  # noqa: E402
 from ellama_megatron.formats.atomic import atomic_file  # noqa: E402
+from ellama_megatron.testing.demo_corpora import make_general, make_listing, make_review  # noqa: E402
 
-_SYL = "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo ch st th".split()
+_SYL = (
+    "ka lo mi ra ne so ti va ze qu or an el is um ba de fi go hu ja ko lu mo nu pe ri sa to vi xo yu zo ch st th"
+).split()
 
 
 def _rare_word(rank: int) -> str:
@@ -92,8 +94,8 @@ def train_demo_classifier(out: Path) -> None:
 
     from ellama_megatron.classify.features import FeatureConfig
     from ellama_megatron.classify.model import save_classifier, train_classifier
-    from ellama_megatron.data.demo_corpora import write_demo_corpora
     from ellama_megatron.data.documents import read_texts
+    from ellama_megatron.testing.demo_corpora import write_demo_corpora
 
     with tempfile.TemporaryDirectory() as d:
         c = write_demo_corpora(d, docs=2000, seed=1)

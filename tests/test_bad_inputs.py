@@ -635,7 +635,7 @@ def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, v
 def test_overlong_document_is_skipped_and_reported(tiny, tmp_path):
     """A huge single line (one 50 MB line took 10 GB to tokenize) is skipped, counted and named."""
     corpus = tmp_path / "long.jsonl"
-    lines = [json.dumps({"text": "short document number %d" % i}) for i in range(5)]
+    lines = [json.dumps({"text": f"short document number {i}"}) for i in range(5)]
     lines.insert(2, json.dumps({"text": "word " * 1000}))
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"

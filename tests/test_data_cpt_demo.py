@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.data.demo_corpora import write_demo_corpora
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.serializers import RecordSerializer, load_template
 from ellama_megatron.formats.train_log import parse_train_log
+from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

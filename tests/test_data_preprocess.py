@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy
 import pytest
 
-from ellama_megatron.data.demo_corpora import write_demo_corpora
 from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template, serialize
 from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
+from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

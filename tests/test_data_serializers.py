@@ -20,7 +20,9 @@ LISTING = {
         {"name": "Size", "value": ""},
     ],
     "condition": "New",
-    "description": "<p>Pre-seasoned &amp; ready.</p><ul><li>Oven safe</li><li>Induction</li></ul><script>track()</script>",
+    "description": (
+        "<p>Pre-seasoned &amp; ready.</p><ul><li>Oven safe</li><li>Induction</li></ul><script>track()</script>"
+    ),
     "language": "en",
 }
 

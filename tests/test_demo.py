@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
+from ellama_megatron.formats.train_log import parse_train_log
 
 REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
@@ -263,7 +263,7 @@ def test_real_text_corpora_and_blends(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from ellama_megatron import CONF_DIR
-    from ellama_megatron.data.real_prose import licence_paragraphs, python_reference_records, python_source_records
+    from ellama_megatron.testing.real_prose import licence_paragraphs, python_reference_records, python_source_records
     from ellama_megatron.testing.slurm import LocalSlurm
 
     def records(path):
@@ -279,6 +279,7 @@ def test_real_text_corpora_and_blends(tmp_path):
         demo = Demo(tmp_path / domain, opts, LocalSlurm(), 1024)
         files = corpora(demo)["files"]
         assert sorted(files) == names == sorted(demo.corpora) and demo.domains == ("general", domain)
+        assert demo.data_config == config
         general = records(files["general_prose"])
         assert [r["text"] for r in general] == prose and len({r["id"] for r in general}) == len(general)
         assert all(c.valid_fraction > 0 for c in demo.corpora.values())  # each validated on its own held-out part

@@ -25,8 +25,8 @@ STAGES = 9  # corpora, model, preprocess, import, plan_blend, cpt, export, merge
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
-    from ellama_megatron.data.real_prose import licence_paragraphs
     from ellama_megatron.llama.config import load_model_config
+    from ellama_megatron.testing.real_prose import licence_paragraphs
     from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer, write_random_hf_llama
 
     root = tmp_path_factory.mktemp("tiny_hf")

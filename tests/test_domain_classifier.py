@@ -125,8 +125,8 @@ def test_demo_corpora_held_out_precision_recall():
     import tempfile
 
     from ellama_megatron.classify.model import train_classifier
-    from ellama_megatron.data.demo_corpora import write_demo_corpora
     from ellama_megatron.data.documents import read_texts
+    from ellama_megatron.testing.demo_corpora import write_demo_corpora
 
     with tempfile.TemporaryDirectory() as d:
         c = write_demo_corpora(d, docs=300, seed=0)
@@ -144,7 +144,7 @@ def test_demo_corpora_held_out_precision_recall():
 @pytest.mark.slow
 def test_cli_train_then_filter_keeps_exactly_the_docs_over_threshold(tmp_path):
     from ellama_megatron.classify.filter import DomainFilter
-    from ellama_megatron.data.demo_corpora import write_demo_corpora
+    from ellama_megatron.testing.demo_corpora import write_demo_corpora
 
     c = write_demo_corpora(tmp_path / "demo", docs=200, seed=0)
     model = tmp_path / "clf"

@@ -59,7 +59,7 @@ def reference_losses(model_dir: Path, texts: list[str], seq: int) -> list[tuple[
 
 def perplexity_of(losses: list[tuple[float, int]]) -> tuple[float, int]:
     count = sum(n for _, n in losses)
-    return math.exp(sum(l for l, _ in losses) / count), count
+    return math.exp(sum(loss for loss, _ in losses) / count), count
 
 
 def test_perplexity_equals_transformers(setup):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ellama_megatron.data.demo_corpora import write_demo_corpora
 from ellama_megatron.data.serializers import load_template, serialize
 from ellama_megatron.llama.config import load_model_config
+from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""tools/fit_mix.py and sweep/mix_law.py: the D-CPT law fitted to a mix sweep recovers a known law and
+"""tools/fit_mix.py and sweep/mix_*.py: the D-CPT law fitted to a mix sweep recovers a known law and
 its recommended share; on a real tiny-model sweep (tests/data/mix_sweep_tiny: general prose against
 Python source, made by recipes/sweep.py with hydra/sweeper=mix_tiny, docs/data.md) every point held
 out of the fit is predicted within 5%; bad tables are refused naming the file and the field."""
@@ -14,16 +14,10 @@ import numpy as np
 import pytest
 
 from ellama_megatron.data.blend_plan import resolve_shares
-from ellama_megatron.sweep.mix_law import (
-    DcptLaw,
-    LawFit,
-    MixLawError,
-    fit_law,
-    fit_mix,
-    fit_sweep,
-    read_points,
-    recommend,
-)
+from ellama_megatron.sweep.mix_law import DcptLaw, LawFit, MixLawError, fit_law, fit_sweep
+from ellama_megatron.sweep.mix_recommend import recommend
+from ellama_megatron.sweep.mix_report import fit_mix
+from ellama_megatron.sweep.table import read_points
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = REPO / "tests" / "data" / "mix_sweep_tiny" / "sweep_table.json"  # made by recipes/sweep.py (README there)

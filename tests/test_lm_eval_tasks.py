@@ -80,7 +80,9 @@ def test_lm_eval_runs_ecom_tasks_offline(tmp_path):
         assert 0.0 <= res[task]["acc,none"] <= 1.0, task
     assert "ecom_en" in res and res["ecom_aspect_ll_fr"]["perplexity,none"] > 1.0
     # The prompts and choices came from the shipped templates and the sample records.
-    samples = [json.loads(l) for f in (tmp_path / "out").rglob("samples_ecom_sentiment_de_*.jsonl") for l in open(f)]
+    samples = [
+        json.loads(line) for f in (tmp_path / "out").rglob("samples_ecom_sentiment_de_*.jsonl") for line in open(f)
+    ]
     assert len(samples) == 4
     ctx, cont = samples[0]["arguments"]["gen_args_0"]["arg_0"], samples[0]["arguments"]["gen_args_0"]["arg_1"]
     assert ctx.startswith("Bewertung: ") and ctx.endswith("\nStimmung:") and cont == " negativ"

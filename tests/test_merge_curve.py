@@ -99,7 +99,7 @@ MEGATRON_LOG = """\
  [2026-11-21 10:00:02] iteration       20/      20 | consumed samples:          160 | elapsed time per iteration (ms): 117.0 | learning rate: 3.000000E-05 | global batch size:     8 | lm loss: 5.100000E+00 | loss scale: 1.0 | grad norm: 1.000 | number of skipped iterations:   0 | number of nan iterations:   0 |
  validation-general loss at iteration 20 | lm loss value: 5.300000E+00 | lm loss PPL: 2.003368E+02 |
  validation-ecommerce loss at iteration 20 | lm loss value: 5.200000E+00 | lm loss PPL: 1.812722E+02 |
-"""
+"""  # noqa: E501 (verbatim Megatron log lines)
 
 
 def test_training_curves_from_log_and_tensorboard(tmp_path):

@@ -11,7 +11,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ellama_megatron import CONF_DIR
-from ellama_megatron.llama.config import flops_per_token, matmul_params
+from ellama_megatron.llama.config import (
+    attention_flops_per_token,
+    flops_per_token,
+    load_model_config,
+    matmul_params,
+)
 from ellama_megatron.run.memory import GIB, check_fits, enumerate_layouts
 from ellama_megatron.run.plan import LayoutError, padded_vocab_size
 
@@ -89,6 +94,19 @@ def test_paper_70b_layout_fits_80gb_and_counts():
     assert report.memory.params == pytest.approx(report.model.num_parameters() / 32, rel=0.05)
 
 
+def test_parameters_and_flops_of_the_presets_by_hand():
+    """The published sizes (the HF safetensors' totals) and a hand count of Llama 3.1 8B's model FLOPs."""
+    m8, m70 = load_model_config("llama31_8b"), load_model_config("llama31_70b")
+    assert m8.num_parameters() == 8_030_261_248
+    assert m70.num_parameters() == 70_553_706_496
+    layer = 4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336  # QKV (GQA: 1024-wide K and V), output, SwiGLU
+    assert matmul_params(m8) == 32 * layer + 4096 * 128256  # the output layer; the input embedding is a lookup
+    assert attention_flops_per_token(m8, 8192) == 12 * 32 * 4096 * 8192
+    assert attention_flops_per_token(m8, 8192, causal=True) == 6 * 32 * 4096 * 8192
+    assert flops_per_token(m8, 8192) == 6 * (32 * layer + 4096 * 128256) + 12 * 32 * 4096 * 8192
+    assert flops_per_token(m8, 8192) == pytest.approx(57.9e9, rel=1e-3)
+
+
 def test_flops_match_paper_throughput():
     """The paper: ~817 tokens/s/GPU is ~345 TFLOP/s/GPU by 6*N*tokens (PAPER.md)."""
     report = check_fits(compose_cfg(PAPER_70B))
@@ -131,7 +149,7 @@ def test_recompute_and_sequence_parallel_lower_memory():
 
 def test_enumerate_layouts_includes_paper_layout():
     report = check_fits(compose_cfg(PAPER_70B))
-    layouts = {(l.tp, l.pp, l.cp) for l in enumerate_layouts(report.layout)}
+    layouts = {(layout.tp, layout.pp, layout.cp) for layout in enumerate_layouts(report.layout)}
     assert (8, 4, 1) in layouts and (4, 8, 1) in layouts
     assert all(480 % (tp * pp * cp) == 0 for tp, pp, cp in layouts)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy
 import pytest
 
-from ellama_megatron.data.demo_corpora import write_demo_corpora
 from ellama_megatron.data.manifest import read_manifest
 from ellama_megatron.data.pipeline import FAIL_TASK_ENV, ExecutorSettings, prepare, task_prefix
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template
+from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
 SOURCES = {"listings": "listing", "general_en": "plain"}  # source -> template

@@ -15,7 +15,7 @@ from conftest import load_safetensors_folder, run_cpt
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
-from ellama_megatron.data.real_prose import licence_paragraphs
+from ellama_megatron.testing.real_prose import licence_paragraphs
 from ellama_megatron.testing.smollm2 import gguf_path
 
 pytestmark = [

@@ -17,8 +17,8 @@ import pytest
 
 from ellama_megatron.data.document_tokens import DocumentTokensError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess, summary_line
-from ellama_megatron.data.real_prose import licence_paragraphs
 from ellama_megatron.data.serializers import RecordSerializer, load_template
+from ellama_megatron.testing.real_prose import licence_paragraphs
 
 SITE = Path(sysconfig.get_paths()["purelib"])
 LLAMA3_FOLDER = (

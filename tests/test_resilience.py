@@ -236,6 +236,7 @@ def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(dom
 
     from ellama_megatron.engine.megatron_args import checkpoint_args, resilience_args
     from ellama_megatron.launch.prepare import prepare
+    from ellama_megatron.run.plan import RunPlan
     from ellama_megatron.run.schema import ConfigError
 
     cfg = composed(*data_overrides(domain_data), f"run_dir={tmp_path}", "resilience.iterations_to_skip=[7,8]")
@@ -248,7 +249,7 @@ def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(dom
     assert "--check-for-spiky-loss" not in resilience_args(off)
     # Async save is really on: Megatron 0.19 drops --async-save without its persistent worker.
     gpu = composed(*PAPER_70B, "checkpoint.async_save=true")
-    assert checkpoint_args(gpu)[-2:] == ["--async-save", "--use-persistent-ckpt-worker"]
+    assert checkpoint_args(gpu, RunPlan.from_cfg(gpu))[-2:] == ["--async-save", "--use-persistent-ckpt-worker"]
     with pytest.raises(ConfigError) as err:
         prepare(
             composed(

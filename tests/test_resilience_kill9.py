@@ -111,7 +111,7 @@ def test_random_kill_9_cycles_each_resume_from_the_last_complete_checkpoint(doma
             time.sleep(rng.uniform(0, 0.2))
         else:
             steps = rng.randint(1, 4)
-            ran = wait_until(lambda text: len(parse_train_log(text).train_loss) >= steps, launcher, log)
+            ran = wait_until(lambda text, steps=steps: len(parse_train_log(text).train_loss) >= steps, launcher, log)
             time.sleep(rng.uniform(0, 1.0))
         if not ran:  # the run finished before the kill came
             assert launcher.returncode == 0, f"{context}:\n{log.read_text()[-3000:]}"

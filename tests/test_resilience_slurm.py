@@ -48,7 +48,7 @@ def unshare_works() -> bool:
 
 
 @pytest.mark.slurm
-def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17(slurm_cluster, tiny_blend, tmp_path):
+def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17(slurm_cluster, tiny_blend, tmp_path):  # noqa: F811 (the fixture)
     """Megatron's error injection rejects the loss of iteration 2 as reproducible on this GPU: it saves
     iteration 1 and exits 16. The job must be requeued with its node in Slurm's ExcNodeList (on this
     one-node cluster it then stays pending: the exclusion is real), and the exclusion in events.jsonl.

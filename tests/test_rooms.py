@@ -83,3 +83,24 @@ def test_library_does_not_import_its_test_stand_ins():
     graph = room_imports()
     users = {room: where["testing"] for room, where in graph.items() if "testing" in where}
     assert not users, f"library rooms import ellama_megatron.testing: {users}"
+
+
+def test_library_does_not_import_the_checkouts_scripts():
+    """recipes/ (the demo too), tools/, benchmarks/ and tests/ use the package, never the other way: the
+    installed wheel has none of them (the demo's corpora live in ellama_megatron/testing/ for this)."""
+    outside = {"recipes", "tools", "benchmarks", "tests"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [
+                f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {n}"
+                for n in names
+                if n.split(".")[0] in outside
+            ]
+    assert not found, "the library imports the checkout's scripts:\n  " + "\n  ".join(found)

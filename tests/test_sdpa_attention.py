@@ -101,7 +101,7 @@ def _run(module, qkv, mask, upstream, **kw):
 def _assert_same(ref, ours):
     for name, a, b in zip(("output", "dq", "dk", "dv"), ref, ours):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("heads,groups", [(4, 2), (4, 4), (4, 1), (8, 2)])
@@ -236,7 +236,7 @@ def test_gpt_model_with_sdpa_spec_matches_unfused_spec(megatron_tp1):
     loss_ref.backward(), loss_ours.backward()
     grads_ref = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads_ref[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, grads_ref[name].grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ---- TP=2: two gloo processes, each holding half the heads -------------------------------------

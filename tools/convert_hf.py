@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 v = stats["verify"]
                 print(
                     f"verify: max abs logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:g}), "
-                    f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens, {v['dtype']} on {v['device']}"
+                    f"top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens, "
+                    f"{v['dtype']} on {v['device']}"
                 )
                 if v.get("real_text"):
                     t = v["real_text"]

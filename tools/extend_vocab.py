@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pad-to-multiple-of",
         type=int,
         default=VOCAB_DIVISIBLE_BY,
-        help=f"pad the model's vocab size to a multiple of this (default {VOCAB_DIVISIBLE_BY}, Megatron's make_vocab_size_divisible_by)",
+        help=(
+            f"pad the model's vocab size to a multiple of this (default {VOCAB_DIVISIBLE_BY}, "
+            "Megatron's make_vocab_size_divisible_by)"
+        ),
     )
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many corpus documents")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
         load_base(hf_dir)
         if has_weights(hf_dir) and not (hf_dir / "config.json").is_file():
             raise ValueError(f"{hf_dir}: has weights but no config.json")
-        for what, inputs in (("--corpus", args.corpus), ("--general", args.general)):
+        for inputs in (args.corpus, args.general):
             for f in expand_inputs(inputs):
                 check_readable(f)
         load_template(args.template, args.text_key)

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         if not sep or not key:
             raise ValueError(f"--where {item!r}: give KEY=VALUE as the sweep's override, e.g. optim.lr=3e-5")
         where[key] = value
-    from ellama_megatron.sweep.mix_law import fit_mix
+    from ellama_megatron.sweep.mix_report import fit_mix
 
     table_dir = args.table if args.table.is_dir() else args.table.parent
     out = args.out or table_dir / "fit_mix"
@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     print((out / "fit_mix.md").read_text(), end="")
     rec, laws = result["recommendation"], result["laws"]
     held = [f["max_held_out_error"] for f in laws.values() if f["max_held_out_error"] is not None]
+    max_error = max(f["max_error"] for f in laws.values())
     print(
-        f"fit_mix: {result['points']} points, {len(laws)} laws (max fit error {max(f['max_error'] for f in laws.values()):.2%}"
+        f"fit_mix: {result['points']} points, {len(laws)} laws (max fit error {max_error:.2%}"
         + (f", max held-out error {max(held):.2%}" if held else "")
         + f"); recommended {rec['overrides']} -> {out}/"
     )

@@ -1,5 +1,6 @@
-"""Merge a base and an adapted model (Hugging Face folders, or Megatron checkpoints): linear interpolation (the e-Llama paper's method),
-SLERP or task arithmetic, at one or several alphas in one pass over the inputs.
+"""Merge a base and an adapted model (Hugging Face folders, or Megatron checkpoints): linear
+interpolation (the e-Llama paper's method), SLERP or task arithmetic, at one or several alphas in
+one pass over the inputs.
 
   python tools/merge.py --base BASE_DIR --adapted ADAPTED_DIR --alpha 0.5 --out merged/
   python tools/merge.py --base B --adapted A --alpha 0.25 --alpha 0.5 --alpha 0.75 --out merged/
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     for note in result.notes:
         print(f"merge.py: note: {note}", file=sys.stderr)
     print(
-        f"merged {KIND_NAMES[kinds[0]]}s: {result.tensors} tensors ({result.bytes_per_output / 2**20:.1f} MiB per model) with {args.method} "
+        f"merged {KIND_NAMES[kinds[0]]}s: {result.tensors} tensors "
+        f"({result.bytes_per_output / 2**20:.1f} MiB per model) with {args.method} "
         f"at alpha {', '.join(f'{a:g}' for a in args.alpha)} -> {', '.join(str(p) for p in result.outputs)}"
     )
     return 0

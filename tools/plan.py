@@ -1,5 +1,6 @@
 """Estimate per-GPU memory and model FLOPs of a training layout, and refuse layouts that do not fit;
-print the learning-rate curve of the run (Megatron's scheduler for the run's conf/optim flags).
+print the save interval against the failure rate (Young/Daly, what checkpoint.save_interval=auto
+takes) and the learning-rate curve of the run (Megatron's scheduler for the run's conf/optim flags).
 
     python tools/plan.py model=llama31_70b parallel=llama31_70b_480 optim=cpt_70b train=paper cluster=slurm_h100
     python tools/plan.py --list-layouts model=llama31_70b train=paper cluster=slurm_h100 cluster.nodes=60
@@ -25,6 +26,18 @@ from ellama_megatron.cli import run_tool
 from ellama_megatron.engine.lr_schedule import format_lr_curve, key_iterations, lr_curve
 from ellama_megatron.run.memory import check_fits, enumerate_layouts, report_for
 from ellama_megatron.run.plan import LayoutError, RunPlan
+from ellama_megatron.run.schema import ConfigError, typed
+
+# The groups a plan is made from whose values have checks of their own (run/schema.py).
+CHECKED_GROUPS = ("train", "cluster", "optim", "checkpoint")
+
+
+def check_values(cfg) -> None:
+    """ConfigError listing every value of the plan's groups the schema refuses (a zero node MTBF,
+    an MFU above 1, save_interval=-1), before any number is derived from them."""
+    errors = [e for group in CHECKED_GROUPS for e in typed(cfg, group).problems()]
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
 def list_layouts(cfg) -> int:
@@ -42,9 +55,8 @@ def list_layouts(cfg) -> int:
     )
     print(f"{'layout':<24} {'accum':>5} {'GiB/GPU':>8}  fits {limit or '-'} GB")
     for r in reports:
-        print(
-            f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  {'yes' if r.fits else 'no'}"
-        )
+        fits = "yes" if r.fits else "no"
+        print(f"{r.layout.describe():<24} {r.layout.grad_accumulation:>5} {r.memory.total / 2**30:>8.1f}  {fits}")
     fitting = sum(r.fits for r in reports)
     print(f"{fitting} of {len(reports)} valid layouts fit")
     return 0 if fitting else 1
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # Hydra's own message names the override that failed
         print(f"error: override: {exc}; see ellama_megatron/conf for the groups and keys", file=sys.stderr)
         return 2
+    check_values(cfg)  # ConfigError: run_tool's one error line, exit 2
     if args.list_layouts or OmegaConf.select(cfg, "plan.list_layouts", default=False):
         return list_layouts(cfg)
     try:
@@ -77,9 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         lr = lr_curve(cfg, list(key_iterations(cfg)))
-        print(json.dumps({**report.as_dict(), "learning_rate": {str(it): v for it, v in lr.items()}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **report.as_dict(),
+                    "save_interval": report.layout.save_interval_figures(),
+                    "learning_rate": {str(it): v for it, v in lr.items()},
+                },
+                indent=2,
+            )
+        )
     else:
         print(report.table())
+        for line in report.layout.save_interval_lines():
+            print(line)
         print(format_lr_curve(cfg))
     if not report.fits:
         print(f"REFUSED: {report.refusal()}", file=sys.stderr)

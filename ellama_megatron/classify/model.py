@@ -120,7 +120,7 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
 def train_classifier(
     positives: Sequence[str],
     negatives: Sequence[str],
-    features: FeatureConfig = FeatureConfig(),
+    features: FeatureConfig = FeatureConfig(),  # noqa: B008 (a frozen dataclass: one shared default is safe)
     heldout_fraction: float = 0.1,
     c: float = 10.0,
     threshold: float = 0.5,

@@ -91,9 +91,13 @@ class BlendPlan:
         return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
     def format_table(self) -> str:
-        head = f"{'group':<12} {'source':<22} {'available':>10} {'share':>7} {'to draw':>10} {'epochs':>7} {'cap':>5} {'weight':>8}"
+        head = (
+            f"{'group':<12} {'source':<22} {'available':>10} {'share':>7} {'to draw':>10} {'epochs':>7} "
+            f"{'cap':>5} {'weight':>8}"
+        )
         lines = [
-            f"blend plan: {_human(self.train_tokens)} training tokens = {self.num_samples:,} samples of {self.seq_length} tokens",
+            f"blend plan: {_human(self.train_tokens)} training tokens = {self.num_samples:,} samples "
+            f"of {self.seq_length} tokens",
             head,
             "-" * len(head),
         ]

@@ -1,8 +1,9 @@
 """One work unit -> raw token parts per split; parts -> the final Megatron indexed dataset.
 
 Workers write each part as the .bin payload (token ids in the dataset's dtype, each document
-opened by BOS and followed by EOD as data/document_tokens.py decided) plus the documents' lengths. The main process hands the parts, in input order,
-to Megatron's own ``IndexedDatasetBuilder``, which writes the .idx: one sequence per document,
+opened by BOS and followed by EOD as data/document_tokens.py decided) plus the documents' lengths.
+The main process hands the parts, in input order, to Megatron's own ``IndexedDatasetBuilder``,
+which writes the .idx: one sequence per document,
 exactly what Megatron-LM's tools/preprocess_data.py writes for the same ids (``--append-eod``,
 no sentence splitting). The result does not depend on the number of workers.
 
@@ -211,7 +212,8 @@ def serialize_record(job: EncodeJob, raw: RawRecord, result: UnitResult) -> tupl
 
 
 def encode_unit(job: EncodeJob, unit: WorkUnit, part_prefix: str) -> UnitResult:
-    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into ``{part_prefix}_{split}.tokens/.lengths.npy``."""
+    """Read, serialize, split, filter (--domain-filter) and tokenize one unit into
+    ``{part_prefix}_{split}.tokens/.lengths.npy``."""
     result = UnitResult(unit)
     writer = PartWriter(job, part_prefix, result)
     batch: list[tuple[RawRecord, str, str, str]] = []  # (raw, text, language, split)

@@ -118,12 +118,12 @@ def check_readable(path: Path) -> None:
         if kind == "parquet":
             import pyarrow.parquet as pq
 
-            pq.ParquetFile(path).metadata
+            _ = pq.ParquetFile(path).metadata  # the footer, parsed: a truncated or foreign file fails here
         elif kind == "arrow":
             import pyarrow as pa
 
             with pa.memory_map(str(path)) as source:
-                pa.ipc.open_stream(source).schema
+                _ = pa.ipc.open_stream(source).schema  # the schema message, parsed: a foreign file fails here
         else:
             with open_text_stream(path, kind) as f:
                 f.read(1)

@@ -109,7 +109,7 @@ def datasets_provider(blend: dict, eod: int, vocab_size: int, cache_dir: Path):
         ).build()
 
         valid = []
-        for name, domain_prefixes in blend["valid"].items():
+        for domain_prefixes in blend["valid"].values():
             cfg = gpt_dataset_config(args, eod, vocab_size, [None, (list(domain_prefixes), None), None], cache_dir)
             _, ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], built_here, cfg).build()
             dp = mpu.get_data_parallel_world_size()

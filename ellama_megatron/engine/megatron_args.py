@@ -149,7 +149,7 @@ def train_args(cfg, plan: RunPlan) -> list[str]:
     return args
 
 
-def checkpoint_args(cfg) -> list[str]:
+def checkpoint_args(cfg, plan: RunPlan) -> list[str]:
     c = cfg.checkpoint
     ckpt = checkpoint_dir(cfg)
     args = [
@@ -159,7 +159,7 @@ def checkpoint_args(cfg) -> list[str]:
         "--load",
         ckpt,
         "--save-interval",
-        c.save_interval,
+        plan.save_interval,  # checkpoint.save_interval, with auto resolved (Young/Daly)
         "--ckpt-format",
         c.format,
         # Optimizer state stored per parameter, not per DP bucket: a run can resume at another TP/PP.
@@ -259,7 +259,7 @@ def megatron_argv(cfg, model: LlamaConfig, transformer_impl: str) -> list[str]:
         + tokenizer_args(model)
         + parallel_args(cfg, plan, transformer_impl)
         + train_args(cfg, plan)
-        + checkpoint_args(cfg)
+        + checkpoint_args(cfg, plan)
         + resilience_args(cfg)
         + logging_args(cfg)
         + runtime_args(cfg, transformer_impl)

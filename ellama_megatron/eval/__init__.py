@@ -1,4 +1,5 @@
-"""Evaluation: per-domain perplexity, an e-commerce task suite for lm-evaluation-harness, the merge curve, training curves."""
+"""Evaluation: per-domain perplexity, an e-commerce task suite for lm-evaluation-harness, the merge curve,
+training curves."""
 
 from pathlib import Path
 

@@ -120,7 +120,8 @@ def read_documents(
 
 
 def windows(doc: Document, seq_length: int) -> list[np.ndarray]:
-    """Non-overlapping windows of at most ``seq_length`` tokens; windows of one token predict nothing and are dropped."""
+    """Non-overlapping windows of at most ``seq_length`` tokens; windows of one token predict nothing
+    and are dropped."""
     return [
         doc.ids[s : s + seq_length] for s in range(0, len(doc.ids), seq_length) if len(doc.ids[s : s + seq_length]) > 1
     ]

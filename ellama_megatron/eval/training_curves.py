@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ellama_megatron.formats.train_log import parse_domain_tag
-from ellama_megatron.formats.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import write_figure_atomic
+from ellama_megatron.formats.train_log import TrainLog, parse_domain_tag, parse_train_log
 
 _VALID_TAG = "lm loss validation-"
 

@@ -3,8 +3,9 @@ checked, identified, and reduced to what workers need.
 
 Token ids must equal what Megatron-LM's tools/preprocess_data.py writes with
 ``--tokenizer-type HuggingFaceTokenizer``: ``tokenizer(text).input_ids`` (special tokens such as
-Llama 3's BOS included) and EOD = ``tokenizer.eos_token_id`` (data/document_tokens.py: --bos, --eod-token). We encode with the same Rust
-tokenizer object transformers wraps (``backend_tokenizer``), in batches on its own threads.
+Llama 3's BOS included) and EOD = ``tokenizer.eos_token_id`` (data/document_tokens.py: --bos,
+--eod-token). We encode with the same Rust tokenizer object transformers wraps
+(``backend_tokenizer``), in batches on its own threads.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def run_point(cfg, hc) -> None:
         job = submitit.JobEnvironment()
     except RuntimeError as exc:
         sys.exit(
-            f"recipes/sweep.py: not inside a submitit job ({exc}); use hydra/launcher=slurm_h100, slurm_cpu or submitit_local "
+            f"recipes/sweep.py: not inside a submitit job ({exc}); "
+            "use hydra/launcher=slurm_h100, slurm_cpu or submitit_local "
             "(one machine, e.g. hydra/launcher=submitit_local hydra.launcher.tasks_per_node=2)"
         )
     cfg.run_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)

@@ -59,12 +59,10 @@ class LlamaConfig:
 
     def num_parameters(self) -> int:
         """Exact parameter count (no vocab padding)."""
-        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
-        q = self.num_attention_heads * self.kv_channels
-        kv = 2 * self.num_query_groups * self.kv_channels
-        per_layer = h * (q + kv) + q * h + 3 * h * f + 2 * h
+        h = self.hidden_size
+        per_layer = layer_matmul_params(self) + 2 * h  # and the two RMSNorm weights
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return L * per_layer + emb + h
+        return self.num_layers * per_layer + emb + h
 
 
 # What a checkpoint's weights and forward pass do not depend on: the preset's label, the scale of a
@@ -89,16 +87,32 @@ def load_model_config(name_or_path: str | Path) -> LlamaConfig:
         return LlamaConfig.from_dict(yaml.safe_load(f), source=str(path))
 
 
+def layer_matmul_params(model: LlamaConfig) -> int:
+    """One transformer block's matrix weights: Q, K and V, the attention output, SwiGLU's gate, up and down."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    q = model.num_attention_heads * model.kv_channels
+    kv = 2 * model.num_query_groups * model.kv_channels
+    return h * (q + kv) + q * h + 3 * h * f
+
+
 def matmul_params(model: LlamaConfig) -> int:
-    """Parameters that take part in a matrix multiply: all but the input embedding table and norms."""
-    embedding = model.vocab_size * model.hidden_size
-    norms = (2 * model.num_layers + 1) * model.hidden_size
-    return model.num_parameters() - embedding - norms + (embedding if model.tie_word_embeddings else 0)
+    """Parameters that take part in a matrix multiply: all but the input embedding table and norms.
+    The output layer multiplies whether or not it shares the embedding's table."""
+    return model.num_layers * layer_matmul_params(model) + model.vocab_size * model.hidden_size
+
+
+def attention_flops_per_token(model: LlamaConfig, seq_length: int, causal: bool = False) -> float:
+    """The score and value products (QK^T, PV) of one training token, forward and backward.
+
+    PaLM's count takes the full s x s square (causal=False); a causal kernel computes only the lower
+    triangle, half of it (causal=True: the work the GPU benchmark's MFU charges)."""
+    full = 12 * model.num_layers * model.num_attention_heads * model.kv_channels * seq_length
+    return full // 2 if causal else full
 
 
 def flops_per_token(model: LlamaConfig, seq_length: int) -> float:
-    attention = 12 * model.num_layers * model.num_attention_heads * model.kv_channels * seq_length
-    return 6 * matmul_params(model) + attention
+    """Model FLOPs of one training token by PaLM's convention (the module docstring)."""
+    return 6 * matmul_params(model) + attention_flops_per_token(model, seq_length)
 
 
 def flops_per_step(model: LlamaConfig, seq_length: int, tokens_per_step: int) -> float:

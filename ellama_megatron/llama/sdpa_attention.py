@@ -105,7 +105,9 @@ class SDPAttention(DotProductAttention):
             self._warned_explicit_mask = True
             warnings.warn(
                 "SDPAttention: an explicit attention mask rules out the flash kernel; "
-                "create no mask in the data loader to get it (causal is then implied)"
+                "create no mask in the data loader to get it (causal is then implied)",
+                # This module's own line: the caller's frame is torch's Module._call_impl, which tells nothing.
+                stacklevel=1,
             )
         # SDPA's bool mask means the opposite: True = may attend.
         return ~attention_mask, False

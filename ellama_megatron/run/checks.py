@@ -1,9 +1,9 @@
 """Checks a composed config before anything expensive happens (seconds, not after the model build).
 
 Each message says which key is wrong, why, and what would fix it; ``check_config`` raises one
-ConfigError listing every problem: the model against the checkpoint it starts from, the run's layout (RunPlan.problems), the choices, the data, the
-tokenizer and, when the layout itself is valid and the cluster names its GPU memory, the planner's
-memory refusal.
+ConfigError listing every problem: the model against the checkpoint it starts from, the run's
+layout (RunPlan.problems), the choices, the data, the tokenizer and, when the layout itself is
+valid and the cluster names its GPU memory, the planner's memory refusal.
 """
 
 from __future__ import annotations

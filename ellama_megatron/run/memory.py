@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from ellama_megatron.llama.config import LlamaConfig, flops_per_step, flops_per_token
+from ellama_megatron.llama.config import LlamaConfig, flops_per_token, layer_matmul_params
 from ellama_megatron.run.plan import RunPlan
 
 GIB = 1024**3
@@ -51,10 +51,7 @@ class MemoryEstimate:
 
 def layer_params_per_gpu(model: LlamaConfig, tp: int) -> float:
     """One transformer block on one TP rank: QKV, output projection, SwiGLU MLP split by TP; norms replicated."""
-    h, f = model.hidden_size, model.ffn_hidden_size
-    q = model.num_attention_heads * model.kv_channels
-    kv = 2 * model.num_query_groups * model.kv_channels
-    return (h * (q + kv) + q * h + 3 * h * f) / tp + 2 * h
+    return layer_matmul_params(model) / tp + 2 * model.hidden_size
 
 
 def layer_activation_bytes(layout: RunPlan) -> float:
@@ -67,7 +64,7 @@ def layer_activation_bytes(layout: RunPlan) -> float:
     softmax output a*s^2 is kept too, in fp32 and in the compute dtype.
     """
     model = layout.model
-    b = 2 if layout.precision == "bf16" else 4
+    b = layout.dtype_bytes
     s = layout.seq_length / layout.cp
     mbs = layout.micro_batch_size
     t = layout.tp
@@ -90,7 +87,7 @@ def layer_activation_bytes(layout: RunPlan) -> float:
 def activation_bytes(layout: RunPlan, stage: str) -> float:
     """Activations of one pipeline stage at the peak of the 1F1B (or interleaved) schedule."""
     model = layout.model
-    b = 2 if layout.precision == "bf16" else 4
+    b = layout.dtype_bytes
     s = layout.seq_length / layout.cp
     mbs = layout.micro_batch_size
     p = layout.pp
@@ -182,7 +179,7 @@ class MemoryReport:
 
     @property
     def flops_per_step(self) -> float:
-        return flops_per_step(self.model, self.layout.seq_length, self.layout.tokens_per_step)
+        return self.layout.flops_per_step
 
     def as_dict(self) -> dict[str, Any]:
         L = self.layout

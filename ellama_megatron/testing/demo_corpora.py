@@ -4,7 +4,7 @@ general-domain text in English (plus a little German and French). Domains use cl
 vocabularies, so a tiny model's per-domain losses separate. Deterministic from a seed; sized by
 the number of documents.
 
-    python -m ellama_megatron.data.demo_corpora OUT_DIR --docs 2000 --seed 0
+    python -m ellama_megatron.testing.demo_corpora OUT_DIR --docs 2000 --seed 0
 """
 
 from __future__ import annotations
