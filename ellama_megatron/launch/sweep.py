@@ -95,9 +95,10 @@ def run_rank(config_path: Path, job) -> int:
         time.sleep(0.5)
     if not caught:
         return proc.returncode
-    decision = decide_for_run(config_path, signalled=True, exit_code=proc.returncode, start_iteration=start)
+    # submitit's signal comes before the time limit (and on preemption): a time limit for the run.
+    decision = decide_for_run(config_path, signal_name="USR1", exit_code=proc.returncode, start_iteration=start)
     print(f"rank {job.global_rank}: {decision.reason}", flush=True)
-    if decision.requeue and callable(submitit_requeue):
+    if decision.go_on and callable(submitit_requeue):
         submitit_requeue(caught[0], None)  # rank 0 requeues the job and exits; other ranks return
     return decision.exit_code
 

@@ -32,6 +32,7 @@ from ellama_megatron.run.faults import (
     Timeouts,
     classify,
     decide,
+    end_event,
     hardware_lines,
     read_rank_failures,
     read_verdict,
@@ -175,35 +176,15 @@ def launch_once(cfg, procs_per_node: int, config_path: Path, train_iterations: i
         hardware_lines=hardware_lines(output),
         verdict=read_verdict(run_dir, launch),
     )
-    return record_and_decide(run_dir, cfg.resilience, end, excluded=None, verb="relaunch")
+    return record_and_decide(run_dir, cfg.resilience, end)
 
 
-def record_and_decide(
-    run_dir: Path, resilience, end: LaunchEnd, excluded=(), verb: str = "requeue"
-) -> tuple[int, bool]:
-    """Classify the launch's end, append its event, say what happens next (shared with Slurm's
-    end-job, which then requeues)."""
+def record_and_decide(run_dir: Path, resilience, end: LaunchEnd) -> tuple[int, bool]:
+    """Classify the launch's end, append its event, say what happens next (one machine: nothing to
+    exclude)."""
     fault = classify(end)
-    decision = decide(fault, end, read_events(run_dir), resilience, excluded, verb=verb)
-    append_event(
-        run_dir,
-        decision.kind,
-        iteration=end.end_iteration,
-        node=fault.nodes[0] if fault.nodes else None,
-        action=(verb if decision.go_on else "stop") + f": {decision.reason}",
-        launch=end.launch,
-        start_iteration=end.start_iteration,
-        end_iteration=end.end_iteration,
-        nodes=list(fault.nodes),
-        ranks=list(fault.ranks),
-        signature=fault.signature,
-        exit_code=end.exit_code,
-        signal=end.signal,
-        detail=fault.detail,
-        exclude=list(decision.exclude),
-        traceback=fault.traceback if decision.kind in ("suspected_bug", "crash") else None,
-        verdict=end.verdict,
-    )
+    decision = decide(fault, end, read_events(run_dir), resilience, excluded=None, verb="relaunch")
+    append_event(run_dir, **end_event(fault, end, decision, "relaunch"))
     if decision.kind == "suspected_bug" and fault.traceback:
         print(f"error: {decision.reason}\n{fault.traceback}", file=sys.stderr, flush=True)
     elif not decision.go_on and decision.kind != "finished":

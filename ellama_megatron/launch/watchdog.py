@@ -296,3 +296,33 @@ class Watchdog:
                 return None
             time.sleep(poll_s)
         return None
+
+
+def watch_node(config: Path, local_ranks: int, env=os.environ) -> int:
+    """``python -m ellama_megatron.launch watchdog``: this node's watchdog in a Slurm job step (one
+    task per node, started by slurm/launch.sh beside the ranks' step); the first node judges."""
+    import socket
+
+    from omegaconf import OmegaConf
+
+    from ellama_megatron.formats.heartbeat import HEARTBEAT_DIR_ENV
+    from ellama_megatron.formats.timeline import LAUNCH_ID_ENV
+
+    cfg = OmegaConf.load(config)
+    folder = Path(env[HEARTBEAT_DIR_ENV])
+    watchdog = Watchdog(
+        Path(config).parent,
+        folder,
+        env[LAUNCH_ID_ENV],
+        Timeouts.from_config(cfg.resilience),
+        socket.gethostname(),
+        local_ranks,
+        judge=env.get("SLURM_NODEID", "0") == "0",
+        nodes=int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1),
+        log=lambda m: print(f"[watchdog {socket.gethostname()} {time.strftime('%H:%M:%S')}] {m}", flush=True),
+    )
+    try:
+        watchdog.run(float(cfg.resilience.hang_poll_s))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0

@@ -346,3 +346,27 @@ def nodes_to_exclude(fault: Fault, earlier: list[Mapping], excluded: Iterable[st
         return tuple(n for n in fault.nodes if n not in excluded)
     seen = {n for e in earlier for n in (e.get("nodes") or [])}
     return tuple(n for n in fault.nodes if n in seen and n not in excluded)
+
+
+def end_event(fault: Fault, end: LaunchEnd, decision: Decision, verb: str, exclude=(), note: str = "", **extra) -> dict:
+    """The events.jsonl record of a launch's end (run/events.py lists its fields)."""
+    action = (verb if decision.go_on else "stop") + f": {decision.reason}" + (f" ({note})" if note else "")
+    return dict(
+        kind=decision.kind,
+        iteration=end.end_iteration,
+        node=fault.nodes[0] if fault.nodes else None,
+        action=action,
+        launch=end.launch,
+        start_iteration=end.start_iteration,
+        end_iteration=end.end_iteration,
+        nodes=list(fault.nodes),
+        ranks=list(fault.ranks),
+        signature=fault.signature,
+        exit_code=end.exit_code,
+        signal=end.signal,
+        detail=fault.detail,
+        exclude=list(exclude),
+        traceback=fault.traceback if decision.kind in ("suspected_bug", "crash", "node_failure") else None,
+        verdict=end.verdict,
+        **extra,
+    )
