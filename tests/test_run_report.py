@@ -168,7 +168,7 @@ def slurm_run(tmp_path) -> tuple[Path, Path]:
 def test_every_second_of_a_slurm_run_with_four_faults_is_accounted_for(slurm_run):
     run, logs = slurm_run
     report = build_report(run, [logs])
-    assert [x.launch for x in report.launches] == ["100.0", "100.1", "100.2", "100.3", "100.4"]
+    assert [x.id for x in report.launches] == ["100.0", "100.1", "100.2", "100.3", "100.4"]
     assert [x.start - T0 for x in report.launches] == [-5, 25, 60, 88, 130]  # restarts 0 and 3 from the job log
     assert [round(x.allocated_s, 6) for x in report.launches] == [30, 35, 20, 22, 7]
     assert report.allocated_s == pytest.approx(114)
@@ -224,6 +224,24 @@ def test_the_tool_writes_the_table_the_json_and_the_picture(slurm_run, tmp_path)
     png = (out / "run_timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_the_demo_report_shows_the_run_report_of_a_finished_run(slurm_run, tmp_path):
+    """recipes/demo/report.py's section: the tool's table (headings one level down) and its picture,
+    linked relative to REPORT.md; nothing for a run folder without a report."""
+    sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library
+    from demo.report import run_report_lines
+
+    run, logs = slurm_run
+    assert run_report_lines(run, tmp_path) == []
+    subprocess.run([PY, "tools/run_report.py", str(run), "--logs", str(logs)], cwd=REPO, check=True)
+    section = "\n".join(run_report_lines(run, tmp_path))
+    assert "### Run report: run" in section and "#### Time lost per fault class" in section
+    assert (
+        "![run timeline](run/report/run_timeline.png)" in section
+        and (tmp_path / "run/report/run_timeline.png").exists()
+    )
+    assert "| rejected_result | 1 | 8.0 s (8) | 5.5 s | 7.0 s | 20.5 s | 18.0% | 8.0 s |" in section
 
 
 def test_a_killed_launcher_and_a_launch_without_a_timeline(tmp_path):

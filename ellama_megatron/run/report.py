@@ -32,16 +32,17 @@ Definitions (docs/slurm.md, "The run report"):
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
 from ellama_megatron.formats.atomic import write_figure_atomic, write_json_atomic, write_text_atomic
 from ellama_megatron.formats.timeline import TIMELINE_DIR, TimelineEvent, read_timelines
 from ellama_megatron.run.events import EVENT_TIME_FORMAT, EVENTS_FILE, read_events
-from ellama_megatron.run.faults import FAULT_CLASSES
+from ellama_megatron.run.faults import FAILURES, FAULT_CLASSES
 
 REPORT_DIR = "report"  # in run_dir
 REPORT_MD, REPORT_JSON, REPORT_PNG = "run_report.md", "run_report.json", "run_timeline.png"
@@ -70,8 +71,9 @@ ENDED_BY = {
     "done": TEARDOWN,
 }
 UNKNOWN_END = "unknown"  # a launch without an end event
-INTERRUPTIONS = ("preempted", "time_limit", "rejected_result", "hang", "node_failure", "crash")
-UNPLANNED = ("rejected_result", "hang", "node_failure", "crash")
+# Ends a later launch recovers from (a suspected bug stops the run), and those no one planned.
+INTERRUPTIONS = tuple(kind for kind in FAULT_CLASSES if kind not in ("finished", "suspected_bug"))
+UNPLANNED = ("rejected_result", *FAILURES)
 # launch/slurm.py's prepare_job, the first line a job (or each requeue of it) writes to its log:
 # "[launch 12:03:44] job 4711 restart 2: 8 nodes x 8 ranks". Time of day only; the date comes from
 # the launch event that follows it.
@@ -99,7 +101,7 @@ class Segment:
 class Launch:
     """One launch as the report sees it."""
 
-    launch: str
+    id: str  # its launch id (events, timeline file)
     start: float  # allocated from: the batch script's start on Slurm when earlier, else the launch event
     launch_time: float  # its launch event
     end: float  # its end event, or its last timeline event without one
@@ -109,7 +111,7 @@ class Launch:
     action: str = ""
     job: str | None = None
     restart: int | None = None
-    ranks: int | None = None
+    zone: tzinfo | None = None  # of its launch event's ``time``: the launcher's clock
     timeline: bool = True  # whether it has one
     segments: list[Segment] = field(default_factory=list)
     skipped: tuple[int, ...] = ()  # iterations its end (a skip or rollback) passes over in later launches
@@ -207,7 +209,7 @@ class RunReport:
         """Fault class -> its cost, for every class that ended a launch or had work charged to it
         (finished is no fault: its teardown is overhead, as the first launch's start-up is)."""
         costs: dict[str, FaultCost] = {}
-        by_launch = {launch.launch: launch for launch in self.launches}
+        by_launch = {launch.id: launch for launch in self.launches}
         for i, launch in enumerate(self.launches):
             for segment in launch.segments:
                 if segment.category == LOST:
@@ -255,7 +257,7 @@ class RunReport:
             },
             "launches": [
                 {
-                    "launch": launch.launch,
+                    "launch": launch.id,
                     "job": launch.job,
                     "restart": launch.restart,
                     "start": r(launch.start),
@@ -294,6 +296,13 @@ def event_time(event: dict, events_path: Path, line: int) -> float:
         ) from None
 
 
+def _zone(stamp) -> tzinfo | None:
+    try:
+        return datetime.strptime(stamp, EVENT_TIME_FORMAT).tzinfo
+    except (TypeError, ValueError):
+        return None
+
+
 def batch_starts(texts: Iterable[str]) -> dict[tuple[str, int], str]:
     """(job, restart) -> the time of day its batch script logged its first line (the last such line
     per pair: a job log appended across requeues repeats nothing, but a resubmission may)."""
@@ -307,8 +316,6 @@ def batch_starts(texts: Iterable[str]) -> dict[tuple[str, int], str]:
 def job_logs(run_dir: Path, jobs: Iterable[str], roots: Sequence[Path] = ()) -> list[Path]:
     """The Slurm job logs of ``jobs`` (``<name>-<job>.out`` under slurm/launch.sh's log root,
     ELLAMA_LOG_ROOT or slurm/logs) and the run's own train.log, where they exist."""
-    import os
-
     roots = list(roots) or [Path(os.environ.get(JOB_LOG_ROOT_ENV) or "slurm/logs")]
     found = [run_dir / "train.log"] if (run_dir / "train.log").is_file() else []
     for root in roots:
@@ -320,9 +327,10 @@ def job_logs(run_dir: Path, jobs: Iterable[str], roots: Sequence[Path] = ()) -> 
     return list(dict.fromkeys(found))
 
 
-def _at_time_of_day(hms: str, near: float) -> float:
-    """The moment at or before ``near`` (within a day) whose local time of day is ``hms``."""
-    moment = datetime.fromtimestamp(near)
+def _at_time_of_day(hms: str, near: float, zone: tzinfo | None) -> float:
+    """The moment at or before ``near`` (within a day) whose time of day in ``zone`` (the launch
+    event's: the batch host's clock) is ``hms``."""
+    moment = datetime.fromtimestamp(near, zone)
     h, m, s = (int(x) for x in hms.split(":"))
     candidate = moment.replace(hour=h, minute=m, second=s, microsecond=0)
     if candidate.timestamp() > near + 1:  # the line's second is truncated too
@@ -363,7 +371,7 @@ def build_report(run_dir: str | Path, logs: Sequence[str | Path] = ()) -> RunRep
             f"{events_path}: no launch events; every launch appends one when it starts "
             "(launch/torchrun.py, launch/slurm.py): report a run started by this version"
         )
-    for stray in sorted(set(timelines) - {launch.launch for launch in launches}):
+    for stray in sorted(set(timelines) - {launch.id for launch in launches}):
         notes.append(f"timeline {stray} has no launch event: not counted")
     jobs = {launch.job for launch in launches if launch.job}
     if jobs:
@@ -371,10 +379,10 @@ def build_report(run_dir: str | Path, logs: Sequence[str | Path] = ()) -> RunRep
         starts = batch_starts(p.read_text(errors="replace") for p in paths)
         _apply_batch_starts(launches, starts)
     for launch in launches:  # event times are whole seconds: a launch lasts at least to its last timeline event
-        launch.end = max([launch.end, *(e.t for e in timelines.get(launch.launch, []))])
+        launch.end = max([launch.end, *(e.t for e in timelines.get(launch.id, []))])
     gaps = _separate(launches, notes)
     for launch in launches:
-        _account(launch, timelines.get(launch.launch))
+        _account(launch, timelines.get(launch.id))
     final = _settle(launches)
     return RunReport(str(run_dir), launches, gaps, final, _recoveries(launches), notes)
 
@@ -388,7 +396,7 @@ def _launches_from_events(events: list[dict], path: Path, timelines: dict, notes
             if current is not None:
                 _close_without_end(current, timelines, notes)
             current = Launch(
-                launch=str(event.get("launch")),
+                id=str(event.get("launch")),
                 start=event_time(event, path, line),
                 launch_time=event_time(event, path, line),
                 end=math.nan,
@@ -397,13 +405,13 @@ def _launches_from_events(events: list[dict], path: Path, timelines: dict, notes
                 end_iteration=int(event.get("start_iteration") or 0),
                 job=None if event.get("job") is None else str(event["job"]),
                 restart=None if event.get("restart") is None else int(event["restart"]),
-                ranks=event.get("ranks") if isinstance(event.get("ranks"), int) else None,
+                zone=_zone(event.get("time")),
             )
-            slurm_id = _SLURM_LAUNCH_ID.match(current.launch)
+            slurm_id = _SLURM_LAUNCH_ID.match(current.id)
             if slurm_id and current.job is None:
                 current.job, current.restart = slurm_id.group(1), int(slurm_id.group(2))
             launches.append(current)
-        elif kind in FAULT_CLASSES and current is not None and event.get("launch") in (None, current.launch):
+        elif kind in FAULT_CLASSES and current is not None and event.get("launch") in (None, current.id):
             current.end = event_time(event, path, line)
             current.end_kind = kind
             current.action = str(event.get("action") or "")
@@ -419,12 +427,12 @@ def _launches_from_events(events: list[dict], path: Path, timelines: dict, notes
 def _close_without_end(launch: Launch, timelines: dict, notes: list[str]) -> None:
     """A launch whose launcher never wrote its end (killed, or still running): counted up to its last
     timeline event; its checkpoint after it, the newest save it completed."""
-    timeline = timelines.get(launch.launch, [])
+    timeline = timelines.get(launch.id, [])
     launch.end = max([launch.launch_time, *(e.t for e in timeline)])
     saved = [e.iteration for e in timeline if e.event == "save_end"]
     launch.end_iteration = max([launch.start_iteration, *saved])
     notes.append(
-        f"launch {launch.launch} has no end event (its launcher was killed, or it is still running): "
+        f"launch {launch.id} has no end event (its launcher was killed, or it is still running): "
         "counted up to its last timeline event"
     )
 
@@ -434,7 +442,7 @@ def _apply_batch_starts(launches: list[Launch], starts: dict[tuple[str, int], st
         hms = starts.get((launch.job, launch.restart if launch.restart is not None else 0))
         if hms is None:
             continue
-        t = _at_time_of_day(hms, launch.launch_time)
+        t = _at_time_of_day(hms, launch.launch_time, launch.zone)
         if launch.launch_time - MAX_BATCH_SETUP_S < t < launch.start:
             launch.start = t
 
@@ -446,9 +454,7 @@ def _separate(launches: list[Launch], notes: list[str]) -> list[Gap]:
     for before, after in zip(launches, launches[1:]):
         after.start = max(after.start, before.end)
         known = before.end_kind != UNKNOWN_END
-        gaps.append(
-            Gap(before.launch, after.launch, before.end, after.start, after.start - before.end if known else None)
-        )
+        gaps.append(Gap(before.id, after.id, before.end, after.start, after.start - before.end if known else None))
     if any(g.seconds is None for g in gaps):
         notes.append("the time between jobs after a launch without an end event is unknown")
     return gaps
@@ -513,7 +519,7 @@ def _recoveries(launches: list[Launch]) -> list[Recovery]:
         if back is None:
             continue
         since = launch.last_progress if launch.last_progress is not None else launch.end
-        out.append(Recovery(launch.launch, launch.end_kind, back - since))
+        out.append(Recovery(launch.id, launch.end_kind, back - since))
     return out
 
 
@@ -535,12 +541,11 @@ def _share(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole > 0 else "-"
 
 
-def markdown(report: RunReport, picture: str | None = REPORT_PNG, heading: str = "#") -> str:
-    """The report as Markdown; ``picture``: the timeline's path relative to where the text goes."""
+def markdown(report: RunReport) -> str:
+    """The report as Markdown, beside its picture."""
     alloc = report.allocated_s
-    h2 = heading + "#"
     lines = [
-        f"{heading} Run report: {Path(report.run_dir).name}",
+        f"# Run report: {Path(report.run_dir).name}",
         "",
         f"{len(report.launches)} launch(es), {report.restarts} restart(s); the final model is iteration "
         f"{report.final_iteration}. Goodput **{100 * report.goodput:.1f}%**: {duration(report.productive_s)} of "
@@ -577,7 +582,7 @@ def markdown(report: RunReport, picture: str | None = REPORT_PNG, heading: str =
     costs = report.fault_costs()
     if costs:
         lines += [
-            f"{h2} Time lost per fault class",
+            "## Time lost per fault class",
             "",
             "| class | launches ended | lost work (iterations) | teardown | restart (next start-up) | total | "
             "share of allocated | between jobs after (not allocated) |",
@@ -590,7 +595,7 @@ def markdown(report: RunReport, picture: str | None = REPORT_PNG, heading: str =
             )
         lines.append("")
     lines += [
-        f"{h2} Launches",
+        "## Launches",
         "",
         "| # | launch | iterations | allocated | start-up | productive | lost | saving | evaluation | teardown | "
         "ended |",
@@ -599,12 +604,10 @@ def markdown(report: RunReport, picture: str | None = REPORT_PNG, heading: str =
     for n, launch in enumerate(report.launches, 1):
         cells = " | ".join(f"{launch.seconds(c):.1f}" for c in CATEGORIES)
         lines.append(
-            f"| {n} | {launch.launch} | {launch.start_iteration} -> {launch.end_iteration} | "
+            f"| {n} | {launch.id} | {launch.start_iteration} -> {launch.end_iteration} | "
             f"{launch.allocated_s:.1f} | {cells} | {launch.end_kind} |"
         )
-    lines += ["", "Seconds of wall time (not node-hours)."]
-    if picture:
-        lines += ["", f"![run timeline]({picture})"]
+    lines += ["", "Seconds of wall time (not node-hours).", "", f"![run timeline]({REPORT_PNG})"]
     if report.notes:
         lines += ["", "Notes:", "", *[f"- {note}" for note in report.notes]]
     return "\n".join(lines) + "\n"
@@ -668,7 +671,7 @@ def plot_timeline(report: RunReport, out_png: str | Path) -> Path:
                 edgecolor="#9e9e9e",
             )
     ax.set_yticks(range(n))
-    names = [x.launch if len(x.launch) <= 32 else "..." + x.launch[-29:] for x in report.launches]
+    names = [x.id if len(x.id) <= 32 else "..." + x.id[-29:] for x in report.launches]
     ax.set_yticklabels([f"{i}: {name}" for i, name in enumerate(names, 1)], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, span / scale * 1.12)  # room for the class labels
