@@ -245,10 +245,12 @@ def test_the_demo_report_shows_the_run_report_of_a_finished_run(slurm_run, tmp_p
 
 
 def test_a_killed_launcher_and_a_launch_without_a_timeline(tmp_path):
-    """Launch 1 (0..7) has no end event: counted to its last timeline event, its checkpoint its last
-    save (2); step 3 lost to an unknown class; the wait after it unknown. Launch 2 (10..15) crashed
-    before rank 0 wrote anything: start-up throughout. Launch 3 (20.25..26) finishes from checkpoint
-    2; its launch event has a unix time to the millisecond, which counts, not its whole second."""
+    """Launch 1 (0..7) has no end event of its own: counted to its last timeline event, its checkpoint
+    its last save (2), step 3 lost, the wait after it unknown; a node failure event for it comes after
+    launch 2's (as a launcher that died with its node would get one): its class, not its time. Launch
+    2 (10..15) crashed before rank 0 wrote anything: start-up throughout. Launch 3 (20.25..26)
+    finishes from checkpoint 2; its launch event has a unix time to the millisecond, which counts,
+    not its whole second."""
     run = tmp_path / "run"
     write_launch(
         run,
@@ -259,6 +261,9 @@ def test_a_killed_launcher_and_a_launch_without_a_timeline(tmp_path):
         + [("save_start", 2, 5), ("save_end", 2, 6), ("step", 3, 7)],
     )
     write_launch(run, "b", 10, 2, [], ("crash", 15, 2, {}))
+    late = {"time": stamp(16), "kind": "node_failure", "iteration": 2, "node": "n1", "action": "relaunch"}
+    with open(run / EVENTS_FILE, "a") as f:
+        f.write(json.dumps(late | {"launch": "a", "start_iteration": 0, "end_iteration": 2}) + "\n")
     write_launch(
         run,
         "c",
@@ -271,17 +276,18 @@ def test_a_killed_launcher_and_a_launch_without_a_timeline(tmp_path):
     )
     report = build_report(run)
     a, b, c = report.launches
-    assert (a.end - T0, a.end_kind, a.end_iteration, a.allocated_s) == (7, "unknown", 2, 7)
+    assert (a.end - T0, a.end_kind, a.end_iteration, a.allocated_s) == (7, "node_failure", 2, 7)
     assert (b.timeline, b.seconds(STARTUP), b.allocated_s) == (False, 5, 5)
     assert c.start - T0 == 20.25 and c.seconds(STARTUP) == pytest.approx(2.75)
     assert [g.seconds for g in report.gaps] == [None, pytest.approx(5.25)]
     assert report.productive_s == pytest.approx(3) and report.allocated_s == pytest.approx(17.75)
     assert report.goodput == pytest.approx(3 / 17.75)
     costs = report.fault_costs()
-    assert (costs["unknown"].lost_work_s, costs["unknown"].restart_s) == (1, 5)
+    assert (costs["node_failure"].lost_work_s, costs["node_failure"].restart_s) == (1, 5)
     assert (costs["crash"].teardown_s, costs["crash"].restart_s) == (0, pytest.approx(2.75))
     assert costs["crash"].between_jobs_s == pytest.approx(5.25)
-    assert [(r.kind, r.seconds) for r in report.recoveries] == [("crash", 9)]  # its end 15 -> step 3 at 24
+    # a's last timeline event 7 -> the next step anywhere, 3 at 24; b has none: its end 15 -> 24
+    assert [(r.kind, r.seconds) for r in report.recoveries] == [("node_failure", 17), ("crash", 9)]
     text = markdown(report)
     assert "1 unknown" in text and "has no end event" in text
 

@@ -109,6 +109,7 @@ class Launch:
     start_iteration: int
     end_iteration: int  # the newest complete checkpoint after it
     action: str = ""
+    end_known: bool = False  # whether ``end`` is its end event's time (else its last timeline event's)
     job: str | None = None
     restart: int | None = None
     zone: tzinfo | None = None  # of its launch event's ``time``: the launcher's clock
@@ -365,12 +366,18 @@ def build_report(run_dir: str | Path, logs: Sequence[str | Path] = ()) -> RunRep
             "(engine/megatron_hooks.py): report a run trained by this version"
         )
     notes: list[str] = []
-    launches = _launches_from_events(events, events_path, timelines, notes)
+    launches = _launches_from_events(events, events_path, timelines)
     if not launches:
         raise ValueError(
             f"{events_path}: no launch events; every launch appends one when it starts "
             "(launch/torchrun.py, launch/slurm.py): report a run started by this version"
         )
+    for launch in launches:
+        if not launch.end_known:
+            notes.append(
+                f"launch {launch.id} has no end event of its own time (its launcher was killed, or it is still "
+                "running): counted up to its last timeline event"
+            )
     for stray in sorted(set(timelines) - {launch.id for launch in launches}):
         notes.append(f"timeline {stray} has no launch event: not counted")
     jobs = {launch.job for launch in launches if launch.job}
@@ -387,14 +394,15 @@ def build_report(run_dir: str | Path, logs: Sequence[str | Path] = ()) -> RunRep
     return RunReport(str(run_dir), launches, gaps, final, _recoveries(launches), notes)
 
 
-def _launches_from_events(events: list[dict], path: Path, timelines: dict, notes: list[str]) -> list[Launch]:
+def _launches_from_events(events: list[dict], path: Path, timelines: dict) -> list[Launch]:
     launches: list[Launch] = []
+    by_id: dict[str, Launch] = {}
     current: Launch | None = None
     for line, event in enumerate(events, 1):
         kind = event.get("kind")
         if kind == "launch":
             if current is not None:
-                _close_without_end(current, timelines, notes)
+                _close_without_end(current, timelines)
             current = Launch(
                 id=str(event.get("launch")),
                 start=event_time(event, path, line),
@@ -411,30 +419,36 @@ def _launches_from_events(events: list[dict], path: Path, timelines: dict, notes
             if slurm_id and current.job is None:
                 current.job, current.restart = slurm_id.group(1), int(slurm_id.group(2))
             launches.append(current)
+            by_id[current.id] = current
         elif kind in FAULT_CLASSES and current is not None and event.get("launch") in (None, current.id):
+            _end(current, event, kind)
             current.end = event_time(event, path, line)
-            current.end_kind = kind
-            current.action = str(event.get("action") or "")
-            end = event.get("end_iteration", event.get("iteration"))
-            current.end_iteration = int(end) if end is not None else current.start_iteration
-            current.skipped = tuple(int(i) for i in event.get("skipped") or ())
+            current.end_known = True
             current = None
+        elif kind in FAULT_CLASSES and (late := by_id.get(event.get("launch"))) and late.end_kind == UNKNOWN_END:
+            # Written after the next launch had started (for a launcher that died with its node): the
+            # class holds, the event's time is not the launch's end.
+            _end(late, event, kind)
     if current is not None:
-        _close_without_end(current, timelines, notes)
+        _close_without_end(current, timelines)
     return launches
 
 
-def _close_without_end(launch: Launch, timelines: dict, notes: list[str]) -> None:
-    """A launch whose launcher never wrote its end (killed, or still running): counted up to its last
-    timeline event; its checkpoint after it, the newest save it completed."""
+def _end(launch: Launch, event: dict, kind: str) -> None:
+    launch.end_kind = kind
+    launch.action = str(event.get("action") or "")
+    end = event.get("end_iteration", event.get("iteration"))
+    launch.end_iteration = int(end) if end is not None else launch.start_iteration
+    launch.skipped = tuple(int(i) for i in event.get("skipped") or ())
+
+
+def _close_without_end(launch: Launch, timelines: dict) -> None:
+    """A launch whose launcher wrote no end event in time (killed, or still running): counted up to
+    its last timeline event; its checkpoint after it, the newest save it completed."""
     timeline = timelines.get(launch.id, [])
     launch.end = max([launch.launch_time, *(e.t for e in timeline)])
     saved = [e.iteration for e in timeline if e.event == "save_end"]
     launch.end_iteration = max([launch.start_iteration, *saved])
-    notes.append(
-        f"launch {launch.id} has no end event (its launcher was killed, or it is still running): "
-        "counted up to its last timeline event"
-    )
 
 
 def _apply_batch_starts(launches: list[Launch], starts: dict[tuple[str, int], str]) -> None:
@@ -453,7 +467,7 @@ def _separate(launches: list[Launch], notes: list[str]) -> list[Gap]:
     gaps = []
     for before, after in zip(launches, launches[1:]):
         after.start = max(after.start, before.end)
-        known = before.end_kind != UNKNOWN_END
+        known = before.end_known
         gaps.append(Gap(before.id, after.id, before.end, after.start, after.start - before.end if known else None))
     if any(g.seconds is None for g in gaps):
         notes.append("the time between jobs after a launch without an end event is unknown")
