@@ -584,15 +584,16 @@ def markdown(report: RunReport) -> str:
     mttr, unplanned = report.mean_time_to_recover(), report.mean_time_to_recover(UNPLANNED)
     n_all = sum(r.kind in INTERRUPTIONS for r in report.recoveries)
     n_unplanned = sum(r.kind in UNPLANNED for r in report.recoveries)
-    lines += [
-        "",
-        f"Mean time to recover: {duration(mttr) if mttr is not None else 'no interruption'}"
-        + (f" over {n_all} interruption(s)" if n_all else "")
-        + f"; unplanned failures only: {duration(unplanned) if unplanned is not None else 'none'}"
-        + (f" over {n_unplanned}" if n_unplanned else "")
-        + " (from the last timeline event of the interrupted launch to the next completed step).",
-        "",
-    ]
+    if mttr is None:
+        lines += ["", "No interruption the run recovered from: no time to recover.", ""]
+    else:
+        lines += [
+            "",
+            f"Mean time to recover: {duration(mttr)} over {n_all} interruption(s); unplanned failures only: "
+            + (f"{duration(unplanned)} over {n_unplanned}" if unplanned is not None else "none")
+            + " (from the last timeline event of the interrupted launch to the next completed step).",
+            "",
+        ]
     costs = report.fault_costs()
     if costs:
         lines += [
