@@ -171,13 +171,17 @@ def test_report_with_images_and_stage_times(demo):
     out, _ = demo
     report = (out / "REPORT.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert sorted(images) == ["loss_curves.png", "merge_curve/curve.png"]
+    assert sorted(images) == ["cpt_run/report/run_timeline.png", "loss_curves.png", "merge_curve/curve.png"]
     for rel in images:
         with Image.open(out / rel) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 100
     rows = re.findall(r"^\| (\d+) \| .+ \| ([0-9.]+) \| this run \|", report, re.M)
     assert [int(r[0]) for r in rows] == list(range(1, STAGES + 1))
+    # The training run's goodput report: one launch that finished, its numbers those of the tool's JSON.
+    run_report = json.loads((out / "cpt_run" / "report" / "run_report.json").read_text())
+    assert run_report["restarts"] == 0 and run_report["final_iteration"] == CPT_ITERS
+    assert f"Goodput **{100 * run_report['goodput']:.1f}%**" in report
 
 
 @pytest.mark.slow

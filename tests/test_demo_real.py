@@ -95,7 +95,7 @@ def test_real_demo_stages_chain_on_a_given_hf_model(tiny_hf, tmp_path):
     from PIL import Image
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert sorted(images) == ["loss_curves.png", "merge_curve/curve.png"]
+    assert sorted(images) == ["cpt_run/report/run_timeline.png", "loss_curves.png", "merge_curve/curve.png"]
     for rel in images:
         with Image.open(out / rel) as im:
             im.verify()

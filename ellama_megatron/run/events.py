@@ -1,6 +1,7 @@
 """The run's event log, ``${run_dir}/events.jsonl``: one JSON line per thing that happened to the run
-as a whole, appended by the launchers (and a straggler report by rank 0): ``time``, ``kind``,
-``iteration``, ``node``, ``action``, and what else explains it.
+as a whole, appended by the launchers (and a straggler report by rank 0): ``time`` (local, to the
+second, for people), ``t`` (the same moment as a unix time to the millisecond, for the run report's
+durations: run/report.py), ``kind``, ``iteration``, ``node``, ``action``, and what else explains it.
 
 - ``kind: launch`` when a launch starts: ``launch`` (its id: ``<job>.<restart>`` on Slurm,
   ``local-<time>-<pid>`` for recipes/cpt.py), ``start_iteration`` (the checkpoint it resumes from),
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 EVENTS_FILE = "events.jsonl"  # in run_dir
+EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # an event's ``time``
 RESULT_REJECTED_FILE = "result_rejected.txt"  # in run_dir: Megatron's log of rejected results, one line each
 RANK_EXIT_FILE = "rank_exit.json"  # in run_dir: rank 0's exit 16/17 (torchrun reports every failure as 1)
 
@@ -44,8 +46,10 @@ def append_event(
     run_dir: str | Path, kind: str, *, iteration: int | None, node: str | None, action: str, **detail
 ) -> dict:
     """Append one event to the run's log and return it."""
+    now = time.time()
     event = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": time.strftime(EVENT_TIME_FORMAT, time.localtime(now)),
+        "t": round(now, 3),
         "kind": kind,
         "iteration": iteration,
         "node": node,

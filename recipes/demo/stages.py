@@ -79,7 +79,7 @@ TITLES = {
     "cpt": "continued pretraining",
     "export": "tools/convert_hf.py export (the adapted model)",
     "merge_curve": "tools/merge_curve.py: merge with the base at several alphas, evaluate both domains",
-    "report": "report",
+    "report": "report (loss curves, the training run's goodput report)",
 }
 REAL_TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; real prose: licences, the Python reference)",
@@ -490,8 +490,13 @@ def report(demo: Demo, stages: Stages, base: dict | None, cpt_result: dict, eval
         ],
         demo.logs / "plot_training_curves.log",
     )
+    cpt_run = Path(cpt_result["log"]).parent
+    made = ["REPORT.md", "loss_curves.png", "merge_curve/curve.png"]
+    if (cpt_run / "timeline").is_dir():  # not in a run reused from a demo before the run report
+        run_tool(["tools/run_report.py", cpt_run], demo.logs / "run_report.log")
+        made.append(f"{cpt_run.name}/report/run_timeline.png")
     write_report(out, demo.model_description, stages, base, cpt_result, evaluation)
-    return {"summary": "REPORT.md, loss_curves.png, merge_curve/curve.png"}
+    return {"summary": ", ".join(made)}
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
