@@ -22,7 +22,7 @@ from ellama_megatron.formats.train_log import parse_train_log
 REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
 ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10", "--alpha", "0.5"]
-STAGES = 11
+STAGES = 10
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
 
 
@@ -137,8 +137,8 @@ def test_exported_model_loads_in_transformers(demo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = demo
-    tok = AutoTokenizer.from_pretrained(out / "adapted_hf")
-    model = AutoModelForCausalLM.from_pretrained(out / "adapted_hf")
+    tok = AutoTokenizer.from_pretrained(out / "cpt_run" / "hf")  # checkpoint.export_hf
+    model = AutoModelForCausalLM.from_pretrained(out / "cpt_run" / "hf")
     ids = tok("Title: Smartphone, new with box", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()

@@ -3,6 +3,7 @@ judgement of a hang (launch/watchdog.py), from synthetic evidence."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -161,3 +162,78 @@ def test_heartbeats_are_written_whole_and_read_back(tmp_path):
     (tmp_path / "rank00008.json").write_text("{not json")  # a reader never fails on another file
     assert read_heartbeats(tmp_path) == {7: record}
     assert (record.seq, record.phase, record.stage, record.median_step_s) == (2, "step", "reduce", 0.25)
+
+
+def test_fewer_nodes_keep_the_global_batch_where_the_layout_divides():
+    """The paper's 70B layout (TP 8 x PP 4 = 32 GPUs a replica, global batch 1440) on 60 nodes of 8:
+    with 57 usable the most that divides is 48 (DP 12, 120 micro-batches a step); none from 41 to 47."""
+    from test_launch import PAPER_70B, composed
+
+    from ellama_megatron.run.plan import RunPlan
+
+    plan = RunPlan.from_cfg(composed(*PAPER_70B))
+    assert (plan.nodes, plan.dp, plan.grad_accumulation) == (60, 15, 96)
+    assert plan.fewest_nodes_below(57, 30) == 48
+    assert (plan.on_nodes(48).dp, plan.on_nodes(48).grad_accumulation) == (12, 120)
+    assert plan.fewest_nodes_below(47, 41) is None
+    assert plan.fewest_nodes_below(61, 30) == 60  # never more than the run's own
+
+
+def fake_slurm(tmp_path, partition: str) -> Path:
+    """scontrol (records its calls, says the job's partition) and sinfo (the partition's nodes)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n[ "$2" = show ] && echo "JobId=42 Partition=p NumNodes=4"\nexit 0\n'
+    )
+    (bin_dir / "sinfo").write_text(f"#!/bin/sh\nprintf '{partition}'\n")
+    for tool in ("scontrol", "sinfo"):
+        (bin_dir / tool).chmod(0o755)
+    return calls
+
+
+@pytest.mark.parametrize("min_nodes,expected", [(None, None), (2, "NumNodes=2 NumTasks=2")])
+def test_a_node_lost_with_the_partition_short_waits_or_goes_on_with_fewer_nodes(
+    domain_data, tmp_path, monkeypatch, min_nodes, expected
+):
+    """Four nodes, one down; a rank on n2 is killed: n2 is excluded, two nodes are left for a job of
+    four. It waits (said in the event), or under resilience.min_nodes goes on with two, same global batch."""
+    import os
+
+    from conftest import data_overrides
+    from test_launch import composed
+
+    from ellama_megatron.launch import slurm
+    from ellama_megatron.launch.prepare import prepare
+    from ellama_megatron.run.events import read_events
+
+    overrides = ["cluster.nodes=4", "cluster.procs_per_node=1", f"run_dir={tmp_path / 'run'}"]
+    if min_nodes:
+        overrides.append(f"resilience.min_nodes={min_nodes}")
+    config = prepare(composed(*data_overrides(domain_data), *overrides))
+    calls = fake_slurm(tmp_path, "n1 idle\\nn2 alloc\\nn3 alloc\\nn4 down\\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "ranks.restart0.err").write_text("srun: error: n2: task 1: Killed\n")
+    env = {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "4", "SLURM_NTASKS_PER_NODE": "1", "PATH": os.environ["PATH"]}
+    assert slurm.end_job(config, "", 137, 0, tmp_path / "logs", env) == 0
+    (event,) = read_events(tmp_path / "run")
+    made = calls.read_text().splitlines()
+    assert "requeue 42" in made
+    if expected is None:
+        # Excluding n2 would leave three nodes for a job of four, for good: not excluded; n4 is down, so it waits.
+        assert (event["kind"], event["nodes"], event["exclude"]) == ("node_failure", ["n2"], [])
+        assert (
+            "node(s) n2 not excluded: the partition would keep fewer than the 4 node(s) the job needs"
+            in (event["action"])
+        )
+        assert "the job waits for its 4 node(s): 3 usable outside its exclusions" in event["action"]
+        assert not any("NumNodes" in c or "ExcNodeList" in c for c in made)
+    else:
+        assert (event["kind"], event["nodes"], event["exclude"]) == ("node_failure", ["n2"], ["n2"])
+        assert "update JobId=42 ExcNodeList=n2" in made and f"update JobId=42 {expected}" in made
+        assert (
+            "requeued on 2 of 4 node(s) (resilience.min_nodes=2): DP 4 -> 2, gradient accumulation 1 -> 2"
+            in (event["action"])
+        )

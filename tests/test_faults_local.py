@@ -110,8 +110,10 @@ def test_a_frozen_rank_and_a_killed_rank_are_recovered_without_a_person(domain_d
     assert "Thread" in frozen_stack and "megatron" in frozen_stack  # py-spy reads a stopped process
     waiting_stack = (stacks / "rank00000.faulthandler.txt").read_text()
     assert "Current thread" in waiting_stack or "Thread 0x" in waiting_stack
-    trace = stacks / "rank00000.fr_trace"
+    trace = stacks / "flight_recorder" / "fr_trace_0"
     assert trace.exists() and trace.stat().st_size > 0  # the flight recorder's collectives of the waiting rank
+    # ... and where it waits for the frozen one: a collective it entered and never finished.
+    assert any("all_reduce" in w for w in hang["verdict"]["waiting_in"]["0"]), hang["verdict"]
     # The killed rank: a node failure (SIGKILL), relaunched; one machine, so nothing excluded.
     assert (killed["signature"], killed["ranks"], killed["nodes"], killed["exclude"]) == ("SIGKILL", [0], [host], [])
     # The run's last launch resumed from a checkpoint and reproduced the uninterrupted losses.
@@ -136,3 +138,25 @@ def test_the_same_crash_three_times_stops_as_a_suspected_bug_with_the_traceback(
     assert "injected crash at iteration 12" in bug["traceback"]
     text = log.read_text()
     assert "suspected bug or bad data" in text and "RuntimeError: injected crash at iteration 12" in text
+
+
+@pytest.mark.slow
+def test_a_run_resumes_on_half_its_ranks_with_the_same_global_batch(domain_data, tmp_path):
+    """Two ranks (DP 2) to iteration 10, then one (DP 1, twice the gradient accumulation) to 20: the
+    same samples make each global batch, so the losses are the uninterrupted two-rank run's. The
+    optimizer state is saved fully reshardable (Megatron 0.19.2's --dist-ckpt-optim-fully-reshardable),
+    which is what lets the distributed optimizer load at another DP."""
+    from conftest import run_cpt
+
+    _, reference = run_cpt(tmp_path / "ref", domain_data)
+    run_dir = tmp_path / "run"
+    first, _ = run_cpt(run_dir, domain_data, "train.exit_interval=10")
+    assert first.returncode == 0 and saved_iteration(run_dir) == 10, first.stderr[-3000:]
+    second, resumed = run_cpt(run_dir, domain_data, "cluster.procs_per_node=1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "world size 1 = TP 1 x PP 1 x CP 1 x DP 1" in second.stdout and "gradient accumulation 4" in second.stdout
+    for it in range(13, 21):  # a launch's first two printed losses share an accumulator (Megatron)
+        assert resumed.train_loss[it] == pytest.approx(reference.train_loss[it], rel=1e-5, abs=1e-6), it
+    # Where the layout does not divide, the relaunch is refused before anything starts.
+    refused, _ = run_cpt(run_dir, domain_data, "cluster.procs_per_node=3", "train.train_tokens=40960")
+    assert refused.returncode == 2 and "not divisible by micro_batch_size x DP" in refused.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import random
-import re
 import signal
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from test_slurm import final_losses, submit
 
 from ellama_megatron.formats.heartbeat import read_heartbeats
-from ellama_megatron.formats.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log, split_by_job_start
 from ellama_megatron.run.events import read_events
 from ellama_megatron.run.progress import saved_iteration
 
@@ -110,7 +109,7 @@ def test_soak_every_fault_recovered_without_a_person(slurm_cluster, tiny_blend, 
     assert killed["signature"] == "SIGKILL" and killed["ranks"] == [done[0]["rank"]] and killed["nodes"] == [host]
     assert killed_in_save["signature"] == "SIGKILL" and killed_in_save["ranks"] == [done[2]["rank"]]
     # One node: excluding it would hold the job forever, so the exclusion is refused and said so.
-    assert "not excluded: the partition would keep fewer than the job's 1 node(s)" in killed["action"]
+    assert "not excluded: the partition would keep fewer than the 1 node(s) the job needs" in killed["action"]
     stuck = hang["verdict"]["stuck"]
     assert [(s["rank"], s["node"], s["state"]) for s in stuck] == [(done[1]["rank"], host, "stopped")]
     stacks = Path(hang["verdict"]["stacks"])
@@ -124,7 +123,7 @@ def test_soak_every_fault_recovered_without_a_person(slurm_cluster, tiny_blend, 
     # The run's losses: each launch from its third iteration on (Megatron's first two printed losses
     # share an accumulator), and the final validation, are the uninterrupted run's.
     ref_train, ref_valid = soak_reference
-    segments = re.split(r"\[launch [\d:]+\] job \d+ restart \d+:", log)[1:]  # one per launch
+    segments = split_by_job_start(log)  # one per launch
     assert len(segments) == len(FAULTS) + 1
     for launch, segment in zip(launches, segments):
         train = parse_train_log(segment).train_loss

@@ -9,8 +9,8 @@
   folder. It runs in the signal handler itself, so it answers while the rank is blocked in a
   collective (but not while it is stopped: py-spy reads those).
 - A daemon thread waits for the watchdog's request and dumps PyTorch's flight recorder (the
-  collectives this rank issued and their state, ``rank<N>.fr_trace``), which
-  ``python -m torch.distributed.flight_recorder.fr_trace`` reads across ranks to find the collective
+  collectives this rank issued and their state, ``flight_recorder/fr_trace_<N>``), which
+  ``python -m torch.distributed.flight_recorder.fr_trace DIR -p fr_trace`` reads across ranks to find the collective
   a rank never joined. The recorder is on (``TORCH_FR_BUFFER_SIZE``, ``TORCH_NCCL_TRACE_BUFFER_SIZE``,
   set before the process groups start) and also dumps by itself on an NCCL timeout.
 """
@@ -31,6 +31,7 @@ from ellama_megatron.formats.atomic import write_bytes_atomic
 from ellama_megatron.formats.heartbeat import FLIGHT_RECORDER_REQUEST, HEARTBEAT_DIR_ENV, stack_file
 from ellama_megatron.run.faults import HANGS_DIR, RankFailure, write_rank_failure
 
+FLIGHT_RECORDER_DIR = "flight_recorder"  # in hangs/<launch>/
 FLIGHT_RECORDER_ENTRIES = "2000"  # collectives kept per process group: a few steps' worth
 
 
@@ -40,7 +41,7 @@ def flight_recorder_environment(run_dir: str | Path) -> dict[str, str]:
         "TORCH_FR_BUFFER_SIZE": FLIGHT_RECORDER_ENTRIES,
         "TORCH_NCCL_TRACE_BUFFER_SIZE": FLIGHT_RECORDER_ENTRIES,
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir) / HANGS_DIR / "nccl_timeout_trace_rank_"),
+        "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir) / HANGS_DIR / "nccl_timeout" / "trace_"),
     }
 
 
@@ -75,8 +76,9 @@ def dump_flight_recorder(out: Path, rank: int) -> Path | None:
         trace = dump()
     except Exception as exc:  # a recorder that was never on, a backend without one
         trace = pickle.dumps({"error": repr(exc)})
-    path = out / f"rank{rank:05d}.fr_trace"
-    out.mkdir(parents=True, exist_ok=True)
+    # <prefix>_<rank> in a folder of its own: what the analyser (fr_trace) reads.
+    path = out / FLIGHT_RECORDER_DIR / f"fr_trace_{rank}"
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, trace)
     return path
 

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, value in failure_evidence.flight_recorder_environment(cfg.run_dir).items():
         os.environ.setdefault(name, value)  # before torch.distributed starts
+    Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
     failure_evidence.arm(rank)
     start_checkpoint_helper_ignoring_sigterm()

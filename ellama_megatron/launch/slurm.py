@@ -27,12 +27,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ellama_megatron.formats.train_log import job_start_message, launcher_line
+from ellama_megatron.launch.finish import export_finished_run
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.launch.run_lock import RunLockedError
 from ellama_megatron.run.events import (
@@ -68,7 +69,7 @@ REQUEUE_LOG = "requeues.txt"  # in the job's log folder: one line per requeue
 
 def log(message: str) -> None:
     """A line of the job's log, as slurm/launch.sh writes its own (stderr: stdout carries the shell's variables)."""
-    print(f"[launch {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    print(launcher_line(message), file=sys.stderr, flush=True)
 
 
 # -- the allocation ------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def prepare_job(
         return 2, {}
     restart = env.get("SLURM_RESTART_COUNT", "0")
     nodes, per_node = allocation(sbatch_file, env)
-    log(f"job {env['SLURM_JOB_ID']} restart {restart}: {nodes} nodes x {per_node} ranks")
+    log(job_start_message(env["SLURM_JOB_ID"], restart, nodes, per_node))
     try:
         cfg = compose(job_overrides(sbatch_file, preset, user, env))
         plan = prepare_plan(cfg)
@@ -210,6 +211,8 @@ def prepare_job(
     if is_finished(run_dir, plan.train_iterations):
         log(f"run already finished (iteration {start} of {plan.train_iterations}); nothing to do")
         variables["FINISHED"] = 1
+        if not export_after_finish(cfg):
+            return 1, variables
     else:
         append_event(
             run_dir,
@@ -306,17 +309,16 @@ def partition_nodes(env: Mapping[str, str]) -> tuple[list[str], list[str]] | Non
 
 def exclusions_that_fit(
     new: tuple[str, ...], run_dir: Path, needed: int, env: Mapping[str, str]
-) -> tuple[list[str], str]:
-    """The nodes to exclude from the requeued job, and what to log. A node is excluded only while
+) -> tuple[list[str], str, int | None]:
+    """The nodes to exclude from the requeued job, what to log, and how many usable nodes the
+    partition has outside the exclusions (None: Slurm did not say). A node is excluded only while
     the partition keeps enough nodes for the job without it: an exclusion that can never be met
     would hold the job forever, which is worse than retrying on a suspect node (a node that is really
     broken fails again, and the repeat rules stop the run)."""
     already = excluded_nodes(run_dir)
-    if not new:
-        return already, ""
     nodes = partition_nodes(env)
     if nodes is None:
-        return sorted({*already, *new}), ""
+        return sorted({*already, *new}), "", None
     every, usable = nodes
     keep = []
     for node in new:
@@ -324,14 +326,13 @@ def exclusions_that_fit(
             keep.append(node)
     dropped = [n for n in new if n not in keep]
     note = (
-        f"node(s) {', '.join(dropped)} not excluded: the partition would keep fewer than the job's {needed} node(s)"
+        f"node(s) {', '.join(dropped)} not excluded: the partition would keep fewer than the {needed} node(s) "
+        "the job needs"
         if dropped
         else ""
     )
     free = len(set(usable) - {*already, *keep})
-    if free < needed:
-        note += f"{'; ' if note else ''}the job waits: {free} usable node(s) outside the exclusions, it needs {needed}"
-    return sorted({*already, *keep}), note
+    return sorted({*already, *keep}), note, free
 
 
 def end_job(
@@ -370,9 +371,17 @@ def end_job(
     decision = cap_requeues(
         decide(fault, launch_end, read_events(run_dir), cfg.resilience, excluded_nodes(run_dir)), env
     )
-    exclude, note = exclusions_that_fit(decision.exclude, run_dir, nodes, env) if decision.go_on else ([], "")
+    exclude, note, free, resize = [], "", None, None
+    if decision.go_on:
+        # With resilience.min_nodes the job can go on with fewer: the exclusions may leave it that few.
+        least = cfg.resilience.get("min_nodes") or nodes
+        exclude, note, free = exclusions_that_fit(decision.exclude, run_dir, min(least, nodes), env)
+        resize, short = fewer_nodes(cfg, nodes, free)
+        note = "; ".join(n for n in (note, short) if n)
     new = [n for n in exclude if n not in excluded_nodes(run_dir)]
     record_launch_end(run_dir, fault, launch_end, decision, new, note, job=env.get("SLURM_JOB_ID"))
+    if decision.kind == "finished" and not export_after_finish(cfg):
+        return 1
     if not decision.go_on:
         return decision.exit_code
     job_id, restart = env["SLURM_JOB_ID"], int(env.get("SLURM_RESTART_COUNT") or 0)
@@ -382,7 +391,45 @@ def end_job(
             f"restart {restart}: {start_iteration} -> {end}, {fault.kind}, signal {signal_name or 'none'}, "
             f"exit {exit_code}\n"
         )
-    return requeue(job_id, exclude if new else [])
+    per_node = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    return requeue(job_id, exclude if new else [], resize, resize * per_node if resize else None)
+
+
+def fewer_nodes(cfg, nodes: int, free: int | None) -> tuple[int | None, str]:
+    """When the partition has fewer usable nodes than the job (``free``, outside its exclusions):
+    under resilience.min_nodes, the most nodes at least that many on which the layout divides with
+    the same global batch (None: no change); and what to log."""
+    if free is None or free >= nodes:
+        return None, ""
+    least = cfg.resilience.get("min_nodes")
+    if least is None:
+        return None, (
+            f"the job waits for its {nodes} node(s): {free} usable outside its exclusions "
+            "(resilience.min_nodes lets it go on with fewer)"
+        )
+    plan = RunPlan.from_cfg(cfg)
+    fewer = plan.fewest_nodes_below(free, int(least))
+    if fewer is None:
+        return None, (
+            f"the job waits for its {nodes} node(s): {free} usable, and no layout on {least} to {free} node(s) "
+            f"keeps global batch {plan.global_batch_size} whole (TP x PP x CP and micro batch x DP must divide)"
+        )
+    grown = plan.on_nodes(fewer)
+    return fewer, (
+        f"requeued on {fewer} of {nodes} node(s) (resilience.min_nodes={least}): DP {plan.dp} -> {grown.dp}, "
+        f"gradient accumulation {plan.grad_accumulation} -> {grown.grad_accumulation}, same global batch"
+    )
+
+
+def export_after_finish(cfg) -> bool:
+    """checkpoint.export_hf for a finished run; False (logged) when the export failed: a relaunch of
+    the finished run tries it again."""
+    try:
+        export_finished_run(cfg, log=log)
+    except Exception as exc:
+        log(f"error: checkpoint.export_hf: {exc}; submit the job again to retry the export")
+        return False
+    return True
 
 
 def end_after_rejection(cfg, run_dir: Path, exit_code: int, start_iteration: int, log_dir: Path, env) -> int:
@@ -445,8 +492,9 @@ def record_launch_end(run_dir: Path, fault, end: LaunchEnd, decision: Decision, 
         log(f"the failing rank's traceback:\n{fault.traceback}")
 
 
-def requeue(job_id: str, exclude: list[str]) -> int:
-    """Requeue the job, with ``exclude`` as its ExcNodeList when given.
+def requeue(job_id: str, exclude: list[str], nodes: int | None = None, tasks: int | None = None) -> int:
+    """Requeue the job, with ``exclude`` as its ExcNodeList when given, on ``nodes`` nodes (and
+    ``tasks`` ranks) when given.
 
     Slurm takes an ExcNodeList only from a pending job ("Job is no longer pending execution" while
     it runs), and a requeued job is pending (while completing) at once: requeue, then exclude. The
@@ -456,11 +504,16 @@ def requeue(job_id: str, exclude: list[str]) -> int:
     handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         status = subprocess.call(["scontrol", "requeue", job_id])
-        if status != 0 or not exclude:
+        if status != 0:
             return status
-        log(f"excluding nodes {','.join(exclude)} from job {job_id}")
-        if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(exclude)}"]) != 0:
-            log("scontrol could not set the exclusion on the requeued job; it may land on the same node again")
+        if exclude:
+            log(f"excluding nodes {','.join(exclude)} from job {job_id}")
+            if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(exclude)}"]) != 0:
+                log("scontrol could not set the exclusion on the requeued job; it may land on the same node again")
+        if nodes:
+            log(f"job {job_id} goes on with {nodes} node(s)")
+            if subprocess.call(["scontrol", "update", f"JobId={job_id}", f"NumNodes={nodes}", f"NumTasks={tasks}"]):
+                log("scontrol could not change the job's node count; it waits for its full count")
         return 0
     finally:
         signal.signal(signal.SIGTERM, handler)

@@ -24,10 +24,12 @@ from pathlib import Path
 
 from ellama_megatron.formats.heartbeat import HEARTBEAT_DIR_ENV
 from ellama_megatron.formats.timeline import LAUNCH_ID_ENV
+from ellama_megatron.launch.finish import export_finished_run
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.launch.watchdog import Watchdog
 from ellama_megatron.run.events import append_event, read_events, take_rank_exit
 from ellama_megatron.run.faults import (
+    Decision,
     LaunchEnd,
     Timeouts,
     classify,
@@ -86,7 +88,7 @@ def run_recipe(cfg) -> int:
             f"run already finished (iteration {saved_iteration(cfg.run_dir)} of {plan.train_iterations} in "
             f"{cfg.run_dir}); nothing started"
         )
-        return 0
+        return finish(cfg)
     if os.environ.get("ELLAMA_DRY_RUN"):
         from ellama_megatron.engine.lr_schedule import format_lr_curve
 
@@ -103,7 +105,17 @@ def run_recipe(cfg) -> int:
     while True:
         code, go_on = launch_once(cfg, plan.procs_per_node, config_path, plan.train_iterations)
         if not go_on:
-            return code
+            return code or (finish(cfg) if is_finished(cfg.run_dir, plan.train_iterations) else 0)
+
+
+def finish(cfg) -> int:
+    """The finished run's export (checkpoint.export_hf); 1 when it fails, with the reason."""
+    try:
+        export_finished_run(cfg)
+    except Exception as exc:  # the run is done; its export can be redone by launching again
+        print(f"error: checkpoint.export_hf: {exc}; launch again to retry the export", file=sys.stderr)
+        return 1
+    return 0
 
 
 def launch_once(cfg, procs_per_node: int, config_path: Path, train_iterations: int) -> tuple[int, bool]:
@@ -183,7 +195,14 @@ def record_and_decide(run_dir: Path, resilience, end: LaunchEnd) -> tuple[int, b
     """Classify the launch's end, append its event, say what happens next (one machine: nothing to
     exclude)."""
     fault = classify(end)
-    decision = decide(fault, end, read_events(run_dir), resilience, excluded=None, verb="relaunch")
+    if fault.kind in ("time_limit", "preempted"):
+        # On one machine a clean stop is asked for (train.exit_interval, exit_duration_in_mins, a
+        # signal from the user): not a fault to recover from.
+        decision = Decision(
+            False, fault.kind, end.exit_code, f"stopped at iteration {end.end_iteration}: launch again to go on"
+        )
+    else:
+        decision = decide(fault, end, read_events(run_dir), resilience, excluded=None, verb="relaunch")
     append_event(run_dir, **end_event(fault, end, decision, "relaunch"))
     if decision.kind == "suspected_bug" and fault.traceback:
         print(f"error: {decision.reason}\n{fault.traceback}", file=sys.stderr, flush=True)

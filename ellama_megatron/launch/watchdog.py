@@ -40,6 +40,7 @@ timeouts (engine/megatron_args.py) so that the watchdog acts first.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,6 +180,34 @@ def dump_stacks(beats: list[Heartbeat], heartbeat_dir: Path, out: Path) -> list[
     return written
 
 
+def pending_collectives(folder: Path) -> dict[str, list[str]]:
+    """From the flight-recorder dumps in ``folder``: per rank, the collectives it entered and never
+    finished ("all_reduce #68 of DATA_PARALLEL_GROUP_WITH_CP, 238208 elements"): where the ranks
+    that could answer are waiting, for the rank that could not."""
+    import pickle
+
+    out = {}
+    for path in sorted((folder / "flight_recorder").glob("fr_trace_*")):
+        try:
+            trace = pickle.loads(path.read_bytes())
+            status, entries = trace["pg_status"], trace["entries"]
+        except Exception:  # an error record, another version's layout
+            continue
+        waiting = []
+        for pg_id, state in status.items():
+            if state["last_enqueued_collective"] <= state["last_completed_collective"]:
+                continue
+            for e in reversed(entries):
+                if str(e.get("pg_id")) == str(pg_id) and e["collective_seq_id"] > state["last_completed_collective"]:
+                    size = sum(math.prod(s) for s in e.get("input_sizes") or [])
+                    waiting.append(
+                        f"{e['profiling_name']} #{e['collective_seq_id']} of {e['process_group'][1]}, {size} elements"
+                    )
+                    break
+        out[path.name.rsplit("_", 1)[1]] = waiting
+    return out
+
+
 def kill_ranks(beats: list[Heartbeat]) -> None:
     for beat in beats:
         try:
@@ -273,6 +302,10 @@ class Watchdog:
             time.sleep(min(60.0, 10.0 + 2 * len(beats)))  # the other nodes dump theirs on the request
         found["stacks"] = str(self.run_dir / HANGS_DIR / self.launch)
         found["stack_files"] = len(dumps)
+        found["waiting_in"] = pending_collectives(self.run_dir / HANGS_DIR / self.launch)
+        waits = "; ".join(f"rank {r} in {', '.join(w)}" for r, w in found["waiting_in"].items() if w)
+        if waits:
+            found["summary"] += f"; waiting: {waits}"
         found["detected_after_s"] = round(now - max((v.beat.time for v, _ in late if v.beat), default=self.start), 1)
         write_json_atomic(self.shared / VERDICT_FILE, found)
         kill_ranks(beats)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ellama_megatron.formats.atomic import write_figure_atomic, write_json_atomic, write_text_atomic
 from ellama_megatron.formats.timeline import TIMELINE_DIR, TimelineEvent, read_timelines
+from ellama_megatron.formats.train_log import job_starts
 from ellama_megatron.run.events import EVENT_TIME_FORMAT, EVENTS_FILE, read_events
 from ellama_megatron.run.faults import FAILURES, FAULT_CLASSES
 
@@ -77,7 +78,6 @@ UNPLANNED = ("rejected_result", *FAILURES)
 # launch/slurm.py's prepare_job, the first line a job (or each requeue of it) writes to its log:
 # "[launch 12:03:44] job 4711 restart 2: 8 nodes x 8 ranks". Time of day only; the date comes from
 # the launch event that follows it.
-_JOB_START = re.compile(r"\[launch (\d\d:\d\d:\d\d)\] job (\S+) restart (\d+):")
 _SLURM_LAUNCH_ID = re.compile(r"^(\d+)\.(\d+)$")  # "<job>.<restart>", launch/slurm.py's launch ids
 JOB_LOG_ROOT_ENV = "ELLAMA_LOG_ROOT"  # slurm/launch.sh's log root, default slurm/logs
 MAX_BATCH_SETUP_S = 3600.0  # a batch-script start this much before its launch event is another job's
@@ -309,8 +309,8 @@ def batch_starts(texts: Iterable[str]) -> dict[tuple[str, int], str]:
     per pair: a job log appended across requeues repeats nothing, but a resubmission may)."""
     out = {}
     for text in texts:
-        for m in _JOB_START.finditer(text):
-            out[(m.group(2), int(m.group(3)))] = m.group(1)
+        for clock, job, restart in job_starts(text):
+            out[(job, restart)] = clock
     return out
 
 

@@ -165,6 +165,7 @@ class CheckpointConfig:
     save_optim: bool = MISSING  # needed to resume
     keep_last: int | None = MISSING  # the newest K complete checkpoints are kept; None = all are kept
     keep_every: int | None = MISSING  # also kept: iterations divisible by N (save_interval must divide N; auto does)
+    export_hf: bool = MISSING  # when the run finishes, its final model as a Hugging Face folder in ${run_dir}/hf
 
     def problems(self) -> list[str]:
         auto = self.save_interval == SAVE_INTERVAL_AUTO
@@ -249,6 +250,7 @@ class ResilienceConfig:
     # Cluster faults (run/faults.py): the retry rules
     max_same_failure: int = MISSING  # the same failure at the same checkpoint this many times in a row: stop
     max_failures_without_progress: int = MISSING  # failures of any kind without a newer checkpoint: stop
+    min_nodes: int | None = MISSING  # opt-in: go on with as few as this many nodes when the partition lacks them
     # Hangs (launch/watchdog.py): a rank not advancing within its phase's timeout, in seconds
     hang_detection: bool = MISSING
     hang_poll_s: float = MISSING  # how often the watchdog reads the heartbeats
@@ -263,6 +265,8 @@ class ResilienceConfig:
         errors = []
         if self.max_same_failure < 1:
             errors.append(f"resilience.max_same_failure={self.max_same_failure} must be at least 1")
+        if self.min_nodes is not None and self.min_nodes < 1:
+            errors.append(f"resilience.min_nodes={self.min_nodes} must be at least 1, or null (never fewer nodes)")
         if self.max_failures_without_progress < 1:
             errors.append(
                 f"resilience.max_failures_without_progress={self.max_failures_without_progress} must be at least 1"
