@@ -297,7 +297,7 @@ def test_a_process_that_dies_with_its_parent_is_gone_after_the_parents_kill_9():
 
 @pytest.mark.slow
 def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_before_it(domain_data, tmp_path):
-    """Megatron injects a reproducible rejection into the first validated loss (iteration 2): it
+    """Megatron injects a reproducible rejection into the first checked loss (iteration 2): it
     saves the model of iteration 1 and exits 16; one machine has no other GPU, so the run stops."""
 
     run_dir = tmp_path / "run"
@@ -382,8 +382,18 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
         assert len(ranks) >= 2, [p.cmdline() for p in family]
         torchrun = [p for p in family if "torch.distributed.run" in " ".join(p.cmdline())]
         if killed == "one rank":  # torchrun stops the others; the killed rank's helpers must not stay behind
+            from ellama_megatron.run.events import read_events
+
             ranks[0].send_signal(signals.SIGKILL)
-            launcher.wait(timeout=120)
+            # A node failure: the launcher relaunches; nothing of the killed launch may outlive it.
+            while not any(e["kind"] == "node_failure" for e in read_events(run_dir)):
+                assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            gone, alive = psutil.wait_procs(family, timeout=30)
+            assert not alive, f"alive 30 s after the kill -9 of one rank: {[(p.pid, p.cmdline()) for p in alive]}"
+            family = _descendants(launcher.pid)  # the relaunch's; stopped with the launcher below
+            launcher.send_signal(signals.SIGKILL)
+            launcher.wait()
         else:
             launcher.send_signal(signals.SIGKILL)
             if killed == "launcher and torchrun":

@@ -77,7 +77,7 @@ def test_sbatch_runs_engine_and_does_not_requeue_when_finished(reference_run):
     train, valid = final_losses(log)
     assert sorted(train) == list(range(1, ITERS + 1))
     assert set(valid) == {"general", "ecommerce"}
-    assert "not requeueing" in log
+    assert "run finished (iteration 30)" in log and "requeueing job" not in log
     # Per-job log folder with the resolved config.
     configs = list((tmp / "logs").glob(f"ref-{job}/config.restart0.yaml"))
     assert configs and "model:" in configs[0].read_text()

@@ -8,13 +8,17 @@ ELLAMA_TEST_SOAK_SEED picks the moments (0 in CI)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from test_slurm import final_losses, submit
 
 from ellama_megatron.formats.heartbeat import read_heartbeats
@@ -131,5 +135,28 @@ def test_soak_every_fault_recovered_without_a_person(slurm_cluster, tiny_blend, 
             assert train[it] == pytest.approx(ref_train[it], rel=1e-6), (launch["launch"], it)
     _, valid = final_losses(log)
     assert valid == pytest.approx(ref_valid, rel=1e-6)
+    # The run report: its productive time is Megatron's own iteration times of the iterations that
+    # ended up in the final model (each launch's from the checkpoint it started at to the one it left).
+    report = subprocess.run(
+        [sys.executable, "tools/run_report.py", str(run_dir), "--logs", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    data = json.loads((run_dir / "report" / "run_report.json").read_text())
+    measured = 0.0
+    for launch, segment, end in zip(launches, segments, ends):
+        ms = parse_train_log(segment).iteration_ms
+        measured += sum(ms[it] for it in range(launch["start_iteration"] + 1, end["end_iteration"] + 1)) / 1000
+    assert data["productive_iterations"] == ITERS
+    assert data["productive_s"] == pytest.approx(measured, rel=0.02)
+    assert (run_dir / "report" / "run_timeline.png").is_file()
+    recoveries = [r["seconds"] for r in data["recoveries"]]
     detected = hang["verdict"]["time"] - done[1]["t"]
+    print(
+        f"soak: goodput {data['productive_s'] / data['allocated_s']:.1%} ({data['productive_s']:.1f} s productive, "
+        f"Megatron's iteration times {measured:.1f} s); time to recover per fault {recoveries} s"
+    )
     print(f"soak seed {SEED}: hang detected {detected:.1f} s after the SIGSTOP; faults {done}")

@@ -97,7 +97,7 @@ def _micro_batch_size_from_tp_rank_0(batch: dict, default: int) -> int:
 
 @dataclass(frozen=True)
 class LossChecks:
-    """What the loss function validates (conf/resilience)."""
+    """What the loss function checks (conf/resilience)."""
 
     nan: bool = True  # NaN and Inf in the loss (Megatron's --no-check-for-nan-in-loss-and-grad turns it off)
     spike_factor: float | None = None  # reject a loss >= factor x the reference (SpikeReference); None = off
@@ -173,7 +173,7 @@ def _first_of_the_loss_ranks() -> bool:
 SPIKE_REFERENCE = SpikeReference()  # one per rank: each judges its own micro-batches (any rejection reruns all)
 
 
-def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
+def check_loss(loss: torch.Tensor, checks: LossChecks) -> None:
     """Megatron's pretrain_gpt checks on one micro-batch's loss, all fatal: a bad loss must stop the
     run before the optimizer steps, not be trained through."""
     from megatron.core.rerun_state_machine import get_rerun_state_machine
@@ -181,9 +181,9 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
 
     machine = get_rerun_state_machine()
     if not machine.first_iteration_complete and get_args().iteration > 0:
-        # Megatron validates nothing in a launch's first iteration: a new run has no optimizer step to
+        # Megatron checks nothing in a launch's first iteration: a new run has no optimizer step to
         # save before it. A resumed one has (the checkpoint it loaded): its first iteration, after a
-        # skip or rollback the very one that follows the skipped data, is validated like any other.
+        # skip or rollback the very one that follows the skipped data, is checked like any other.
         machine.first_iteration_complete = True
     if checks.nan:
         machine.validate_result(
@@ -202,7 +202,7 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
         )
     if checks.spike_factor:
         if not machine.first_iteration_complete:
-            # Not validated (nothing could be saved before the optimizer's first step), but observed:
+            # Not checked (nothing could be saved before the optimizer's first step), but observed:
             # a new run's first losses are the reference its second iteration is judged against.
             SPIKE_REFERENCE.observe(loss.item(), checks.spike_window, checks.reference_file)
         machine.validate_result(
@@ -248,7 +248,7 @@ def loss_func(
     # A copy: the state machine keeps the rejected result to compare the rerun with, and Megatron's
     # schedule then divides the loss in place (by tokens and micro-batches): kept by reference, a
     # reproduced spike would compare unequal and be diagnosed a transient fault (exit 17).
-    validate_loss(loss.detach().clone(), checks)
+    check_loss(loss.detach().clone(), checks)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     if domain_loss is not None:  # training only: the same per-token losses, summed per sample's domain
         domain_loss.add(dataset_id, losses.detach().view(loss_mask.shape), mask.view(loss_mask.shape))

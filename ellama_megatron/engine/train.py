@@ -1,7 +1,7 @@
 """One training rank: ``python -m ellama_megatron.engine.train --config RUN_DIR/config.yaml``.
 
 torchrun (local) or srun (Slurm) starts one of these per GPU (per CPU process on a laptop). The
-resolved config was validated and written by recipes/cpt.py; this only translates it into
+resolved config was checked and written by recipes/cpt.py; this only translates it into
 Megatron's arguments and hands over to ``megatron.training.pretrain``.
 """
 

@@ -25,11 +25,11 @@ from ellama_megatron.run.progress import saved_iteration
 from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.sweep.table import POINT_FILE
 
-PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to validate and write the config
+PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to check and write the config
 
 
 def prepare_point(cfg, job, hc, restart: str) -> Path:
-    """Rank 0 validates and writes the point's config and point.json; the other ranks wait for it.
+    """Rank 0 checks and writes the point's config and point.json; the other ranks wait for it.
 
     point.json names this attempt (job id, restart count), so that no rank reads a stale one."""
     point_file = Path(cfg.run_dir) / POINT_FILE
