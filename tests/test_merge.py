@@ -253,3 +253,27 @@ def test_cli_runs_from_repo_root(models, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1].startswith("merged Hugging Face folders: 39 tensors")
     assert (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_block_kernels_are_the_whole_tensor_expressions_bit_for_bit(dtype):
+    """The block-by-block arithmetic (blocks of BLOCK_ELEMENTS, a ragged last one, a transposed
+    input) gives what the whole-tensor float32 expressions give, rounded once."""
+    from ellama_megatron.merge.methods import BLOCK_ELEMENTS, WeightedAccumulator, merge_chunk, weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    n = 3 * BLOCK_ELEMENTS + 7
+    b, a, c = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
+    t = torch.randn(257, 301, generator=g).to(dtype).T  # not contiguous
+    want = ((0.7 * b.float() + 0.3 * a.float()) / 1.0).to(dtype)
+    assert torch.equal(weighted_sum([b, a], [0.7, 0.3]), want)
+    assert torch.equal(merge_chunk("linear", 0.3, [b, a]), want)
+    assert torch.equal(weighted_sum([t, t], [0.25, 0.5]), (0.25 * t.float() + 0.5 * t.float()).to(dtype))
+    mean = ((b.float() * 1.0 + a.float() * 1.0 + c.float() * 1.0) / 3.0).to(dtype)
+    acc = WeightedAccumulator()
+    for x in (b, a, c):
+        acc.add(x, 1.0)
+    assert torch.equal(weighted_sum([b, a, c], [1.0, 1.0, 1.0], 3.0), mean) and torch.equal(acc.result(3.0), mean)
+    delta = 0.4 * (a.float() - b.float()) + 1.3 * (c.float() - b.float())
+    ta = merge_chunk("task_arithmetic", 0.6, [b, a, c], [0.4, 1.3])
+    assert torch.equal(ta, (b.float() + 0.6 * delta).to(dtype))

@@ -87,6 +87,34 @@ def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folder
     assert (tmp_path / "report" / "curve.png").is_file()
 
 
+@pytest.mark.slow
+def test_merge_curve_with_the_average_of_a_runs_last_checkpoints(tmp_path):
+    """--average-of SAVE --last 3: one more point, off the alpha axis, whose perplexities are those
+    of the average written as a Hugging Face folder."""
+    from test_average import make_run
+
+    from ellama_megatron.merge.average import average_checkpoints, select_checkpoints
+
+    tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
+    save = make_run(tmp_path / "run" / "checkpoints", load_model_config("tiny"), tok, [10, 20, 30, 40])
+    p = tmp_path / "general.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(4, 1)))
+    q = tmp_path / "ecommerce.jsonl"
+    q.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(4, 2)))
+    specs = [parse_domain_spec(f"general={p}"), parse_domain_spec(f"ecommerce={q}")]
+    kw = dict(seq_length=32, batch_size=4, device="cpu", progress=False)
+    request = select_checkpoints([save], 3, None)
+    report = run_merge_curve(save / "iter_0000010", save, [0.5], specs, tmp_path / "report", average=request, **kw)
+    assert [x["label"] for x in report["points"]] == ["base", "merged", "adapted", "average of 3"]
+    assert report["points"][-1]["alpha"] is None
+    avg = average_checkpoints(request, tmp_path / "avg_hf", "hf", progress=False).outputs[0]
+    direct = evaluate_model_dir(avg, specs, **kw)
+    assert report["points"][-1]["domains"] == direct["domains"]
+    table = (tmp_path / "report" / "curve.md").read_text().splitlines()
+    assert table[-1].startswith("| - | average of 3 | ")
+    assert not (tmp_path / "report" / "merged").exists() and (tmp_path / "report" / "curve.png").is_file()
+
+
 MEGATRON_LOG = """\
  [2026-11-21 10:00:00] iteration        5/      20 | consumed samples:           40 | elapsed time per iteration (ms): 120.0 | learning rate: 3.000000E-05 | global batch size:     8 | lm loss: 5.900000E+00 | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 | number of nan iterations:   0 |
  [2026-11-21 10:00:01] iteration       10/      20 | consumed samples:           80 | elapsed time per iteration (ms): 118.0 | learning rate: 3.000000E-05 | global batch size:     8 | lm loss: 5.500000E+00 | loss scale: 1.0 | grad norm: 1.100 | number of skipped iterations:   0 | number of nan iterations:   0 |
@@ -99,7 +127,7 @@ MEGATRON_LOG = """\
  [2026-11-21 10:00:02] iteration       20/      20 | consumed samples:          160 | elapsed time per iteration (ms): 117.0 | learning rate: 3.000000E-05 | global batch size:     8 | lm loss: 5.100000E+00 | loss scale: 1.0 | grad norm: 1.000 | number of skipped iterations:   0 | number of nan iterations:   0 |
  validation-general loss at iteration 20 | lm loss value: 5.300000E+00 | lm loss PPL: 2.003368E+02 |
  validation-ecommerce loss at iteration 20 | lm loss value: 5.200000E+00 | lm loss PPL: 1.812722E+02 |
-"""  # noqa: E501 (verbatim Megatron log lines)
+"""  # noqa: E501 (Megatron's log lines as printed)
 
 
 def test_training_curves_from_log_and_tensorboard(tmp_path):

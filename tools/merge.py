@@ -1,6 +1,6 @@
 """Merge a base and an adapted model (Hugging Face folders, or Megatron checkpoints): linear
-interpolation (the e-Llama paper's method), SLERP or task arithmetic, at one or several alphas in
-one pass over the inputs.
+interpolation (the e-Llama paper's method), SLERP or task arithmetic, at one or several alphas in one
+pass over the inputs; or average several checkpoints of a run (--average).
 
   python tools/merge.py --base BASE_DIR --adapted ADAPTED_DIR --alpha 0.5 --out merged/
   python tools/merge.py --base B --adapted A --alpha 0.25 --alpha 0.5 --alpha 0.75 --out merged/
@@ -22,6 +22,15 @@ is a weights-only torch_dist checkpoint in the import's layout, to start a run f
 (checkpoint.init_from=OUT) or to export (tools/convert_hf.py export --ckpt OUT). Same formulas and
 checks (model config in the checkpoint record, tensors, dtypes, tokenizer); every alpha is one pass
 over the inputs. Both inputs must be of the same kind.
+
+Checkpoint averaging (LAWA-style): the mean of a run's last N checkpoints, or of named ones, or
+their weighted mean (weights are relative: divided by their sum), streamed tensor by tensor;
+written as a weights-only Megatron checkpoint (--format megatron, the default) or a Hugging Face
+folder (--format hf). Only model weights are averaged, in float32, rounded once to their dtype.
+
+  python tools/merge.py --average RUN_DIR/checkpoints --last 3 --out ckpt/avg_last3
+  python tools/merge.py --average RUN/checkpoints/iter_0000800 RUN/checkpoints/iter_0001000 \
+      --weight 1 --weight 3 --format hf --out hf/avg
 """
 
 from __future__ import annotations
@@ -40,27 +49,39 @@ KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="base model: Hugging Face folder (safetensors) or Megatron checkpoint")
+    p.add_argument("--base", help="base model: Hugging Face folder (safetensors) or Megatron checkpoint")
     p.add_argument(
         "--adapted",
-        required=True,
         action="append",
         help="adapted model, same kind as --base (repeat for task_arithmetic)",
     )
     p.add_argument(
         "--alpha",
-        required=True,
         action="append",
         type=float,
         help="interpolation weight of the adapted model (repeatable)",
     )
     p.add_argument("--out", required=True, help="output folder (with several alphas: parent of alpha_<a>/ folders)")
+    avg = p.add_argument_group("checkpoint averaging (instead of --base/--adapted/--alpha)")
+    avg.add_argument(
+        "--average",
+        nargs="+",
+        metavar="CKPT",
+        help="average these Megatron checkpoints (iter_* folders), or with --last the newest of one save folder",
+    )
+    avg.add_argument("--last", type=int, help="average the N newest complete checkpoints of the --average save folder")
+    avg.add_argument(
+        "--format",
+        default="megatron",
+        choices=["megatron", "hf"],
+        help="average written as a Megatron checkpoint or a Hugging Face folder (default %(default)s)",
+    )
     p.add_argument("--method", default="linear", choices=METHODS, help="merge formula (default: linear)")
     p.add_argument(
         "--weight",
         action="append",
         type=float,
-        help="task_arithmetic: weight of each --adapted model, in order (default 1)",
+        help="task_arithmetic: weight of each --adapted model; --average: of each checkpoint, oldest first (default 1)",
     )
     p.add_argument(
         "--extrapolate",
@@ -79,6 +100,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.average is not None:
+        return average(args)
+    missing = [f"--{n}" for n in ("base", "adapted", "alpha") if getattr(args, n) is None]
+    if missing:
+        print(
+            f"error: {', '.join(missing)} missing; a merge needs --base, --adapted and --alpha (or use --average)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.last is not None:
+        print("error: --last: only with --average RUN_DIR/checkpoints", file=sys.stderr)
+        return 2
     try:
         check_merge_request(
             args.method, args.adapted, args.alpha, args.weight, args.extrapolate
@@ -112,9 +145,31 @@ def main(argv=None) -> int:
     for note in result.notes:
         print(f"merge.py: note: {note}", file=sys.stderr)
     print(
-        f"merged {KIND_NAMES[kinds[0]]}s: {result.tensors} tensors "
-        f"({result.bytes_per_output / 2**20:.1f} MiB per model) with {args.method} "
+        f"merged {KIND_NAMES[kinds[0]]}s: {result.tensors} tensors ({result.bytes_per_output / 2**20:.1f} MiB per "
+        f"model) with {args.method} "
         f"at alpha {', '.join(f'{a:g}' for a in args.alpha)} -> {', '.join(str(p) for p in result.outputs)}"
+    )
+    return 0
+
+
+def average(args) -> int:
+    from ellama_megatron.merge.average import average_checkpoints, select_checkpoints
+
+    given = [f"--{n}" for n in ("base", "adapted", "alpha") if getattr(args, n) is not None]
+    try:
+        if given:
+            raise MergeInputError(f"--average with {', '.join(given)}: averaging takes no base, adapted or alpha")
+        request = select_checkpoints(args.average, args.last, args.weight)
+        result = average_checkpoints(request, args.out, args.format, args.overwrite)
+    except (MergeInputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"merge.py: note: {note}", file=sys.stderr)
+    weights = "" if len(set(request.weights)) == 1 else f" with weights {', '.join(f'{w:g}' for w in request.weights)}"
+    print(
+        f"averaged {len(request.checkpoints)} checkpoints ({', '.join(c.name for c in request.checkpoints)}){weights}: "
+        f"{result.tensors} tensors ({result.bytes_per_output / 2**20:.1f} MiB) -> {args.out} ({args.format})"
     )
     return 0
 

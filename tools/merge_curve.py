@@ -10,6 +10,12 @@ and general-vs-domain trade-off; base = alpha 0 and adapted = alpha 1 are the en
 iter_* folder, a tools/convert_hf.py import or tools/merge.py output), mixed as you like: a
 Megatron checkpoint is exported once (bit-exact) to OUT/merged/exports/, deleted at the end.
 Merged models go to OUT/merged/ and are deleted after evaluation unless --keep-merged.
+
+--average-of RUN_DIR/checkpoints --last N adds one more point: the mean of the run's N newest
+complete checkpoints (tools/merge.py --average), evaluated like the merges:
+
+  python tools/merge_curve.py --base BASE --adapted runs/cpt/checkpoints \
+      --average-of runs/cpt/checkpoints --last 3 --data ... --out reports/merge_curve
 """
 
 from __future__ import annotations
@@ -45,6 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="evaluation dtype")
     p.add_argument("--max-docs", type=int, help="at most this many documents per domain")
     p.add_argument("--keep-merged", action="store_true", help="keep the merged models under OUT/merged/")
+    p.add_argument(
+        "--average-of",
+        nargs="+",
+        metavar="CKPT",
+        help="also evaluate the average of these Megatron checkpoints (with --last: of one save folder's newest)",
+    )
+    p.add_argument("--last", type=int, help="--average-of: average the N newest complete checkpoints")
+    p.add_argument("--average-weight", action="append", type=float, help="--average-of: weight of each checkpoint")
     return p.parse_args(argv)
 
 
@@ -55,6 +69,13 @@ def main(argv=None) -> int:
         if any(not 0.0 <= a <= 1.0 for a in alphas):
             raise ValueError(f"--alpha {alphas}: the curve interpolates, alphas must be in [0, 1]")
         sources = [parse_domain_spec(s) for s in args.data]
+        average = None
+        if args.average_of is not None:
+            from ellama_megatron.merge.average import select_checkpoints
+
+            average = select_checkpoints(args.average_of, args.last, args.average_weight)
+        elif args.last is not None or args.average_weight is not None:
+            raise ValueError("--last / --average-weight: only with --average-of")
         from ellama_megatron.eval.merge_curve import run_merge_curve
 
         report = run_merge_curve(
@@ -72,6 +93,7 @@ def main(argv=None) -> int:
             args.dtype,
             args.max_docs,
             args.keep_merged,
+            average=average,
         )
     except (MergeInputError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -79,7 +101,9 @@ def main(argv=None) -> int:
     from ellama_megatron.eval.merge_curve import markdown_table
 
     print(markdown_table(report["points"], [s.name for s in sources]))
-    print(f"merge curve over {len(report['points'])} alphas -> {args.out}/curve.md, curve.json, curve.png")
+    for note in average.notes if average is not None else []:
+        print(f"merge_curve.py: note: {note}", file=sys.stderr)
+    print(f"merge curve over {len(report['points'])} points -> {args.out}/curve.md, curve.json, curve.png")
     return 0
 
 

@@ -5,7 +5,10 @@ record beside the checkpoints, the tokenizer from the converted base model the r
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ellama_megatron.convert.hf_checkpoint import ConversionError
 from ellama_megatron.convert.output_folder import refuse_existing
@@ -14,10 +17,15 @@ from ellama_megatron.formats.atomic import staged_output
 from ellama_megatron.formats.hf_folder import carry_hf_files, is_hf_folder, read_config
 from ellama_megatron.formats.hf_shards import MAX_SHARD_BYTES, ShardedWriter
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError, locate, record_path, tokenizer_source
+from ellama_megatron.formats.prefetch import AHEAD_BYTES, ordered_map, parallel_work
 from ellama_megatron.formats.torch_dist import CheckpointReader
 from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import LlamaConfig
 from ellama_megatron.llama.hf import generation_config_dict, hf_config_dict, same_architecture
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 
 def export_hf(
@@ -33,18 +41,36 @@ def export_hf(
         found = locate(ckpt, iteration)
     except CheckpointFormatError as e:
         raise ConversionError(str(e)) from None
-    root, record = found.root, found.record
-    cfg = LlamaConfig.from_dict(record["model"], str(record_path(root)))
+    cfg = LlamaConfig.from_dict(found.record["model"], str(record_path(found.root)))
     reader = CheckpointReader(found.folder)
+    return write_hf_folder(
+        cfg, found.root, found.record, reader.tensor_metadata, reader.read, reader.folder, out, max_shard_bytes, quiet
+    )
 
+
+def write_hf_folder(
+    cfg: LlamaConfig,
+    root: Path,
+    record: dict,
+    tensor_metadata: Callable[[str], TensorStorageMetadata],
+    read: Callable[[str, int | None], torch.Tensor],
+    source: Path,
+    out: Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    quiet: bool = False,
+    what: str = "export",
+) -> dict:
+    """The Hugging Face folder of the Megatron tensors ``read(key, layer)`` gives (their global
+    shapes and dtypes from ``tensor_metadata(key)``), with the tokenizer and config of the
+    checkpoint folder ``root`` and its ``record``: what export writes for a checkpoint, and the
+    checkpoint average for the average it computes. ``source`` names the tensors in errors."""
     rows = {}  # Megatron name -> (dtype, Hugging Face shapes)
     for m in W.mappings(cfg):
-        md = reader.tensor_metadata(m.megatron)
+        md = tensor_metadata(m.megatron)
         shape = tuple(md.size)[1:] if m.per_layer else tuple(md.size)
         if m.per_layer and md.size[0] != cfg.num_layers:
             raise ConversionError(
-                f"{reader.folder}: {m.megatron} has {md.size[0]} layers, "
-                f"{record_path(root)} says num_layers={cfg.num_layers}"
+                f"{source}: {m.megatron} has {md.size[0]} layers, {record_path(root)} says num_layers={cfg.num_layers}"
             )
         rows[m.megatron] = (md.properties.dtype, m.hf_shapes(cfg, shape))
     # Layer by layer, in Hugging Face's order (embeddings, layers, norm, head), so that only one
@@ -58,7 +84,7 @@ def export_hf(
         for name, _, shape in outputs:
             if tuple(shape) != expected[name]:
                 raise ConversionError(
-                    f"{reader.folder}: {name} would get shape {tuple(shape)}, the model config "
+                    f"{source}: {name} would get shape {tuple(shape)}, the model config "
                     f"in {record_path(root)} implies {expected[name]}"
                 )
     tensor_list = [o for _, _, outs in plan for o in outs]
@@ -69,11 +95,18 @@ def export_hf(
     hf_files = tokenizer_source(root, record)
     source_config = read_config(hf_files) if hf_files is not None and is_hf_folder(hf_files) else None
     config_json = hf_config_dict(cfg, dtype, source_config)
-    with staged_output(out) as tmp:
+
+    def produce(step):  # on worker threads, ahead of the writer
+        m, layer, _ = step
+        return m.to_hf(cfg, read(m.megatron, layer))
+
+    def nbytes(step) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in step[2])
+
+    with staged_output(out) as tmp, parallel_work():
         writer = ShardedWriter(tmp, tensor_list, max_shard_bytes)
-        summary = Summary("export", writer.total_size, quiet=quiet)
-        for m, layer, outputs in plan:
-            tensors = m.to_hf(cfg, reader.read(m.megatron, layer))
+        summary = Summary(what, writer.total_size, quiet=quiet)
+        for (_, _, outputs), tensors in zip(plan, ordered_map(produce, plan, cost=nbytes, budget=AHEAD_BYTES)):
             for (name, _, _), t in zip(outputs, tensors):
                 writer.write(name, t)
                 summary.add(t.numel() * t.element_size())

@@ -4,7 +4,9 @@ held-out domain, and write a table (markdown + JSON) and a plot of general vs do
 alpha 0 is the base model and alpha 1 the adapted model: they are evaluated from the input
 folders directly (a linear merge at 0 or 1 is bit-identical to them). Either input may be a
 Megatron checkpoint: it is exported once to a temporary Hugging Face folder (bit-exact) and the
-curve is measured on that.
+curve is measured on that. An average of checkpoints (ellama_megatron.merge.average) may be added
+as one more point: it is off the alpha axis, so it is a row of the table and a marker of the
+trade-off plot.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def markdown_table(points: list[dict], domains: list[str]) -> str:
     head = "| alpha | model | " + " | ".join(f"{d} ppl" for d in domains) + " |"
     sep = "|---:|---|" + "---:|" * len(domains)
     rows = [
-        f"| {p['alpha']:g} | {p['label']} | "
+        f"| {'-' if p['alpha'] is None else format(p['alpha'], 'g')} | {p['label']} | "
         + " | ".join(f"{p['domains'][d]['perplexity']:.4f}" for d in domains)
         + " |"
         for p in points
@@ -36,6 +38,8 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
+    extra = [p for p in points if p["alpha"] is None]  # off the alpha axis: the checkpoint average
+    points = [p for p in points if p["alpha"] is not None]
     alphas = [p["alpha"] for p in points]
     g = [p["domains"][general]["perplexity"] for p in points]
     d = [p["domains"][domain]["perplexity"] for p in points]
@@ -62,6 +66,10 @@ def plot_tradeoff(points: list[dict], general: str, domain: str, out_png: Path) 
             xytext=(5, 5),
             fontsize=8,
         )
+    for p in extra:
+        x, y = p["domains"][general]["perplexity"], p["domains"][domain]["perplexity"]
+        ax2.plot([x], [y], "D", color="tab:orange", label=p["label"])
+        ax2.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax2.set_xlabel(f"{general} perplexity")
     ax2.set_ylabel(f"{domain} perplexity")
     ax2.set_title("Trade-off (lower-left is better)")
@@ -86,7 +94,10 @@ def run_merge_curve(
     max_docs: int | None = None,
     keep_merged: bool = False,
     progress: bool = True,
+    average=None,
 ) -> dict:
+    """``average``: an AverageRequest (ellama_megatron.merge.average.select_checkpoints) whose
+    average is evaluated as one more point, labelled ``average of N``."""
     from ellama_megatron.eval.model_folder import hf_folder_of
     from ellama_megatron.eval.perplexity import evaluate_model_dir
     from ellama_megatron.formats.megatron_checkpoint import folder_kind
@@ -132,6 +143,16 @@ def run_merge_curve(
                 label = "base" if a == 0.0 else "adapted" if a == 1.0 else "merged"
                 model = str(base) if a == 0.0 else str(adapted) if a == 1.0 else str(models[a])
                 points.append({"alpha": a, "label": label, "model": model, "domains": r["domains"]})
+            if average is not None:
+                from ellama_megatron.merge.average import average_checkpoints
+
+                avg_dir = average_checkpoints(average, merged_root / "average", "hf", True, progress).outputs[0]
+                r = evaluate_model_dir(
+                    avg_dir, sources, seq_length, batch_size, device, dtype, max_docs=max_docs, progress=progress
+                )
+                label = f"average of {len(average.checkpoints)}"
+                model = ", ".join(str(c) for c in average.checkpoints)
+                points.append({"alpha": None, "label": label, "model": model, "domains": r["domains"]})
     finally:
         if not keep_merged and merged_root.exists():
             shutil.rmtree(merged_root)

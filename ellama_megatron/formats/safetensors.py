@@ -111,14 +111,19 @@ def read_tensor(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = N
         row_bytes = entry.nbytes // shape[0] if shape[0] else 0
         shape = (rows[1] - rows[0],) + shape[1:]
         start, nbytes = entry.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-    buf = bytearray(nbytes)
-    with open(path, "rb") as f:
-        f.seek(start)
-        if f.readinto(buf) != nbytes:
-            raise SafetensorsError(f"{path}: short read of tensor {entry.name!r} (file changed while reading?)")
+    out = torch.empty(shape, dtype=entry.dtype)  # not zero-filled: the read fills it
     if nbytes == 0:
-        return torch.empty(shape, dtype=entry.dtype)
-    return torch.frombuffer(buf, dtype=entry.dtype).view(shape)
+        return out
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:  # unbuffered: straight into the tensor, no second copy
+        f.seek(start)
+        done = 0
+        while done < nbytes:  # one read(2) returns at most about 2 GiB
+            got = f.readinto(view[done:])
+            if not got:
+                raise SafetensorsError(f"{path}: short read of tensor {entry.name!r} (file changed while reading?)")
+            done += got
+    return out
 
 
 class StreamingWriter:

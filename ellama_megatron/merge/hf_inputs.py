@@ -43,7 +43,9 @@ def model_config(folder: HFFolder) -> dict[str, Any]:
 
 def check_mergeable(base: HFFolder, other: HFFolder, role: str = "adapted") -> None:
     """Raise MergeInputError naming the first difference: architecture, tensor names, shapes, dtypes, tokenizer."""
-    diff = first_difference(model_config(base), model_config(other))
+    # Equal files need no normalising: transformers (seconds to import) is asked only when they differ.
+    raw = [{k: v for k, v in f.config().items() if k not in CONFIG_KEYS_IGNORED} for f in (base, other)]
+    diff = first_difference(model_config(base), model_config(other)) if raw[0] != raw[1] else None
     if diff:
         raise MergeInputError(
             f"architecture differs: config.json of base {base.path} and {role} {other.path} differ at {diff}; "

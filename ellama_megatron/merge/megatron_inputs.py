@@ -88,8 +88,8 @@ def check_megatron_mergeable(base: MegatronCheckpoint, other: MegatronCheckpoint
             f"({role}) differ at {diff}; only models of the same architecture can be merged"
         )
     tb, to = base.tensors(), other.tensors()
-    for key, (_, shape) in tb.items():
-        _, oshape = to[key]
+    for key, (_dtype, shape) in tb.items():
+        _odtype, oshape = to[key]
         if _is_vocab_row(key):
             shape, oshape = shape[1:], oshape[1:]  # rows: vocab_size real rows (same config) + padding
         if shape != oshape:

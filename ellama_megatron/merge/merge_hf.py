@@ -1,7 +1,11 @@
 """Merge Hugging Face folders shard by shard, at several alphas in one pass over the inputs.
 
+Speed: the row chunks are read and merged on worker threads ahead of the writer
+(formats.prefetch.ordered_map), so reading, arithmetic and writing overlap; the arithmetic runs
+block by block in cache (merge.methods).
 Memory: tensors are read and merged in row chunks (plain reads of those rows, no memory-mapped
-shards), so the peak is a small multiple of one chunk, not of a shard or of the model.
+shards), a few chunks in flight, so the peak is a small multiple of one chunk, not of a shard or
+of the model.
 Output: the base folder's layout (same shard files and index, config, generation config,
 tokenizer and any other top-level files).
 """
@@ -14,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ellama_megatron.formats.atomic import staged_outputs
+from ellama_megatron.formats.prefetch import ordered_map, parallel_work
 from ellama_megatron.formats.safetensors import StreamingWriter
 from ellama_megatron.merge.hf_inputs import check_mergeable, open_input
 from ellama_megatron.merge.methods import TensorStatistics, merge_chunk, row_ranges
@@ -51,24 +56,32 @@ def merge_hf_folders(
 
     inputs = [b, *others]
     total_bytes = sum(entry.nbytes for _, entry in b.tensors.values())
-    with staged_outputs(dests) as tmps:
+    with staged_outputs(dests) as tmps, parallel_work():
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge ({method})", disable=not progress)
         for shard in b.shards:
             entries = b.shard_tensors(shard)
             layout = [(e.name, e.dtype, e.shape) for e in entries]
+            work = [(e, rows) for e in entries for rows in row_ranges(e.shape, chunk_bytes)]
+
+            def read(item):
+                entry, rows = item
+                return [m.read(entry.name, rows) for m in inputs]
+
+            stats: dict[str, TensorStatistics] = {}
+            if method == "slerp":  # the angle of each whole tensor first: one pass over the shard
+                for (entry, _), part in zip(work, ordered_map(lambda item: TensorStatistics.of([read(item)]), work)):
+                    stats.setdefault(entry.name, TensorStatistics())
+                    stats[entry.name] += part
+
+            def merge(item, stats=stats):
+                chunks = read(item)
+                return [merge_chunk(method, alpha, chunks, weights, stats.get(item[0].name)) for alpha in alphas]
+
             writers = [StreamingWriter(t / shard, layout, metadata=b.shard_metadata(shard)) for t in tmps]
-            for entry in entries:
-                ranges = row_ranges(entry.shape, chunk_bytes)
-
-                def read(rows, name=entry.name):
-                    return [m.read(name, rows) for m in inputs]
-
-                stats = TensorStatistics.of(read(rows) for rows in ranges) if method == "slerp" else None
-                for rows in ranges:
-                    chunks = read(rows)
-                    for alpha, w in zip(alphas, writers):
-                        w.write(entry.name, merge_chunk(method, alpha, chunks, weights, stats))
-                    bar.update(chunks[0].numel() * chunks[0].element_size())
+            for (entry, _), merged in zip(work, ordered_map(merge, work)):
+                for w, t in zip(writers, merged):
+                    w.write(entry.name, t)
+                bar.update(merged[0].numel() * merged[0].element_size())
             for w in writers:
                 w.close()
         bar.close()

@@ -14,8 +14,9 @@ from ellama_megatron.formats.tokenizer_folder import tokenizer_files_in
 from ellama_megatron.merge.methods import METHODS
 
 # Rows of a tensor merged at once: bounds the working memory for big tensors (the 8B model's
-# embedding is 1 GB in bf16) to about this many bytes per input in float32.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+# embedding is 1 GB in bf16) to about this many bytes per input in float32, times the few chunks
+# in flight (formats.prefetch.ordered_map).
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 # Tokenizer-config keys that record where a tokenizer was loaded from.
 TOKENIZER_KEYS_IGNORED = {"name_or_path", "tokenizer_file"}
 
