@@ -348,10 +348,14 @@ def test_productive_time_of_a_real_run_with_a_killed_rank_matches_megatrons_iter
     data = json.loads((run_dir / "report" / "run_report.json").read_text())
     megatron = parse_train_log(log.read_text()).iteration_ms
     assert sorted(megatron) == list(range(1, ITERS + 1))
+    # Megatron prints a launch's second iteration time as the mean of its first two: its own time back.
+    for started in (e for e in read_events(run_dir) if e["kind"] == "launch"):
+        first = started["start_iteration"] + 1
+        megatron[first + 1] = 2 * megatron[first + 1] - megatron[first]
     measured = sum(megatron.values()) / 1000
     print(f"productive: report {data['productive_s']:.2f} s, Megatron's iteration times {measured:.2f} s")
     assert data["final_iteration"] == ITERS and data["productive_iterations"] == ITERS
-    assert data["productive_s"] == pytest.approx(measured, rel=0.03)
+    assert data["productive_s"] == pytest.approx(measured, rel=0.02)
     first, second = data["launches"]
     assert first["end_kind"] == "node_failure" and first["lost_iterations"] >= 2  # 11 and the one it died in
     assert data["lost_by_class"]["node_failure"]["lost_iterations"] == first["lost_iterations"]

@@ -149,6 +149,9 @@ def test_soak_every_fault_recovered_without_a_person(slurm_cluster, tiny_blend, 
     measured = 0.0
     for launch, segment, end in zip(launches, segments, ends):
         ms = parse_train_log(segment).iteration_ms
+        first = launch["start_iteration"] + 1
+        if first in ms and first + 1 in ms:  # Megatron's second printed time is the launch's first two's mean
+            ms[first + 1] = 2 * ms[first + 1] - ms[first]
         measured += sum(ms[it] for it in range(launch["start_iteration"] + 1, end["end_iteration"] + 1)) / 1000
     assert data["productive_iterations"] == ITERS
     assert data["productive_s"] == pytest.approx(measured, rel=0.02)
