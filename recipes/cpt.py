@@ -3,7 +3,7 @@
     python recipes/cpt.py                                   # the tiny model on this CPU
     python recipes/cpt.py model=llama31_8b parallel=llama31_8b_node train=paper cluster=slurm_h100 launch=none
 
-Composes the presets (ellama_megatron/conf), validates them in seconds, writes ${run_dir}/config.yaml,
+Composes the presets (ellama_megatron/conf), checks them in seconds, writes ${run_dir}/config.yaml,
 then starts the ranks with torchrun (launch=torchrun) or leaves that to srun (launch=none, see
 slurm/launch.sh).
 Set ELLAMA_DRY_RUN=1 to print the plan and stop.

@@ -3,6 +3,7 @@ local Slurm cluster."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,42 @@ def data_overrides(data: dict[str, dict[str, str]]) -> list[str]:
     train = ",".join(f"{{prefix:{d['train']},weight:1,group:{name}}}" for name, d in data.items())
     valid = ",".join(f"{name}:[{d['valid']}]" for name, d in data.items())
     return [f"data.train=[{train}]", f"data.valid={{{valid}}}"]
+
+
+def write_tiny_data(root: Path) -> Path:
+    """Two domains of random-ish token ids as Megatron indexed datasets, and their blend file."""
+    from ellama_megatron.formats import indexed_dataset
+
+    rng = np.random.default_rng(0)
+    blend = {"train": [], "valid": {}}
+    for name, low in (("general", 4), ("ecommerce", 200)):
+        for split, docs in (("train", 300), ("valid", 20)):
+            prefix = root / f"{name}_{split}"
+            documents = []
+            for _ in range(docs):
+                n = int(rng.integers(20, 200))
+                documents.append(np.append(low + (np.arange(n) * 7 + rng.integers(0, 5, n)) % 250, 2).astype(np.int32))
+            indexed_dataset.write_documents(prefix, documents, np.int32)
+            if split == "train":
+                blend["train"].append({"prefix": str(prefix), "weight": 1.0})
+            else:
+                blend["valid"][name] = [str(prefix)]
+    path = root / "blend.json"
+    path.write_text(json.dumps(blend))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_blend(tmp_path_factory) -> Path:
+    """The Slurm tests' data: two domains and a blend file (data.blend_file)."""
+    return write_tiny_data(tmp_path_factory.mktemp("slurm_data"))
+
+
+def rejections(run_dir: Path) -> list[dict]:
+    """The run's rejected-result events (Megatron's exit 16/17), without the launches' own events."""
+    from ellama_megatron.run.events import read_events
+
+    return [e for e in read_events(run_dir) if e["kind"] == "rejected_result"]
 
 
 def load_safetensors_folder(folder: Path) -> dict:

@@ -23,7 +23,7 @@ from ellama_megatron.formats.train_log import parse_train_log
 REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
 ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10", "--alpha", "0.5"]
-STAGES = 11
+STAGES = 10
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
 
 
@@ -138,8 +138,8 @@ def test_exported_model_loads_in_transformers(demo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = demo
-    tok = AutoTokenizer.from_pretrained(out / "adapted_hf")
-    model = AutoModelForCausalLM.from_pretrained(out / "adapted_hf")
+    tok = AutoTokenizer.from_pretrained(out / "cpt_run" / "hf")  # checkpoint.export_hf
+    model = AutoModelForCausalLM.from_pretrained(out / "cpt_run" / "hf")
     ids = tok("Title: Smartphone, new with box", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
@@ -172,13 +172,17 @@ def test_report_with_images_and_stage_times(demo):
     out, _ = demo
     report = (out / "REPORT.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert sorted(images) == ["loss_curves.png", "merge_curve/curve.png"]
+    assert sorted(images) == ["cpt_run/report/run_timeline.png", "loss_curves.png", "merge_curve/curve.png"]
     for rel in images:
         with Image.open(out / rel) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 100
     rows = re.findall(r"^\| (\d+) \| .+ \| ([0-9.]+) \| this run \|", report, re.M)
     assert [int(r[0]) for r in rows] == list(range(1, STAGES + 1))
+    # The training run's goodput report: one launch that finished, its numbers those of the tool's JSON.
+    run_report = json.loads((out / "cpt_run" / "report" / "run_report.json").read_text())
+    assert run_report["restarts"] == 0 and run_report["final_iteration"] == CPT_ITERS
+    assert f"Goodput **{100 * run_report['goodput']:.1f}%**" in report
 
 
 @pytest.mark.slow

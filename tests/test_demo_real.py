@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
-STAGES = 9  # corpora, model, preprocess, import, plan_blend, cpt, export, merge_curve, report
+STAGES = 8  # corpora, model, preprocess, import, plan_blend, cpt (exports on finish), merge_curve, report
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_real_demo_stages_chain_on_a_given_hf_model(tiny_hf, tmp_path):
     from PIL import Image
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert sorted(images) == ["loss_curves.png", "merge_curve/curve.png"]
+    assert sorted(images) == ["cpt_run/report/run_timeline.png", "loss_curves.png", "merge_curve/curve.png"]
     for rel in images:
         with Image.open(out / rel) as im:
             im.verify()

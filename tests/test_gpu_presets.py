@@ -1,4 +1,4 @@
-"""The GPU presets' Megatron arguments are what Megatron-LM 0.19 runs: parsed and validated by its
+"""The GPU presets' Megatron arguments are what Megatron-LM 0.19 runs: parsed and checked by its
 own code as a rank on an H100 would, with no flag it changes, removes, calls deprecated or warns
 about (a dropped feature is a warning and a run without it). No GPU needed: validation asks only
 for the GPU's generation, answered as an H100's."""
@@ -82,7 +82,7 @@ def test_gpu_preset_arguments_are_run_as_given(preset, transformer_impl, h100_ra
 def test_the_check_names_what_megatron_would_drop(h100_rank, tmp_path):
     _, argv = h100_rank("slurm_h100", "local", tmp_path)  # TP 1
     problems = megatron_overrides([*argv, "--sequence-parallel", "--async-save"])
-    assert "--sequence-parallel: Megatron's validation changed True to False" in problems
-    assert "--async-save: Megatron's validation changed True to False" in problems
+    assert "--sequence-parallel: Megatron's argument checks changed True to False" in problems
+    assert "--async-save: Megatron's argument checks changed True to False" in problems
     assert any("Disabling sequence parallelism" in p for p in problems)
     assert megatron_overrides([*argv, "--no-such-flag"]) == ["--no-such-flag: not a Megatron-LM argument"]

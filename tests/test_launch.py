@@ -113,36 +113,34 @@ def test_allocation_from_the_job_or_the_sbatch_header():
 @pytest.mark.parametrize(
     "case, expected",
     [
+        (dict(finished=True, signal="USR1", exit_code=0, end_iteration=30), (False, 0, "run finished (iteration 30)")),
+        (dict(exit_code=1), (True, 0, "crash (ranks exited with 1): requeue from iteration 12")),  # no signal: a fault
+        (dict(exit_code=0, end_iteration=10), (False, 3, "suspected bug: the ranks exited cleanly without")),
         (
-            dict(finished=True, signalled=True, exit_code=0, end_iteration=30),
-            (False, 0, "run finished (iteration 30 of 30)"),
-        ),
-        (dict(signalled=False, exit_code=1), (False, 1, "ranks failed (exit 1) without a preemption")),
-        (dict(signalled=False, exit_code=0, end_iteration=10), (False, 3, "made no progress")),
-        (
-            dict(signalled=False, exit_code=0, end_iteration=15),
-            (True, 0, "requeueing (restart 3)"),
+            dict(exit_code=0, end_iteration=15),
+            (True, 0, "time_limit: requeue to resume from iteration 15"),
         ),  # Megatron's own timed exit
-        (dict(signalled=True, exit_code=143, end_iteration=10), (True, 0, "resume from iteration 10")),
-        (dict(signalled=True, exit_code=0, restart=500), (False, 4, "ELLAMA_MAX_REQUEUES=500")),
+        (
+            dict(signal="TERM", exit_code=143, end_iteration=10),
+            (True, 0, "preempted: requeue to resume from iteration 10"),
+        ),
+        (dict(signal="USR1", exit_code=0, restart=500), (False, 4, "ELLAMA_MAX_REQUEUES=500")),
     ],
 )
 def test_requeue_decision(case, expected):
-    args = (
-        dict(
-            finished=False,
-            signalled=True,
-            exit_code=0,
-            start_iteration=10,
-            end_iteration=12,
-            train_iterations=30,
-            restart=2,
-            max_requeues=500,
-        )
-        | case
+    from types import SimpleNamespace
+
+    from ellama_megatron.run.faults import LaunchEnd, classify, decide
+
+    restart = case.pop("restart", 2)
+    end = LaunchEnd(
+        **({"launch": "7.2", "signal": None, "start_iteration": 10, "end_iteration": 12, "finished": False} | case)
     )
-    decision = slurm.requeue_decision(**args)
-    assert (decision.requeue, decision.exit_code) == expected[:2]
+    resilience = SimpleNamespace(max_same_failure=3, max_failures_without_progress=6)
+    decision = slurm.cap_requeues(
+        decide(classify(end), end, [], resilience), {"SLURM_RESTART_COUNT": str(restart), "ELLAMA_MAX_REQUEUES": "500"}
+    )
+    assert (decision.go_on, decision.exit_code) == expected[:2]
     assert expected[2] in decision.reason
 
 
@@ -174,7 +172,7 @@ def test_prepare_job_records_the_config_and_says_what_to_start(domain_data, tmp_
     assert status == 0 and variables["FINISHED"] == 1
     (run_dir / LATEST_ITERATION_FILE).write_text("20")
     assert slurm.end_job(run_dir / "config.yaml", "USR1", 0, 15, log_dir, env) == 0
-    assert "run finished (iteration 20 of 20): not requeueing" in capsys.readouterr().err
+    assert "run finished (iteration 20)" in capsys.readouterr().err
     # An invalid config: status 2, nothing to start.
     status, variables = slurm.prepare_job(
         REPO / "slurm" / "8b.sbatch", ["model=tiny"], [*user, "parallel.tensor_model_parallel_size=3"], env

@@ -163,8 +163,9 @@ def test_short_real_documents_same_bytes_with_1_and_2_workers(tmp_path):
     2 (units of 64 KB, their parts joined in input order) is byte for byte the one Megatron's builder
     writes from ``tokenizer(text).input_ids + [EOD]`` per document, as Megatron-LM's script does."""
     import numpy
-    from ellama_megatron.testing.real_prose import python_reference_records
     from transformers import AutoTokenizer
+
+    from ellama_megatron.testing.real_prose import python_reference_records
 
     docs = licence_paragraphs() + [
         p for r in python_reference_records() for p in r["text"].split("\n\n") if p.strip() and len(p) < 2000

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN, data_overrides
+from conftest import REPO, TINY_RUN, data_overrides, rejections
 
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError
 from ellama_megatron.launch.run_lock import LOCK_FILE
@@ -162,7 +162,8 @@ def test_exit_16_and_17_are_reported_from_megatrons_rejection_log(tmp_path):
     (tmp_path / RESULT_REJECTED_FILE).write_text(REJECTED_LINE)
     report = exit_report(tmp_path, 16)
     assert report == {
-        "kind": "rerun_elsewhere",
+        "kind": "rejected_result",
+        "rejection": "rerun_elsewhere",
         "exit_code": 16,
         "iteration": 3,
         "node": "gpu-017",
@@ -171,7 +172,7 @@ def test_exit_16_and_17_are_reported_from_megatrons_rejection_log(tmp_path):
         "result": "1594.04",
         "status": "FIRST_RERUN_REPRODUCIBLE",
     }
-    assert exit_report(tmp_path, 17)["kind"] == "result_rejected"
+    assert exit_report(tmp_path, 17)["rejection"] == "result_rejected"
     assert exit_report(tmp_path, 1) is None
 
 
@@ -214,7 +215,7 @@ def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tm
     # Slurm sets an exclusion only on a pending job: requeue first.
     assert calls.read_text().splitlines() == ["requeue 4242", "update JobId=4242 ExcNodeList=gpu-017"]
     (event,) = read_events(run_dir)
-    assert (event["kind"], event["iteration"], event["node"], event["excluded"]) == (
+    assert (event["rejection"], event["iteration"], event["node"], event["excluded"]) == (
         "rerun_elsewhere",
         3,
         "gpu-017",
@@ -228,7 +229,7 @@ def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tm
     calls.unlink()
     assert slurm.end_job(config, "", 17, 0, tmp_path, env) == 17
     assert not calls.exists()
-    assert read_events(run_dir)[-1]["kind"] == "result_rejected"
+    assert read_events(run_dir)[-1]["rejection"] == "result_rejected"
 
 
 def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(domain_data, tmp_path):
@@ -296,9 +297,8 @@ def test_a_process_that_dies_with_its_parent_is_gone_after_the_parents_kill_9():
 
 @pytest.mark.slow
 def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_before_it(domain_data, tmp_path):
-    """Megatron injects a reproducible rejection into the first validated loss (iteration 2): it
+    """Megatron injects a reproducible rejection into the first checked loss (iteration 2): it
     saves the model of iteration 1 and exits 16; one machine has no other GPU, so the run stops."""
-    from ellama_megatron.run.events import read_events
 
     run_dir = tmp_path / "run"
     proc = cpt(
@@ -312,8 +312,8 @@ def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_
     assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == "1"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000001"]
     assert not (run_dir / DONE_FILE).exists()
-    (event,) = read_events(run_dir)
-    assert (event["kind"], event["exit_code"], event["check"]) == (
+    (event,) = rejections(run_dir)
+    assert (event["rejection"], event["exit_code"], event["check"]) == (
         "rerun_elsewhere",
         16,
         "found NaN in local forward loss calculation",
@@ -324,7 +324,6 @@ def test_a_rejected_loss_reproduced_here_stops_with_16_and_saves_only_the_model_
 
 @pytest.mark.slow
 def test_a_transient_rejection_stops_with_17_and_saves_nothing_past_it(domain_data, tmp_path):
-    from ellama_megatron.run.events import read_events
 
     run_dir = tmp_path / "run"
     proc = cpt(
@@ -336,8 +335,8 @@ def test_a_transient_rejection_stops_with_17_and_saves_nothing_past_it(domain_da
     )
     assert proc.returncode == 17, proc.stderr[-3000:]
     assert not list((run_dir / "checkpoints").glob("iter_*")), "nothing may be saved past the rejected step"
-    (event,) = read_events(run_dir)
-    assert (event["kind"], event["exit_code"]) == ("result_rejected", 17)
+    (event,) = rejections(run_dir)
+    assert (event["rejection"], event["exit_code"]) == ("result_rejected", 17)
     assert "error: exit 17 (result_rejected)" in proc.stderr
 
 
@@ -383,8 +382,18 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
         assert len(ranks) >= 2, [p.cmdline() for p in family]
         torchrun = [p for p in family if "torch.distributed.run" in " ".join(p.cmdline())]
         if killed == "one rank":  # torchrun stops the others; the killed rank's helpers must not stay behind
+            from ellama_megatron.run.events import read_events
+
             ranks[0].send_signal(signals.SIGKILL)
-            launcher.wait(timeout=120)
+            # A node failure: the launcher relaunches; nothing of the killed launch may outlive it.
+            while not any(e["kind"] == "node_failure" for e in read_events(run_dir)):
+                assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            gone, alive = psutil.wait_procs(family, timeout=30)
+            assert not alive, f"alive 30 s after the kill -9 of one rank: {[(p.pid, p.cmdline()) for p in alive]}"
+            family = _descendants(launcher.pid)  # the relaunch's; stopped with the launcher below
+            launcher.send_signal(signals.SIGKILL)
+            launcher.wait()
         else:
             launcher.send_signal(signals.SIGKILL)
             if killed == "launcher and torchrun":

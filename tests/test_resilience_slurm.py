@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_slurm import SBATCH_CPU, TINY, tiny_blend  # noqa: F401 (tiny_blend: the module's data fixture)
+from conftest import rejections
+from test_slurm import SBATCH_CPU, TINY
 
 from ellama_megatron.formats.train_log import iterations_logged
-from ellama_megatron.run.events import read_events
 from ellama_megatron.run.progress import LATEST_ITERATION_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def unshare_works() -> bool:
 
 
 @pytest.mark.slurm
-def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17(slurm_cluster, tiny_blend, tmp_path):  # noqa: F811 (the fixture)
+def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17(slurm_cluster, tiny_blend, tmp_path):
     """Megatron's error injection rejects the loss of iteration 2 as reproducible on this GPU: it saves
     iteration 1 and exits 16. The job must be requeued with its node in Slurm's ExcNodeList (on this
     one-node cluster it then stays pending: the exclusion is real), and the exclusion in events.jsonl.
@@ -90,8 +90,8 @@ def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17
         assert state["ExcNodeList"] == node and state["Reason"] == "BadConstraints", (state, log[-3000:])
         assert (run_dir / LATEST_ITERATION_FILE).read_text().strip() == "1"  # the model from before the rejected step
         rejected = 2
-        (first,) = read_events(run_dir)
-        assert (first["kind"], first["exit_code"], first["node"], first["excluded"], first["job"]) == (
+        (first,) = rejections(run_dir)
+        assert (first["rejection"], first["exit_code"], first["node"], first["excluded"], first["job"]) == (
             "rerun_elsewhere",
             16,
             node,
@@ -107,10 +107,10 @@ def test_exit_16_requeues_without_the_node_and_the_rerun_elsewhere_stops_with_17
         state = slurm_cluster.wait(job, timeout=300)
         log = out.read_text()
         assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "17:0", "1"), log[-3000:]
-        second = read_events(run_dir)[1]
+        second = rejections(run_dir)[1]
         # The same step: a launch that loaded the rerun's checkpoint numbers it exactly (Megatron's counter
         # comes from the checkpoint there).
-        assert (second["kind"], second["exit_code"], second["iteration"], second["node"], second["excluded"]) == (
+        assert (second["rejection"], second["exit_code"], second["iteration"], second["node"], second["excluded"]) == (
             "result_rejected",
             17,
             rejected,

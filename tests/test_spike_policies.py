@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_cpt
+from conftest import rejections, run_cpt
 from test_resilience import fake_checkpoint
 
 from ellama_megatron.formats.megatron_checkpoint import (
@@ -135,7 +135,7 @@ def test_slurm_requeues_a_result_diagnosed_correct_on_another_node_under_skip(do
     assert slurm.end_job(config, "", 17, 4, tmp_path, slurm_env(tmp_path)) == 0
     assert calls.read_text().splitlines() == ["requeue 4242"]
     (event,) = read_events(run_dir)
-    assert (event["kind"], event["resumed_from"], event["skipped"]) == ("result_rejected", 4, [5])
+    assert (event["rejection"], event["resumed_from"], event["skipped"]) == ("result_rejected", 4, [5])
 
 
 def test_rollback_target_is_the_newest_checkpoint_far_enough_back():
@@ -196,7 +196,7 @@ def test_an_early_blow_up_is_caught_and_skip_gives_up_on_a_broken_model(domain_d
     )
     assert proc.returncode == 16, proc.stderr[-3000:]
     assert saved(run_dir) == [1, 2] and tracker(run_dir) == "2" and not (run_dir / DONE_FILE).exists()
-    skip, stop = read_events(run_dir)
+    skip, stop = rejections(run_dir)
     assert (skip["check"], skip["resumed_from"], skip["skipped"]) == ("Spiky loss", 1, [2])
     assert stop["check"] == "Spiky loss" and stop["action"].startswith("stop: resilience.max_relaunches=1")
     assert sorted(log.train_loss) == [1], "only iteration 1's loss is trained on"
@@ -221,7 +221,7 @@ def test_a_rollback_ends_with_the_losses_of_a_run_that_skips_its_window_from_the
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (event,) = read_events(rolled)
+    (event,) = rejections(rolled)
     assert (event["check"], event["resumed_from"], event["skipped"], event["deleted"]) == (
         "found NaN in local forward loss calculation",
         2,

@@ -97,7 +97,7 @@ def _micro_batch_size_from_tp_rank_0(batch: dict, default: int) -> int:
 
 @dataclass(frozen=True)
 class LossChecks:
-    """What the loss function validates (conf/resilience)."""
+    """What the loss function checks (conf/resilience)."""
 
     nan: bool = True  # NaN and Inf in the loss (Megatron's --no-check-for-nan-in-loss-and-grad turns it off)
     spike_factor: float | None = None  # reject a loss >= factor x the reference (SpikeReference); None = off
@@ -107,11 +107,12 @@ class LossChecks:
     )
     inject_at: int | None = None  # tests: this 1-based training iteration's loss is made bad, as bad data would
     inject_kind: str = "spike"  # nan, or spike (x INJECTED_SPIKE)
+    crash_at: int | None = None  # tests: the last rank raises in this 1-based training iteration, every time
 
     def for_evaluation(self) -> LossChecks:
         """Validation losses are other data (other domains, other batch sizes): checked for NaN/Inf
         only, never judged against the training reference nor injected into."""
-        return replace(self, spike_factor=None, inject_at=None)
+        return replace(self, spike_factor=None, inject_at=None, crash_at=None)
 
 
 INJECTED_SPIKE = 1e4  # what resilience.inject_loss_kind=spike multiplies the loss by: far past any spike_factor
@@ -172,7 +173,7 @@ def _first_of_the_loss_ranks() -> bool:
 SPIKE_REFERENCE = SpikeReference()  # one per rank: each judges its own micro-batches (any rejection reruns all)
 
 
-def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
+def check_loss(loss: torch.Tensor, checks: LossChecks) -> None:
     """Megatron's pretrain_gpt checks on one micro-batch's loss, all fatal: a bad loss must stop the
     run before the optimizer steps, not be trained through."""
     from megatron.core.rerun_state_machine import get_rerun_state_machine
@@ -180,9 +181,9 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
 
     machine = get_rerun_state_machine()
     if not machine.first_iteration_complete and get_args().iteration > 0:
-        # Megatron validates nothing in a launch's first iteration: a new run has no optimizer step to
+        # Megatron checks nothing in a launch's first iteration: a new run has no optimizer step to
         # save before it. A resumed one has (the checkpoint it loaded): its first iteration, after a
-        # skip or rollback the very one that follows the skipped data, is validated like any other.
+        # skip or rollback the very one that follows the skipped data, is checked like any other.
         machine.first_iteration_complete = True
     if checks.nan:
         machine.validate_result(
@@ -201,7 +202,7 @@ def validate_loss(loss: torch.Tensor, checks: LossChecks) -> None:
         )
     if checks.spike_factor:
         if not machine.first_iteration_complete:
-            # Not validated (nothing could be saved before the optimizer's first step), but observed:
+            # Not checked (nothing could be saved before the optimizer's first step), but observed:
             # a new run's first losses are the reference its second iteration is judged against.
             SPIKE_REFERENCE.observe(loss.item(), checks.spike_window, checks.reference_file)
         machine.validate_result(
@@ -223,6 +224,17 @@ def injected(loss: torch.Tensor, checks: LossChecks) -> torch.Tensor:
     return loss * (float("nan") if checks.inject_kind == "nan" else INJECTED_SPIKE)
 
 
+def crash_if_injected(checks: LossChecks) -> None:
+    """resilience.inject_crash_at (tests): one rank fails at that iteration on every run of it, as a
+    bug or a bad sample would; the others block in the next collective until the launcher ends them."""
+    import torch.distributed as dist
+    from megatron.training import get_args
+
+    if checks.crash_at is not None and get_args().curr_iteration + 1 == checks.crash_at:
+        if dist.get_rank() == dist.get_world_size() - 1:
+            raise RuntimeError(f"injected crash at iteration {checks.crash_at} (resilience.inject_crash_at)")
+
+
 def loss_func(
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
@@ -236,7 +248,7 @@ def loss_func(
     # A copy: the state machine keeps the rejected result to compare the rerun with, and Megatron's
     # schedule then divides the loss in place (by tokens and micro-batches): kept by reference, a
     # reproduced spike would compare unequal and be diagnosed a transient fault (exit 17).
-    validate_loss(loss.detach().clone(), checks)
+    check_loss(loss.detach().clone(), checks)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     if domain_loss is not None:  # training only: the same per-token losses, summed per sample's domain
         domain_loss.add(dataset_id, losses.detach().view(loss_mask.shape), mask.view(loss_mask.shape))
@@ -253,6 +265,7 @@ def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain
     timers("batch-generator", log_level=2).start()
     domain_loss = domain_loss if model.training else None
     checks = checks if model.training else checks.for_evaluation()
+    crash_if_injected(checks)
     batch = get_batch(data_iterator, with_dataset_id=domain_loss is not None)
     timers("batch-generator").stop()
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])

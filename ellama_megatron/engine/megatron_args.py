@@ -7,6 +7,7 @@ virtual stage, the vocab padding) come from the run's RunPlan.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,17 @@ def resilience_args(cfg) -> list[str]:
         args += ["--iterations-to-skip", *skipped]
     if r.error_injection_rate:
         args += ["--error-injection-rate", r.error_injection_rate, "--error-injection-type", r.error_injection_type]
+    if r.get("hang_detection"):  # .get: a run folder written before the key existed
+        args += ["--distributed-timeout-minutes", collective_timeout_minutes(r)]
     return args
+
+
+def collective_timeout_minutes(resilience) -> int:
+    """Megatron's collective timeout, above the watchdog's longest phase timeout: the watchdog must
+    find a hang (and name the rank) before a collective times out on the ranks waiting for it."""
+    from ellama_megatron.run.faults import Timeouts
+
+    return math.ceil(Timeouts.from_config(resilience).longest_s / 60) + 5
 
 
 def logging_args(cfg) -> list[str]:

@@ -1,7 +1,7 @@
 """One training rank: ``python -m ellama_megatron.engine.train --config RUN_DIR/config.yaml``.
 
 torchrun (local) or srun (Slurm) starts one of these per GPU (per CPU process on a laptop). The
-resolved config was validated and written by recipes/cpt.py; this only translates it into
+resolved config was checked and written by recipes/cpt.py; this only translates it into
 Megatron's arguments and hands over to ``megatron.training.pretrain``.
 """
 
@@ -74,6 +74,7 @@ def loss_checks(cfg):
         reference_file=str(Path(cfg.run_dir) / LOSS_REFERENCE_FILE),
         inject_at=r.inject_loss_at,
         inject_kind=r.inject_loss_kind,
+        crash_at=r.get("inject_crash_at"),
     )
 
 
@@ -191,13 +192,33 @@ def main(argv: list[str] | None = None) -> None:
     slurm_env_to_torch()
     for name, value in RANK_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    start_checkpoint_helper_ignoring_sigterm()
     cfg = OmegaConf.load(opts.config)
+    from ellama_megatron.engine import failure_evidence
+    from ellama_megatron.formats.timeline import default_launch_id
+
+    for name, value in failure_evidence.flight_recorder_environment(cfg.run_dir).items():
+        os.environ.setdefault(name, value)  # before torch.distributed starts
+    Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    failure_evidence.arm(rank)
+    start_checkpoint_helper_ignoring_sigterm()
     try:
         run(cfg)
     except SystemExit as exc:
         record_rerun_exit(cfg, exc.code)
         raise
+    except BaseException as exc:
+        failure_evidence.record_exception(cfg.run_dir, default_launch_id(), rank, exc, _current_iteration())
+        raise
+
+
+def _current_iteration() -> int | None:
+    try:
+        from megatron.training import get_args
+
+        return get_args().iteration
+    except Exception:
+        return None
 
 
 def record_rerun_exit(cfg, code) -> None:

@@ -43,6 +43,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def write_json_atomic(path: str | Path, obj, **dumps_options) -> Path:
     """``obj`` as indented JSON with a final newline (``dumps_options``: e.g. ensure_ascii=False)."""
     return write_text_atomic(path, json.dumps(obj, indent=2, **dumps_options) + "\n")

@@ -6,10 +6,13 @@ half a record), in a node-local folder (``ELLAMA_HEARTBEAT_DIR``; the launchers 
 /dev/shm): a write per step from hundreds of ranks is load a shared filesystem does not need, and
 the watchdog that reads them runs on the same node.
 
-A record: rank, local rank, pid, node, phase (``setup``, ``step``, ``save``, ``eval``, ``done``),
+A record: rank, local rank, pid, node, the beat's sequence number, phase (``setup``, ``step``,
+``save``, ``eval``, ``done``),
 stage within a step (``compute``, then ``reduce`` once the gradient reduction begins), iteration,
 the wall time of the beat, and the rank's median step time so far (seconds; None before its first
-steps), from which the watchdog derives the step timeout.
+steps), from which the watchdog derives the step timeout. Every rank runs the same loop and beats
+at the same points of it, so the sequence numbers compare across ranks: the rank with the lowest is
+the one the others wait for.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 HEARTBEAT_DIR_ENV = "ELLAMA_HEARTBEAT_DIR"  # set by the launchers; unset: the rank beats nowhere
 PHASES = ("setup", "step", "save", "eval", "done")
+FLIGHT_RECORDER_REQUEST = "fr_dump_request"  # the watchdog asks the ranks for their collective traces
 STAGES = ("compute", "reduce")  # within a step: computing, or waiting in the gradient reduction
 
 
@@ -31,20 +35,21 @@ class Heartbeat:
     local_rank: int
     pid: int
     node: str
+    seq: int  # beats so far, from 1: the same point of the loop has the same number on every rank
     phase: str
     iteration: int
     time: float  # time.time() of the beat
     stage: str | None = None  # in phase "step" only
     median_step_s: float | None = None
 
-    @property
-    def progress(self) -> tuple[int, int]:
-        """Orders ranks by how far they got: iteration, then reduce after compute within a step."""
-        return self.iteration, (1 if self.stage == "reduce" else 0)
-
 
 def heartbeat_path(folder: str | Path, rank: int) -> Path:
     return Path(folder) / f"rank{rank:05d}.json"
+
+
+def stack_file(folder: str | Path, rank: int) -> Path:
+    """Where a rank's faulthandler writes its stacks when the watchdog signals it (SIGUSR2)."""
+    return Path(folder) / f"rank{rank:05d}.stacks"
 
 
 class HeartbeatWriter:
@@ -57,12 +62,15 @@ class HeartbeatWriter:
         self.path = heartbeat_path(self.folder, rank)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.identity = {"rank": rank, "local_rank": local_rank, "pid": os.getpid(), "node": node}
+        self.seq = 0
 
     def beat(
         self, phase: str, iteration: int, stage: str | None = None, median_step_s: float | None = None
     ) -> Heartbeat:
+        self.seq += 1
         record = Heartbeat(
             **self.identity,
+            seq=self.seq,
             phase=phase,
             iteration=iteration,
             time=time.time(),

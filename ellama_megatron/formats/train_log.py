@@ -10,6 +10,7 @@ not through regexes of their own.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 # -- our scalars: TensorBoard / W&B names ---------------------------------------------------------
@@ -47,6 +48,29 @@ def straggler_line(iteration: int, rank: int, node: str, slowest_ms: float, medi
         f" iteration {iteration:8d} | stragglers | slowest rank {rank} on {node}: {slowest_ms:.1f} ms, "
         f"median {median_ms:.1f} ms, ratio {slowest_ms / median_ms if median_ms else 1.0:.2f} |"
     )
+
+
+# -- the Slurm launcher's lines in the job log (launch/slurm.py, slurm/launch.sh) --------------------
+def launcher_line(message: str) -> str:
+    return f"[launch {time.strftime('%H:%M:%S')}] {message}"
+
+
+def job_start_message(job: str, restart: int | str, nodes: int, per_node: int) -> str:
+    """The first line a job's batch script logs (the run report reads the batch start from it)."""
+    return f"job {job} restart {restart}: {nodes} nodes x {per_node} ranks"
+
+
+_JOB_START = re.compile(r"\[launch (\d\d:\d\d:\d\d)\] job (\S+) restart (\d+):")
+
+
+def job_starts(text: str) -> list[tuple[str, str, int]]:
+    """(time of day, job, restart) of every job start in a job log, in order."""
+    return [(m.group(1), m.group(2), int(m.group(3))) for m in _JOB_START.finditer(text)]
+
+
+def split_by_job_start(text: str) -> list[str]:
+    """A job log cut into its launches (the text after each job start line)."""
+    return _JOB_START.split(text)[4::4]
 
 
 # -- the parser -----------------------------------------------------------------------------------

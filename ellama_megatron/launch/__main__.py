@@ -34,6 +34,10 @@ def main(argv: list[str]) -> int:
     if command == "end-job" and len(args) == 5:
         config, signal_name, exit_code, start, log_dir = args
         return slurm.end_job(Path(config), signal_name, int(exit_code), int(start), Path(log_dir))
+    if command == "watchdog" and len(args) == 2:
+        from ellama_megatron.launch.watchdog import watch_node
+
+        return watch_node(Path(args[0]), int(args[1]))
     print(
         f"python -m ellama_megatron.launch: unknown command or arguments: {' '.join(argv)}\n{__doc__}", file=sys.stderr
     )

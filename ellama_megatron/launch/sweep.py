@@ -25,11 +25,11 @@ from ellama_megatron.run.progress import saved_iteration
 from ellama_megatron.run.schema import ConfigError
 from ellama_megatron.sweep.table import POINT_FILE
 
-PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to validate and write the config
+PREPARE_TIMEOUT_S = 600  # how long ranks > 0 wait for rank 0 to check and write the config
 
 
 def prepare_point(cfg, job, hc, restart: str) -> Path:
-    """Rank 0 validates and writes the point's config and point.json; the other ranks wait for it.
+    """Rank 0 checks and writes the point's config and point.json; the other ranks wait for it.
 
     point.json names this attempt (job id, restart count), so that no rank reads a stale one."""
     point_file = Path(cfg.run_dir) / POINT_FILE
@@ -95,9 +95,10 @@ def run_rank(config_path: Path, job) -> int:
         time.sleep(0.5)
     if not caught:
         return proc.returncode
-    decision = decide_for_run(config_path, signalled=True, exit_code=proc.returncode, start_iteration=start)
+    # submitit's signal comes before the time limit (and on preemption): a time limit for the run.
+    decision = decide_for_run(config_path, signal_name="USR1", exit_code=proc.returncode, start_iteration=start)
     print(f"rank {job.global_rank}: {decision.reason}", flush=True)
-    if decision.requeue and callable(submitit_requeue):
+    if decision.go_on and callable(submitit_requeue):
         submitit_requeue(caught[0], None)  # rank 0 requeues the job and exits; other ranks return
     return decision.exit_code
 

@@ -139,12 +139,12 @@ def megatron_overrides(argv: Sequence[str]) -> list[str]:
     parsed: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        validated = vars(parse_megatron_args(argv, parsed))
+        checked = vars(parse_megatron_args(argv, parsed))
     for dest, flag in ours.items():
-        if dest not in validated:
-            problems.append(f"{flag}: removed by Megatron's validation (was {parsed[dest]!r})")
-        elif validated[dest] != parsed[dest]:
-            problems.append(f"{flag}: Megatron's validation changed {parsed[dest]!r} to {validated[dest]!r}")
+        if dest not in checked:
+            problems.append(f"{flag}: removed by Megatron's argument checks (was {parsed[dest]!r})")
+        elif checked[dest] != parsed[dest]:
+            problems.append(f"{flag}: Megatron's argument checks changed {parsed[dest]!r} to {checked[dest]!r}")
     # warn_rank_0 raises UserWarnings from megatron/; argparse's own DeprecationWarnings are not about argv.
     problems += dict.fromkeys(
         f"warning: {w.message}" for w in caught if w.category is UserWarning and "megatron" in w.filename
@@ -164,7 +164,7 @@ def transformer_config(
     ``overrides`` set what no Megatron argument sets (``perform_initialization``)."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    # Megatron's validation wants a sequence length and a micro-batch size; neither enters the config.
+    # Megatron's argument checks want a sequence length and a micro-batch size; neither enters the config.
     argv = model_args(model) + [
         "--transformer-impl",
         transformer_impl,

@@ -1,6 +1,21 @@
 """The run's event log, ``${run_dir}/events.jsonl``: one JSON line per thing that happened to the run
-as a whole (a rejected loss, an exit 16 or 17, a requeue and the node it excluded), appended by the
-launchers: time, kind, iteration, node, action, and what else explains it.
+as a whole, appended by the launchers (and a straggler report by rank 0): ``time`` (local, to the
+second, for people), ``t`` (the same moment as a unix time to the millisecond, for the run report's
+durations: run/report.py), ``kind``, ``iteration``, ``node``, ``action``, and what else explains it.
+
+- ``kind: launch`` when a launch starts: ``launch`` (its id: ``<job>.<restart>`` on Slurm,
+  ``local-<time>-<pid>`` for recipes/cpt.py), ``start_iteration`` (the checkpoint it resumes from),
+  ``nodes``, ``ranks``, ``job``, ``restart``.
+- One event when it ends, whose kind is its class (run/faults.py: finished, preempted, time_limit,
+  rejected_result, hang, node_failure, crash, suspected_bug): ``launch``, ``start_iteration``,
+  ``iteration`` (the newest complete checkpoint now), ``nodes``/``ranks`` it points at,
+  ``signature`` (what makes two failures the same), ``action`` (requeue/relaunch and why, or stop and
+  why), ``exclude`` (nodes taken out of the job), and for a hang the watchdog's ``verdict``, for a
+  crash or suspected bug the failing rank's ``traceback``. A rejected result (Megatron's exit 16/17)
+  carries ``rejection``, ``exit_code``, ``rank``, ``check``, ``result``, ``status`` and, after a skip or
+  rollback, ``policy``, ``resumed_from``, ``skipped``, ``deleted`` (run/recovery.py).
+- ``kind: straggler``: a rank slower than logging.straggler_factor x the median for
+  logging.straggler_intervals log intervals (engine/stragglers.py).
 
 What Megatron's rerun state machine rejected is read from its own log, ``result_rejected.txt``
 (the engine points --result-rejected-tracker-filename there)."""
@@ -13,6 +28,7 @@ import time
 from pathlib import Path
 
 EVENTS_FILE = "events.jsonl"  # in run_dir
+EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # an event's ``time``
 RESULT_REJECTED_FILE = "result_rejected.txt"  # in run_dir: Megatron's log of rejected results, one line each
 RANK_EXIT_FILE = "rank_exit.json"  # in run_dir: rank 0's exit 16/17 (torchrun reports every failure as 1)
 
@@ -30,8 +46,10 @@ def append_event(
     run_dir: str | Path, kind: str, *, iteration: int | None, node: str | None, action: str, **detail
 ) -> dict:
     """Append one event to the run's log and return it."""
+    now = time.time()
     event = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": time.strftime(EVENT_TIME_FORMAT, time.localtime(now)),
+        "t": round(now, 3),
         "kind": kind,
         "iteration": iteration,
         "node": node,
@@ -69,9 +87,9 @@ def exit_report(run_dir: str | Path, exit_code: int) -> dict | None:
     if exit_code not in (EXIT_RERUN_ELSEWHERE, EXIT_RESULT_REJECTED):
         return None
     rejected = last_rejection(run_dir) or {}
-    kind = "rerun_elsewhere" if exit_code == EXIT_RERUN_ELSEWHERE else "result_rejected"
     return {
-        "kind": kind,
+        "kind": "rejected_result",  # run/faults.py's class
+        "rejection": "rerun_elsewhere" if exit_code == EXIT_RERUN_ELSEWHERE else "result_rejected",
         "exit_code": exit_code,
         "iteration": rejected.get("iteration"),
         "node": rejected.get("node"),
@@ -96,7 +114,7 @@ def take_rank_exit(run_dir: str | Path, launcher_code: int) -> int:
 def describe(report: dict) -> str:
     """One line for a person: what was rejected, where, when."""
     return (
-        f"exit {report['exit_code']} ({report['kind']}): iteration {report['iteration']}, rank {report['rank']} "
+        f"exit {report['exit_code']} ({report['rejection']}): iteration {report['iteration']}, rank {report['rank']} "
         f"on {report['node']}: {report['check'] or 'no record in ' + RESULT_REJECTED_FILE} "
         f"(result {report['result']}, {report['status']})"
     )

@@ -395,6 +395,19 @@ class RunPlan:
 
     # -- the one layout check -------------------------------------------------------------------
 
+    def on_nodes(self, nodes: int) -> RunPlan:
+        """The same run on another number of nodes: same global batch, so more or less gradient
+        accumulation (check ``problems()`` to see whether the layout divides)."""
+        return dataclasses.replace(self, nodes=nodes)
+
+    def fewest_nodes_below(self, available: int, least: int) -> int | None:
+        """The most nodes, from ``available`` down to ``least``, on which this run's layout divides
+        (TP x PP x CP into the ranks, micro batch x DP into the global batch); None when none does."""
+        for nodes in range(min(available, self.nodes), least - 1, -1):
+            if not self.on_nodes(nodes).problems():
+                return nodes
+        return None
+
     def problems(self) -> list[str]:
         """Every reason Megatron would refuse this layout (or run it wrongly); empty when it can run."""
         m = self.model

@@ -12,6 +12,7 @@ from ellama_megatron.formats.atomic import write_text_atomic
 DONE_FILE = "done.json"  # in run_dir once the token budget is spent (written by the engine's rank 0)
 SAVE_FOLDER = "checkpoints"  # in run_dir: Megatron's --save and --load
 LATEST_ITERATION_FILE = f"{SAVE_FOLDER}/{megatron_checkpoint.TRACKER_FILE}"  # Megatron's own tracker
+FINAL_HF_FOLDER = "hf"  # in run_dir: the finished run's model in Hugging Face format (checkpoint.export_hf)
 
 
 def save_folder(run_dir: str | Path) -> Path:

@@ -93,10 +93,11 @@ def _relaunch_plan(save_dir: Path, policy: str, distance: int, rejected: int) ->
     return resume_from, skipped
 
 
-def after_rejection(run_dir: str | Path, resilience, code: int) -> bool:
+def after_rejection(run_dir: str | Path, resilience, code: int, **context) -> bool:
     """After the ranks of one launch on this machine: Megatron's exit 16 or 17 is logged in
     events.jsonl and reported, and when the policy goes on the save folder is set for the next
-    launch (returns True: relaunch). False for any other exit, and when the run stops."""
+    launch (returns True: relaunch). False for any other exit, and when the run stops. ``context``
+    (the launch's id, start iteration, job) goes into the event."""
     report = exit_report(run_dir, code)
     if report is None:
         return False
@@ -123,7 +124,14 @@ def after_rejection(run_dir: str | Path, resilience, code: int) -> bool:
         relaunch = _relaunch_plan(save_dir, policy, resilience.rollback_distance, rejected)
         action = f"stop: {relaunch}" if isinstance(relaunch, str) else None
     if action is not None:
-        append_event(run_dir, **{k: v for k, v in report.items() if k != "kind"}, kind=report["kind"], action=action)
+        append_event(
+            run_dir,
+            **{k: v for k, v in report.items() if k != "kind"},
+            kind=report["kind"],
+            action=action,
+            end_iteration=megatron_checkpoint.saved_iteration(save_dir),
+            **context,
+        )
         print(
             f"error: {describe(report)}; {action}. Logged in {Path(run_dir) / EVENTS_FILE}; last checkpoint: "
             f"iteration {megatron_checkpoint.saved_iteration(save_dir)}",
@@ -143,6 +151,8 @@ def after_rejection(run_dir: str | Path, resilience, code: int) -> bool:
         resumed_from=resume_from,
         skipped=skipped,
         deleted=deleted,
+        end_iteration=resume_from,
+        **context,
     )
     print(
         f"warning: {describe(report)}; {action}"

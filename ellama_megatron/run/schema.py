@@ -165,6 +165,7 @@ class CheckpointConfig:
     save_optim: bool = MISSING  # needed to resume
     keep_last: int | None = MISSING  # the newest K complete checkpoints are kept; None = all are kept
     keep_every: int | None = MISSING  # also kept: iterations divisible by N (save_interval must divide N; auto does)
+    export_hf: bool = MISSING  # when the run finishes, its final model as a Hugging Face folder in ${run_dir}/hf
 
     def problems(self) -> list[str]:
         auto = self.save_interval == SAVE_INTERVAL_AUTO
@@ -245,9 +246,47 @@ class ResilienceConfig:
     error_injection_type: str = MISSING  # Megatron's: transient_error, persistent_error or correct_result
     inject_loss_at: int | None = MISSING  # tests: this 1-based iteration's loss is made bad each time it runs
     inject_loss_kind: str = MISSING  # one of INJECTED_LOSS_KINDS
+    inject_crash_at: int | None = MISSING  # tests: the last rank raises in this 1-based iteration, each time it runs
+    # Cluster faults (run/faults.py): the retry rules
+    max_same_failure: int = MISSING  # the same failure at the same checkpoint this many times in a row: stop
+    max_failures_without_progress: int = MISSING  # failures of any kind without a newer checkpoint: stop
+    min_nodes: int | None = MISSING  # opt-in: go on with as few as this many nodes when the partition lacks them
+    # Hangs (launch/watchdog.py): a rank not advancing within its phase's timeout, in seconds
+    hang_detection: bool = MISSING
+    hang_poll_s: float = MISSING  # how often the watchdog reads the heartbeats
+    hang_setup_s: float = MISSING  # from the launch to the first step, and steps before a median step time exists
+    hang_step_factor: float = MISSING  # a step: this many times the rank's median step time ...
+    hang_step_min_s: float = MISSING  # ... but at least this ...
+    hang_step_max_s: float = MISSING  # ... and at most this
+    hang_save_s: float = MISSING  # a checkpoint save
+    hang_eval_s: float = MISSING  # a validation pass
 
     def problems(self) -> list[str]:
         errors = []
+        if self.max_same_failure < 1:
+            errors.append(f"resilience.max_same_failure={self.max_same_failure} must be at least 1")
+        if self.min_nodes is not None and self.min_nodes < 1:
+            errors.append(f"resilience.min_nodes={self.min_nodes} must be at least 1, or null (never fewer nodes)")
+        if self.max_failures_without_progress < 1:
+            errors.append(
+                f"resilience.max_failures_without_progress={self.max_failures_without_progress} must be at least 1"
+            )
+        for key in (
+            "hang_poll_s",
+            "hang_setup_s",
+            "hang_step_factor",
+            "hang_step_min_s",
+            "hang_step_max_s",
+            "hang_save_s",
+            "hang_eval_s",
+        ):
+            if getattr(self, key) <= 0:
+                errors.append(f"resilience.{key}={getattr(self, key)} must be above 0")
+        if self.hang_step_min_s > self.hang_step_max_s:
+            errors.append(
+                f"resilience.hang_step_min_s={self.hang_step_min_s} must not exceed "
+                f"resilience.hang_step_max_s={self.hang_step_max_s}"
+            )
         if self.rerun_mode not in RERUN_MODES:
             errors.append(f"resilience.rerun_mode={self.rerun_mode!r} must be one of {', '.join(RERUN_MODES)}")
         if self.spike_policy not in SPIKE_POLICIES:

@@ -1,10 +1,12 @@
-"""REPORT.md: stage times, the blend table, the base and continued-pretraining losses, the merge curve."""
+"""REPORT.md: stage times, the blend table, the base and continued-pretraining losses, the training run's
+goodput report, the merge curve."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from ellama_megatron.formats.atomic import write_text_atomic
@@ -51,6 +53,28 @@ def what_it_shows(evaluation: dict, points: list[dict]) -> list[str]:
             if p["label"] == "merged"
         )
         + ".",
+        "",
+    ]
+
+
+def run_report_lines(run_dir: Path, out: Path) -> list[str]:
+    """The CPT run's goodput report as tools/run_report.py wrote it (table and picture), its headings
+    two levels down, its picture's link relative to REPORT.md; none for a run reused from a demo that
+    had no run report yet."""
+    from ellama_megatron.run.report import REPORT_DIR, REPORT_MD, REPORT_PNG
+
+    table, png = run_dir / REPORT_DIR / REPORT_MD, run_dir / REPORT_DIR / REPORT_PNG
+    if not table.exists():
+        return []
+    text = re.sub(r"^#", "###", table.read_text(), flags=re.M)
+    text = text.replace(f"]({REPORT_PNG})", f"]({os.path.relpath(png, out)})")
+    return [
+        "## Where the training run's time went (tools/run_report.py)",
+        "",
+        "Every second of the continued-pretraining run's launches, from its events and rank 0's timeline: "
+        'goodput is the share in iterations that are in the final model (docs/slurm.md, "The run report").',
+        "",
+        text.rstrip(),
         "",
     ]
 
@@ -138,6 +162,7 @@ def write_report(out: Path, model: str | None, stages: Stages, base: dict | None
         "",
         f"![per-domain loss curves]({rel(out / 'loss_curves.png')})",
         "",
+        *run_report_lines(Path(cpt["log"]).parent, out),
         "## Merging with the base (tools/merge_curve.py)",
         "",
         (out / "merge_curve" / "curve.md").read_text().rstrip(),

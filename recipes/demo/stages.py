@@ -20,10 +20,11 @@ from pathlib import Path
 
 from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.atomic import write_json_atomic, write_text_atomic
+from ellama_megatron.run.progress import FINAL_HF_FOLDER
 from ellama_megatron.testing.slurm import LocalSlurm
 
 from .report import write_report
-from .runner import DemoOptions, Stages, last_json_line, last_line, prepare_output, run_tool
+from .runner import DemoError, DemoOptions, Stages, last_json_line, last_line, prepare_output, run_tool
 from .training import run_overrides, tokens_per_iteration, train, valid_change
 
 
@@ -77,10 +78,9 @@ TITLES = {
     "base_pretrain": "base model: general-only pretraining stand-in",
     "import": "tools/convert_hf.py import --verify (the base)",
     "plan_blend": "tools/plan_blend.py: the paper's 1:1 mix",
-    "cpt": "continued pretraining",
-    "export": "tools/convert_hf.py export (the adapted model)",
+    "cpt": "continued pretraining; the adapted model exported when it finishes (checkpoint.export_hf)",
     "merge_curve": "tools/merge_curve.py: merge with the base at several alphas, evaluate both domains",
-    "report": "report",
+    "report": "report (loss curves, the training run's goodput report)",
 }
 REAL_TITLES = {
     "corpora": "demo corpora (listings, reviews in en/de/fr; real prose: licences, the Python reference)",
@@ -150,6 +150,11 @@ class Demo:
     @property
     def blend_file(self) -> Path:
         return self.out / "blend.json"
+
+    @property
+    def adapted_hf(self) -> Path:
+        """The continued-pretrained model, exported by the run itself when it finished."""
+        return self.out / "cpt_run" / FINAL_HF_FOLDER
 
     @property
     def base_hf(self) -> Path:
@@ -408,6 +413,7 @@ def cpt(demo: Demo) -> dict:
             f"train.train_tokens={demo.cpt_tokens}",
             f"train.eval_interval={opts.eval_interval}",
             "train.eval_at_start=true",
+            "checkpoint.export_hf=true",  # the launcher writes cpt_run/hf when the run finishes
             f"optim.lr={opts.cpt_lr}",
             f"optim.min_lr={opts.cpt_lr / 10}",
             *opts.overrides,
@@ -416,27 +422,13 @@ def cpt(demo: Demo) -> dict:
         demo.local_slurm,
         "ellama-demo-cpt",
     )
+    if not (demo.adapted_hf / "config.json").is_file():
+        raise DemoError(f"the run finished without {demo.adapted_hf} (checkpoint.export_hf); see {out / 'cpt_run'}")
     result["summary"] = (
-        f"{result['iterations']} iterations via {result['launcher']}; validation {valid_change(result['valid'])}"
+        f"{result['iterations']} iterations via {result['launcher']}; validation {valid_change(result['valid'])} "
+        f"-> {demo.adapted_hf.relative_to(out)}/"
     )
     return result
-
-
-def export(demo: Demo) -> dict:
-    text = run_tool(
-        [
-            "tools/convert_hf.py",
-            "export",
-            "--ckpt",
-            demo.out / "cpt_run" / "checkpoints",
-            "--out",
-            demo.out / "adapted_hf",
-            "--overwrite",
-            "--quiet",
-        ],
-        demo.logs / "export_adapted.log",
-    )
-    return {"summary": last_line(text, "export").replace(str(demo.out) + "/", "")}
 
 
 def merge_curve(demo: Demo) -> dict:
@@ -448,7 +440,7 @@ def merge_curve(demo: Demo) -> dict:
             "--base",
             demo.base_hf,
             "--adapted",
-            out / "adapted_hf",
+            demo.adapted_hf,
             *sum((["--data", h] for h in heldout), []),
             *sum((["--alpha", str(a)] for a in demo.opts.alphas), []),
             "--domain",
@@ -483,8 +475,13 @@ def report(demo: Demo, stages: Stages, base: dict | None, cpt_result: dict, eval
         ],
         demo.logs / "plot_training_curves.log",
     )
+    cpt_run = Path(cpt_result["log"]).parent
+    made = ["REPORT.md", "loss_curves.png", "merge_curve/curve.png"]
+    if (cpt_run / "timeline").is_dir():  # not in a run reused from a demo before the run report
+        run_tool(["tools/run_report.py", cpt_run], demo.logs / "run_report.log")
+        made.append(f"{cpt_run.name}/report/run_timeline.png")
     write_report(out, demo.model_description, stages, base, cpt_result, evaluation)
-    return {"summary": "REPORT.md, loss_curves.png, merge_curve/curve.png"}
+    return {"summary": ", ".join(made)}
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
@@ -503,7 +500,6 @@ def run_stages(demo: Demo, stages: Stages) -> None:
     stages.run("plan_blend", plan_blend, demo)
     print("\n".join("    " + line for line in (demo.out / "blend_table.txt").read_text().splitlines()), flush=True)
     cpt_result = stages.run("cpt", cpt, demo)
-    stages.run("export", export, demo)
     evaluation = stages.run("merge_curve", merge_curve, demo)
     stages.run("report", report, demo, stages, base, cpt_result, evaluation)
     # The report's stage table is written before its own line: add it now that it is timed.
