@@ -1,0 +1,192 @@
+"""Token ids checked against the model's vocabulary, before the embedding sees them.
+
+An id at or past ``model.vocab_size`` (or below 0) indexes past the embedding table: on a CPU an
+IndexError in the rank that reads it, on a GPU a device-side assert that names nothing, at the
+first batch that holds it. A dataset preprocessed here records its tokenizer, and run/checks.py
+refuses it before the launch when that differs from the model's (data/manifest.py); a dataset
+written by another tool (Megatron-LM's tools/preprocess_data.py, IndexedDatasetBuilder) records
+nothing, so:
+
+- Before the launch (run/checks.py), ``sampled_out_of_vocabulary`` reads SAMPLED_DOCUMENTS documents
+  of each such prefix, the first, the last and evenly spaced ones between, and the run is refused on
+  an id outside the vocabulary: a dataset tokenized with another tokenizer is refused in seconds.
+- In every rank that reads data, ``TokenIdCheck`` takes the smallest and the largest id of each
+  micro-batch on the host, before the batch is copied to the GPU (no device sync), and raises
+  BadData (run/faults.py) naming the dataset's prefix, the document and the id; only then is the
+  offending sample traced back to its document (``SampleOrigins``: every sample carries its dataset
+  and its index). The rank records it and exits; the launcher stops the run with that one line,
+  exit 2, no relaunch (run/faults.py: bad_data).
+
+"Document" is what Megatron's GPTDataset calls one: a sequence of the indexed dataset, the one
+``IndexedDataset(prefix)[document]`` reads (a document unless the data was preprocessed with
+sentence splitting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ellama_megatron.run.faults import BadData
+
+SAMPLED_DOCUMENTS = 16  # read per prefix before the launch: the first, the last, evenly spaced ones between
+SAMPLED_IDS = 1 << 20  # of each sampled document at most, from its start: one huge document stays a quick read
+# A sample's (dataset number, index) in SampleOrigins' samples: plain ints, which the data loader's
+# collate turns into two tensors per batch ([numbers, indices]); a tensor per sample costs ~10 us more.
+ORIGIN_KEY = "origin"
+
+_ORIGINS: list[SampleOrigins] = []  # this rank's datasets, by the number their samples carry
+
+
+def out_of_vocabulary(prefix: str, document: int, token_id: int, vocab_size: int) -> str:
+    """The one line that refuses a dataset (before the launch and in a rank)."""
+    return (
+        f"{prefix}: document {document} holds token id {token_id}, outside the model's vocabulary "
+        f"(model.vocab_size={vocab_size}); preprocess it with the model's tokenizer "
+        "(or extend the model's vocabulary: tools/extend_vocab.py)"
+    )
+
+
+def first_outside(ids: np.ndarray, vocab_size: int) -> int | None:
+    """The first id of ``ids`` outside [0, vocab_size), or None."""
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    return int(ids[bad[0]]) if bad.size else None
+
+
+# Megatron's indexed dataset (megatron/core/datasets/indexed_dataset.py): the .idx holds a header,
+# then each sequence's length (int32) and byte offset in the .bin (int64); the .bin the ids.
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+_IDX_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+
+
+def read_documents(
+    prefix: str, documents: list[int] | None = None, count: int = SAMPLED_DOCUMENTS, limit: int | None = None
+):
+    """(index, ids) of ``documents`` of the indexed dataset at ``prefix`` (.bin/.idx), or of ``count``
+    of them spread over it (the first, the last, evenly spaced ones between) when None; of each at
+    most its first ``limit`` ids when given.
+
+    Read with numpy, not Megatron's IndexedDataset: importing that costs the launcher torch and
+    Megatron (seconds to tens of seconds), and this reads a few documents. Raises ValueError for a
+    pair it cannot read, OSError for a missing file."""
+    with open(f"{prefix}.idx", "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != _IDX_HEADER or int.from_bytes(head[9:17], "little") != 1:
+            raise ValueError(f"{prefix}.idx is not a Megatron indexed dataset index (version 1)")
+        dtype = _IDX_DTYPES.get(head[17])
+        if dtype is None:
+            raise ValueError(f"{prefix}.idx: unknown token dtype code {head[17]}")
+        sequences = int.from_bytes(head[18:26], "little")
+        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
+        pointers = np.fromfile(f, dtype=np.int64, count=sequences)
+    if len(pointers) != sequences:
+        raise ValueError(f"{prefix}.idx is cut short ({len(pointers)} of {sequences} sequences)")
+    if documents is None:
+        documents = sorted({int(i) for i in np.linspace(0, sequences - 1, min(count, sequences))})
+    out = []
+    with open(f"{prefix}.bin", "rb") as f:
+        for d in documents:
+            f.seek(int(pointers[d]))
+            length = int(lengths[d]) if limit is None else min(int(lengths[d]), limit)
+            ids = np.fromfile(f, dtype=dtype, count=length)
+            if len(ids) != length:
+                raise ValueError(f"{prefix}.bin is cut short (document {d})")
+            out.append((d, ids))
+    return out
+
+
+def sampled_out_of_vocabulary(prefix: str, vocab_size: int) -> str | None:
+    """The refusal of ``prefix`` when one of its sampled documents holds an id outside the
+    vocabulary (or when it cannot be read), else None."""
+    try:
+        documents = read_documents(prefix, limit=SAMPLED_IDS)
+    except (OSError, ValueError) as e:
+        return f"{prefix}: unreadable indexed dataset ({e}); write it again"
+    for document, ids in documents:
+        bad = first_outside(ids, vocab_size)
+        if bad is not None:
+            return out_of_vocabulary(prefix, document, bad, vocab_size)
+    return None
+
+
+class SampleOrigins:
+    """A dataset whose samples carry where they come from (``ORIGIN_KEY``: this wrapper's number on the
+    rank and the sample's index), so that a rejected micro-batch can be traced back to its documents.
+    Wraps what Megatron's builder returns (a BlendedDataset over GPTDatasets, or one GPTDataset)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.split = getattr(dataset, "split", None) or dataset.index_split  # Megatron picks its sampler by it
+        self.number = len(_ORIGINS)
+        _ORIGINS.append(self)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], ORIGIN_KEY: (self.number, int(index))}
+
+    def documents(self, index: int) -> tuple[str, list[int]]:
+        """(prefix, document indices) of sample ``index``."""
+        from megatron.core.datasets.blended_dataset import BlendedDataset
+
+        dataset = self.dataset
+        if isinstance(dataset, BlendedDataset):
+            dataset[index]  # loads the blend's indices where they are mapped lazily
+            dataset, index = dataset.datasets[dataset.dataset_index[index]], dataset.dataset_sample_index[index]
+        # Megatron's own sample -> documents mapping (GPTDataset.__getitem__ reads the sample through it).
+        _, documents, _ = dataset._query_document_sample_shuffle_indices(int(index))
+        return dataset.dataset_path, [int(d) for d in documents]
+
+
+@dataclass(frozen=True)
+class TokenIdCheck:
+    """Every micro-batch's ids against the vocabulary, on the host (the batch as the data loader
+    returns it, before the copy to the GPU)."""
+
+    vocab_size: int
+
+    def __call__(self, batch: dict) -> None:
+        import torch
+
+        # tokens and labels both index the vocabulary (the embedding, the cross-entropy): the labels are
+        # the tokens shifted by one, so each holds an id the other does not (the first, the last).
+        lowest, highest = self.vocab_size, -1
+        for key in ("tokens", "labels"):
+            low, high = torch.aminmax(batch[key])
+            lowest, highest = min(lowest, int(low)), max(highest, int(high))
+        if lowest < 0 or highest >= self.vocab_size:
+            raise BadData(self.locate(batch))
+
+    def locate(self, batch: dict) -> str:
+        """The refusal naming the prefix, the document and the id (the first bad sample's)."""
+        for key in ("tokens", "labels"):
+            ids = batch[key].numpy()
+            rows = np.flatnonzero(((ids < 0) | (ids >= self.vocab_size)).any(axis=1))
+            if rows.size:
+                row, token_id = int(rows[0]), first_outside(ids[rows[0]], self.vocab_size)
+                break
+        origin = batch.get(ORIGIN_KEY)
+        if origin is None:  # a batch from a dataset not wrapped in SampleOrigins: the id is all there is to say
+            return (
+                f"a batch holds token id {token_id}, outside the model's vocabulary "
+                f"(model.vocab_size={self.vocab_size}); preprocess the data with the model's tokenizer"
+            )
+        number, index = int(origin[0][row]), int(origin[1][row])
+        prefix, documents = _ORIGINS[number].documents(index)
+        for document, ids in read_documents(prefix, documents):
+            bad = first_outside(ids, self.vocab_size)
+            if bad is not None:
+                return out_of_vocabulary(prefix, document, bad, self.vocab_size)
+        # Not reached: a sample is cut from its documents' ids.
+        return out_of_vocabulary(prefix, documents[0], token_id, self.vocab_size)
