@@ -135,6 +135,21 @@ def test_a_batch_is_traced_to_its_prefix_document_and_id(tmp_path):
     assert refused > 10 and passed > 10
 
 
+@pytest.mark.parametrize("bad", [-5, VOCAB, 2**40])
+def test_an_id_below_0_or_past_the_vocabulary_is_refused_in_tokens_or_labels(bad):
+    import torch
+
+    check = TokenIdCheck(VOCAB)
+    good = {k: torch.randint(0, VOCAB, (2, 16)) for k in ("tokens", "labels")}
+    good["tokens"][0, 0], good["labels"][1, -1] = 0, VOCAB - 1
+    check(good)
+    for key in ("tokens", "labels"):
+        batch = {k: v.clone() for k, v in good.items()}
+        batch[key][1, 7] = bad
+        with pytest.raises(BadData, match=f"token id {bad}, outside the model's vocabulary"):
+            check(batch)
+
+
 def test_bad_data_stops_the_run_at_once_with_its_line(tmp_path, capsys):
     """A rank's BadData record is the launch's cause whatever its peers died of after it: the run
     stops with exit 2 and one line, without a relaunch and without a traceback."""
