@@ -10,12 +10,13 @@ nothing, so:
 - Before the launch (run/checks.py), ``sampled_out_of_vocabulary`` reads SAMPLED_DOCUMENTS documents
   of each such prefix, the first, the last and evenly spaced ones between, and the run is refused on
   an id outside the vocabulary: a dataset tokenized with another tokenizer is refused in seconds.
-- In every rank that reads data, ``TokenIdCheck`` takes the smallest and the largest id of each
-  micro-batch on the host, before the batch is copied to the GPU (no device sync), and raises
-  BadData (run/faults.py) naming the dataset's prefix, the document and the id; only then is the
-  offending sample traced back to its document (``SampleOrigins``: every sample carries its dataset
-  and its index). The rank records it and exits; the launcher stops the run with that one line,
-  exit 2, no relaunch (run/faults.py: bad_data).
+- In every rank that reads data, ``TokenIdCheck`` takes the largest id of each micro-batch (read as
+  unsigned: a negative id counts as too large) on the host, before the batch is copied to the GPU
+  (no device sync), and raises BadData (run/faults.py) naming the dataset's prefix, the document
+  and the id; only then is the offending sample traced back to its document (``SampleOrigins``:
+  every sample carries its number on the rank, which gives its dataset and index). The rank records
+  it and exits; the launcher stops the run with that one line, exit 2, no relaunch (run/faults.py:
+  bad_data).
 
 "Document" is what Megatron's GPTDataset calls one: a sequence of the indexed dataset, the one
 ``IndexedDataset(prefix)[document]`` reads (a document unless the data was preprocessed with
@@ -32,11 +33,11 @@ from ellama_megatron.run.faults import BadData
 
 SAMPLED_DOCUMENTS = 16  # read per prefix before the launch: the first, the last, evenly spaced ones between
 SAMPLED_IDS = 1 << 20  # of each sampled document at most, from its start: one huge document stays a quick read
-# A sample's (dataset number, index) in SampleOrigins' samples: plain ints, which the data loader's
-# collate turns into two tensors per batch ([numbers, indices]); a tensor per sample costs ~10 us more.
+# A sample's number on this rank, unique across its datasets (SampleOrigins): one plain int per sample,
+# which the data loader's collate turns into one tensor per batch.
 ORIGIN_KEY = "origin"
 
-_ORIGINS: list[SampleOrigins] = []  # this rank's datasets, by the number their samples carry
+_ORIGINS: list[SampleOrigins] = []  # this rank's traced datasets, in the order of their sample numbers
 
 
 def out_of_vocabulary(prefix: str, document: int, token_id: int, vocab_size: int) -> str:
@@ -120,21 +121,29 @@ def sampled_out_of_vocabulary(prefix: str, vocab_size: int) -> str | None:
 
 
 class SampleOrigins:
-    """A dataset whose samples carry where they come from (``ORIGIN_KEY``: this wrapper's number on the
-    rank and the sample's index), so that a rejected micro-batch can be traced back to its documents.
-    Wraps what Megatron's builder returns (a BlendedDataset over GPTDatasets, or one GPTDataset)."""
+    """A dataset whose samples carry where they come from (``ORIGIN_KEY``: the sample's index plus
+    the dataset's first number on this rank), so that a rejected micro-batch can be traced back to its
+    documents. Wraps what Megatron's builder returns (a BlendedDataset over GPTDatasets, or one GPTDataset)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
         self.split = getattr(dataset, "split", None) or dataset.index_split  # Megatron picks its sampler by it
-        self.number = len(_ORIGINS)
+        self.first = sum(len(o) for o in _ORIGINS)
         _ORIGINS.append(self)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index):
-        return {**self.dataset[index], ORIGIN_KEY: (self.number, int(index))}
+        return {**self.dataset[index], ORIGIN_KEY: self.first + int(index)}
+
+    @staticmethod
+    def of(number: int) -> tuple[SampleOrigins, int]:
+        """The dataset and the index of this rank's sample ``number``."""
+        for origins in _ORIGINS:
+            if origins.first <= number < origins.first + len(origins):
+                return origins, number - origins.first
+        raise KeyError(f"no dataset on this rank has sample number {number}")
 
     def documents(self, index: int) -> tuple[str, list[int]]:
         """(prefix, document indices) of sample ``index``."""
@@ -177,8 +186,8 @@ class TokenIdCheck:
                 f"a batch holds token id {token_id}, outside the model's vocabulary "
                 f"(model.vocab_size={self.vocab_size}); preprocess the data with the model's tokenizer"
             )
-        number, index = int(origin[0][row]), int(origin[1][row])
-        prefix, documents = _ORIGINS[number].documents(index)
+        origins, index = SampleOrigins.of(int(origin[row]))
+        prefix, documents = origins.documents(index)
         for document, ids in read_documents(prefix, documents):
             bad = first_outside(ids, self.vocab_size)
             if bad is not None:
