@@ -84,8 +84,15 @@ def gpt_dataset_config(args, eod: int, vocab_size: int, blend_per_split, cache_d
     )
 
 
-def datasets_provider(blend: dict, eod: int, vocab_size: int, cache_dir: Path):
-    """Return the ``train_valid_test_datasets_provider`` Megatron's ``pretrain`` calls."""
+def datasets_provider(blend: dict, eod: int, vocab_size: int, cache_dir: Path, traced: bool = False):
+    """Return the ``train_valid_test_datasets_provider`` Megatron's ``pretrain`` calls. ``traced``:
+    each sample carries its dataset and index (engine/token_ids.py: SampleOrigins), so that a sample
+    with an id outside the vocabulary can be named by its prefix and document."""
+
+    def origins(ds):
+        from ellama_megatron.engine.token_ids import SampleOrigins
+
+        return SampleOrigins(ds) if traced and ds is not None else ds
 
     def provide(train_val_test_num_samples, vp_stage=None):
         from megatron.core import parallel_state as mpu
@@ -107,11 +114,13 @@ def datasets_provider(blend: dict, eod: int, vocab_size: int, cache_dir: Path):
         train_ds, _, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, [train_val_test_num_samples[0], None, None], built_here, train_cfg
         ).build()
+        train_ds = origins(train_ds)
 
         valid = []
         for domain_prefixes in blend["valid"].values():
             cfg = gpt_dataset_config(args, eod, vocab_size, [None, (list(domain_prefixes), None), None], cache_dir)
             _, ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], built_here, cfg).build()
+            ds = origins(ds)
             dp = mpu.get_data_parallel_world_size()
             valid.append(WholeValidationBatches(ds, dp) if ds is not None else None)
         # No test set: with --multiple-validation-sets, Megatron 0.19's final test pass crashes.

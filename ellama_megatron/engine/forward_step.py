@@ -21,7 +21,9 @@ import torch
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
 
 
-def get_batch(data_iterator, with_dataset_id: bool = False):
+def get_batch(data_iterator, with_dataset_id: bool = False, token_ids=None):
+    """The micro-batch on this rank; ``token_ids`` (engine/token_ids.py: TokenIdCheck, None = off)
+    checks its ids where the data enters, on the host before the copy to the GPU."""
     from megatron.core import parallel_state as mpu
     from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
     from megatron.training import get_args
@@ -36,6 +38,8 @@ def get_batch(data_iterator, with_dataset_id: bool = False):
     batch, dataset_id = {}, None
     if tp_rank == 0:
         raw = next(data_iterator)
+        if token_ids is not None:
+            token_ids(raw)
         batch = {k: (raw[k].cuda(non_blocking=True) if raw.get(k) is not None else None) for k in BATCH_KEYS}
         dataset_id = raw.get("dataset_id")  # absent when the blend has one dataset: then every sample is entry 0
     micro_batch_size = _micro_batch_size_from_tp_rank_0(batch, args.micro_batch_size)
@@ -256,9 +260,10 @@ def loss_func(
     return loss, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain_loss=None):
+def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain_loss=None, token_ids=None):
     """``domain_loss`` (engine/domain_loss.py, None = off) collects training losses per domain;
-    evaluation (the model in eval mode) is left out of it."""
+    evaluation (the model in eval mode) is left out of it. ``token_ids`` checks every micro-batch's
+    ids, training and evaluation (engine/token_ids.py, None = off)."""
     from megatron.training import get_timers
 
     timers = get_timers()
@@ -266,7 +271,7 @@ def forward_step(data_iterator, model, checks: LossChecks = LossChecks(), domain
     domain_loss = domain_loss if model.training else None
     checks = checks if model.training else checks.for_evaluation()
     crash_if_injected(checks)
-    batch = get_batch(data_iterator, with_dataset_id=domain_loss is not None)
+    batch = get_batch(data_iterator, with_dataset_id=domain_loss is not None, token_ids=token_ids)
     timers("batch-generator").stop()
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
     return output, partial(

@@ -133,6 +133,7 @@ def run(cfg) -> None:
     from ellama_megatron.engine.forward_step import SPIKE_REFERENCE, forward_step
     from ellama_megatron.engine.megatron_args import megatron_argv, on_cpu
     from ellama_megatron.engine.megatron_hooks import install as install_loop_hooks
+    from ellama_megatron.engine.token_ids import TokenIdCheck
     from ellama_megatron.formats.atomic import write_json_atomic
     from ellama_megatron.llama.config import LlamaConfig
     from ellama_megatron.llama.megatron import megatron_model_provider, resolve_impl
@@ -164,11 +165,13 @@ def run(cfg) -> None:
     install_loop_hooks(hooks)
     container = pretrain_cfg_container_from_args(args)
     cache = Path(cfg.run_dir) / "dataset_cache"
+    # .get: a run folder written before the key existed checks its ids too
+    token_ids = TokenIdCheck(model.vocab_size) if cfg.resilience.get("check_token_ids", True) else None
     training.pretrain(
         container,
-        datasets_provider(blend, model.eos_token_id, model.vocab_size, cache),
+        datasets_provider(blend, model.eos_token_id, model.vocab_size, cache, traced=token_ids is not None),
         ModelType.encoder_or_decoder,
-        partial(forward_step, checks=checks, domain_loss=domain_loss),
+        partial(forward_step, checks=checks, domain_loss=domain_loss, token_ids=token_ids),
         model_provider=megatron_model_provider(model, attention),
     )
     # pretrain returns only when the budget is spent (early exits call sys.exit after saving).
@@ -202,11 +205,19 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     failure_evidence.arm(rank)
     start_checkpoint_helper_ignoring_sigterm()
+    from ellama_megatron.run.faults import BAD_DATA, EXIT_BAD_DATA, BadData
+
     try:
         run(cfg)
     except SystemExit as exc:
         record_rerun_exit(cfg, exc.code)
         raise
+    except BadData as exc:
+        # The data's fault, said in one line (engine/token_ids.py): recorded for the launcher, which
+        # stops the run with it; a traceback would only bury it.
+        failure_evidence.record_exception(cfg.run_dir, default_launch_id(), rank, exc, _current_iteration())
+        print(f"error: {BAD_DATA}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_DATA)
     except BaseException as exc:
         failure_evidence.record_exception(cfg.run_dir, default_launch_id(), rank, exc, _current_iteration())
         raise

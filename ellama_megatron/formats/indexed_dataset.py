@@ -211,3 +211,39 @@ def read_sequences(prefix: str | Path, limit: int | None = None) -> list:
     ds = read(prefix)
     n = len(ds) if limit is None else min(len(ds), limit)
     return [numpy.array(ds[i]) for i in range(n)]
+
+
+def read_documents(prefix: str, documents: list[int] | None = None, count: int = 16, limit: int | None = None):
+    """(index, ids) of ``documents`` of the indexed dataset at ``prefix`` (.bin/.idx), or of ``count``
+    of them spread over it (the first, the last, evenly spaced ones between) when None; of each at
+    most its first ``limit`` ids when given.
+
+    Read with numpy, not Megatron's IndexedDataset: importing that costs the launcher torch and
+    Megatron (seconds to tens of seconds), and this reads a few documents. Raises ValueError for a
+    pair it cannot read, OSError for a missing file."""
+    import numpy as np
+
+    with open(idx_path(prefix), "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != IDX_HEADER or int.from_bytes(head[9:17], "little") != IDX_VERSION:
+            raise ValueError(f"{prefix}.idx is not a Megatron indexed dataset index (version 1)")
+        dtype = {code: name for name, code in DTYPE_CODES.items()}.get(head[17])
+        if dtype is None:
+            raise ValueError(f"{prefix}.idx: unknown token dtype code {head[17]}")
+        sequences = int.from_bytes(head[18:26], "little")
+        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
+        pointers = np.fromfile(f, dtype=np.int64, count=sequences)
+    if len(pointers) != sequences:
+        raise ValueError(f"{prefix}.idx is cut short ({len(pointers)} of {sequences} sequences)")
+    if documents is None:
+        documents = sorted({int(i) for i in np.linspace(0, sequences - 1, min(count, sequences))})
+    out = []
+    with open(bin_path(prefix), "rb") as f:
+        for d in documents:
+            f.seek(int(pointers[d]))
+            length = int(lengths[d]) if limit is None else min(int(lengths[d]), limit)
+            ids = np.fromfile(f, dtype=dtype, count=length)
+            if len(ids) != length:
+                raise ValueError(f"{prefix}.bin is cut short (document {d})")
+            out.append((d, ids))
+    return out

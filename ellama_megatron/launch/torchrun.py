@@ -29,6 +29,7 @@ from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.launch.watchdog import Watchdog
 from ellama_megatron.run.events import append_event, read_events, take_rank_exit
 from ellama_megatron.run.faults import (
+    BAD_DATA,
     Decision,
     LaunchEnd,
     Timeouts,
@@ -214,7 +215,13 @@ def record_and_decide(run_dir: Path, resilience, end: LaunchEnd) -> tuple[int, b
 
 
 def _copy_stderr(proc: subprocess.Popen, tail: deque) -> None:
+    """The ranks' and torchrun's stderr, shown as it comes, until a rank stops on bad data: its line
+    is the one the launcher prints at the end (record_and_decide), and what follows (its peers'
+    tracebacks from the collective it left, torchrun's failure report) says nothing more."""
+    quiet = False
     for line in proc.stderr:
-        sys.stderr.write(line)
+        quiet = quiet or f"error: {BAD_DATA}: " in line
+        if not quiet:
+            sys.stderr.write(line)
         tail.append(line)
     sys.stderr.flush()

@@ -44,16 +44,27 @@ def check_data(blend: dict) -> list[str]:
 
 def check_data_matches_model(blend: dict, model) -> list[str]:
     """Each dataset's recorded tokenizer against the model, from the manifests beside the datasets:
-    a token id at or above the model's vocabulary is an IndexError in every rank at iteration 1 (a
-    device-side assert on GPU), and another EOD id splits documents where there are none."""
+    a token id at or above the model's vocabulary is an IndexError in the rank that reads it (a
+    device-side assert on GPU), and another EOD id splits documents where there are none. A dataset
+    without a manifest (written by another tool) has a sample of its documents' ids read instead
+    (data/vocabulary_check.py); the ranks check every batch's ids (resilience.check_token_ids)."""
     from ellama_megatron.data.manifest import ManifestError, manifest_of_dataset, read_manifest, written_token_ids
+    from ellama_megatron.data.vocabulary_check import sampled_out_of_vocabulary
 
     errors = []
     prefixes = [d["prefix"] for d in blend["train"]] + [p for ps in blend["valid"].values() for p in ps]
     seen = set()
     for prefix in prefixes:
         path = manifest_of_dataset(prefix)
-        if path is None or path in seen:
+        if path is None:
+            if str(prefix) in seen or not all(Path(f"{prefix}{ext}").exists() for ext in (".bin", ".idx")):
+                continue  # a missing file is check_data's error
+            seen.add(str(prefix))
+            refusal = sampled_out_of_vocabulary(str(prefix), model.vocab_size)
+            if refusal:
+                errors.append(refusal)
+            continue
+        if path in seen:
             continue
         seen.add(path)
         try:

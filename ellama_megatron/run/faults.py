@@ -14,6 +14,8 @@ Every launch's end is one event in ``${run_dir}/events.jsonl`` whose ``kind`` is
   crash            any other failure of the ranks: an exception, an exit code
   suspected_bug    the same failure at the same checkpoint ``resilience.max_same_failure`` times in
                    a row: stopped with the failing rank's traceback
+  bad_data         a rank raised BadData (a token id outside the vocabulary, engine/token_ids.py):
+                   stopped at once with its one line and exit 2, never retried
 
 Recovery (``decide``): finished stops; preempted and time_limit requeue; hang, node_failure and crash
 requeue, from the newest complete checkpoint, unless the same failure (same class, same exception
@@ -45,11 +47,21 @@ FAULT_CLASSES = (
     "node_failure",
     "crash",
     "suspected_bug",
+    "bad_data",
 )
 FAILURES = ("hang", "node_failure", "crash")  # the classes the retry rules count
 FAILURES_DIR = "failures"  # in run_dir: failures/<launch id>/rank<N>.json, written by a failing rank
 VERDICT_FILE = "hang_verdict.json"  # in run_dir/failures/<launch id>/: the watchdog's finding
 HANGS_DIR = "hangs"  # in run_dir: hangs/<launch id>/, the stacks of every rank the watchdog dumped
+BAD_DATA = "bad data"  # starts a bad-data stop's line after "error: ", the same from a rank and from the launcher
+EXIT_BAD_DATA = 2  # a bad-data stop's exit status, a rank's and the run's: the input's fault, as a refused config
+
+
+class BadData(Exception):
+    """Input that no retry fixes (a token id outside the model's vocabulary), raised in a rank with a
+    one-line message naming the file, the place and the fix. The rank records it as its failure
+    (engine/failure_evidence.py), prints ``error: bad data: <message>`` and exits EXIT_BAD_DATA."""
+
 
 # Signals that kill a process the way a failing machine does (the kernel's OOM killer and a node
 # agent send SIGKILL; a bad memory page gives SIGBUS). SIGSEGV and SIGABRT are left to the repeat
@@ -215,6 +227,9 @@ def classify(end: LaunchEnd) -> Fault:
     """The launch's fault class and what it points at (rules in the module docstring)."""
     if end.finished:
         return Fault("finished", "finished")
+    bad = next((f for f in end.rank_failures if f.exception == BadData.__name__), None)
+    if bad is not None:  # the cause whatever else failed after it (its peers, blocked in a collective)
+        return Fault("bad_data", BAD_DATA, nodes=(bad.node,), ranks=(bad.rank,), detail=bad.message)
     if end.verdict:
         stuck = end.verdict.get("stuck") or []
         phase = end.verdict.get("phase", "?")
@@ -302,6 +317,8 @@ def decide(
         return Decision(True, fault.kind, 0, f"{fault.kind}: {verb} to resume from iteration {end.end_iteration}")
     if fault.kind == "suspected_bug":
         return Decision(False, "suspected_bug", 3, f"suspected bug: {fault.detail}")
+    if fault.kind == "bad_data":
+        return Decision(False, "bad_data", EXIT_BAD_DATA, f"{BAD_DATA}: {fault.detail}")
     if fault.kind not in FAILURES:
         raise ValueError(f"decide() does not handle {fault.kind}: run/recovery.py does")
     k = int(resilience.max_same_failure)

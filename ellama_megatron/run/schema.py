@@ -234,6 +234,7 @@ INJECTED_LOSS_KINDS = ("nan", "spike")  # tests: what resilience.inject_loss_at 
 class ResilienceConfig:
     rerun_mode: str = MISSING  # one of RERUN_MODES
     check_nan: bool = MISSING  # NaN/Inf in the loss and in the gradients
+    check_token_ids: bool = MISSING  # every micro-batch's ids against the vocabulary (engine/token_ids.py)
     spike_factor: float | None = MISSING  # a loss this many times the reference is rejected; None = off
     spike_window: int = MISSING  # the reference: the largest of the run's first this-many accepted micro-batch losses
     spike_policy: str = MISSING  # one of SPIKE_POLICIES
