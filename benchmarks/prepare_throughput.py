@@ -94,15 +94,15 @@ def datatrove_tokenizer_run(corpus: str, tok: str, out: str) -> None:
     from datatrove.pipeline.tokens.megatron_tokenizer import MegatronDocumentTokenizer
 
     from ellama_megatron.data.pipeline import ReadRecords, SerializeRecords, TaskLedger
-    from ellama_megatron.data.preprocess import PreprocessOptions, plan_preprocess
+    from ellama_megatron.data.preprocess import PreprocessOptions, check_inputs
     from ellama_megatron.data.serializers import RecordSerializer, load_template
 
     opts = PreprocessOptions([corpus], out, tok, RecordSerializer(load_template("plain")), progress=False)
-    plan = plan_preprocess(opts, check_outputs=False)
+    checked = check_inputs(opts, check_outputs=False)
     ledger = TaskLedger()
     pipeline = [
-        ReadRecords([plan.units], ledger, False),
-        SerializeRecords(plan.job, ledger),
+        ReadRecords([checked.units], ledger, False),
+        SerializeRecords(checked.job, ledger),
         MegatronDocumentTokenizer(
             out, tokenizer_name_or_path=str(Path(tok) / "tokenizer.json"), eos_token="<|end_of_text|>", batch_size=1000
         ),

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from ellama_megatron.data.readers import InputError, check_readable, expand_inputs, plan_units, read_records, read_unit
+from ellama_megatron.data.readers import (
+    InputError,
+    check_readable,
+    expand_inputs,
+    read_records,
+    read_unit,
+    split_into_units,
+)
 
 RECORDS = [{"id": i, "text": f"document number {i} " + "x" * (i % 7), "language": "en"} for i in range(50)]
 
@@ -45,7 +52,7 @@ def test_every_format_reads_the_same_records(tmp_path):
 
 def test_parquet_row_groups_are_shards_with_true_row_numbers(tmp_path):
     path = _write_all_formats(tmp_path)["parquet"]
-    units = plan_units([path], shard_bytes=1)  # one unit per row group
+    units = split_into_units([path], shard_bytes=1)  # one unit per row group
     assert len(units) == 8  # 50 rows / 7 per group
     rows = [r for u in units for r in read_unit(u)]
     assert [r.record for r in rows] == RECORDS
@@ -56,7 +63,7 @@ def test_parquet_row_groups_are_shards_with_true_row_numbers(tmp_path):
 def test_jsonl_byte_shards_cover_each_line_once(tmp_path, shard_bytes):
     path = tmp_path / "a.jsonl"
     path.write_bytes(_jsonl_bytes(RECORDS))
-    units = plan_units([path], shard_bytes=shard_bytes)
+    units = split_into_units([path], shard_bytes=shard_bytes)
     rows = [r for u in units for r in read_unit(u)]
     assert [r.record for r in rows] == RECORDS
     assert [r.location for r in rows] == [f"line {i + 1}" for i in range(50)]

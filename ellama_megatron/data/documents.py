@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ellama_megatron.data.readers import expand_inputs, plan_units, read_unit
+from ellama_megatron.data.readers import expand_inputs, read_unit, split_into_units
 from ellama_megatron.data.serializers import MissingField, Template, load_template, serialize
 
 
@@ -32,7 +32,7 @@ def iter_documents(
 ) -> Iterator[tuple[dict, str]]:
     """(record, text) for every usable record of ``inputs``; unusable ones are counted and skipped."""
     counts = counts if counts is not None else ReadCounts()
-    for unit in plan_units(expand_inputs(inputs)):
+    for unit in split_into_units(expand_inputs(inputs)):
         for raw in read_unit(unit):
             where = f"{raw.path} {raw.location}"
             if raw.record is None:

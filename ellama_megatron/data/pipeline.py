@@ -44,11 +44,11 @@ from ellama_megatron.data.indexed_writer import SPLITS, Batch, PartWriter, Split
 from ellama_megatron.data.manifest import MANIFEST_FORMAT, file_sha256, manifest_path, output_files, read_manifest
 from ellama_megatron.data.preprocess import (
     MAX_EXAMPLES,
+    CheckedInputs,
     PreprocessOptions,
-    PreprocessPlan,
+    check_inputs,
     finalize_outputs,
     no_document_error,
-    plan_preprocess,
 )
 from ellama_megatron.data.readers import InputError, WorkUnit, read_unit
 from ellama_megatron.formats.atomic import write_json_atomic
@@ -169,12 +169,12 @@ class WriteIndexedDatasets(PipelineStep):
     name = "Megatron indexed datasets"
     type = "🔢 - TOKENIZER"
 
-    def __init__(self, opts: PreprocessOptions, plan: PreprocessPlan, ledger: TaskLedger, threads: int | None = None):
+    def __init__(self, opts: PreprocessOptions, checked: CheckedInputs, ledger: TaskLedger, threads: int | None = None):
         super().__init__()
         # The classifier is loaded by the filter step inside the task; it need not travel with this one.
-        self.opts, self.plan, self.ledger, self.threads = (
+        self.opts, self.checked, self.ledger, self.threads = (
             opts,
-            dataclasses.replace(plan, classifier=None),
+            dataclasses.replace(checked, classifier=None),
             ledger,
             threads,
         )
@@ -185,13 +185,13 @@ class WriteIndexedDatasets(PipelineStep):
         self.ledger.reset()
         if self.threads:  # tasks sharing a machine share its cores (before the tokenizer's pool starts)
             os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))
-        indexed_writer.install_tokenizer(self.plan.tok.backend_json)
+        indexed_writer.install_tokenizer(self.checked.tok.backend_json)
         out_prefix = Path(task_prefix(self.opts.output_prefix, rank, world_size))
         tmp = out_prefix.with_name(f".{out_prefix.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # a killed attempt's partial output: start over
         tmp.mkdir(parents=True)
         fail = os.environ.get(FAIL_TASK_ENV) == str(rank)
-        job = self.plan.job
+        job = self.checked.job
         # Checksums of the files whose first unit this task reads, on a thread beside tokenization.
         with ThreadPoolExecutor(1) as hasher:
             checksums: dict = {}
@@ -226,7 +226,7 @@ class WriteIndexedDatasets(PipelineStep):
         totals = self.ledger.totals
         finalize_outputs(
             self.opts,
-            self.plan,
+            self.checked,
             out_prefix,
             tmp,
             [str(tmp / "part")],
@@ -244,13 +244,16 @@ class WriteIndexedDatasets(PipelineStep):
         yield  # a generator that yields nothing: the last step
 
 
-def build_pipeline(opts: PreprocessOptions, plan: PreprocessPlan, tasks: int, threads: int | None = None) -> list:
-    """The datatrove pipeline of ``opts`` over ``tasks`` tasks (``plan`` from plan_preprocess)."""
+def build_pipeline(opts: PreprocessOptions, checked: CheckedInputs, tasks: int, threads: int | None = None) -> list:
+    """The datatrove pipeline of ``opts`` over ``tasks`` tasks (``checked`` from check_inputs)."""
     ledger = TaskLedger()
-    steps = [ReadRecords(assign_units(plan.units, tasks), ledger, opts.strict), SerializeRecords(plan.job, ledger)]
-    if plan.threshold is not None:
-        steps.append(DomainFilterStep(str(opts.domain_filter), plan.threshold, ledger, opts.batch_docs))
-    steps.append(WriteIndexedDatasets(opts, plan, ledger, threads))
+    steps = [
+        ReadRecords(assign_units(checked.units, tasks), ledger, opts.strict),
+        SerializeRecords(checked.job, ledger),
+    ]
+    if checked.threshold is not None:
+        steps.append(DomainFilterStep(str(opts.domain_filter), checked.threshold, ledger, opts.batch_docs))
+    steps.append(WriteIndexedDatasets(opts, checked, ledger, threads))
     return steps
 
 
@@ -365,7 +368,7 @@ def run_dir(output_prefix: str | Path, settings: ExecutorSettings) -> Path:
 RUN_OPTIONS_FILE = "options.json"  # in the run folder: what a rerun must match to resume
 
 
-def _run_options(opts: PreprocessOptions, plan: PreprocessPlan, tasks: int) -> dict:
+def _run_options(opts: PreprocessOptions, checked: CheckedInputs, tasks: int) -> dict:
     """What decides the outputs: a rerun with other values would mix two datasets."""
     options = dataclasses.asdict(opts)
     for k in ("workers", "progress", "overwrite", "strict", "allow_empty"):  # how it runs, not what it writes
@@ -375,8 +378,8 @@ def _run_options(opts: PreprocessOptions, plan: PreprocessPlan, tasks: int) -> d
             {
                 "tasks": tasks,
                 "options": options,
-                "tokenizer_json_sha256": plan.tok.sha256,
-                "inputs": [[str(f), os.path.getsize(f)] for f in plan.files],
+                "tokenizer_json_sha256": checked.tok.sha256,
+                "inputs": [[str(f), os.path.getsize(f)] for f in checked.files],
             },
             default=str,
         )
@@ -427,8 +430,8 @@ def prepare(opts: PreprocessOptions, settings: ExecutorSettings) -> dict | None:
     rdir = run_dir(out, settings)
     if opts.overwrite:
         _remove_outputs(out, rdir)
-    plan = plan_preprocess(opts, parallel=settings.tasks, check_outputs=False)
-    recorded = _run_options(opts, plan, settings.tasks)
+    checked = check_inputs(opts, parallel=settings.tasks, check_outputs=False)
+    recorded = _run_options(opts, checked, settings.tasks)
     _resume_check(opts, rdir, recorded)
     rdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(rdir / RUN_OPTIONS_FILE, recorded)
@@ -438,7 +441,7 @@ def prepare(opts: PreprocessOptions, settings: ExecutorSettings) -> dict | None:
         workers = min(opts.workers, settings.tasks)
         threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
         executor = LocalPipelineExecutor(
-            build_pipeline(opts, plan, settings.tasks, threads),
+            build_pipeline(opts, checked, settings.tasks, threads),
             tasks=settings.tasks,
             workers=workers,
             logging_dir=str(rdir),
@@ -452,7 +455,7 @@ def prepare(opts: PreprocessOptions, settings: ExecutorSettings) -> dict | None:
                 "rerun the same command to resume"
             ) from e
         return finish(opts, settings)
-    executor = _slurm_executor(build_pipeline(opts, plan, settings.tasks), settings, rdir)
+    executor = _slurm_executor(build_pipeline(opts, checked, settings.tasks), settings, rdir)
     executor.run()
     if executor.job_id == -1:  # every task was complete
         return finish(opts, settings)

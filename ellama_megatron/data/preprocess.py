@@ -32,7 +32,14 @@ from ellama_megatron.data.manifest import (
     output_files,
     split_prefix,
 )
-from ellama_megatron.data.readers import InputError, WorkUnit, check_readable, expand_inputs, plan_units, read_unit
+from ellama_megatron.data.readers import (
+    InputError,
+    WorkUnit,
+    check_readable,
+    expand_inputs,
+    read_unit,
+    split_into_units,
+)
 from ellama_megatron.data.serializers import MissingField, RecordSerializer, serialize
 from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.atomic import write_json_atomic
@@ -173,7 +180,7 @@ def domain_filter_manifest(opts: PreprocessOptions, threshold: float, parts) -> 
     return {"model": str(opts.domain_filter), "model_sha256": file_sha256(meta), **stats.to_dict()}
 
 
-def _worker_pool(plan: PreprocessPlan, workers: int):
+def _worker_pool(checked: CheckedInputs, workers: int):
     """The worker processes of ``workers`` > 1 (None for 1: units are encoded in this process).
 
     Forked, so each inherits the Rust tokenizer this process built for its checks (building Llama
@@ -189,7 +196,9 @@ def _worker_pool(plan: PreprocessPlan, workers: int):
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     fork = threading.active_count() == 1 and not indexed_writer.batch_encoded()
     return multiprocessing.get_context("fork" if fork else "spawn").Pool(
-        workers, initializer=indexed_writer.worker_init, initargs=(plan.tok.backend_json, threads, plan.classifier)
+        workers,
+        initializer=indexed_writer.worker_init,
+        initargs=(checked.tok.backend_json, threads, checked.classifier),
     )
 
 
@@ -249,7 +258,7 @@ def _run_units(job: EncodeJob, units, tmp_dir: str, tokenizer_json: str, pool, p
 
 
 @dataclass
-class PreprocessPlan:
+class CheckedInputs:
     """What the checks found, before any tokenization: shared by preprocess() and the datatrove
     pipeline (data/pipeline.py)."""
 
@@ -262,7 +271,7 @@ class PreprocessPlan:
     threshold: float | None
 
 
-def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_outputs: bool = True) -> PreprocessPlan:
+def check_inputs(opts: PreprocessOptions, parallel: int | None = None, check_outputs: bool = True) -> CheckedInputs:
     """Every check that can fail cheaply (options, outputs, tokenizer, inputs readable, template fits
     the data, classifier), and the inputs cut into work units for ``parallel`` readers (default
     --workers). InputError (or the tokenizer's and BOS/EOD's errors) naming the option and the fix."""
@@ -291,7 +300,7 @@ def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_
             f"--input {' '.join(map(str, files))}: empty (0 bytes); nothing to preprocess. "
             "Check the path, or pass --allow-empty to write a 0-document dataset"
         )
-    units = plan_units(files, shard_bytes=shard)
+    units = split_into_units(files, shard_bytes=shard)
     _preflight(units, opts.serializer)
     classifier, threshold = _load_domain_filter(opts)
     job = EncodeJob(
@@ -306,12 +315,12 @@ def plan_preprocess(opts: PreprocessOptions, parallel: int | None = None, check_
         specials.prepend_bos,
         opts.max_doc_chars,
     )
-    return PreprocessPlan(tok, specials, files, units, job, classifier, threshold)
+    return CheckedInputs(tok, specials, files, units, job, classifier, threshold)
 
 
 def build_manifest(
     opts: PreprocessOptions,
-    plan: PreprocessPlan,
+    checked: CheckedInputs,
     splits: dict,
     inputs: list[dict],
     skipped: Counter,
@@ -330,8 +339,8 @@ def build_manifest(
         "split_by": f"id:{opts.serializer.id_key}" if opts.serializer.id_key else "text",
         "template": opts.serializer.template.to_dict(),
         "language_key": opts.serializer.language_key,
-        "tokenizer": plan.tok.identity(),
-        "documents": plan.specials.manifest(),  # the BOS and EOD really written around every document
+        "tokenizer": checked.tok.identity(),
+        "documents": checked.specials.manifest(),  # the BOS and EOD really written around every document
         "inputs": inputs,
         "records": sum(i["records"] for i in inputs),
         "skipped": {"count": sum(skipped.values()), "by_reason": dict(skipped.most_common()), "examples": examples},
@@ -352,7 +361,7 @@ def no_document_error(files, records: int, skipped: Counter) -> InputError:
 
 def finalize_outputs(
     opts: PreprocessOptions,
-    plan: PreprocessPlan,
+    checked: CheckedInputs,
     out_prefix: Path,
     work_dir: Path,
     parts: list[str],
@@ -381,7 +390,7 @@ def finalize_outputs(
         raise no_document_error(list(records_per_file), sum(records_per_file.values()), skipped)
     written = [s for s in SPLITS if s == "train" or splits[s].documents > 0]
     for s in written:
-        merge_parts([f"{p}_{s}" for p in parts], str(work_dir / s), plan.job.dtype)
+        merge_parts([f"{p}_{s}" for p in parts], str(work_dir / s), checked.job.dtype)
     # From here on the outputs change: old ones (when overwriting) go first, manifest first, so an
     # interruption never leaves a manifest describing datasets it does not match.
     for p in output_files(out_prefix):
@@ -389,12 +398,12 @@ def finalize_outputs(
     for s in written:
         indexed_dataset.replace(work_dir / s, split_prefix(out_prefix, s))
     domain_filter = None
-    if plan.threshold is not None:
+    if checked.threshold is not None:
         filtered = [r.domain_filter for r in results if r.domain_filter is not None]
-        domain_filter = domain_filter_manifest(opts, plan.threshold, filtered)
+        domain_filter = domain_filter_manifest(opts, checked.threshold, filtered)
     manifest = build_manifest(
         opts,
-        plan,
+        checked,
         splits={s: {"prefix": Path(split_prefix(out_prefix, s)).name, **splits[s].to_dict()} for s in written},
         inputs=[
             {"path": path, "bytes": os.path.getsize(path), "sha256": digests.get(path), "records": n}
@@ -413,20 +422,20 @@ def finalize_outputs(
 def preprocess(opts: PreprocessOptions) -> dict:
     """Run the whole pipeline; returns the manifest (also written to ``<prefix>.manifest.json``)."""
     start = time.time()
-    plan = plan_preprocess(opts)
-    files, job = plan.files, plan.job
+    checked = check_inputs(opts)
+    files, job = checked.files, checked.job
     out_prefix = Path(opts.output_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     for folder in remove_stale_temp_folders(out_prefix):
         print(f"removed {folder}: temporary folder of an earlier run on this prefix that died", file=sys.stderr)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out_prefix.name}.tmp-", dir=out_prefix.parent)
-    pool = _worker_pool(plan, opts.workers)
+    pool = _worker_pool(checked, opts.workers)
     try:
         Path(tmp_dir, OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}\n")
         with ThreadPoolExecutor(1) as hasher:  # checksums overlap with tokenization
             digests = hasher.map(file_sha256, files)
             parts, results = _run_units(
-                job, plan.units, tmp_dir, plan.tok.backend_json, pool, opts.progress, plan.classifier
+                job, checked.units, tmp_dir, checked.tok.backend_json, pool, opts.progress, checked.classifier
             )
             checksums = list(digests)
         records: Counter = Counter()
@@ -434,7 +443,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
             records[r.unit.path] += r.records
         return finalize_outputs(
             opts,
-            plan,
+            checked,
             out_prefix,
             Path(tmp_dir),
             parts,

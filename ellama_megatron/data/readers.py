@@ -144,7 +144,7 @@ def open_text_stream(path: Path | str, kind: str):
     return open(path, "rb")
 
 
-def plan_units(files: list[Path], shard_bytes: int = 64 << 20) -> list[WorkUnit]:
+def split_into_units(files: list[Path], shard_bytes: int = 64 << 20) -> list[WorkUnit]:
     """Cut files into work units of about ``shard_bytes``: large inputs are read in parallel."""
     units: list[WorkUnit] = []
     for path in files:
@@ -331,5 +331,5 @@ def read_unit(unit: WorkUnit) -> Iterator[RawRecord]:
 
 def read_records(inputs: list[str]) -> Iterator[RawRecord]:
     """All records of all inputs in order (single process; for previews and tests)."""
-    for unit in plan_units(expand_inputs(inputs)):
+    for unit in split_into_units(expand_inputs(inputs)):
         yield from read_unit(unit)
