@@ -14,17 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, composed
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.train_log import parse_train_log
 
-REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
 ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10", "--alpha", "0.5"]
 STAGES = 10
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
+# The demo's jobs go to the local Slurm when it runs: with the Slurm tests, on one worker (conftest.py).
+pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def run_demo(out: Path, launcher: str = "direct") -> subprocess.CompletedProcess:
@@ -211,13 +213,10 @@ def test_iteration_budgets_come_from_the_run_plan_with_the_overrides():
     tokens per step, as RunPlan computes them, also when an override changes the batch."""
     from demo.runner import DemoError
     from demo.training import TINY, tokens_per_iteration
-    from hydra import compose, initialize_config_dir
 
-    from ellama_megatron import CONF_DIR
     from ellama_megatron.run.plan import RunPlan
 
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[*TINY, "data=demo"])
+    cfg = composed(*TINY, "data=demo")
     assert (
         tokens_per_iteration([])
         == RunPlan.from_cfg(cfg).tokens_per_step
@@ -265,9 +264,7 @@ def test_real_text_corpora_and_blends(tmp_path):
     from demo.runner import DemoError, DemoOptions
     from demo.stages import Demo, corpora
     from demo.training import TINY
-    from hydra import compose, initialize_config_dir
 
-    from ellama_megatron import CONF_DIR
     from ellama_megatron.testing.real_prose import licence_paragraphs, python_reference_records, python_source_records
     from ellama_megatron.testing.slurm import LocalSlurm
 
@@ -288,8 +285,7 @@ def test_real_text_corpora_and_blends(tmp_path):
         general = records(files["general_prose"])
         assert [r["text"] for r in general] == prose and len({r["id"] for r in general}) == len(general)
         assert all(c.valid_fraction > 0 for c in demo.corpora.values())  # each validated on its own held-out part
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
-            cfg = compose("config", overrides=[*TINY, f"data={demo.data_config}", f"data.root={demo.data_dir}"])
+        cfg = composed(*TINY, f"data={demo.data_config}", f"data.root={demo.data_dir}")
         assert sorted(cfg.data.groups) == sorted(demo.domains)
         manifests = [m for g in cfg.data.groups.values() for s in g.sources.values() for m in s.manifests]
         assert sorted(manifests) == sorted(f"{demo.data_dir}/{n}.manifest.json" for n in names)

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
 STAGES = 8  # corpora, model, preprocess, import, plan_blend, cpt (exports on finish), merge_curve, report
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, call_tool
 
 from ellama_megatron.data.serializers import load_template, serialize
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
-REPO = Path(__file__).resolve().parent.parent
 NUM_TOKENS = 40
 
 
@@ -228,22 +228,16 @@ def test_llama3_layout_and_tied_embeddings(tmp_path):
 
 def test_bad_input_fails_before_work(tmp_path):
     (tmp_path / "base").mkdir()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "tools/extend_vocab.py",
-            "--hf-dir",
-            str(tmp_path / "base"),
-            "--corpus",
-            str(tmp_path / "c.jsonl"),
-            "--num-tokens",
-            "3",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    r = call_tool(
+        "tools/extend_vocab.py",
+        "--hf-dir",
+        tmp_path / "base",
+        "--corpus",
+        tmp_path / "c.jsonl",
+        "--num-tokens",
+        "3",
+        "--out",
+        tmp_path / "o",
     )
     assert r.returncode != 0 and "tokenizer.json" in r.stderr
     assert not (tmp_path / "o").exists()

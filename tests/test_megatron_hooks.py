@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from ellama_megatron.engine.megatron_hooks import HOOKS
 
-REPO = Path(__file__).resolve().parent.parent
 # The three modules allowed to replace attributes of Megatron's modules, each with its pinned list.
 SEAMS = {
     "ellama_megatron/engine/megatron_hooks.py",  # the training loop (HOOKS)
