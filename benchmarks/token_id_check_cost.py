@@ -7,13 +7,12 @@ slower minute of the machine falls on both settings. Run by hand; results go to 
 
 Each launch is recipes/cpt.py on the tiny model (2 CPU ranks, 8 x 128 tokens per step) over two
 synthetic prefixes written here with Megatron's IndexedDatasetBuilder (formats/indexed_dataset.py),
-every iteration logged, the order of the two settings alternating from one repeat to the next. The figures are the median and
-the 10th percentile of Megatron's own "elapsed time per iteration" over a launch's iterations after
-the first 10 (start-up), then the median over the launches of a setting (on a machine other jobs
-load, a launch's median moves with them; its fastest tenth much less). What the check adds per
-micro-batch (one max per tensor on the host, a sample's number carried through the data loader)
-does not grow with the model: the tiny model is its worst case.
-"""
+every iteration logged, the order of the two settings alternating from one repeat to the next. The
+figures are the median and the 10th percentile of Megatron's own "elapsed time per iteration" over a
+launch's iterations after the first 10 (start-up), then the median over the launches of a setting
+(on a machine other jobs load, a launch's median moves with them; its fastest tenth much less). What
+the check adds per micro-batch (one max per tensor on the host, a sample's number carried through
+the data loader) does not grow with the model: the tiny model is its worst case. """
 
 from __future__ import annotations
 
