@@ -12,7 +12,7 @@ figures are the median and the 10th percentile of Megatron's own "elapsed time p
 launch's iterations after the first 10 (start-up), then the median over the launches of a setting
 (on a machine other jobs load, a launch's median moves with them; its fastest tenth much less). What
 the check adds per micro-batch (one max per tensor on the host, a sample's number carried through
-the data loader) does not grow with the model: the tiny model is its worst case. """
+the data loader) does not grow with the model: the tiny model is its worst case."""
 
 from __future__ import annotations
 
