@@ -6,14 +6,13 @@ slower minute of the machine falls on both settings. Run by hand; results go to 
     python benchmarks/token_id_check_cost.py --iters 200 --repeats 3
 
 Each launch is recipes/cpt.py on the tiny model (2 CPU ranks, 8 x 128 tokens per step) over two
-synthetic prefixes written here with Megatron's IndexedDatasetBuilder, every iteration logged, the
-order of the two settings alternating from one repeat to the next. The figures are the median and
-the 10th percentile of Megatron's own "elapsed time per iteration" over a launch's iterations after
-the first 10 (start-up), then the median over the launches of a setting (on a machine other jobs
-load, a launch's median moves with them; its fastest tenth much less). What the check adds per
-micro-batch (one max per tensor on the host, a sample's number carried through the data loader)
-does not grow with the model: the tiny model is its worst case.
-"""
+synthetic prefixes written here with Megatron's IndexedDatasetBuilder (formats/indexed_dataset.py),
+every iteration logged, the order of the two settings alternating from one repeat to the next. The
+figures are the median and the 10th percentile of Megatron's own "elapsed time per iteration" over a
+launch's iterations after the first 10 (start-up), then the median over the launches of a setting
+(on a machine other jobs load, a launch's median moves with them; its fastest tenth much less). What
+the check adds per micro-batch (one max per tensor on the host, a sample's number carried through
+the data loader) does not grow with the model: the tiny model is its worst case."""
 
 from __future__ import annotations
 
@@ -46,18 +45,18 @@ SHAPES = {"tiny run (2 x 128)": (2, 128), "8B run (1 x 8192)": (1, 8192)}
 
 def write_data(folder: Path) -> dict[str, str]:
     """Two prefixes of 2000 documents each (ids 4..499, EOD 2), as another tool would write them."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ellama_megatron.formats import indexed_dataset
 
     rng = np.random.default_rng(0)
     prefixes = {}
     for name in ("general", "ecommerce"):
         for split, docs in (("train", 2000), ("valid", 40)):
             prefix = folder / f"{name}_{split}"
-            builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-            for _ in range(docs):
-                doc = rng.integers(4, 500, size=int(rng.integers(20, 400)), dtype=np.int32)
-                builder.add_document(np.append(doc, np.int32(2)), [len(doc) + 1])
-            builder.finalize(f"{prefix}.idx")
+            documents = [
+                np.append(rng.integers(4, 500, size=int(rng.integers(20, 400)), dtype=np.int32), np.int32(2))
+                for _ in range(docs)
+            ]
+            indexed_dataset.write_documents(prefix, documents, np.int32)
             prefixes[f"{name}_{split}"] = str(prefix)
     return prefixes
 

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         default=None,
         help="the tiny demo's general text: synthetic sentences (default), or real prose (Debian's and "
         "Python's licences and the Python reference, a tenth held out), which a tiny model cannot "
-        "memorise: the base of the mix sweep (docs/data.md)",
+        "memorise: the base of the mix sweep (docs/sweeps.md)",
     )
     parser.add_argument(
         "--domain",
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         default=None,
         help="the tiny demo's domain: synthetic e-commerce listings and reviews (default), or Python's "
         "own source code (real text; with --general prose; --docs counts its records): the mix "
-        "sweep's proxy, whose losses the D-CPT law fits (docs/data.md)",
+        "sweep's proxy, whose losses the D-CPT law fits (docs/sweeps.md)",
     )
     parser.add_argument("--docs", type=int, default=None, help=f"documents per demo corpus ({default('docs')})")
     parser.add_argument(

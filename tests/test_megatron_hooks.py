@@ -153,3 +153,25 @@ dist.destroy_process_group()
         assert float(line.split()[-1]) == pytest.approx(1.5, abs=0.2)  # 150 ms over the median 100 ms
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(e["kind"], e["rank"], e["iteration"]) for e in events] == [("straggler", 1, 2)]  # once per streak
+
+
+@pytest.mark.slow
+def test_the_hooks_in_a_real_run(domain_data, tmp_path):
+    """Two CPU ranks, 4 iterations: validation at iteration 0, our lines at each log interval, rank
+    0's timeline of the launch, and no heartbeat folder left behind."""
+    from conftest import run_cpt
+
+    from ellama_megatron.formats.timeline import read_timelines
+
+    run_dir = tmp_path / "run"
+    proc, log = run_cpt(run_dir, domain_data, "train.eval_at_start=true", "train.train_tokens=4096")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(log.valid_loss["general"]) == {0, 4} and set(log.valid_loss["ecommerce"]) == {0, 4}
+    assert sorted(log.tokens_per_second) == [2, 3, 4] and sorted(log.stragglers) == [1, 2, 3, 4]
+    assert {r.rank for r in log.stragglers.values()} <= {0, 1}
+    ((launch, events),) = read_timelines(run_dir).items()
+    kinds = [e.event for e in events]
+    assert kinds[:2] == ["start", "train_start"] and kinds[-1] == "done"
+    assert [e.iteration for e in events if e.event == "step"] == [1, 2, 3, 4]
+    assert kinds.count("eval_start") == kinds.count("eval_end") == 2 * 2  # two domains at iteration 0 and at the end
+    assert not list(Path("/dev/shm").glob(f"ellama-heartbeats-*-{launch}"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from ellama_megatron.formats.train_log import parse_train_log
+from ellama_megatron.formats.train_log import parse_train_log, requeues
 from ellama_megatron.testing.slurm import SBATCH_CPU
 
 # Periodic validation included: each evaluation is one full pass over whole DP steps, so a resumed
@@ -95,9 +95,9 @@ def test_preemption_checkpoints_requeues_and_resumes_to_same_loss(slurm_cluster,
     log = out.read_text()
     assert state["Restarts"] == "1", log[-3000:]
     assert "got SIGUSR1" in log
-    saved = re.search(r"requeueing job \d+ \(restart 1\) to resume from iteration (\d+)", log)
-    assert saved, log[-3000:]
-    iteration = int(saved.group(1))
+    requeued = requeues(log)
+    assert [r for r, _ in requeued] == [1], log[-3000:]
+    iteration = requeued[0][1]
     assert 7 <= iteration < ITERS
     second = log[log.index("restart 1:") :]
     assert f"from checkpoint iteration {iteration}" in second

@@ -20,6 +20,7 @@ from conftest import REPO, TINY_RUN, data_overrides, run_cpt, write_domain_datas
 
 from ellama_megatron.data.vocabulary_check import SAMPLED_DOCUMENTS, sampled_out_of_vocabulary
 from ellama_megatron.engine.token_ids import SampleOrigins, TokenIdCheck
+from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.indexed_dataset import read_documents
 from ellama_megatron.run.checks import check_data_matches_model
 from ellama_megatron.run.faults import EXIT_BAD_DATA, BadData, LaunchEnd, RankFailure, classify, decide
@@ -32,10 +33,9 @@ SAMPLED = {int(i) for i in np.linspace(0, DOCS - 1, SAMPLED_DOCUMENTS)}
 def write_dataset(prefix: Path, bad: set[int] = frozenset(), dtype=np.int32, docs: int = DOCS) -> list[np.ndarray]:
     """``docs`` documents with Megatron's IndexedDatasetBuilder (no manifest); document d of ``bad``
     holds id VOCAB + d, so a refusal's id names its document."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(len(bad))
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    builder = indexed_dataset.builder(prefix, dtype)
     written = []
     for d in range(docs):
         doc = np.array([int(rng.integers(4, 190)) for _ in range(int(rng.integers(20, 200)))] + [2], dtype=dtype)
@@ -43,7 +43,7 @@ def write_dataset(prefix: Path, bad: set[int] = frozenset(), dtype=np.int32, doc
             doc[5] = VOCAB + d
         builder.add_document(doc, [len(doc)])
         written.append(doc)
-    builder.finalize(f"{prefix}.idx")
+    indexed_dataset.finalize(builder, prefix)
     return written
 
 
@@ -87,8 +87,8 @@ def test_a_bad_first_or_last_document_is_refused_before_the_launch(tmp_path, bad
 def test_the_sample_passes_over_the_middle_and_names_an_unreadable_pair(tmp_path):
     write_dataset(tmp_path / "mid", middle_bad())
     assert sampled_out_of_vocabulary(str(tmp_path / "mid"), VOCAB) is None
-    idx = (tmp_path / "mid.idx").read_bytes()
-    (tmp_path / "mid.idx").write_bytes(idx[: len(idx) // 2])
+    idx = indexed_dataset.idx_path(tmp_path / "mid")
+    idx.write_bytes(idx.read_bytes()[: idx.stat().st_size // 2])
     refusal = sampled_out_of_vocabulary(str(tmp_path / "mid"), VOCAB)
     assert refusal.startswith(f"{tmp_path / 'mid'}: unreadable indexed dataset (") and "cut short" in refusal
 

@@ -157,20 +157,9 @@ def install(hooks: LoopHooks) -> None:
     by_name = {h.attribute: h for h in HOOKS}
 
     def train(original):
-        def wrapper(
-            forward_step_func,
-            model,
-            optimizer,
-            opt_param_scheduler,
-            train_data_iterator,
-            valid_data_iterator,
-            process_non_loss_data_func,
-            config,
-            checkpointing_context,
-            non_loss_data_func,
-            *args,
-            **kwargs,
-        ):
+        def wrapper(*args, **kwargs):
+            # Megatron's loop calls train with its ten leading arguments by position (HOOKS pins them).
+            a = dict(zip(by_name["train"].parameters, args))
             megatron_args = training.get_args()
             hooks._iteration = megatron_args.iteration
             hooks.mark("train_start")
@@ -179,39 +168,26 @@ def install(hooks: LoopHooks) -> None:
                 hooks.eval_at_start
                 and megatron_args.iteration == 0  # a resumed run validated its start when it first started
                 and megatron_args.do_valid
-                and valid_data_iterator is not None
+                and a["valid_data_iterator"] is not None
             ):
                 # Megatron validates only after a step whose number is a multiple of eval_interval:
                 # the base model's loss, the point a continued-pretraining curve is measured from,
                 # would never show. Its own pass, same iterators, same log line and TensorBoard step 0.
                 training.evaluate_and_print_results(
                     "iteration 0",
-                    forward_step_func,
-                    valid_data_iterator,
-                    model,
+                    a["forward_step_func"],
+                    a["valid_data_iterator"],
+                    a["model"],
                     0,
-                    process_non_loss_data_func,
-                    config,
+                    a["process_non_loss_data_func"],
+                    a["config"],
                     verbose=False,
                     write_to_tensorboard=True,
-                    non_loss_data_func=non_loss_data_func,
+                    non_loss_data_func=a["non_loss_data_func"],
                     pg_collection=kwargs.get("pg_collection"),
                     p2p_communicator=kwargs.get("p2p_communicator"),
                 )
-            return original(
-                forward_step_func,
-                model,
-                optimizer,
-                opt_param_scheduler,
-                train_data_iterator,
-                valid_data_iterator,
-                process_non_loss_data_func,
-                config,
-                checkpointing_context,
-                non_loss_data_func,
-                *args,
-                **kwargs,
-            )
+            return original(*args, **kwargs)
 
         return wrapper
 

@@ -60,6 +60,18 @@ def job_start_message(job: str, restart: int | str, nodes: int, per_node: int) -
     return f"job {job} restart {restart}: {nodes} nodes x {per_node} ranks"
 
 
+def requeue_message(job: str, restart: int, iteration: int) -> str:
+    return f"requeueing job {job} (restart {restart}) to resume from iteration {iteration}"
+
+
+_REQUEUE = re.compile(r"requeueing job \S+ \(restart (\d+)\) to resume from iteration (\d+)")
+
+
+def requeues(text: str) -> list[tuple[int, int]]:
+    """(restart, iteration it resumes from) of every requeue a job log records."""
+    return [(int(m.group(1)), int(m.group(2))) for m in _REQUEUE.finditer(text)]
+
+
 _JOB_START = re.compile(r"\[launch (\d\d:\d\d:\d\d)\] job (\S+) restart (\d+):")
 
 

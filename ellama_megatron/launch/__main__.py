@@ -4,9 +4,13 @@ python -m ellama_megatron.launch layout SBATCH_FILE
     cluster.nodes=N cluster.procs_per_node=P of the allocation (or of the #SBATCH header)
 python -m ellama_megatron.launch prepare SBATCH_FILE PRESET_OVERRIDE... -- USER_OVERRIDE...
     compose, check and record the job's config; prints shell assignments (ELLAMA_CONFIG, RUN_DIR,
-    NODES, PROCS_PER_NODE, JOB_LOG_DIR, START_ITER, FINISHED); exit 2 when the config is invalid
+    NODES, PROCS_PER_NODE, JOB_LOG_DIR, START_ITER, LAUNCH_ID, HEARTBEAT_DIR, RANK_STDERR,
+    HANG_DETECTION, FINISHED); exit 2 when the config is invalid
 python -m ellama_megatron.launch end-job CONFIG SIGNAL EXIT_CODE START_ITER JOB_LOG_DIR
-    after the ranks: requeue the job when it should go on; exits with the job's exit status
+    after the ranks: classify how they ended (run/faults.py), requeue the job when the run goes on;
+    exits with the job's exit status
+python -m ellama_megatron.launch watchdog CONFIG PROCS_PER_NODE
+    one node's hang watchdog, one task per node beside the ranks' step (launch/watchdog.py)
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ellama_megatron.formats.train_log import job_start_message, launcher_line
+from ellama_megatron.formats.train_log import job_start_message, launcher_line, requeue_message
 from ellama_megatron.launch.finish import export_finished_run
 from ellama_megatron.launch.prepare import CONFIG_FILE, prepare_plan
 from ellama_megatron.launch.run_lock import RunLockedError
@@ -385,7 +385,7 @@ def end_job(
     if not decision.go_on:
         return decision.exit_code
     job_id, restart = env["SLURM_JOB_ID"], int(env.get("SLURM_RESTART_COUNT") or 0)
-    log(f"requeueing job {job_id} (restart {restart + 1}) to resume from iteration {end}")
+    log(requeue_message(job_id, restart + 1, end))
     with open(Path(log_dir) / REQUEUE_LOG, "a") as f:
         f.write(
             f"restart {restart}: {start_iteration} -> {end}, {fault.kind}, signal {signal_name or 'none'}, "

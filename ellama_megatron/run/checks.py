@@ -57,7 +57,7 @@ def check_data_matches_model(blend: dict, model) -> list[str]:
     for prefix in prefixes:
         path = manifest_of_dataset(prefix)
         if path is None:
-            if str(prefix) in seen or not all(Path(f"{prefix}{ext}").exists() for ext in (".bin", ".idx")):
+            if str(prefix) in seen or not indexed_dataset.exists(prefix):
                 continue  # a missing file is check_data's error
             seen.add(str(prefix))
             refusal = sampled_out_of_vocabulary(str(prefix), model.vocab_size)

@@ -72,8 +72,8 @@ ENDED_BY = {
     "done": TEARDOWN,
 }
 UNKNOWN_END = "unknown"  # a launch without an end event
-# Ends a later launch recovers from (a suspected bug stops the run), and those no one planned.
-INTERRUPTIONS = tuple(kind for kind in FAULT_CLASSES if kind not in ("finished", "suspected_bug"))
+# Ends a later launch recovers from (a suspected bug or bad data stops the run), and those no one planned.
+INTERRUPTIONS = tuple(kind for kind in FAULT_CLASSES if kind not in ("finished", "suspected_bug", "bad_data"))
 UNPLANNED = ("rejected_result", *FAILURES)
 # launch/slurm.py's prepare_job, the first line a job (or each requeue of it) writes to its log:
 # "[launch 12:03:44] job 4711 restart 2: 8 nodes x 8 ranks". Time of day only; the date comes from

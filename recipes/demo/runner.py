@@ -17,7 +17,7 @@ from ellama_megatron.formats.atomic import write_json_atomic
 REPO = Path(__file__).resolve().parents[2]
 # --real: SmolLM2-135M on 2 CPU cores. A step of 8 x 128 tokens takes about 8 s; 40 steps at LR 3e-4
 # (a tenth of SmolLM2's pretraining peak, the paper's ratio) lower the e-commerce perplexity clearly
-# within the 15-minute budget (docs/demo.md has the measured run). 300 records per e-commerce corpus
+# within the 15-minute budget (docs/benchmarks.md, "The demo", has the measured run). 300 records per e-commerce corpus
 # keep every source under one epoch at that budget.
 REAL_DEFAULTS = {"docs": 300, "cpt_iters": 40, "cpt_lr": 3e-4, "eval_interval": 10}
 
@@ -49,7 +49,7 @@ class DemoOptions:
     @classmethod
     def defaults(cls, real: bool) -> DemoOptions:
         """The options of the tiny demo, or of the real-model one (--real: SmolLM2 is already a trained
-        model, so there is no base stage; its run's budget and LR are measured in docs/demo.md)."""
+        model, so there is no base stage; its run's budget and LR are measured in docs/benchmarks.md, "The demo")."""
         if not real:
             return cls()
         return cls(

@@ -50,7 +50,7 @@ REAL_CORPORA = {
     "prose_python_reference": Corpus("plain", "general", 0.5),
 }
 # --general prose: the tiny demo with real prose as its general text, replayed and validated on
-# (a tenth held out by id): the mix sweep's proxy (docs/data.md), whose general loss behaves like a
+# (a tenth held out by id): the mix sweep's proxy (docs/sweeps.md), whose general loss behaves like a
 # real model's instead of falling towards a memorised floor.
 PROSE_CORPORA = {
     "listings": CORPORA["listings"],
