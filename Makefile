@@ -26,7 +26,7 @@ TEST_WORKERS ?= 2
 test: setup lint
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS)
 
-# Without the end-to-end runs (about a minute on 2 cores instead of the suite's quarter of an hour),
+# Without the end-to-end runs (about 1.5 minutes on 2 cores where the whole suite takes a quarter of an hour),
 # and without lint, so a change not yet formatted can still be tested; `make lint` checks it.
 test-fast: setup
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not slurm"

@@ -297,11 +297,15 @@ def _unit(item) -> str:
     return "slurm" if _uses_slurm(item) else item.nodeid.split("::")[0]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_itemcollected(item):
+    # Here, not in pytest_collection_modifyitems: xdist's worker turns the groups into test ids in
+    # its own modifyitems, which pluggy calls before a conftest's, tryfirst or not (a module's
+    # tests were split over both workers).
+    if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group(_unit(item)))
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_unit(item)))
     if not hasattr(config, "workerinput"):
         return  # one process: the order of the files
     # Longest first: the Slurm unit, then units with end-to-end (slow) runs, most of them first;

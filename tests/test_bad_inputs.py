@@ -622,7 +622,10 @@ def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, v
     assert "Traceback" not in r.stdout + r.stderr
     assert str(manifest_file) in r.stderr and key in r.stderr
     assert not (run_dir / "config.yaml").exists()
-    # The untouched dataset passes the same check.
+
+
+def test_the_untouched_dataset_passes_the_manifest_check(preprocessed, tmp_path):
+    """The dataset the rows above spoil, as written: the same check lets the dry run through."""
     ok = run(
         "recipes/cpt.py",
         f"run_dir={tmp_path / 'ok'}",

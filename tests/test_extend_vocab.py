@@ -34,28 +34,22 @@ def extended(tmp_path_factory):
     tok_dir = train_tiny_tokenizer(sample_texts(300) + general[:100], root / "tok", vocab_size=512)
     base = write_random_hf_llama(root / "base", load_model_config("tiny"), seed=0, tokenizer_dir=tok_dir)
     out = root / "extended"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "tools/extend_vocab.py",
-            "--hf-dir",
-            str(base),
-            "--corpus",
-            str(corpora["listings"]),
-            "--template",
-            "listing",
-            "--num-tokens",
-            str(NUM_TOKENS),
-            "--out",
-            str(out),
-            "--general",
-            str(corpora["general_en"]),
-            "--heldout-fraction",
-            "0.1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    r = call_tool(
+        "tools/extend_vocab.py",
+        "--hf-dir",
+        base,
+        "--corpus",
+        corpora["listings"],
+        "--template",
+        "listing",
+        "--num-tokens",
+        NUM_TOKENS,
+        "--out",
+        out,
+        "--general",
+        corpora["general_en"],
+        "--heldout-fraction",
+        "0.1",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("done: 40 new tokens")
