@@ -1,6 +1,6 @@
 """tools/fit_mix.py and sweep/mix_*.py: the D-CPT law fitted to a mix sweep recovers a known law and
 its recommended share; on a real tiny-model sweep (tests/data/mix_sweep_tiny: general prose against
-Python source, made by recipes/sweep.py with hydra/sweeper=mix_tiny, docs/data.md) every point held
+Python source, made by recipes/sweep.py with hydra/sweeper=mix_tiny, docs/sweeps.md) every point held
 out of the fit is predicted within 5%; bad tables are refused naming the file and the field."""
 
 from __future__ import annotations
