@@ -16,12 +16,17 @@ demo-real: setup
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
+# Test processes (pytest-xdist): the suite is sized for 2 cores. Each worker imports torch and
+# Megatron (about 1 GB); the end-to-end tests start 2 ranks each, so more workers pay only with more
+# cores. The Slurm tests keep to one worker whatever the number (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 # The whole suite, as CI runs it (starts a local Slurm for the tests that need one); lint first, so
 # a lint error fails CI at once.
 test: setup lint
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS)
 
-# Without the end-to-end runs (seconds instead of minutes), and without lint, so a change not yet
-# formatted can still be tested; `make lint` checks it.
+# Without the end-to-end runs (about 1.5 minutes on 2 cores where the whole suite takes a quarter of an hour),
+# and without lint, so a change not yet formatted can still be tested; `make lint` checks it.
 test-fast: setup
-	.venv/bin/python -m pytest -q -m "not slow and not slurm"
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not slurm"

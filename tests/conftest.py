@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny indexed datasets of two domains, a runner for real training runs, and the
-local Slurm cluster."""
+"""What the tests share: the checkout's path, composed configs, the tools called in this process,
+tiny indexed datasets of two domains, a tiny tokenizer and Hugging Face model, a runner for real
+training runs, and the local Slurm cluster."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -16,6 +20,72 @@ from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.testing.slurm import LocalSlurm, SlurmError
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The paper's 70B run (60 nodes of 8 H100), as the presets compose it.
+PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
+
+
+def composed(*overrides):
+    """ellama_megatron/conf's config with these Hydra overrides, as recipes/cpt.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from ellama_megatron import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+_TOOLS: dict = {}
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, loaded once per test process."""
+    if name not in _TOOLS:
+        spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TOOLS[name] = module
+    return _TOOLS[name]
+
+
+@contextlib.contextmanager
+def _environment(env: dict | None):
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def call_tool(script: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python tools/<name>.py ARGS`` from the checkout's root, run in this process: the tool's main
+    through cli.run_tool as its ``__main__`` calls it, its stdout and stderr captured, ``env`` added
+    to the environment for the call. A subprocess pays the interpreter and the imports of torch,
+    transformers and Megatron again (5-15 s on 2 cores); this pays them once per test process.
+    Each tool's command line itself is still run as a subprocess by at least one test."""
+    from ellama_megatron.cli import run_tool
+
+    argv = [str(a) for a in args]
+    main = load_tool(Path(script).stem).main
+    out, err = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = [script, *argv]  # argparse's prog: the script's name, as on the command line
+    try:
+        with _environment(env), contextlib.chdir(REPO):
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = run_tool(main, argv)
+    except BaseException:  # a bug of ours (run_tool lets it through): show what the tool had said
+        sys.stderr.write(out.getvalue() + err.getvalue())
+        raise
+    finally:
+        sys.argv = old_argv
+    return subprocess.CompletedProcess([sys.executable, script, *argv], code, out.getvalue(), err.getvalue())
+
 
 # Two domains over disjoint token ranges with a learnable pattern each, so that each validation
 # loss responds to its own training data.
@@ -57,6 +127,35 @@ def tokenizer_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def domain_data(tmp_path_factory) -> dict[str, dict[str, str]]:
     return write_domain_datasets(tmp_path_factory.mktemp("domains"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """The tiny byte-level BPE with model=tiny's ids (vocab 512, <|end_of_text|>=2), trained once per
+    session. Shared: a test that changes a tokenizer changes a copy."""
+    from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
+
+    return train_tiny_tokenizer(sample_texts(100), tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer(tmp_path_factory) -> Path:
+    """The preprocessing tests' tokenizer: more text and a smaller vocabulary (400) than the tiny
+    model's, so that documents take many merges. Shared, as tiny_tokenizer."""
+    from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
+
+    return train_tiny_tokenizer(sample_texts(300), tmp_path_factory.mktemp("data_tokenizer"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random model=tiny Hugging Face Llama folder (seed 0) with tiny_tokenizer. Shared: a test
+    that changes a model changes a copy."""
+    from ellama_megatron.llama.config import load_model_config
+    from ellama_megatron.testing.tiny_llama import write_random_hf_llama
+
+    folder = tmp_path_factory.mktemp("tiny_hf") / "hf"
+    return Path(write_random_hf_llama(folder, load_model_config("tiny"), seed=0, tokenizer_dir=tiny_tokenizer))
 
 
 def data_overrides(data: dict[str, dict[str, str]]) -> list[str]:
@@ -175,3 +274,46 @@ def release_process_groups():
 
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ running in parallel (pytest-xdist)
+#
+# `make test` and `make test-fast` run the suite in 2 worker processes (-n 2, --dist loadgroup in
+# pyproject.toml): a test module is one unit of work, so that its module fixtures (a converted
+# model, a training run) are built once, on one worker; every test that reaches the local Slurm is
+# in one unit on one worker (the cluster has one node and its tests expect their job to run, not
+# to wait behind another's). The units that take longest start first, so that the last one to
+# finish is short.
+
+
+def _uses_slurm(item) -> bool:
+    return item.get_closest_marker("slurm") is not None or "slurm_cluster" in item.fixturenames
+
+
+def _unit(item) -> str:
+    marker = item.get_closest_marker("xdist_group")
+    if marker is not None:
+        return marker.args[0] if marker.args else marker.kwargs.get("name", "default")
+    return "slurm" if _uses_slurm(item) else item.nodeid.split("::")[0]
+
+
+def pytest_itemcollected(item):
+    # Here, not in pytest_collection_modifyitems: xdist's worker turns the groups into test ids in
+    # its own modifyitems, which pluggy calls before a conftest's, tryfirst or not (a module's
+    # tests were split over both workers).
+    if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group(_unit(item)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return  # one process: the order of the files
+    # Longest first: the Slurm unit, then units with end-to-end (slow) runs, most of them first;
+    # within a unit the order of the file.
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[_unit(item)] = slow.get(_unit(item), 0) + (item.get_closest_marker("slow") is not None)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(_unit(item), i)
+    items.sort(key=lambda item: (_unit(item) != "slurm", -slow[_unit(item)], first[_unit(item)]))

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import call_tool
 from conftest import load_safetensors_folder as load_all
 
 from ellama_megatron.convert.exporter import export_hf
@@ -27,9 +26,6 @@ from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.merge.average import average_checkpoints, select_checkpoints
 from ellama_megatron.run.plan import padded_vocab_size
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write_iteration(save_dir: Path, iteration: int, cfg, seed: int, dtype=torch.bfloat16, wrong_shape: str = ""):
@@ -80,13 +76,12 @@ def reference_mean(tensors: list[dict[str, torch.Tensor]], weights: list[float])
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("average")
     cfg = load_model_config("tiny")
-    tok = train_tiny_tokenizer(sample_texts(100), root / "tok")
-    save = make_run(root / "run" / "checkpoints", cfg, tok, [10, 20, 30, 40])
+    save = make_run(root / "run" / "checkpoints", cfg, tiny_tokenizer, [10, 20, 30, 40])
     (save / "iter_0000050").mkdir()  # a save cut short: no .metadata
-    return {"root": root, "cfg": cfg, "tok": tok, "save": save}
+    return {"root": root, "cfg": cfg, "tok": tiny_tokenizer, "save": save}
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "hf"])
@@ -148,17 +143,11 @@ def test_float32_checkpoints_average_in_float32(run, tmp_path):
 
 
 def test_cli_average_and_refusals(run, tmp_path, capsys):
-    from test_merge import load_tool
+    from conftest import load_tool
 
     save = run["save"]
-    p = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "merge.py"), "--average", str(save.parent), "--last", "3"]
-        + ["--out", str(tmp_path / "cli")],  # the run folder works as well as its checkpoints/
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # The run folder works as well as its checkpoints/.
+    p = call_tool("tools/merge.py", "--average", save.parent, "--last", "3", "--out", tmp_path / "cli")
     assert p.returncode == 0, p.stderr
     assert "averaged 3 checkpoints (iter_0000020, iter_0000030, iter_0000040)" in p.stdout
     assert "skipped incomplete iter_0000050" in p.stderr

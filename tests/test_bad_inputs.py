@@ -1,4 +1,7 @@
-"""Bad and untrusted inputs, one row each, run as a user runs the tools (subprocesses).
+"""Bad and untrusted inputs, one row each, given to the tools as a user gives them: each tool's main
+called as its command line calls it (conftest.call_tool: the same exit code, stdout and stderr,
+without a new interpreter importing torch and Megatron per row); recipes/cpt.py and the rows on the
+convention itself run as subprocesses.
 
 Every row asserts the exit code, that the message names the file or key at fault, that no
 Python traceback reaches the user, and that no output or temporary folder is left behind. The
@@ -18,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_overrides, write_domain_datasets
+from conftest import REPO, call_tool, data_overrides, write_domain_datasets
 
 from ellama_megatron.formats import indexed_dataset
 
-REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 
 
@@ -64,19 +66,16 @@ def leftovers(folder: Path, before: set[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_tokenizer, tiny_hf):
     """A tiny tokenizer, a tiny Hugging Face Llama, a JSONL corpus and indexed datasets."""
-    from ellama_megatron.llama.config import load_model_config
-    from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+    from ellama_megatron.testing.tiny_llama import sample_texts
 
     root = tmp_path_factory.mktemp("bad_inputs")
-    tok = train_tiny_tokenizer(sample_texts(100), root / "tok")
-    hf = write_random_hf_llama(root / "hf", load_model_config("tiny"), seed=0, tokenizer_dir=tok)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(50)))
     (root / "datasets").mkdir()
     data = write_domain_datasets(root / "datasets")
-    return {"root": root, "tok": tok, "hf": Path(hf), "corpus": corpus, "data": data}
+    return {"root": root, "tok": tiny_tokenizer, "hf": tiny_hf, "corpus": corpus, "data": data}
 
 
 def _classifier_meta(fmt: str, **changes) -> dict:
@@ -97,7 +96,7 @@ def test_old_joblib_classifier_is_refused_without_unpickling(tiny, tmp_path):
     model.mkdir()
     (model / "classifier.json").write_text(json.dumps(_classifier_meta("ellama-domain-classifier/1")))
     (model / "model.joblib").write_bytes(pickle.dumps(WritesMarker(marker)))
-    r = run(
+    r = call_tool(
         "tools/domain_classifier.py",
         "filter",
         "--model",
@@ -113,7 +112,7 @@ def test_old_joblib_classifier_is_refused_without_unpickling(tiny, tmp_path):
     # The same folder as preprocessing's --domain-filter.
     out = tmp_path / "out"
     out.mkdir()
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         tiny["corpus"],
@@ -140,7 +139,7 @@ def test_classifier_weights_with_a_pickled_object_array_are_refused(tiny, tmp_pa
     evil = np.empty(1, dtype=object)
     evil[0] = WritesMarker(marker)
     np.savez(model / "weights.npz", weights=evil, bias=np.zeros(1))
-    r = run(
+    r = call_tool(
         "tools/domain_classifier.py",
         "filter",
         "--model",
@@ -192,7 +191,7 @@ def test_classifier_json_missing_field_is_named(tiny, tmp_path, field):
         del meta["features"][field]
     (model / "classifier.json").write_text(json.dumps(meta))
     np.savez(model / "weights.npz", weights=np.zeros(1 << 10, np.float32), bias=np.zeros(1))
-    r = run(
+    r = call_tool(
         "tools/domain_classifier.py",
         "filter",
         "--model",
@@ -214,14 +213,14 @@ def test_classifier_json_missing_field_is_named(tiny, tmp_path, field):
 )
 def test_merge_alpha(tiny, tmp_path, alpha, needle):
     out = tmp_path / "merged"
-    r = run("tools/merge.py", "--base", tiny["hf"], "--adapted", tiny["hf"], f"--alpha={alpha}", "--out", out)
+    r = call_tool("tools/merge.py", "--base", tiny["hf"], "--adapted", tiny["hf"], f"--alpha={alpha}", "--out", out)
     assert_refused(r, "--alpha", needle)
     assert os.listdir(tmp_path) == []
 
 
 def test_merge_extrapolate_allows_alpha_outside_0_1(tiny, tmp_path):
     out = tmp_path / "merged"
-    r = run(
+    r = call_tool(
         "tools/merge.py", "--base", tiny["hf"], "--adapted", tiny["hf"], "--alpha=1.5", "--extrapolate", "--out", out
     )
     assert r.returncode == 0, r.stderr[-2000:]
@@ -236,7 +235,7 @@ def test_empty_input_is_refused_unless_allowed(tiny, tmp_path):
     empty.write_text("")
     out = tmp_path / "out"
     out.mkdir()
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         empty,
@@ -248,7 +247,7 @@ def test_empty_input_is_refused_unless_allowed(tiny, tmp_path):
     )
     assert_refused(r, str(empty), "--allow-empty")
     assert os.listdir(out) == []
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         empty,
@@ -275,7 +274,7 @@ def test_stale_temp_folder_of_a_killed_run_is_removed(tiny, tmp_path):
     live = out / ".ds.tmp-live"
     live.mkdir()
     (live / "owner").write_text(f"{os.uname().nodename} {os.getpid()}\n")
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         tiny["corpus"],
@@ -304,16 +303,16 @@ def test_existing_output_is_refused_without_overwrite(tiny, tmp_path):  # alread
         tiny["tok"],
         "--quiet",
     )
-    assert run(*args).returncode == 0
+    assert call_tool(*args).returncode == 0
     before = set(os.listdir(out))
-    assert_refused(run(*args), "--overwrite")
+    assert_refused(call_tool(*args), "--overwrite")
     assert leftovers(out, before) == []
 
 
 def test_missing_input_is_named(tiny, tmp_path):  # already handled
     out = tmp_path / "out"
     out.mkdir()
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         tmp_path / "nope.jsonl",
@@ -386,7 +385,7 @@ def test_evaluate_checks_data_before_the_model(tiny, tmp_path):
     bad = tmp_path / "heldout.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     # The model does not exist: an error about the data proves the data came first.
-    r = run(
+    r = call_tool(
         "tools/evaluate.py",
         "--model",
         tmp_path / "no_model",
@@ -419,14 +418,14 @@ def test_export_of_truncated_distcp_names_the_file(imported, tmp_path):
     with open(distcp[0], "r+b") as f:
         f.truncate(os.path.getsize(distcp[0]) // 2)
     out = tmp_path / "hf_out"
-    r = run("tools/convert_hf.py", "export", "--ckpt", ckpt, "--out", out, "--quiet")
+    r = call_tool("tools/convert_hf.py", "export", "--ckpt", ckpt, "--out", out, "--quiet")
     assert_refused(r, distcp[0].name, "truncated")
     assert not out.exists()
     assert [p for p in os.listdir(tmp_path) if p not in ("ckpt",)] == []
 
 
 def test_import_of_missing_folder_is_named(tmp_path):  # already handled
-    r = run("tools/convert_hf.py", "import", "--hf-dir", tmp_path / "nothing", "--out", tmp_path / "ckpt")
+    r = call_tool("tools/convert_hf.py", "import", "--hf-dir", tmp_path / "nothing", "--out", tmp_path / "ckpt")
     assert_refused(r, "nothing")
     assert not (tmp_path / "ckpt").exists()
 
@@ -460,28 +459,28 @@ def _fill(mnt: Path) -> None:
 
 def test_import_onto_a_full_disk(tiny, small_mount):
     _fill(small_mount)
-    r = run("tools/convert_hf.py", "import", "--hf-dir", tiny["hf"], "--out", small_mount / "ckpt", "--quiet")
+    r = call_tool("tools/convert_hf.py", "import", "--hf-dir", tiny["hf"], "--out", small_mount / "ckpt", "--quiet")
     assert_refused(r, "no space left")
     assert os.listdir(small_mount) == ["filler"]
 
 
 def test_export_onto_a_full_disk(imported, small_mount):
     _fill(small_mount)
-    r = run("tools/convert_hf.py", "export", "--ckpt", imported, "--out", small_mount / "hf", "--quiet")
+    r = call_tool("tools/convert_hf.py", "export", "--ckpt", imported, "--out", small_mount / "hf", "--quiet")
     assert_refused(r, "no space left")
     assert os.listdir(small_mount) == ["filler"]
 
 
 def test_import_onto_a_read_only_mount(tiny, small_mount):
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
-    r = run("tools/convert_hf.py", "import", "--hf-dir", tiny["hf"], "--out", small_mount / "ckpt", "--quiet")
+    r = call_tool("tools/convert_hf.py", "import", "--hf-dir", tiny["hf"], "--out", small_mount / "ckpt", "--quiet")
     assert_refused(r, "read-only")
     assert os.listdir(small_mount) == []
 
 
 def test_preprocess_onto_a_full_disk(tiny, small_mount):
     _fill(small_mount)
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         tiny["corpus"],
@@ -497,7 +496,7 @@ def test_preprocess_onto_a_full_disk(tiny, small_mount):
 
 def test_preprocess_onto_a_read_only_mount(tiny, small_mount):
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         tiny["corpus"],
@@ -580,7 +579,7 @@ def test_run_tool_convention(capsys):
 @pytest.fixture(scope="module")
 def preprocessed(tiny):
     out = tiny["root"] / "pre"
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         tiny["corpus"],
@@ -623,7 +622,10 @@ def test_dataset_tokenizer_must_match_the_model(preprocessed, tmp_path, field, v
     assert "Traceback" not in r.stdout + r.stderr
     assert str(manifest_file) in r.stderr and key in r.stderr
     assert not (run_dir / "config.yaml").exists()
-    # The untouched dataset passes the same check.
+
+
+def test_the_untouched_dataset_passes_the_manifest_check(preprocessed, tmp_path):
+    """The dataset the rows above spoil, as written: the same check lets the dry run through."""
     ok = run(
         "recipes/cpt.py",
         f"run_dir={tmp_path / 'ok'}",
@@ -641,7 +643,7 @@ def test_overlong_document_is_skipped_and_reported(tiny, tmp_path):
     lines.insert(2, json.dumps({"text": "word " * 1000}))
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    r = run(
+    r = call_tool(
         "tools/preprocess_data.py",
         "--input",
         corpus,

@@ -7,19 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, data_overrides
-from hydra import compose, initialize_config_dir
+from conftest import REPO, composed, data_overrides
 
-from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch.prepare import prepare
 from ellama_megatron.run.plan import RunPlan
 from ellama_megatron.run.schema import ConfigError
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.fixture

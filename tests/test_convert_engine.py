@@ -21,7 +21,7 @@ SEQ = 128  # conf/train/tiny.yaml seq_length
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_tokenizer):
     """A tiny HF model whose loss is far from random init's ln(vocab), its import, and data on which
     every training sample is the same: identical 128-token documents make sample i the tokens
     [128 i, 128 i + 129) = doc + doc[0], so iteration 1's loss is the HF model's loss on that."""
@@ -30,7 +30,7 @@ def base(tmp_path_factory):
     from ellama_megatron.formats import indexed_dataset
 
     root = tmp_path_factory.mktemp("engine")
-    hf = make_hf(root / "hf", seed=3, init_method_std=0.4)
+    hf = make_hf(root / "hf", tiny_tokenizer, seed=3, init_method_std=0.4)
     import_hf(hf, root / "ckpt", quiet=True)
     doc = np.random.default_rng(0).integers(4, 512, SEQ).astype(np.int32)  # no EOD (id 2) inside
     prefix = indexed_dataset.write_documents(root / "same", [doc] * 64, np.int32)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_convert_roundtrip import REPO, make_hf
+from conftest import REPO
+from test_convert_roundtrip import make_hf
 
 from ellama_megatron.convert.hf_checkpoint import ConversionError
 from ellama_megatron.convert.importer import import_hf
@@ -16,8 +17,8 @@ from ellama_megatron.llama import weights as W
 
 
 @pytest.fixture(scope="module")
-def good_hf(tmp_path_factory):
-    return make_hf(tmp_path_factory.mktemp("good") / "hf", shard="100KB")
+def good_hf(tmp_path_factory, tiny_tokenizer):
+    return make_hf(tmp_path_factory.mktemp("good") / "hf", tiny_tokenizer, shard="100KB")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from ellama_megatron.convert.exporter import export_hf
 from ellama_megatron.convert.importer import import_hf
@@ -21,8 +22,6 @@ from ellama_megatron.llama import weights as W
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.run.plan import padded_vocab_size
 
-REPO = Path(__file__).resolve().parent.parent
-
 # Untied, GQA (4 heads, 2 groups), Llama 3.1 RoPE scaling: the tiny preset. Tied: Llama 3.2's tied
 # embeddings with Llama 3's unscaled RoPE.
 VARIANTS = {
@@ -31,13 +30,13 @@ VARIANTS = {
 }
 
 
-def make_hf(out: Path, seed: int = 0, shard: str = "100KB", **changes) -> Path:
-    """A tiny random Hugging Face Llama folder with a tiny tokenizer, in several shards."""
-    from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+def make_hf(out: Path, tokenizer: Path, seed: int = 0, shard: str = "100KB", **changes) -> Path:
+    """A tiny random Hugging Face Llama folder with ``tokenizer`` (conftest's tiny_tokenizer), in
+    several shards."""
+    from ellama_megatron.testing.tiny_llama import write_random_hf_llama
 
     cfg = dataclasses.replace(load_model_config("tiny"), **changes)
-    tok = train_tiny_tokenizer(sample_texts(100), out.parent / f"{out.name}_tokenizer", 512)
-    return write_random_hf_llama(out, cfg, seed=seed, tokenizer_dir=tok, max_shard_size=shard)
+    return write_random_hf_llama(out, cfg, seed=seed, tokenizer_dir=tokenizer, max_shard_size=shard)
 
 
 def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -49,9 +48,9 @@ def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def imported(request, tmp_path_factory):
+def imported(request, tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp(request.param)
-    hf = make_hf(root / "hf", **VARIANTS[request.param])
+    hf = make_hf(root / "hf", tiny_tokenizer, **VARIANTS[request.param])
     stats = import_hf(hf, root / "ckpt", verify=True, quiet=True)
     return hf, root / "ckpt", stats
 
@@ -158,8 +157,8 @@ def test_fused_qkv_layout_is_per_query_group():
     assert all(torch.equal(a, b) for a, b in zip(qkv.to_hf(cfg, fused), (q, k, v)))
 
 
-def test_vocab_padding_for_target_tp(tmp_path):
-    hf = make_hf(tmp_path / "hf", vocab_size=500)
+def test_vocab_padding_for_target_tp(tmp_path, tiny_tokenizer):
+    hf = make_hf(tmp_path / "hf", tiny_tokenizer, vocab_size=500)
     import_hf(hf, tmp_path / "ckpt", target_tp=2, quiet=True)
     reader = CheckpointReader(find_checkpoint(tmp_path / "ckpt"))
     emb = reader.read("embedding.word_embeddings.weight")
@@ -182,11 +181,12 @@ def _peak_rss_of_import(hf: Path, out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_import_memory_is_bounded_by_a_tensor_not_the_model(tmp_path):
+def test_import_memory_is_bounded_by_a_tensor_not_the_model(tmp_path, tiny_tokenizer):
     """Peak RSS above the same tool's on a tiny model stays well under the modest model's size."""
-    tiny = make_hf(tmp_path / "tiny")
+    tiny = make_hf(tmp_path / "tiny", tiny_tokenizer)
     modest = make_hf(
         tmp_path / "modest",
+        tiny_tokenizer,
         shard="60MB",
         num_layers=8,
         hidden_size=512,

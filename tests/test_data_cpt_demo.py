@@ -4,9 +4,9 @@ an e-commerce validation loss."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
 from ellama_megatron.data.serializers import RecordSerializer, load_template
@@ -14,7 +14,6 @@ from ellama_megatron.formats.train_log import parse_train_log
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import train_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = {"listings": "listing", "reviews": "review", "general_en": "plain", "general_multilingual": "plain"}
 
 

@@ -6,10 +6,10 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy
 import pytest
+from conftest import REPO
 
 from ellama_megatron.data.indexed_writer import BadRecordError
 from ellama_megatron.data.preprocess import PreprocessOptions, preprocess
@@ -18,14 +18,6 @@ from ellama_megatron.data.serializers import RecordSerializer, load_template, se
 from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.tokenizer_folder import TokenizerFolderError, load_tokenizer_folder
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return train_tiny_tokenizer(sample_texts(300), tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +25,9 @@ def corpora(tmp_path_factory):
     return write_demo_corpora(tmp_path_factory.mktemp("raw"), docs=120, seed=3)
 
 
-def _run(inputs, prefix, tokenizer_dir, template="listing", **kw):
+def _run(inputs, prefix, data_tokenizer, template="listing", **kw):
     ser = RecordSerializer(load_template(template), id_key=kw.pop("id_key", None))
-    opts = PreprocessOptions([str(i) for i in inputs], str(prefix), str(tokenizer_dir), ser, progress=False, **kw)
+    opts = PreprocessOptions([str(i) for i in inputs], str(prefix), str(data_tokenizer), ser, progress=False, **kw)
     return preprocess(opts)
 
 
@@ -44,13 +36,13 @@ def _read_docs(prefix):
     return [numpy.asarray(ds[i]).tolist() for i in range(len(ds))], ds
 
 
-def test_round_trip_equals_tokenizer_output_plus_eod(tmp_path, tokenizer_dir, corpora):
+def test_round_trip_equals_tokenizer_output_plus_eod(tmp_path, data_tokenizer, corpora):
     from transformers import AutoTokenizer
 
     manifest = _run(
-        [corpora["listings"]], tmp_path / "out" / "listings", tokenizer_dir, valid_fraction=0.1, id_key="id"
+        [corpora["listings"]], tmp_path / "out" / "listings", data_tokenizer, valid_fraction=0.1, id_key="id"
     )
-    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    hf = AutoTokenizer.from_pretrained(str(data_tokenizer))
     tpl = load_template("listing")
     records = [json.loads(line) for line in corpora["listings"].read_text().splitlines()]
     docs = {"train": [], "valid": []}
@@ -80,11 +72,11 @@ def test_round_trip_equals_tokenizer_output_plus_eod(tmp_path, tokenizer_dir, co
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
 
 
-def test_output_equals_megatron_builder_document_by_document(tmp_path, tokenizer_dir, corpora):
+def test_output_equals_megatron_builder_document_by_document(tmp_path, data_tokenizer, corpora):
     """What Megatron-LM's preprocess_data does per document: builder.add_document(ids+eod, [len])."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    _run([corpora["reviews"]], tmp_path / "ours", tokenizer_dir, template="review")
+    _run([corpora["reviews"]], tmp_path / "ours", data_tokenizer, template="review")
     docs, _ = _read_docs(tmp_path / "ours_train")
     builder = IndexedDatasetBuilder(str(indexed_dataset.bin_path(tmp_path / "ref")), dtype=numpy.uint16)
     for d in docs:
@@ -110,22 +102,22 @@ def test_int32_merge_for_large_vocabularies(tmp_path):
     assert got == docs and ds.index.dtype == numpy.int32
 
 
-def test_same_output_for_any_workers_shards_and_order(tmp_path, tokenizer_dir, corpora):
+def test_same_output_for_any_workers_shards_and_order(tmp_path, data_tokenizer, corpora):
     lines = corpora["listings"].read_text().splitlines(keepends=True)
     random.Random(0).shuffle(lines)
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("".join(lines))
-    a = _run([corpora["listings"]], tmp_path / "a", tokenizer_dir, valid_fraction=0.2, id_key="id")
+    a = _run([corpora["listings"]], tmp_path / "a", data_tokenizer, valid_fraction=0.2, id_key="id")
     b = _run(
         [corpora["listings"]],
         tmp_path / "b",
-        tokenizer_dir,
+        data_tokenizer,
         valid_fraction=0.2,
         id_key="id",
         workers=2,
         shard_bytes=20_000,
     )
-    c = _run([shuffled], tmp_path / "c", tokenizer_dir, valid_fraction=0.2, id_key="id")
+    c = _run([shuffled], tmp_path / "c", data_tokenizer, valid_fraction=0.2, id_key="id")
     for split in ("train", "valid"):
         for a_file, b_file in zip(
             indexed_dataset.pair_paths(tmp_path / f"a_{split}"), indexed_dataset.pair_paths(tmp_path / f"b_{split}")
@@ -152,9 +144,9 @@ def _bad_corpus(path):
     return path
 
 
-def test_bad_records_are_counted_reported_and_skipped(tmp_path, tokenizer_dir):
+def test_bad_records_are_counted_reported_and_skipped(tmp_path, data_tokenizer):
     src = _bad_corpus(tmp_path / "bad.jsonl")
-    m = _run([src], tmp_path / "o", tokenizer_dir)
+    m = _run([src], tmp_path / "o", data_tokenizer)
     assert m["splits"]["train"]["documents"] == 2 and m["records"] == 6
     assert m["skipped"]["count"] == 4
     assert m["skipped"]["by_reason"] == {
@@ -167,32 +159,36 @@ def test_bad_records_are_counted_reported_and_skipped(tmp_path, tokenizer_dir):
     ]
 
 
-def test_empty_documents_are_skipped(tmp_path, tokenizer_dir):
+def test_empty_documents_are_skipped(tmp_path, data_tokenizer):
     src = tmp_path / "plain.jsonl"
     src.write_text(json.dumps({"text": "hello world"}) + "\n" + json.dumps({"text": " \n "}) + "\n")
-    m = _run([src], tmp_path / "o", tokenizer_dir, template="plain")
+    m = _run([src], tmp_path / "o", data_tokenizer, template="plain")
     assert m["splits"]["train"]["documents"] == 1
     assert m["skipped"]["by_reason"] == {"missing field 'text'": 1}
     tpl = tmp_path / "t.yaml"  # a template whose fields are all optional can render an empty document
     tpl.write_text('text: "{text}"\n')
     opts = PreprocessOptions(
-        [str(src)], str(tmp_path / "o2"), str(tokenizer_dir), RecordSerializer(load_template(str(tpl))), progress=False
+        [str(src)],
+        str(tmp_path / "o2"),
+        str(data_tokenizer),
+        RecordSerializer(load_template(str(tpl))),
+        progress=False,
     )
     assert preprocess(opts)["skipped"]["by_reason"] == {"empty document": 1}
 
 
-def test_strict_stops_at_first_bad_record_and_leaves_nothing(tmp_path, tokenizer_dir):
+def test_strict_stops_at_first_bad_record_and_leaves_nothing(tmp_path, data_tokenizer):
     src = _bad_corpus(tmp_path / "bad.jsonl")
     with pytest.raises(BadRecordError, match=r"bad.jsonl, line 2: malformed JSON"):
-        _run([src], tmp_path / "out" / "o", tokenizer_dir, strict=True)
+        _run([src], tmp_path / "out" / "o", data_tokenizer, strict=True)
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_output_exists_fails_unless_overwrite(tmp_path, tokenizer_dir, corpora):
-    _run([corpora["reviews"]], tmp_path / "r", tokenizer_dir, template="review", valid_fraction=0.3)
+def test_output_exists_fails_unless_overwrite(tmp_path, data_tokenizer, corpora):
+    _run([corpora["reviews"]], tmp_path / "r", data_tokenizer, template="review", valid_fraction=0.3)
     with pytest.raises(InputError, match="output exists.*--overwrite"):
-        _run([corpora["reviews"]], tmp_path / "r", tokenizer_dir, template="review")
-    m = _run([corpora["reviews"]], tmp_path / "r", tokenizer_dir, template="review", overwrite=True)
+        _run([corpora["reviews"]], tmp_path / "r", data_tokenizer, template="review")
+    m = _run([corpora["reviews"]], tmp_path / "r", data_tokenizer, template="review", overwrite=True)
     assert "valid" not in m["splits"] and not indexed_dataset.bin_path(tmp_path / "r_valid").exists()  # no stale split
 
 
@@ -209,7 +205,7 @@ def test_tokenizer_folder_that_is_not_one(tmp_path):
         load_tokenizer_folder(tmp_path / "broken")
 
 
-def test_tokenizer_folder_is_cached_by_its_files(tmp_path, tokenizer_dir, monkeypatch):
+def test_tokenizer_folder_is_cached_by_its_files(tmp_path, data_tokenizer, monkeypatch):
     """What transformers makes of a folder is loaded once: a second process gets the same answer
     without importing transformers; a folder with other files is loaded through transformers again."""
     import shutil
@@ -217,30 +213,30 @@ def test_tokenizer_folder_is_cached_by_its_files(tmp_path, tokenizer_dir, monkey
     from ellama_megatron.formats.tokenizer_folder import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    first = load_tokenizer_folder(tokenizer_dir)
+    first = load_tokenizer_folder(data_tokenizer)
     code = (
         "import sys; from ellama_megatron.formats.tokenizer_folder import load_tokenizer_folder as load; "
         "i = load(sys.argv[1]); print('transformers' in sys.modules, i.vocab_size, i.eos_id, i.bos_id, i.sha256, "
         "len(i.backend_json))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tokenizer_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(data_tokenizer)], capture_output=True, text=True, check=True)
     expected = [first.vocab_size, first.eos_id, first.bos_id, first.sha256, len(first.backend_json)]
     assert out.stdout.split() == ["False", *map(str, expected)]
-    assert load_tokenizer_folder(tokenizer_dir) == first
-    other = shutil.copytree(tokenizer_dir, tmp_path / "other")
+    assert load_tokenizer_folder(data_tokenizer) == first
+    other = shutil.copytree(data_tokenizer, tmp_path / "other")
     config = json.loads((other / "tokenizer_config.json").read_text())
     config["eos_token"] = config["bos_token"]
     (other / "tokenizer_config.json").write_text(json.dumps(config))
     assert load_tokenizer_folder(other).eos_id == first.bos_id != first.eos_id
 
 
-def test_template_that_fits_no_record_fails_before_work(tmp_path, tokenizer_dir, corpora):
+def test_template_that_fits_no_record_fails_before_work(tmp_path, data_tokenizer, corpora):
     with pytest.raises(InputError, match="none of the first 100 records fits template 'review'.*keys seen"):
-        _run([corpora["general_en"]], tmp_path / "o", tokenizer_dir, template="review")
+        _run([corpora["general_en"]], tmp_path / "o", data_tokenizer, template="review")
 
 
 @pytest.mark.slow
-def test_cli_summary_and_errors(tmp_path, tokenizer_dir, corpora):
+def test_cli_summary_and_errors(tmp_path, data_tokenizer, corpora):
     def cli(tokenizer, prefix):
         cmd = [
             sys.executable,
@@ -257,10 +253,10 @@ def test_cli_summary_and_errors(tmp_path, tokenizer_dir, corpora):
         ]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
 
-    out = cli(tokenizer_dir, tmp_path / "g")
+    out = cli(data_tokenizer, tmp_path / "g")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("g: 1")
-    again = cli(tokenizer_dir, tmp_path / "g")
+    again = cli(data_tokenizer, tmp_path / "g")
     assert again.returncode == 2 and "output exists" in again.stderr
     bad_tok = cli(tmp_path, tmp_path / "h")
     assert bad_tok.returncode == 2 and "no tokenizer.json" in bad_tok.stderr

@@ -14,17 +14,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, composed
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.formats.train_log import parse_train_log
+from ellama_megatron.run.progress import FINAL_HF_FOLDER
 
-REPO = Path(__file__).resolve().parent.parent
 CPT_ITERS = 30
 ARGS = ["--docs", "150", "--base-iters", "50", "--cpt-iters", str(CPT_ITERS), "--eval-interval", "10", "--alpha", "0.5"]
 STAGES = 10
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
+# The demo's jobs go to the local Slurm when it runs: with the Slurm tests, on one worker (conftest.py).
+pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def run_demo(out: Path, launcher: str = "direct") -> subprocess.CompletedProcess:
@@ -64,7 +67,7 @@ def test_progress_names_every_stage_with_its_time(demo):
     out, stdout = demo
     for i in range(1, STAGES + 1):
         assert f"[{i}/{STAGES}]" in stdout
-    assert re.search(r"demo done in \d+ s \(11 stages run, 0 reused\)", stdout)
+    assert re.search(rf"demo done in \d+ s \({STAGES} stages run, 0 reused\)", stdout)
 
 
 @pytest.mark.slow
@@ -154,8 +157,9 @@ def test_merge_table_alpha_zero_is_the_base_model(demo):
     points = {p["alpha"]: p for p in json.loads((out / "merge_curve" / "curve.json").read_text())["points"]}
     assert sorted(points) == [0.0, 0.5, 1.0]
     sources = [parse_domain_spec(f"{d}={out / 'heldout' / d}") for d in ("general", "ecommerce")]
-    for name, alpha in (("base", 0.0), ("adapted", 1.0)):
-        evaluated = evaluate_model_dir(out / f"{name}_hf", sources, 128, 8, "cpu", "float32", progress=False)["domains"]
+    # The base model's folder, and the adapted one the run exported when it finished (checkpoint.export_hf).
+    for folder, alpha in ((out / "base_hf", 0.0), (out / "cpt_run" / FINAL_HF_FOLDER, 1.0)):
+        evaluated = evaluate_model_dir(folder, sources, 128, 8, "cpu", "float32", progress=False)["domains"]
         for domain in ("general", "ecommerce"):
             assert points[alpha]["domains"][domain]["mean_loss"] == pytest.approx(
                 evaluated[domain]["mean_loss"], rel=1e-6
@@ -211,13 +215,10 @@ def test_iteration_budgets_come_from_the_run_plan_with_the_overrides():
     tokens per step, as RunPlan computes them, also when an override changes the batch."""
     from demo.runner import DemoError
     from demo.training import TINY, tokens_per_iteration
-    from hydra import compose, initialize_config_dir
 
-    from ellama_megatron import CONF_DIR
     from ellama_megatron.run.plan import RunPlan
 
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[*TINY, "data=demo"])
+    cfg = composed(*TINY, "data=demo")
     assert (
         tokens_per_iteration([])
         == RunPlan.from_cfg(cfg).tokens_per_step
@@ -260,14 +261,12 @@ def test_output_folder_is_reused_restarted_or_refused(tmp_path, capsys):
 def test_real_text_corpora_and_blends(tmp_path):
     """--general prose: the tiny demo's general text is every licence paragraph and every Python
     reference record in one corpus with a held-out tenth (conf/data/demo_prose_blend.yaml); with
-    --domain code (the mix sweep's proxy, docs/data.md) the domain is the first --docs records of
+    --domain code (the mix sweep's proxy, docs/sweeps.md) the domain is the first --docs records of
     Python's own source (conf/data/demo_code_blend.yaml). Refused where they do not apply."""
     from demo.runner import DemoError, DemoOptions
     from demo.stages import Demo, corpora
     from demo.training import TINY
-    from hydra import compose, initialize_config_dir
 
-    from ellama_megatron import CONF_DIR
     from ellama_megatron.testing.real_prose import licence_paragraphs, python_reference_records, python_source_records
     from ellama_megatron.testing.slurm import LocalSlurm
 
@@ -288,8 +287,7 @@ def test_real_text_corpora_and_blends(tmp_path):
         general = records(files["general_prose"])
         assert [r["text"] for r in general] == prose and len({r["id"] for r in general}) == len(general)
         assert all(c.valid_fraction > 0 for c in demo.corpora.values())  # each validated on its own held-out part
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
-            cfg = compose("config", overrides=[*TINY, f"data={demo.data_config}", f"data.root={demo.data_dir}"])
+        cfg = composed(*TINY, f"data={demo.data_config}", f"data.root={demo.data_dir}")
         assert sorted(cfg.data.groups) == sorted(demo.domains)
         manifests = [m for g in cfg.data.groups.values() for s in g.sources.values() for m in s.manifests]
         assert sorted(manifests) == sorted(f"{demo.data_dir}/{n}.manifest.json" for n in names)

@@ -1,6 +1,6 @@
 """`python recipes/demo.py --real`, the demo on a real model and real prose, in CI's budget.
 
-The full run (SmolLM2-135M, about 10 minutes on 2 cores) is measured by hand in docs/demo.md; a
+The full run (SmolLM2-135M, about 10 minutes on 2 cores) is measured by hand in docs/benchmarks.md (The demo); a
 SmolLM2 run of even 2 iterations takes minutes here (its import, a 135M-parameter torchrun start,
 five evaluations), so this test runs the same --real pipeline on the tiny random Llama given as
 ``--hf-model`` (the stage that differs: where the Hugging Face folder comes from) and checks that the
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))  # the demo is no part of the library: recipes/demo/
 STAGES = 8  # corpora, model, preprocess, import, plan_blend, cpt (exports on finish), merge_curve, report
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from ellama_megatron.classify.features import FeatureConfig, feature_matrix, linear_scores
 from ellama_megatron.formats import indexed_dataset
-
-REPO = Path(__file__).resolve().parent.parent
 
 _BRANDS = ["Acme", "Sony", "Bosch", "Nike", "Lego", "Apple", "Makita", "Canon"]
 _ITEMS = {

@@ -11,21 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
 from ellama_megatron.eval.perplexity import evaluate_model_dir
-from ellama_megatron.llama.config import load_model_config
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
+from ellama_megatron.testing.tiny_llama import sample_texts
 
-REPO = Path(__file__).resolve().parent.parent
 SEQ = 24  # short windows: documents of up to ~50 tokens span several windows
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_hf):
     root = tmp_path_factory.mktemp("eval")
-    tok = train_tiny_tokenizer(sample_texts(100), root / "tok")
-    model = write_random_hf_llama(root / "model", load_model_config("tiny"), seed=0, tokenizer_dir=tok)
     data = {}
     for name, seed in [("general", 1), ("ecommerce", 2)]:
         p = root / f"{name}.jsonl"
@@ -33,7 +30,7 @@ def setup(tmp_path_factory):
             for i, t in enumerate(sample_texts(13, seed)):
                 f.write(json.dumps({"text": t, "language": ["en", "de", "fr"][i % 3]}) + "\n")
         data[name] = p
-    return {"root": root, "model": model, "data": data}
+    return {"root": root, "model": tiny_hf, "data": data}
 
 
 def reference_losses(model_dir: Path, texts: list[str], seq: int) -> list[tuple[float, int]]:
@@ -135,7 +132,7 @@ def test_cli_writes_json_and_refuses_bad_input(setup, tmp_path):
 def test_megatron_checkpoint_has_the_perplexity_of_its_hf_folder(setup, tmp_path, capsys):
     """tools/evaluate.py on a converted checkpoint (exported to a temporary folder) gives exactly
     the perplexities of the Hugging Face folder it came from; the temporary export is removed."""
-    from test_merge import load_tool
+    from conftest import load_tool
 
     from ellama_megatron.convert.importer import import_hf
 

@@ -16,10 +16,10 @@ from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.llama.hf import GENERIC_CONFIG_KEYS, hf_config_dict
 
 
-def test_export_keeps_the_source_config_keys(tmp_path):
+def test_export_keeps_the_source_config_keys(tmp_path, tiny_tokenizer):
     from transformers import LlamaForCausalLM
 
-    hf = make_hf(tmp_path / "hf")
+    hf = make_hf(tmp_path / "hf", tiny_tokenizer)
     source = json.loads((hf / "config.json").read_text())
     source.update(pad_token_id=0, unk_token_id=3, eos_token_id=[2, 3])  # keys our config does not hold
     (hf / "config.json").write_text(json.dumps(source))

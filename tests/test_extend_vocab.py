@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, call_tool
 
 from ellama_megatron.data.serializers import load_template, serialize
 from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
-REPO = Path(__file__).resolve().parent.parent
 NUM_TOKENS = 40
 
 
@@ -34,28 +34,22 @@ def extended(tmp_path_factory):
     tok_dir = train_tiny_tokenizer(sample_texts(300) + general[:100], root / "tok", vocab_size=512)
     base = write_random_hf_llama(root / "base", load_model_config("tiny"), seed=0, tokenizer_dir=tok_dir)
     out = root / "extended"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "tools/extend_vocab.py",
-            "--hf-dir",
-            str(base),
-            "--corpus",
-            str(corpora["listings"]),
-            "--template",
-            "listing",
-            "--num-tokens",
-            str(NUM_TOKENS),
-            "--out",
-            str(out),
-            "--general",
-            str(corpora["general_en"]),
-            "--heldout-fraction",
-            "0.1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    r = call_tool(
+        "tools/extend_vocab.py",
+        "--hf-dir",
+        base,
+        "--corpus",
+        corpora["listings"],
+        "--template",
+        "listing",
+        "--num-tokens",
+        NUM_TOKENS,
+        "--out",
+        out,
+        "--general",
+        corpora["general_en"],
+        "--heldout-fraction",
+        "0.1",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("done: 40 new tokens")
@@ -228,22 +222,16 @@ def test_llama3_layout_and_tied_embeddings(tmp_path):
 
 def test_bad_input_fails_before_work(tmp_path):
     (tmp_path / "base").mkdir()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "tools/extend_vocab.py",
-            "--hf-dir",
-            str(tmp_path / "base"),
-            "--corpus",
-            str(tmp_path / "c.jsonl"),
-            "--num-tokens",
-            "3",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    r = call_tool(
+        "tools/extend_vocab.py",
+        "--hf-dir",
+        tmp_path / "base",
+        "--corpus",
+        tmp_path / "c.jsonl",
+        "--num-tokens",
+        "3",
+        "--out",
+        tmp_path / "o",
     )
     assert r.returncode != 0 and "tokenizer.json" in r.stderr
     assert not (tmp_path / "o").exists()

@@ -167,7 +167,7 @@ def test_heartbeats_are_written_whole_and_read_back(tmp_path):
 def test_fewer_nodes_keep_the_global_batch_where_the_layout_divides():
     """The paper's 70B layout (TP 8 x PP 4 = 32 GPUs a replica, global batch 1440) on 60 nodes of 8:
     with 57 usable the most that divides is 48 (DP 12, 120 micro-batches a step); none from 41 to 47."""
-    from test_launch import PAPER_70B, composed
+    from conftest import PAPER_70B, composed
 
     from ellama_megatron.run.plan import RunPlan
 
@@ -201,8 +201,7 @@ def test_a_node_lost_with_the_partition_short_waits_or_goes_on_with_fewer_nodes(
     four. It waits (said in the event), or under resilience.min_nodes goes on with two, same global batch."""
     import os
 
-    from conftest import data_overrides
-    from test_launch import composed
+    from conftest import composed, data_overrides
 
     from ellama_megatron.launch import slurm
     from ellama_megatron.launch.prepare import prepare

@@ -1,6 +1,6 @@
 """tools/fit_mix.py and sweep/mix_*.py: the D-CPT law fitted to a mix sweep recovers a known law and
 its recommended share; on a real tiny-model sweep (tests/data/mix_sweep_tiny: general prose against
-Python source, made by recipes/sweep.py with hydra/sweeper=mix_tiny, docs/data.md) every point held
+Python source, made by recipes/sweep.py with hydra/sweeper=mix_tiny, docs/sweeps.md) every point held
 out of the fit is predicted within 5%; bad tables are refused naming the file and the field."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, call_tool
 
 from ellama_megatron.data.blend_plan import resolve_shares
 from ellama_megatron.sweep.mix_law import DcptLaw, LawFit, MixLawError, fit_law, fit_sweep
@@ -19,7 +20,6 @@ from ellama_megatron.sweep.mix_recommend import recommend
 from ellama_megatron.sweep.mix_report import fit_mix
 from ellama_megatron.sweep.table import read_points
 
-REPO = Path(__file__).resolve().parent.parent
 MEASURED = REPO / "tests" / "data" / "mix_sweep_tiny" / "sweep_table.json"  # made by recipes/sweep.py (README there)
 
 # Two known laws, each in its own group's share (the general loss rises as its share shrinks).
@@ -82,13 +82,7 @@ def test_the_measured_tiny_sweep_predicts_each_held_out_point_within_5_percent(t
     recipes/sweep.py with hydra/sweeper=mix_tiny; README beside the table): the report gives, per
     point and domain, the error of a fit on the other 11 points predicting it, and each is within
     5% (measured: code 1.39%, general 2.09%)."""
-    proc = subprocess.run(
-        [sys.executable, "tools/fit_mix.py", str(MEASURED), "--out", str(tmp_path), "--tokens", "491520"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = call_tool("tools/fit_mix.py", MEASURED, "--out", tmp_path, "--tokens", "491520")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "fit_mix.json").read_text())
     points = read_points(MEASURED)

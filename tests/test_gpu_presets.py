@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import composed
 
-from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.engine.train import RANK_ENVIRONMENT
 from ellama_megatron.llama.megatron import megatron_overrides, parse_megatron_args
@@ -45,8 +44,7 @@ def h100_rank(monkeypatch):
         monkeypatch.setenv(name, value)
 
     def argv_for(preset: str, transformer_impl: str, tmp_path) -> tuple[RunPlan, list[str]]:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose("config", overrides=[f"run_dir={tmp_path / 'run'}", *PRESETS[preset]])
+        cfg = composed(f"run_dir={tmp_path / 'run'}", *PRESETS[preset])
         plan = RunPlan.from_cfg(cfg)
         monkeypatch.setenv("WORLD_SIZE", str(plan.world_size))
         return plan, megatron_argv(cfg, plan.model, transformer_impl)

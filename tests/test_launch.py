@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, data_overrides
-from hydra import compose, initialize_config_dir
+from conftest import PAPER_70B, REPO, composed, data_overrides
 from omegaconf import OmegaConf
 
-from ellama_megatron import CONF_DIR
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch import slurm
 from ellama_megatron.launch.prepare import prepare
@@ -18,13 +16,6 @@ from ellama_megatron.run.memory import check_fits
 from ellama_megatron.run.plan import LayoutError, RunPlan, padded_vocab_size
 from ellama_megatron.run.progress import DONE_FILE, LATEST_ITERATION_FILE
 from ellama_megatron.run.schema import ConfigError
-
-PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 def test_run_plan_numbers_are_the_megatron_argvs():

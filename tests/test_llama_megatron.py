@@ -8,10 +8,9 @@ import functools
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from omegaconf import OmegaConf
 
-from ellama_megatron import CONF_DIR
 from ellama_megatron.llama.config import LlamaConfig
 
 # Fields that differ on purpose. --verify loads every parameter from the checkpoint, so it skips the
@@ -34,8 +33,7 @@ def training_config(overrides: list[str], run_dir, monkeypatch):
     from ellama_megatron.engine.megatron_args import megatron_argv
     from ellama_megatron.llama.megatron import parse_megatron_args
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"run_dir={run_dir}", "model=tiny", *overrides])
+    cfg = composed(f"run_dir={run_dir}", "model=tiny", *overrides)
     assert cfg.cluster.accelerator == "cpu"
     model = LlamaConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     monkeypatch.setenv("WORLD_SIZE", str(int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)))
@@ -97,8 +95,7 @@ def test_lr_schedule_presets_parse_as_megatron_arguments(optim, tmp_path, monkey
     from ellama_megatron.llama.megatron import parse_megatron_args
     from ellama_megatron.run.plan import RunPlan
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"run_dir={tmp_path}", "model=tiny", "train.train_tokens=1024000", *optim])
+    cfg = composed(f"run_dir={tmp_path}", "model=tiny", "train.train_tokens=1024000", *optim)
     plan = RunPlan.from_cfg(cfg)
     monkeypatch.setenv("WORLD_SIZE", str(plan.world_size))
     args = parse_megatron_args(megatron_argv(cfg, plan.model, "local"))
@@ -120,8 +117,7 @@ def test_lr_schedule_checks_name_the_key(tmp_path):
     from ellama_megatron.run.schema import typed
 
     def problems(*overrides):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose("config", overrides=[f"run_dir={tmp_path}", *overrides])
+        cfg = composed(f"run_dir={tmp_path}", *overrides)
         return " ".join(typed(cfg, "optim").problems())
 
     assert "optim.lr_warmup_init=0.001 must be in [0, optim.lr=3e-05]" in problems("optim.lr_warmup_init=1e-3")

@@ -13,8 +13,6 @@ import pytest
 
 from ellama_megatron.eval import TASKS_DIR
 from ellama_megatron.eval.sample_tasks import LANGUAGES, TASK_TYPES, write_sample_task_data
-from ellama_megatron.llama.config import load_model_config
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
 LM_EVAL = shutil.which("lm_eval", path=str(Path(os.sys.executable).parent))
 
@@ -46,9 +44,8 @@ def test_every_task_file_has_sample_data_and_loads(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(LM_EVAL is None, reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
-def test_lm_eval_runs_ecom_tasks_offline(tmp_path):
-    tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
-    model = write_random_hf_llama(tmp_path / "model", load_model_config("tiny"), seed=0, tokenizer_dir=tok)
+def test_lm_eval_runs_ecom_tasks_offline(tmp_path, tiny_hf):
+    model = tiny_hf
     data = tmp_path / "data"
     write_sample_task_data(data, per_task=4)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

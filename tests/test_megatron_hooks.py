@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from ellama_megatron.engine.megatron_hooks import HOOKS
 
-REPO = Path(__file__).resolve().parent.parent
 # The three modules allowed to replace attributes of Megatron's modules, each with its pinned list.
 SEAMS = {
     "ellama_megatron/engine/megatron_hooks.py",  # the training loop (HOOKS)
@@ -106,19 +106,18 @@ def test_the_scan_finds_a_replacement(tmp_path):
         path.unlink()
 
 
-def test_install_wraps_every_hook_in_order():
-    code = (
-        "import importlib\n"
-        "from ellama_megatron.engine.megatron_hooks import HOOKS, LoopHooks, install\n"
-        "originals = [getattr(importlib.import_module(h.module), h.attribute) for h in HOOKS]\n"
-        "install(LoopHooks())\n"
-        "for h, o in zip(HOOKS, originals):\n"
-        "    now = getattr(importlib.import_module(h.module), h.attribute)\n"
-        "    assert now is not o and now.__wrapped__ is o, h.attribute\n"
-        "print('ok')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+def test_install_wraps_every_hook_in_order(monkeypatch):
+    """In this process: monkeypatch records each original first and puts it back after the test."""
+    from ellama_megatron.engine.megatron_hooks import LoopHooks, install
+
+    modules = [importlib.import_module(h.module) for h in HOOKS]
+    originals = [getattr(m, h.attribute) for m, h in zip(modules, HOOKS)]
+    for m, h, o in zip(modules, HOOKS, originals):
+        monkeypatch.setattr(m, h.attribute, o)
+    install(LoopHooks())
+    for m, h, o in zip(modules, HOOKS, originals):
+        now = getattr(m, h.attribute)
+        assert now is not o and now.__wrapped__ is o, h.attribute
 
 
 def test_straggler_clock_names_the_slow_rank_and_reports_a_sustained_one(tmp_path):

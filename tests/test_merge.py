@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, load_tool
 from conftest import load_safetensors_folder as load_all
 from safetensors.torch import load_file, save_file
 
@@ -22,19 +23,16 @@ from ellama_megatron.merge.methods import SLERP_PARALLEL_THRESHOLD
 from ellama_megatron.merge.request import MergeInputError
 from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("merge_models")
     cfg = load_model_config("tiny")
-    tok = train_tiny_tokenizer(sample_texts(100), root / "tok")
     # ~100 KB shards: the tiny model (about 1 MB) spans 10 shard files.
-    base = write_random_hf_llama(root / "base", cfg, seed=0, tokenizer_dir=tok, max_shard_size="100KB")
-    adapted = write_random_hf_llama(root / "adapted", cfg, seed=1, tokenizer_dir=tok, max_shard_size="100KB")
-    other = write_random_hf_llama(root / "other", cfg, seed=2, tokenizer_dir=tok, max_shard_size="100KB")
-    return {"root": root, "cfg": cfg, "tok": tok, "base": base, "adapted": adapted, "other": other}
+    base = write_random_hf_llama(root / "base", cfg, seed=0, tokenizer_dir=tiny_tokenizer, max_shard_size="100KB")
+    adapted = write_random_hf_llama(root / "adapted", cfg, seed=1, tokenizer_dir=tiny_tokenizer, max_shard_size="100KB")
+    other = write_random_hf_llama(root / "other", cfg, seed=2, tokenizer_dir=tiny_tokenizer, max_shard_size="100KB")
+    return {"root": root, "cfg": cfg, "tok": tiny_tokenizer, "base": base, "adapted": adapted, "other": other}
 
 
 def test_linear_merge_is_the_formula_and_keeps_layout(models, tmp_path):
@@ -194,15 +192,6 @@ def test_refuses_different_tokenizer(models, tmp_path):
     shutil.copy2(tmp_path / "tok2" / "tokenizer.json", d / "tokenizer.json")
     with pytest.raises(MergeInputError, match=r"tokenizer differs: tokenizer\.json .* differ at model\."):
         merge_hf_folders(models["base"], [d], [0.5], tmp_path / "m", progress=False)
-
-
-def load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_cli_refusals(models, tmp_path, capsys):

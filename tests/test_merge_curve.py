@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from ellama_megatron.eval.heldout_data import parse_domain_spec
@@ -16,17 +16,16 @@ from ellama_megatron.eval.merge_curve import run_merge_curve
 from ellama_megatron.eval.perplexity import evaluate_model_dir
 from ellama_megatron.eval.training_curves import plot_training_curves, read_curves
 from ellama_megatron.llama.config import load_model_config
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
-
-REPO = Path(__file__).resolve().parent.parent
+from ellama_megatron.testing.tiny_llama import sample_texts, write_random_hf_llama
 
 
 @pytest.mark.slow
-def test_merge_curve_writes_table_json_and_png(tmp_path):
-    tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
+def test_merge_curve_writes_table_json_and_png(tmp_path, tiny_tokenizer):
     cfg = load_model_config("tiny")
-    base = write_random_hf_llama(tmp_path / "base", cfg, seed=0, tokenizer_dir=tok, max_shard_size="200KB")
-    adapted = write_random_hf_llama(tmp_path / "adapted", cfg, seed=1, tokenizer_dir=tok, max_shard_size="200KB")
+    base = write_random_hf_llama(tmp_path / "base", cfg, seed=0, tokenizer_dir=tiny_tokenizer, max_shard_size="200KB")
+    adapted = write_random_hf_llama(
+        tmp_path / "adapted", cfg, seed=1, tokenizer_dir=tiny_tokenizer, max_shard_size="200KB"
+    )
     specs = []
     for name, seed in [("general", 1), ("ecommerce", 2)]:
         p = tmp_path / f"{name}.jsonl"
@@ -57,15 +56,15 @@ def test_merge_curve_writes_table_json_and_png(tmp_path):
 
 
 @pytest.mark.slow
-def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folders(tmp_path):
+def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folders(tmp_path, tiny_tokenizer):
     """--base/--adapted as Megatron checkpoints (mixed with a HF folder too): exported once each,
     the same numbers as the curve of the Hugging Face folders they came from."""
     from ellama_megatron.convert.importer import import_hf
 
-    tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
     cfg = load_model_config("tiny")
     hf = {
-        n: write_random_hf_llama(tmp_path / f"{n}_hf", cfg, seed=s, tokenizer_dir=tok) for n, s in (("b", 0), ("a", 1))
+        n: write_random_hf_llama(tmp_path / f"{n}_hf", cfg, seed=s, tokenizer_dir=tiny_tokenizer)
+        for n, s in (("b", 0), ("a", 1))
     }
     for n in hf:
         import_hf(hf[n], tmp_path / f"{n}_ckpt", quiet=True)
@@ -88,15 +87,14 @@ def test_merge_curve_of_megatron_checkpoints_equals_the_curve_of_their_hf_folder
 
 
 @pytest.mark.slow
-def test_merge_curve_with_the_average_of_a_runs_last_checkpoints(tmp_path):
+def test_merge_curve_with_the_average_of_a_runs_last_checkpoints(tmp_path, tiny_tokenizer):
     """--average-of SAVE --last 3: one more point, off the alpha axis, whose perplexities are those
     of the average written as a Hugging Face folder."""
     from test_average import make_run
 
     from ellama_megatron.merge.average import average_checkpoints, select_checkpoints
 
-    tok = train_tiny_tokenizer(sample_texts(100), tmp_path / "tok")
-    save = make_run(tmp_path / "run" / "checkpoints", load_model_config("tiny"), tok, [10, 20, 30, 40])
+    save = make_run(tmp_path / "run" / "checkpoints", load_model_config("tiny"), tiny_tokenizer, [10, 20, 30, 40])
     p = tmp_path / "general.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(4, 1)))
     q = tmp_path / "ecommerce.jsonl"

@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import call_tool
 from conftest import load_safetensors_folder as load_all
 
 from ellama_megatron.convert.exporter import export_hf
@@ -23,9 +22,7 @@ from ellama_megatron.llama.config import load_model_config
 from ellama_megatron.merge.merge_hf import merge_hf_folders
 from ellama_megatron.merge.merge_megatron import merge_megatron_checkpoints
 from ellama_megatron.merge.request import MergeInputError
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer, write_random_hf_llama
-
-REPO = Path(__file__).resolve().parent.parent
+from ellama_megatron.testing.tiny_llama import write_random_hf_llama
 
 
 def megatron_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -34,14 +31,15 @@ def megatron_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, tiny_tokenizer):
     """Two different random tiny HF models with one tokenizer, imported; and their exports."""
     root = tmp_path_factory.mktemp("merge_megatron")
     cfg = load_model_config("tiny")
-    tok = train_tiny_tokenizer(sample_texts(100), root / "tok")
-    out = {"root": root, "cfg": cfg, "tok": tok}
+    out = {"root": root, "cfg": cfg, "tok": tiny_tokenizer}
     for name, seed in (("base", 0), ("adapted", 1)):
-        hf = write_random_hf_llama(root / f"{name}_hf", cfg, seed=seed, tokenizer_dir=tok, max_shard_size="100KB")
+        hf = write_random_hf_llama(
+            root / f"{name}_hf", cfg, seed=seed, tokenizer_dir=tiny_tokenizer, max_shard_size="100KB"
+        )
         import_hf(hf, root / f"{name}_ckpt", quiet=True)
         export_hf(root / f"{name}_ckpt", root / f"{name}_exported", quiet=True)
         out[name] = root / f"{name}_ckpt"
@@ -138,16 +136,17 @@ def test_refuses_different_tokenizer(ckpts, tmp_path):
 
 
 def test_cli_merges_megatron_and_refuses_mixed_or_unknown_inputs(ckpts, tmp_path, capsys):
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, str(REPO / "tools" / "merge.py"), *map(str, args)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    p = run("--base", ckpts["base"], "--adapted", ckpts["adapted"], "--alpha", "0.25", "--out", tmp_path / "m")
+    p = call_tool(
+        "tools/merge.py",
+        "--base",
+        ckpts["base"],
+        "--adapted",
+        ckpts["adapted"],
+        "--alpha",
+        "0.25",
+        "--out",
+        tmp_path / "m",
+    )
     assert p.returncode == 0, p.stderr
     assert "Megatron checkpoint" in p.stdout.splitlines()[-1]
     want = {
@@ -155,7 +154,7 @@ def test_cli_merges_megatron_and_refuses_mixed_or_unknown_inputs(ckpts, tmp_path
     }
     got = megatron_tensors(tmp_path / "m")
     assert all(torch.equal(got[k], want[k]) for k in want)
-    from test_merge import load_tool
+    from conftest import load_tool
 
     merge_main = load_tool("merge").main
     assert (

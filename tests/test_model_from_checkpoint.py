@@ -8,10 +8,8 @@ import dataclasses
 
 import pytest
 import yaml
-from conftest import data_overrides
-from hydra import compose, initialize_config_dir
+from conftest import composed, data_overrides
 
-from ellama_megatron import CONF_DIR
 from ellama_megatron.formats.megatron_checkpoint import megatron_layout, write_record
 from ellama_megatron.launch.prepare import prepare
 from ellama_megatron.llama.config import load_model_config
@@ -37,11 +35,6 @@ SMOLLM2 = dataclasses.replace(
     bos_token_id=0,
     eos_token_id=0,
 ).to_dict()
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.fixture

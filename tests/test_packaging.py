@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "ellama_megatron"
 PRESETS = sorted(p.relative_to(REPO).as_posix() for p in (PACKAGE / "conf").rglob("*.yaml"))
 TASK_FILES = sorted(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import PAPER_70B, REPO, call_tool, composed
 
-from ellama_megatron import CONF_DIR
 from ellama_megatron.llama.config import (
     attention_flops_per_token,
     flops_per_token,
@@ -20,14 +18,7 @@ from ellama_megatron.llama.config import (
 from ellama_megatron.run.memory import GIB, check_fits, enumerate_layouts
 from ellama_megatron.run.plan import LayoutError, padded_vocab_size
 
-REPO = Path(__file__).resolve().parent.parent
-PAPER_70B = ["model=llama31_70b", "parallel=llama31_70b_480", "optim=cpt_70b", "train=paper", "cluster=slurm_h100"]
 NODE_8B = ["model=llama31_8b", "parallel=llama31_8b_node", "train=paper", "cluster=slurm_h100", "cluster.nodes=8"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose("config", overrides=overrides)
 
 
 def megatron_reference_args(report):
@@ -71,7 +62,7 @@ def megatron_reference_args(report):
 @pytest.mark.parametrize("overrides", [PAPER_70B, NODE_8B], ids=["70b_480", "8b_64"])
 def test_memory_matches_megatron_reference(overrides):
     tmu = pytest.importorskip("megatron.training.theoretical_memory_usage")
-    report = check_fits(compose_cfg(overrides))
+    report = check_fits(composed(*overrides))
     args = megatron_reference_args(report)
     ref_states = tmu.compute_weight_and_optimizer_memory(args)
     ref_act = tmu.compute_activation_memory(args, num_microbatches=report.layout.grad_accumulation)
@@ -83,7 +74,7 @@ def test_memory_matches_megatron_reference(overrides):
 
 
 def test_paper_70b_layout_fits_80gb_and_counts():
-    report = check_fits(compose_cfg(PAPER_70B))
+    report = check_fits(composed(*PAPER_70B))
     d = report.as_dict()
     assert (d["world_size"], d["tp"], d["pp"], d["vp"], d["dp"]) == (480, 8, 4, 5, 15)
     assert d["grad_accumulation"] == 1440 // 15
@@ -109,7 +100,7 @@ def test_parameters_and_flops_of_the_presets_by_hand():
 
 def test_flops_match_paper_throughput():
     """The paper: ~817 tokens/s/GPU is ~345 TFLOP/s/GPU by 6*N*tokens (PAPER.md)."""
-    report = check_fits(compose_cfg(PAPER_70B))
+    report = check_fits(composed(*PAPER_70B))
     six_n = 6 * matmul_params(report.model) * 817 / 1e12
     assert six_n == pytest.approx(345, rel=0.15)
     # With the attention term (PaLM's convention) the same throughput is more model FLOPs.
@@ -118,13 +109,11 @@ def test_flops_match_paper_throughput():
 
 
 def test_oversized_layout_refused_with_numbers():
-    cfg = compose_cfg(
-        PAPER_70B
-        + [
-            "parallel.tensor_model_parallel_size=1",
-            "parallel.pipeline_model_parallel_size=1",
-            "parallel.virtual_pipeline_model_parallel_size=null",
-        ]
+    cfg = composed(
+        *PAPER_70B,
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=1",
+        "parallel.virtual_pipeline_model_parallel_size=null",
     )
     report = check_fits(cfg)
     assert not report.fits
@@ -135,49 +124,41 @@ def test_oversized_layout_refused_with_numbers():
 
 def test_invalid_layout_names_the_field():
     with pytest.raises(LayoutError, match="tensor_model_parallel_size=3"):
-        check_fits(compose_cfg(PAPER_70B + ["parallel.tensor_model_parallel_size=3"]))
+        check_fits(composed(*PAPER_70B, "parallel.tensor_model_parallel_size=3"))
     with pytest.raises(LayoutError, match="global_batch_size"):
-        check_fits(compose_cfg(PAPER_70B + ["train.global_batch_size=1000"]))
+        check_fits(composed(*PAPER_70B, "train.global_batch_size=1000"))
 
 
 def test_recompute_and_sequence_parallel_lower_memory():
-    base = check_fits(compose_cfg(NODE_8B + ["cluster.accelerator=gpu"])).memory.activations
-    no_sp = check_fits(compose_cfg(NODE_8B + ["parallel.sequence_parallel=false"])).memory.activations
-    full = check_fits(compose_cfg(NODE_8B + ["parallel.recompute_granularity=full"])).memory.activations
+    base = check_fits(composed(*NODE_8B, "cluster.accelerator=gpu")).memory.activations
+    no_sp = check_fits(composed(*NODE_8B, "parallel.sequence_parallel=false")).memory.activations
+    full = check_fits(composed(*NODE_8B, "parallel.recompute_granularity=full")).memory.activations
     assert full < base < no_sp
 
 
 def test_enumerate_layouts_includes_paper_layout():
-    report = check_fits(compose_cfg(PAPER_70B))
+    report = check_fits(composed(*PAPER_70B))
     layouts = {(layout.tp, layout.pp, layout.cp) for layout in enumerate_layouts(report.layout)}
     assert (8, 4, 1) in layouts and (4, 8, 1) in layouts
     assert all(480 % (tp * pp * cp) == 0 for tp, pp, cp in layouts)
 
 
 def test_plan_cli_exit_codes():
-    ok = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
+    ok = call_tool("tools/plan.py", *PAPER_70B)
     assert ok.returncode == 0, ok.stderr
     assert "480 = 60 nodes x 8" in ok.stdout and "fits" in ok.stdout
     # The run's LR curve from Megatron's scheduler: optim=cpt_70b's peak after 1% of 84,772 iterations.
     assert "learning rate (cosine, Megatron's scheduler) over 84,772 iterations" in ok.stdout
     assert "iteration       848  lr 1.500e-05  peak (end of warmup)" in ok.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "tools/plan.py",
-            *PAPER_70B,
-            "parallel.pipeline_model_parallel_size=1",
-            "parallel.virtual_pipeline_model_parallel_size=null",
-            "parallel.tensor_model_parallel_size=1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    bad = call_tool(
+        "tools/plan.py",
+        *PAPER_70B,
+        "parallel.pipeline_model_parallel_size=1",
+        "parallel.virtual_pipeline_model_parallel_size=null",
+        "parallel.tensor_model_parallel_size=1",
     )
     assert bad.returncode == 1 and "REFUSED" in bad.stderr
-    listing = subprocess.run(
-        [sys.executable, "tools/plan.py", "--list-layouts", *PAPER_70B], cwd=REPO, capture_output=True, text=True
-    )
+    listing = call_tool("tools/plan.py", "--list-layouts", *PAPER_70B)
     assert listing.returncode == 0 and "TP8 PP4 VP5 CP1 DP15" in listing.stdout
 
 
@@ -201,7 +182,7 @@ def test_recipe_refuses_oversized_layout_before_launch(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    report = check_fits(compose_cfg(["model=llama31_70b", "parallel=single", "train=paper", "cluster=slurm_h100"]))
+    report = check_fits(composed("model=llama31_70b", "parallel=single", "train=paper", "cluster=slurm_h100"))
     assert not report.fits
     assert (
         f"does not fit the GPU: layout TP1 PP1 CP1 DP480 of llama31_70b needs {report.memory.total / GIB:.1f} GiB"

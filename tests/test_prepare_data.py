@@ -19,14 +19,8 @@ from ellama_megatron.data.readers import InputError
 from ellama_megatron.data.serializers import RecordSerializer, load_template
 from ellama_megatron.formats import indexed_dataset
 from ellama_megatron.testing.demo_corpora import write_demo_corpora
-from ellama_megatron.testing.tiny_llama import sample_texts, train_tiny_tokenizer
 
 SOURCES = {"listings": "listing", "general_en": "plain"}  # source -> template
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return train_tiny_tokenizer(sample_texts(300), tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +28,11 @@ def corpora(tmp_path_factory):
     return write_demo_corpora(tmp_path_factory.mktemp("raw"), docs=1500, seed=5)  # ~2 MB in these two sources
 
 
-def _opts(corpus, prefix, tokenizer_dir, template, **kw) -> PreprocessOptions:
+def _opts(corpus, prefix, data_tokenizer, template, **kw) -> PreprocessOptions:
     return PreprocessOptions(
         [str(corpus)],
         str(prefix),
-        str(tokenizer_dir),
+        str(data_tokenizer),
         RecordSerializer(load_template(template), id_key=kw.pop("id_key", "id")),
         valid_fraction=0.1,
         progress=False,
@@ -62,13 +56,13 @@ def _task_files(prefix: Path, tasks: int) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def local_runs(tmp_path_factory, tokenizer_dir, corpora):
+def local_runs(tmp_path_factory, data_tokenizer, corpora):
     """preprocess_data.py's outputs and the local executor's (4 tasks) for each source."""
     tmp = tmp_path_factory.mktemp("local")
     runs = {}
     for source, template in SOURCES.items():
-        ref = preprocess(_opts(corpora[source], tmp / "ref" / source, tokenizer_dir, template))
-        opts = _opts(corpora[source], tmp / "tasks" / source, tokenizer_dir, template)
+        ref = preprocess(_opts(corpora[source], tmp / "ref" / source, data_tokenizer, template))
+        opts = _opts(corpora[source], tmp / "tasks" / source, data_tokenizer, template)
         manifest = prepare(opts, ExecutorSettings("local", tasks=4))
         runs[source] = (ref, manifest, tmp / "ref" / source, tmp / "tasks" / source, opts)
     return runs
@@ -149,7 +143,7 @@ def test_rerun_skips_completed_tasks_and_redoes_a_failed_one(tmp_path, local_run
     assert again["splits"] == manifest["splits"]
 
 
-def test_domain_filter_step_keeps_exactly_the_documents_over_the_threshold(tmp_path, tokenizer_dir, corpora):
+def test_domain_filter_step_keeps_exactly_the_documents_over_the_threshold(tmp_path, data_tokenizer, corpora):
     from tokenizers import Tokenizer
 
     from ellama_megatron.classify.features import FeatureConfig
@@ -178,7 +172,7 @@ def test_domain_filter_step_keeps_exactly_the_documents_over_the_threshold(tmp_p
     opts = PreprocessOptions(
         [str(mixed)],
         str(tmp_path / "out" / "web"),
-        str(tokenizer_dir),
+        str(data_tokenizer),
         RecordSerializer(load_template("plain")),
         progress=False,
         shard_bytes=32 << 10,
@@ -186,7 +180,10 @@ def test_domain_filter_step_keeps_exactly_the_documents_over_the_threshold(tmp_p
         domain_threshold=threshold,
     )
     manifest = prepare(opts, ExecutorSettings("local", tasks=3))
-    tok, eod = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), manifest["documents"]["eod"]["token_id"]
+    tok, eod = (
+        Tokenizer.from_file(str(data_tokenizer / "tokenizer.json")),
+        manifest["documents"]["eod"]["token_id"],
+    )
     expected = [tok.encode(t).ids + [eod] for t, s in zip(texts, scores) if s > threshold]
     got = [d for p in manifest["splits"]["train"]["parts"] for d in _docs(tmp_path / "out" / p["prefix"])]
     assert 0 < len(got) < len(texts)

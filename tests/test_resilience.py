@@ -197,7 +197,7 @@ def fake_scontrol(tmp_path) -> Path:
 
 
 def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tmp_path, monkeypatch):
-    from test_launch import composed
+    from conftest import composed
 
     from ellama_megatron.launch import slurm
     from ellama_megatron.launch.prepare import prepare
@@ -233,7 +233,7 @@ def test_slurm_requeues_exit_16_without_the_node_and_stops_on_17(domain_data, tm
 
 
 def test_resilience_config_becomes_megatron_flags_and_bad_values_are_refused(domain_data, tmp_path):
-    from test_launch import PAPER_70B, composed
+    from conftest import PAPER_70B, composed
 
     from ellama_megatron.engine.megatron_args import checkpoint_args, resilience_args
     from ellama_megatron.launch.prepare import prepare

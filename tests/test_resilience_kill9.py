@@ -1,7 +1,7 @@
 """kill -9 at random moments, some in the middle of a save: every relaunch of recipes/cpt.py resumes from
 the last complete checkpoint, and the run ends with the losses of an uninterrupted one.
 
-The number of kills is ELLAMA_TEST_KILL_CYCLES (default 1, what CI's time allows; docs/engine.md records
+The number of kills is ELLAMA_TEST_KILL_CYCLES (default 1, what CI's time allows; docs/benchmarks.md records
 a 20-cycle run by hand), their moments drawn from ELLAMA_TEST_KILL_SEED (default 1: its one kill is of
 every process in the middle of a save, the case that loses most)."""
 

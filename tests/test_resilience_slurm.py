@@ -10,13 +10,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import rejections
+from conftest import REPO, rejections
 from test_slurm import SBATCH_CPU, TINY
 
 from ellama_megatron.formats.train_log import iterations_logged
 from ellama_megatron.run.progress import LATEST_ITERATION_FILE
 
-REPO = Path(__file__).resolve().parent.parent
 OTHER_NODE_SUFFIX = "-other"
 
 # slurm/launch.sh sources ELLAMA_SITE_ENV at each start of the job. A one-machine cluster has no second

@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, data_overrides
-from test_launch import PAPER_70B, composed
+from conftest import PAPER_70B, REPO, call_tool, composed, data_overrides
 
 from ellama_megatron.engine.megatron_args import megatron_argv
 from ellama_megatron.launch.prepare import prepare
@@ -141,7 +140,7 @@ def test_plan_tool_and_dry_run_print_the_interval(domain_data, tmp_path):
     ]
     assert plan.save_interval_lines() == expected
     assert plan.summary_lines()[-4:] == expected  # what every launch prints
-    tool = subprocess.run([sys.executable, "tools/plan.py", *PAPER_70B], cwd=REPO, capture_output=True, text=True)
+    tool = call_tool("tools/plan.py", *PAPER_70B)
     assert tool.returncode == 0, tool.stderr
     assert all(line in tool.stdout for line in expected)
     dry = subprocess.run(

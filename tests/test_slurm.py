@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from ellama_megatron.formats.train_log import parse_train_log, requeues
 from ellama_megatron.testing.slurm import SBATCH_CPU
 
-REPO = Path(__file__).resolve().parent.parent
 # Periodic validation included: each evaluation is one full pass over whole DP steps, so a resumed
 # run logs the same validation losses as an uninterrupted one (compared below).
 TINY = ["model=tiny", "parallel=single", "train=tiny", "optim=cpt", "cluster=local_cpu", "checkpoint.save_interval=5"]

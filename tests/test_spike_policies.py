@@ -118,8 +118,7 @@ def test_slurm_requeues_a_result_diagnosed_correct_on_another_node_under_skip(do
     Megatron's SECOND_RERUN_REPRODUCIBLE. Under skip the job goes on past the iteration."""
     import os
 
-    from conftest import data_overrides
-    from test_launch import composed
+    from conftest import composed, data_overrides
     from test_resilience import fake_scontrol, slurm_env
 
     from ellama_megatron.launch import slurm
@@ -145,8 +144,7 @@ def test_rollback_target_is_the_newest_checkpoint_far_enough_back():
 
 
 def test_policy_keys_are_checked(domain_data, tmp_path):
-    from conftest import data_overrides
-    from test_launch import composed
+    from conftest import composed, data_overrides
 
     from ellama_megatron.launch.prepare import prepare
     from ellama_megatron.run.schema import ConfigError

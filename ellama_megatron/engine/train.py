@@ -8,6 +8,7 @@ Megatron's arguments and hands over to ``megatron.training.pretrain``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from functools import partial
@@ -167,6 +168,11 @@ def run(cfg) -> None:
     cache = Path(cfg.run_dir) / "dataset_cache"
     # .get: a run folder written before the key existed checks its ids too
     token_ids = TokenIdCheck(model.vocab_size) if cfg.resilience.get("check_token_ids", True) else None
+    # The imports (torch, Megatron, transformers) leave millions of long-lived objects that every full
+    # collection walks again, and Megatron's optimizer-state sharding calls gc.collect() at each save:
+    # frozen, they are left out of every collection (nothing imported is ever garbage). A tiny CPU
+    # run's saves after the first took 0.5 s each, 0.17 s frozen; the losses are the same.
+    gc.freeze()
     training.pretrain(
         container,
         datasets_provider(blend, model.eos_token_id, model.vocab_size, cache, traced=token_ids is not None),

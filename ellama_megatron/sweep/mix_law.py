@@ -145,6 +145,20 @@ def fit_law(domain: str, share, tokens, loss, parameters=None, eps: float = EPS)
     def residuals(theta):
         return (predict(theta) - y) * w
 
+    log_r = np.log(np.where(r > 0, r, 1.0))  # where r = 0 the B term and its derivatives are 0
+    log_ds, log_ns, log_re = np.log(ds), np.log(ns), np.log(r + eps)
+
+    def jacobian(theta):
+        # Analytic: a finite-difference Jacobian costs 6-8 more evaluations per step and was 3/4 of a
+        # sweep fit's time (26 fits with leave-one-out).
+        b = np.exp(theta[1]) * r ** theta[4] / ds ** theta[3]
+        c = np.exp(theta[2]) / (r + eps) ** theta[5]
+        cols = [np.ones_like(r), b, c, -b * log_ds, b * log_r, -c * log_re]
+        if with_n:
+            a = np.exp(theta[6]) / ns ** theta[7]
+            cols += [a, -a * log_ns]
+        return np.stack(cols, axis=1) * w[:, None]
+
     best = None
     for _, exps, amps in starts[:REFINED_STARTS]:
         tiny = 1e-6 * float(y.mean())  # a zero amplitude has no log: start just above it
@@ -153,7 +167,15 @@ def fit_law(domain: str, share, tokens, loss, parameters=None, eps: float = EPS)
             theta0 += [math.log(max(amps[3], tiny)), exps[3]]
         theta0 = np.clip(theta0, np.array(lower) + 1e-9, np.array(upper) - 1e-9)
         res = least_squares(
-            residuals, theta0, bounds=(lower, upper), x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=5000
+            residuals,
+            theta0,
+            jac=jacobian,
+            bounds=(lower, upper),
+            x_scale="jac",
+            xtol=1e-12,
+            ftol=1e-12,
+            gtol=1e-12,
+            max_nfev=5000,
         )
         if best is None or res.cost < best.cost:
             best = res
