@@ -48,20 +48,6 @@ def load_tool(name: str):
     return _TOOLS[name]
 
 
-@contextlib.contextmanager
-def _environment(env: dict | None):
-    old = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def call_tool(script: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python tools/<name>.py ARGS`` from the checkout's root, run in this process: the tool's main
     through cli.run_tool as its ``__main__`` calls it, its stdout and stderr captured, ``env`` added
@@ -73,17 +59,17 @@ def call_tool(script: str, *args, env: dict | None = None) -> subprocess.Complet
     argv = [str(a) for a in args]
     main = load_tool(Path(script).stem).main
     out, err = io.StringIO(), io.StringIO()
-    old_argv = sys.argv
-    sys.argv = [script, *argv]  # argparse's prog: the script's name, as on the command line
     try:
-        with _environment(env), contextlib.chdir(REPO):
+        with pytest.MonkeyPatch.context() as mp:  # argv, env and the working folder put back after
+            mp.setattr(sys, "argv", [script, *argv])  # argparse's prog: the script's name
+            for name, value in (env or {}).items():
+                mp.setenv(name, value)
+            mp.chdir(REPO)
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = run_tool(main, argv)
     except BaseException:  # a bug of ours (run_tool lets it through): show what the tool had said
         sys.stderr.write(out.getvalue() + err.getvalue())
         raise
-    finally:
-        sys.argv = old_argv
     return subprocess.CompletedProcess([sys.executable, script, *argv], code, out.getvalue(), err.getvalue())
 
 
