@@ -217,6 +217,23 @@ def run_cpt(run_dir: Path, data, *overrides: str, timeout: int = 600, env: dict 
     return proc, parse_train_log(proc.stdout + proc.stderr)
 
 
+def rank_processes(pid: int) -> list:
+    """The engine's ranks among the descendants of process ``pid`` (psutil.Process objects): not
+    torchrun, which names the rank module too, nor the ranks' forked checkpoint helpers, which carry
+    their rank's command line (engine/train.py names them)."""
+    import psutil
+
+    from ellama_megatron.engine.train import CHECKPOINT_HELPER_NAME
+
+    return [
+        p
+        for p in psutil.Process(pid).children(recursive=True)
+        if "ellama_megatron.engine.train" in " ".join(p.cmdline())
+        and "torch.distributed.run" not in " ".join(p.cmdline())
+        and p.name() != CHECKPOINT_HELPER_NAME
+    ]
+
+
 def _slurm_unavailable(reason: str):
     message = f"local Slurm unavailable: {reason}"
     if os.environ.get("CI", "").lower() == "true":

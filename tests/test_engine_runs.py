@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import REPO, TINY_RUN, data_overrides, run_cpt
+from conftest import REPO, TINY_RUN, data_overrides, rank_processes, run_cpt
 
 from ellama_megatron.formats.train_log import parse_train_log
 
@@ -107,15 +106,6 @@ def test_resume_at_another_layout(layout, dp2, domain_data, stopped_at_10, tmp_p
     assert_same_losses_after_resume(log, ref, resumed_at=10, tolerance=1e-4)
 
 
-def _rank_processes(parent: psutil.Process) -> list[psutil.Process]:
-    return [
-        p
-        for p in parent.children(recursive=True)
-        if "ellama_megatron.engine.train" in " ".join(p.cmdline())
-        and "torch.distributed.run" not in " ".join(p.cmdline())
-    ]
-
-
 def test_sigterm_saves_then_relaunch_resumes(domain_data, tmp_path):
     run_dir = tmp_path / "run"
     # Long enough to be caught mid-run: 400 iterations.
@@ -131,12 +121,11 @@ def test_sigterm_saves_then_relaunch_resumes(domain_data, tmp_path):
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as out:
         proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        parent = psutil.Process(proc.pid)
         deadline = time.time() + 300
         while parse_train_log(log_path.read_text()).last_iteration < 5:
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
-        ranks = _rank_processes(parent)
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == 2
         for rank in ranks:
             rank.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN, data_overrides, rejections
+from conftest import REPO, TINY_RUN, data_overrides, rank_processes, rejections
 
 from ellama_megatron.formats.megatron_checkpoint import CheckpointFormatError
 from ellama_megatron.launch.run_lock import LOCK_FILE
@@ -292,6 +292,37 @@ def test_a_process_that_dies_with_its_parent_is_gone_after_the_parents_kill_9():
     assert not alive, "the child outlived its parent's kill -9"
 
 
+FORKING = """
+import multiprocessing, os, sys, time
+from ellama_megatron.runtime.parent_death import forked_children_die_with_parent
+with forked_children_die_with_parent("test-helper"):
+    inside = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+    inside.start()
+outside = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+outside.start()
+print(inside.pid, outside.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_children_forked_inside_the_block_are_named_and_die_with_their_parent():
+    """What the ranks' forked checkpoint helpers rely on (engine/train.py): the kernel clears the
+    parent-death signal of a forked child; the block arms it again, and names the child."""
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", FORKING], stdout=subprocess.PIPE, text=True)
+    inside, outside = (psutil.Process(int(pid)) for pid in parent.stdout.readline().split())
+    try:
+        assert inside.name() == "test-helper" and outside.name() != "test-helper"
+        parent.kill()
+        parent.wait()
+        gone, alive = psutil.wait_procs([inside], timeout=10)
+        assert not alive, "the child forked inside the block outlived its parent's kill -9"
+        assert outside.is_running(), "a child forked after the block is not armed"
+    finally:
+        outside.kill()
+
+
 # -- real runs (slow): Megatron's error injection, and a killed launcher --------------------------
 
 
@@ -373,12 +404,7 @@ def test_ranks_and_their_helpers_die_with_the_launcher(killed, domain_data, tmp_
             assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
         family = _descendants(launcher.pid)
-        ranks = [
-            p
-            for p in family
-            if "ellama_megatron.engine.train" in " ".join(p.cmdline())
-            and "torch.distributed.run" not in " ".join(p.cmdline())
-        ]
+        ranks = rank_processes(launcher.pid)
         assert len(ranks) >= 2, [p.cmdline() for p in family]
         torchrun = [p for p in family if "torch.distributed.run" in " ".join(p.cmdline())]
         if killed == "one rank":  # torchrun stops the others; the killed rank's helpers must not stay behind

@@ -30,6 +30,8 @@ if __name__ == "__mp_main__":
 # slurm/launch.sh exported it, a torchrun launch on a GPU node had only the user's shell.
 RANK_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
+CHECKPOINT_HELPER_NAME = "ckpt-helper"  # the forked write-results helper's process name (ps, top)
+
 
 def slurm_env_to_torch() -> None:
     """Under srun each task is a rank: expose Slurm's ids under the names torch.distributed reads."""
@@ -41,25 +43,38 @@ def slurm_env_to_torch() -> None:
 
 
 def start_checkpoint_helper_ignoring_sigterm() -> None:
-    """Start Megatron's checkpoint-writer helper now, deaf to SIGTERM.
+    """Start Megatron's checkpoint-writer helper now, deaf to SIGTERM, forked when it can be.
 
     Slurm delivers a signal to every process of a job step, not only to the ranks. A rank answers
     SIGTERM by saving a checkpoint and exiting (Megatron's exit-signal handler), but the save
-    reports through a helper process (megatron.core's write-results queue, a spawned
-    multiprocessing Manager, otherwise created at the first save) that the same SIGTERM kills
-    first: the save then fails and the run falls back to its previous checkpoint. A helper started
-    while SIGTERM is ignored keeps ignoring it (exec keeps ignored signals); Megatron installs the
-    rank's own handler afterwards. (With checkpoint.async_save on GPU, Megatron's persistent async
-    writer is another such process.) The helper re-imports this module (spawn), hence the light
-    top-level imports here.
+    reports through a helper process (megatron.core's write-results queue, a multiprocessing
+    Manager, otherwise created at the first save) that the same SIGTERM kills first: the save then
+    fails and the run falls back to its previous checkpoint. A helper started while SIGTERM is
+    ignored keeps ignoring it (fork and exec keep ignored signals); Megatron installs the rank's own
+    handler afterwards. (With checkpoint.async_save on GPU, Megatron's persistent async writer is
+    another such process.)
+
+    Megatron spawns the helper: a fresh interpreter, which imports torch and Megatron's checkpoint
+    classes when the first save's results reach it, so every launch's first save waited for that
+    import (3 s of a 21 s tiny run on 2 CPU cores, and 8 s of its CPU time; on a GPU node, eight
+    helpers importing torch at once). Forked from the rank, it has them already. A fork is safe here,
+    at the start of main: no other thread runs and CUDA has not started; otherwise (a caller's
+    threads) it is spawned as before, and re-imports this module, hence its light top-level imports.
+    Either way it dies with its rank (runtime/parent_death.py).
     """
     import signal
+    import threading
 
+    import torch
     from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
+    from ellama_megatron.runtime.parent_death import forked_children_die_with_parent
+
+    fork = threading.active_count() == 1 and not torch.cuda.is_initialized()
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        get_write_results_queue()  # created once per process; later saves reuse it
+        with forked_children_die_with_parent(CHECKPOINT_HELPER_NAME):
+            get_write_results_queue("fork" if fork else "spawn")  # created once per process; saves reuse it
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -209,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(name, value)  # before torch.distributed starts
     Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
+    start_checkpoint_helper_ignoring_sigterm()  # first: forked before any thread starts
     failure_evidence.arm(rank)
-    start_checkpoint_helper_ignoring_sigterm()
     from ellama_megatron.run.faults import BAD_DATA, EXIT_BAD_DATA, BadData
 
     try:
