@@ -62,3 +62,24 @@ def test_full_recompute_can_save_the_rng_state():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_import_frozen_imports_with_the_collector_off_and_turns_it_back_on():
+    import gc
+    import sys
+
+    from ellama_megatron.runtime.frozen_imports import import_frozen
+
+    seen = []
+    gc.callbacks.append(lambda phase, info: seen.append(phase))
+    try:
+        sys.modules.pop("colorsys", None)
+        import_frozen("colorsys")
+        assert "colorsys" in sys.modules and gc.isenabled() and gc.get_freeze_count() > 0
+        assert not seen, "the collector ran during the import"
+        gc.disable()
+        import_frozen("colorsys")
+        assert not gc.isenabled(), "a collector that was off stays off"
+    finally:
+        gc.enable()
+        gc.callbacks.pop()

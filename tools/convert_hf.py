@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from ellama_megatron.runtime.frozen_imports import import_frozen
+
+    import_frozen("torch", "torch.distributed.checkpoint")  # a second sooner (runtime/frozen_imports.py)
     from ellama_megatron.convert.hf_checkpoint import ConversionError
     from ellama_megatron.convert.summary import summary_line
 

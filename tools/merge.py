@@ -38,11 +38,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ellama_megatron.cli import run_tool
-from ellama_megatron.formats.megatron_checkpoint import folder_kind
-from ellama_megatron.merge.merge_hf import merge_hf_folders
-from ellama_megatron.merge.methods import METHODS
-from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError, check_merge_request
+from ellama_megatron.runtime.frozen_imports import import_frozen
+
+import_frozen("torch")  # before the imports below need it: a second sooner (runtime/frozen_imports.py)
+
+from ellama_megatron.cli import run_tool  # noqa: E402
+from ellama_megatron.formats.megatron_checkpoint import folder_kind  # noqa: E402
+from ellama_megatron.merge.merge_hf import merge_hf_folders  # noqa: E402
+from ellama_megatron.merge.methods import METHODS  # noqa: E402
+from ellama_megatron.merge.request import DEFAULT_CHUNK_BYTES, MergeInputError, check_merge_request  # noqa: E402
 
 KIND_NAMES = {"hf": "Hugging Face folder", "megatron": "Megatron checkpoint"}
 

@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(name, value)  # before torch.distributed starts
     Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
+    from ellama_megatron.runtime.frozen_imports import import_frozen
+
+    # Once the environment is set: a second or two sooner with the collector off (runtime/frozen_imports.py).
+    import_frozen("torch", "megatron.training.training")
     start_checkpoint_helper_ignoring_sigterm()  # first: forked before any thread starts
     failure_evidence.arm(rank)
     from ellama_megatron.run.faults import BAD_DATA, EXIT_BAD_DATA, BadData
