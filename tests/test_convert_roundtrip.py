@@ -125,6 +125,41 @@ def test_export_gives_back_every_tensor_bit_identical(imported, tmp_path):
     assert (out / "generation_config.json").exists()
 
 
+def test_reads_go_straight_into_place_and_equal_torchs_reader(imported, monkeypatch):
+    """The export reads the import's tensors from the .distcp straight into place, each the same
+    bytes as torch's own reader gives (formats/torch_dist.py, ``_read_in_place``)."""
+    _, ckpt, _ = imported
+    fast, slow = CheckpointReader(find_checkpoint(ckpt)), CheckpointReader(find_checkpoint(ckpt))
+    monkeypatch.setattr(slow, "_read_in_place", lambda *args: False)
+    reads = 0
+    for key, md in fast.metadata.state_dict_metadata.items():
+        if not hasattr(md, "chunks"):
+            continue
+        for layer in (None, 1) if key.startswith("decoder.layers.") else (None,):
+            a, b = fast.read(key, layer), slow.read(key, layer)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            reads += 1
+    assert fast.in_place_reads == reads > 10 and slow.in_place_reads == 0
+
+
+def test_a_tensor_saved_as_a_view_is_read_by_torchs_reader(tmp_path):
+    """A chunk saved with other strides than a plain tensor's (torch.save keeps a transposed view's)
+    is not the plain bytes the in-place read expects: torch's reader reads it, with the same result.
+    (A slice is saved as a tensor of its own: it is read in place.)"""
+    import torch.distributed.checkpoint as dcp
+
+    big = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    saved = {"transposed": big.t(), "slice": big[2:5], "plain": big.clone()}
+    dcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
+    reader = CheckpointReader(tmp_path)
+    in_place = {}
+    for key, t in saved.items():
+        before = reader.in_place_reads
+        assert torch.equal(reader.read(key), t), key
+        in_place[key] = reader.in_place_reads - before
+    assert in_place == {"transposed": 0, "slice": 1, "plain": 1}
+
+
 def test_exported_config_reads_the_same_in_transformers_4_and_5(imported, tmp_path):
     from transformers import AutoConfig
 
