@@ -355,7 +355,11 @@ def test_productive_time_of_a_real_run_with_a_killed_rank_matches_megatrons_iter
     measured = sum(megatron.values()) / 1000
     print(f"productive: report {data['productive_s']:.2f} s, Megatron's iteration times {measured:.2f} s")
     assert data["final_iteration"] == ITERS and data["productive_iterations"] == ITERS
-    assert data["productive_s"] == pytest.approx(measured, rel=0.02)
+    # The report's iteration k runs from the previous timeline event to step k's; Megatron's timer of a
+    # launch's first iteration starts later, its train() preparing the loop first (25-30 ms per launch
+    # on the idle 2-core VM), and the hooks add about 1 ms per iteration that its timer does not see:
+    # 1.7-2.0% of this 40-iteration run idle, 3.6% in CI's two test processes (2026-12-06).
+    assert data["productive_s"] == pytest.approx(measured, rel=0.05)
     first, second = data["launches"]
     assert first["end_kind"] == "node_failure" and first["lost_iterations"] >= 2  # 11 and the one it died in
     assert data["lost_by_class"]["node_failure"]["lost_iterations"] == first["lost_iterations"]
