@@ -4,7 +4,9 @@ transformers computes them, export bit-identical, memory bounded by a tensor, no
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,11 +111,27 @@ def test_checkpoint_has_exactly_megatrons_keys(imported):
             assert m.state_dict_name(layer, "local") in names
 
 
-def test_export_gives_back_every_tensor_bit_identical(imported, tmp_path):
+# How the export's bytes travel: copied from file to file in the kernel (what an importer checkpoint
+# gets), the same through a buffer where copy_file_range is refused (another filesystem), and read
+# into memory and written (a checkpoint whose rows are not plain bytes on disk).
+EXPORT_PATHS = ("kernel copy", "buffered copy", "through memory")
+
+
+@pytest.mark.parametrize("path", EXPORT_PATHS)
+def test_export_gives_back_every_tensor_bit_identical(imported, tmp_path, monkeypatch, path):
     hf, ckpt, _ = imported
+    if path == "buffered copy":
+
+        def refused(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refused)
+    elif path == "through memory":
+        monkeypatch.setattr(CheckpointReader, "byte_ranges", lambda *args: None)
     stats = export_hf(ckpt, tmp_path / "out", max_shard_bytes=150_000, quiet=True)
     out = tmp_path / "out"
     src, back = hf_tensors(hf), hf_tensors(out)
+    assert stats["copied_tensors"] == (0 if path == "through memory" else len(src)) and stats["tensors"] == len(src)
     assert set(src) == set(back)
     for name, t in src.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
@@ -158,6 +176,49 @@ def test_a_tensor_saved_as_a_view_is_read_by_torchs_reader(tmp_path):
         assert torch.equal(reader.read(key), t), key
         in_place[key] = reader.in_place_reads - before
     assert in_place == {"transposed": 0, "slice": 1, "plain": 1}
+
+
+def test_byte_ranges_of_rows_across_stored_chunks(tmp_path):
+    """Rows of a layer stored in two chunks (a TP split of a column-parallel layer) lie on disk as
+    two file ranges holding exactly their bytes; rows of chunks split across the columns (a
+    row-parallel layer's) are not one run of bytes per chunk: None (one row alone is: two ranges),
+    and read() still gives them whole (torch's reader)."""
+    from ellama_megatron.formats.file_ranges import copy_ranges
+    from ellama_megatron.formats.torch_dist import TensorChunk, write_checkpoint
+
+    full = torch.arange(3 * 8 * 6, dtype=torch.bfloat16).reshape(3, 8, 6)
+    chunks = []
+    for layer in range(3):
+        for key, dim in (("rows", 1), ("columns", 2)):
+            half = full.shape[dim] // 2
+            for i in range(2):
+                offset = [layer, 0, 0]
+                offset[dim] = i * half
+                part = full[layer : layer + 1].narrow(dim, i * half, half).clone()
+                chunks.append(
+                    TensorChunk(key, (3, 8, 6), tuple(offset), tuple(part.shape), part.dtype, lambda p=part: p)
+                )
+    write_checkpoint(tmp_path, chunks, {}, {})
+    reader = CheckpointReader(tmp_path)
+    ranges = reader.byte_ranges("rows", 1, (2, 7))
+    assert [r.length for r in ranges] == [2 * 6 * 2, 3 * 6 * 2]  # rows 2-3 of one chunk, 4-6 of the other
+    with open(tmp_path / "copied", "wb") as f:
+        copy_ranges(ranges, f.fileno())
+    copied = torch.frombuffer(bytearray((tmp_path / "copied").read_bytes()), dtype=torch.bfloat16)
+    assert torch.equal(copied, full[1, 2:7].reshape(-1))
+    assert reader.byte_ranges("columns", 1) is None and reader.byte_ranges("columns", 1, (0, 2)) is None
+    assert [r.length for r in reader.byte_ranges("columns", 1, (5, 6))] == [3 * 2, 3 * 2]
+    before = reader.in_place_reads
+    assert torch.equal(reader.read("columns", 2), full[2]) and reader.in_place_reads == before
+    assert torch.equal(reader.read("rows", 2), full[2]) and reader.in_place_reads == before + 1
+
+
+def test_a_truncated_source_range_is_named(tmp_path):
+    from ellama_megatron.formats.file_ranges import FileRange, copy_ranges
+
+    (tmp_path / "src").write_bytes(b"x" * 100)
+    with open(tmp_path / "dst", "wb") as f, pytest.raises(ValueError, match="src: ends before byte 150"):
+        copy_ranges([FileRange(tmp_path / "src", 50, 100)], f.fileno())
 
 
 def test_exported_config_reads_the_same_in_transformers_4_and_5(imported, tmp_path):

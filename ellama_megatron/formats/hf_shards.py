@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ellama_megatron.formats.atomic import write_json_atomic
+from ellama_megatron.formats.file_ranges import FileRange
 from ellama_megatron.formats.hf_folder import INDEX_FILE
 from ellama_megatron.formats.safetensors import StreamingWriter
 
@@ -46,6 +47,14 @@ class ShardedWriter:
         self.total_size = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in tensors)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._current().write(name, tensor)
+
+    def copy(self, name: str, ranges: list[FileRange]) -> None:
+        """The next tensor as the bytes of ``ranges`` (StreamingWriter.copy)."""
+        self._current().copy(name, ranges)
+
+    def _current(self) -> StreamingWriter:
+        """The shard the next tensor goes to (the next file when the last one is complete)."""
         if self._writer is None or self._writer.complete:
             if self._writer is not None:
                 self._writer.close()
@@ -53,7 +62,7 @@ class ShardedWriter:
             self._writer = StreamingWriter(
                 self.folder / self.files[self._shard], self.shards[self._shard], metadata={"format": "pt"}
             )
-        self._writer.write(name, tensor)
+        return self._writer
 
     def close(self) -> None:
         if self._writer is not None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ellama_megatron.formats.file_ranges import FileRange, copy_ranges
+
 DTYPES = {  # the format's dtype codes
     "F64": torch.float64,
     "F32": torch.float32,
@@ -147,8 +149,9 @@ class StreamingWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(text)) + text)
+        # Unbuffered: tensors go straight from their memory, copied ranges at the file's position.
+        self._file = open(path, "wb", buffering=0)
+        self._write_all(struct.pack("<Q", len(text)) + text)
         self._next = 0
         self._written = 0  # bytes of the current tensor so far
 
@@ -160,8 +163,26 @@ class StreamingWriter:
                 f"writing {name} {tensor.dtype} {tuple(tensor.shape)}, planned {planned} {dtype} {shape}"
             )
         data = tensor.contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()) if data.numel() else b"")
-        self._written += data.numel()
+        if data.numel():
+            self._write_all(memoryview(data.numpy()))
+        self._advance(name, data.numel())
+
+    def copy(self, name: str, ranges: list[FileRange]) -> None:
+        """The next planned tensor (or its next rows) as the bytes of ``ranges``, copied from file to
+        file (formats/file_ranges.py): their dtype and layout are the caller's to vouch for."""
+        if name != self._order[self._next][0]:
+            raise AssertionError(f"copying {name}, planned {self._order[self._next][0]}")
+        self._advance(name, copy_ranges(ranges, self._file.fileno()))
+
+    def _write_all(self, data) -> None:
+        data = memoryview(data)
+        done = 0
+        while done < len(data):  # an unbuffered write may write part (at most about 2 GiB at once)
+            done += self._file.write(data[done:])
+
+    def _advance(self, name: str, written: int) -> None:
+        nbytes = self._order[self._next][3]
+        self._written += written
         if self._written > nbytes:
             raise AssertionError(f"{self.path}: {name} got {self._written} bytes, planned {nbytes}")
         if self._written == nbytes:

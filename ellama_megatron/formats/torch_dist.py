@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from ellama_megatron.formats.file_ranges import FileRange
 from ellama_megatron.formats.hf_folder import carry_hf_files
 from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
 from ellama_megatron.formats.prefetch import AHEAD_BYTES, ordered_map, parallel_work
@@ -337,10 +338,10 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _stored_tensor_bytes(f, start: int, length: int, target: torch.Tensor) -> int | None:
+def _stored_tensor_bytes(f, start: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
     """The file offset of the bytes of the tensor torch.save wrote at [start, start + length) of
-    ``f``, when they are exactly ``target``'s (same dtype, shape and element count, contiguous, the
-    whole storage, uncompressed); None when not, or when the record is not what this expects."""
+    ``f``, when they are exactly a plain tensor of ``dtype`` and ``shape`` (contiguous, the whole
+    storage, uncompressed); None when not, or when the record is not what this expects."""
     try:
         archive = zipfile.ZipFile(_FileSlice(f, start, length))
         (pickled,) = [e for e in archive.infolist() if e.filename.endswith("/data.pkl")]
@@ -354,16 +355,28 @@ def _stored_tensor_bytes(f, start: int, length: int, target: torch.Tensor) -> in
         return None
     if (
         kind != "storage"
-        or _STORAGE_NAMES.get(target.dtype) != storage_class
+        or _STORAGE_NAMES.get(dtype) != storage_class
         or offset != 0
-        or size != tuple(target.shape)
-        or stride != _contiguous_strides(size)
-        or elements != target.numel()
+        or size != tuple(shape)
+        or any(st != c for st, c, n in zip(stride, _contiguous_strides(size), size) if n != 1)  # torch's contiguity
+        or elements != math.prod(shape)
         or data.compress_type != zipfile.ZIP_STORED
-        or data.file_size != target.numel() * target.element_size()
+        or data.file_size != math.prod(shape) * dtype.itemsize
     ):
         return None
     return _zip_entry_start(f, start, data)
+
+
+def _flat_start(offsets, lengths, sizes) -> int | None:
+    """The element index where the region ``offsets``/``lengths`` of a row-major array of
+    ``sizes`` starts, when the region is one run of consecutive elements (leading dims of length
+    one, then one dim cut anywhere, then whole dims); None when it is not, or is empty."""
+    cut = next((d for d, n in enumerate(lengths) if n != 1), len(lengths))
+    if any(n == 0 for n in lengths) or any(
+        o != 0 or n != size for o, n, size in zip(offsets[cut + 1 :], lengths[cut + 1 :], sizes[cut + 1 :])
+    ):
+        return None
+    return sum(o * stride for o, stride in zip(offsets, _contiguous_strides(tuple(sizes))))
 
 
 class CheckpointReader:
@@ -374,6 +387,7 @@ class CheckpointReader:
         self._reader = _CachedMetadataReader(str(folder))
         self._local = threading.local()  # a reader per thread: reads may run on several at once
         self.in_place_reads = 0  # reads that went straight into the destination (``_read_in_place``)
+        self._chunk_data: dict[MetadataIndex, FileRange | None] = {}  # ``_chunk_bytes``
         # torch unpickles .metadata (a format limitation: Megatron checkpoints must be trusted).
         try:
             self.metadata = self._reader.read_metadata()
@@ -397,7 +411,7 @@ class CheckpointReader:
         else:
             offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
         dest = torch.empty(sizes, dtype=md.properties.dtype)
-        if self._read_in_place(key, md, offsets, sizes, dest):
+        if self._read_in_place(key, layer, dest):
             self.in_place_reads += 1
             return dest[0] if layer is not None else dest
         planner = _SlicePlanner(key, offsets, sizes, dest)
@@ -410,41 +424,82 @@ class CheckpointReader:
             raise self._read_error(key, e) from None
         return dest[0] if layer is not None else dest
 
-    def _read_in_place(self, key: str, md: TensorStorageMetadata, offsets, sizes, dest: torch.Tensor) -> bool:
-        """Read the region of ``key`` straight from the ``.distcp`` files into ``dest``, when each
-        stored chunk it needs is wanted whole, lands on a contiguous part of ``dest`` and was saved as
-        one contiguous tensor (``_stored_tensor_bytes``); False (``dest`` to be filled again by torch's
-        reader) otherwise. torch's reader unpickles each chunk into a tensor of its own and copies it
-        into ``dest``: an allocation and a copy of every byte more (measured on the 0.95B model of
-        benchmarks/merge_speed.py, every tensor read as the export reads them: 2.6 s and 3.0-3.4 s of
-        CPU through torch's reader, 1.3-1.4 s and 1.3-1.4 s of CPU in place)."""
+    def byte_ranges(
+        self, key: str, layer: int | None = None, rows: tuple[int, int] | None = None
+    ) -> list[FileRange] | None:
+        """Where the bytes of ``key`` (its layer ``layer`` of a stacked key; only its rows ``rows``
+        = [start, stop) of the first dim after the layer's) lie in the ``.distcp`` files, in
+        row-major order, as file ranges; None when they do not lie there as plain bytes: a stored
+        chunk cut across a row (a row-parallel layer's TP shards split the columns), one not saved
+        as a plain contiguous tensor (``_stored_tensor_bytes``), a transformed one."""
+        md = self.tensor_metadata(key)
+        shape = tuple(md.size)
+        lead = () if layer is None else (layer,)
+        body = shape[len(lead) :]
+        if not body:
+            return None
+        start, stop = rows if rows is not None else (0, body[0])
+        offsets = lead + (start,) + (0,) * (len(body) - 1)
+        sizes = (1,) * len(lead) + (stop - start,) + body[1:]
+        itemsize = md.properties.dtype.itemsize
         wanted = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        plan = []
+        pieces = []  # (element index in the region, file range)
         for item in create_read_items_for_chunk_list(key, md, [wanted]):
             stored = md.chunks[item.storage_index.index]
-            if any(item.storage_offsets) or tuple(item.lengths) != tuple(stored.sizes):
-                return False  # a part of a stored chunk (a TP shard cut differently)
-            target = narrow_tensor_by_index(dest, item.dest_offsets, item.lengths)
-            info = (self.metadata.storage_data or {}).get(item.storage_index)
-            if info is None or not target.is_contiguous() or getattr(info, "transform_descriptors", None):
-                return False
-            plan.append((info, target))
-        for info, target in plan:
-            fd = os.open(self.folder / info.relative_path, os.O_RDONLY)
+            at_source = _flat_start(item.storage_offsets, item.lengths, stored.sizes)
+            at_dest = _flat_start(item.dest_offsets, item.lengths, sizes)
+            data = self._chunk_bytes(item.storage_index, md.properties.dtype, tuple(stored.sizes))
+            if at_source is None or at_dest is None or data is None:
+                return None
+            pieces.append(
+                (at_dest, FileRange(data.path, data.offset + at_source * itemsize, math.prod(item.lengths) * itemsize))
+            )
+        pieces.sort(key=lambda p: p[0])
+        covered = 0
+        for at_dest, piece in pieces:
+            if at_dest * itemsize != covered:
+                return None
+            covered += piece.length
+        return [p for _, p in pieces] if covered == math.prod(sizes) * itemsize else None
+
+    def _chunk_bytes(self, index: MetadataIndex, dtype: torch.dtype, shape: tuple[int, ...]) -> FileRange | None:
+        """Where stored chunk ``index``'s elements lie, when saved as a plain tensor (looked up once)."""
+        if index not in self._chunk_data:
+            info = (self.metadata.storage_data or {}).get(index)
+            found = None
+            if info is not None and not getattr(info, "transform_descriptors", None):
+                path = self.folder / info.relative_path
+                with open(path, "rb") as f:
+                    start = _stored_tensor_bytes(f, info.offset, info.length, dtype, shape)
+                if start is not None:
+                    found = FileRange(path, start, math.prod(shape) * dtype.itemsize)
+            self._chunk_data[index] = found
+        return self._chunk_data[index]
+
+    def _read_in_place(self, key: str, layer: int | None, dest: torch.Tensor) -> bool:
+        """Read ``key`` (its layer ``layer``) straight from the ``.distcp`` files into ``dest`` where
+        its bytes lie there plainly (``byte_ranges``); False (``dest`` to be filled by torch's reader)
+        otherwise. torch's reader unpickles each chunk into a tensor of its own and copies it into
+        ``dest``: an allocation and a copy of every byte more (measured on the 0.95B model of
+        benchmarks/merge_speed.py, every tensor read as the export reads them: 2.6 s and 3.0-3.4 s of
+        CPU through torch's reader, 1.3-1.4 s and 1.3-1.4 s of CPU in place)."""
+        ranges = self.byte_ranges(key, layer)
+        if ranges is None:
+            return False
+        buffer = memoryview(dest.view(-1).view(torch.uint8).numpy())
+        at = 0
+        for path, offset, length in ranges:
+            fd = os.open(path, os.O_RDONLY)
             try:
-                with os.fdopen(fd, "rb", closefd=False) as f:
-                    start = _stored_tensor_bytes(f, info.offset, info.length, target)
-                if start is None:
-                    return False
-                buffer = memoryview(target.view(-1).view(torch.uint8).numpy())
                 done = 0
-                while done < len(buffer):
-                    n = os.preadv(fd, [buffer[done:]], start + done)
+                while done < length:
+                    n = os.preadv(fd, [buffer[at + done : at + length]], offset + done)
                     if n == 0:
                         return False  # truncated: torch's reader names the file (_read_error)
                     done += n
             finally:
                 os.close(fd)
+            at += length
         return True
 
     def _read_error(self, key: str, error: BaseException) -> Exception:

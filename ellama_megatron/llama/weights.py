@@ -68,15 +68,27 @@ class Mapping:
     def megatron_shape(self, cfg: LlamaConfig, padded_vocab: int) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def hf_rows(self, cfg: LlamaConfig, megatron_shape: tuple[int, ...]) -> list[list[tuple[int, int]]]:
+        """Per role, the rows of a Megatron tensor of ``megatron_shape`` (dim-0 ranges [start, stop),
+        in order) that its Hugging Face tensor is made of. Every Llama tensor is such a selection of
+        rows, so the export is a copy of rows (``to_hf``), and where a checkpoint stores them as
+        plain bytes, a copy of those bytes from file to file (convert/exporter.py)."""
+        raise NotImplementedError
+
     def hf_shapes(self, cfg: LlamaConfig, megatron_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The Hugging Face shapes, in role order, of a Megatron tensor of ``megatron_shape``."""
-        raise NotImplementedError
+        rest = tuple(megatron_shape[1:])
+        return [(sum(stop - start for start, stop in rows),) + rest for rows in self.hf_rows(cfg, megatron_shape)]
 
     def to_megatron(self, cfg: LlamaConfig, padded_vocab: int | None, tensors: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
     def to_hf(self, cfg: LlamaConfig, tensor: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+        out = []
+        for rows in self.hf_rows(cfg, tuple(tensor.shape)):
+            parts = [tensor[start:stop] for start, stop in rows]
+            out.append(parts[0].contiguous() if len(parts) == 1 else torch.cat(parts))
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,14 +102,11 @@ class DirectMapping(Mapping):
         widths = _widths(cfg)
         return tuple(widths[w] for w in self.shape)
 
-    def hf_shapes(self, cfg, megatron_shape):
-        return [tuple(megatron_shape)]
+    def hf_rows(self, cfg, megatron_shape):
+        return [[(0, megatron_shape[0])]]
 
     def to_megatron(self, cfg, padded_vocab, tensors):
         return tensors[0]
-
-    def to_hf(self, cfg, tensor):
-        return [tensor]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,8 +119,8 @@ class VocabMapping(Mapping):
     def megatron_shape(self, cfg, padded_vocab):
         return (padded_vocab, cfg.hidden_size)
 
-    def hf_shapes(self, cfg, megatron_shape):
-        return [(cfg.vocab_size, megatron_shape[1])]
+    def hf_rows(self, cfg, megatron_shape):
+        return [[(0, cfg.vocab_size)]]
 
     def to_megatron(self, cfg, padded_vocab, tensors):
         (t,) = tensors
@@ -120,9 +129,6 @@ class VocabMapping(Mapping):
         out = torch.zeros((padded_vocab, t.shape[1]), dtype=t.dtype)
         out[: t.shape[0]] = t
         return out
-
-    def to_hf(self, cfg, tensor):
-        return [tensor[: cfg.vocab_size].contiguous()]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,9 +144,16 @@ class QKVMapping(Mapping):
     def megatron_shape(self, cfg, padded_vocab):
         return ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels, cfg.hidden_size)
 
-    def hf_shapes(self, cfg, megatron_shape):
-        d, h = cfg.kv_channels, megatron_shape[1]
-        return [(cfg.num_attention_heads * d, h), (cfg.num_query_groups * d, h), (cfg.num_query_groups * d, h)]
+    def hf_rows(self, cfg, megatron_shape):
+        d = cfg.kv_channels
+        q_rows = cfg.num_attention_heads // cfg.num_query_groups * d
+        group = q_rows + 2 * d  # one group's rows: its query heads, its k, its v
+        starts = [g * group for g in range(cfg.num_query_groups)]
+        return [
+            [(s, s + q_rows) for s in starts],
+            [(s + q_rows, s + q_rows + d) for s in starts],
+            [(s + q_rows + d, s + group) for s in starts],
+        ]
 
     def to_megatron(self, cfg, padded_vocab, tensors):
         q, k, v = tensors
@@ -150,13 +163,6 @@ class QKVMapping(Mapping):
         k = k.reshape(g, d, h)
         v = v.reshape(g, d, h)
         return torch.cat([q, k, v], dim=1).reshape(-1, h)
-
-    def to_hf(self, cfg, tensor):
-        per_group, d = cfg.num_attention_heads // cfg.num_query_groups, cfg.kv_channels
-        g, h = cfg.num_query_groups, tensor.shape[1]
-        grouped = tensor.reshape(g, (per_group + 2) * d, h)
-        q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-        return [q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,15 +176,12 @@ class GatedMLPMapping(Mapping):
     def megatron_shape(self, cfg, padded_vocab):
         return (2 * cfg.ffn_hidden_size, cfg.hidden_size)
 
-    def hf_shapes(self, cfg, megatron_shape):
-        return [(megatron_shape[0] // 2, megatron_shape[1])] * 2
+    def hf_rows(self, cfg, megatron_shape):
+        half = megatron_shape[0] // 2
+        return [[(0, half)], [(half, 2 * half)]]
 
     def to_megatron(self, cfg, padded_vocab, tensors):
         return torch.cat(tensors, dim=0)
-
-    def to_hf(self, cfg, tensor):
-        gate, up = torch.chunk(tensor, 2, dim=0)
-        return [gate.contiguous(), up.contiguous()]
 
 
 # The two vocabulary-sized Hugging Face tensors, which the vocabulary extension rewrites.
