@@ -13,7 +13,9 @@ alpha 0.5; task arithmetic base + 0.5 (adapted - base); SLERP at t 0.5; mergekit
 float32 and writes bf16, as ours does.
 
 --before CHECKOUT also runs that checkout's tools/merge.py (before/after a change); its output is
-compared with ours.
+compared with ours. --model llama31_8b: two random Llama-3.1-8B models instead (16 GB each in 5 GB
+shards; needs about 70 GB free under --work); without --mergekit, only ours and `cp` run (mergekit
+holds whole models in memory: two 8B models do not fit a 24 GB machine).
 
 mergekit 0.1.5 needs transformers >= 5, < 6 and immutables, peft, sentencepiece; install it in a
 scratch virtual environment, not in the project's (it is no dependency of ours).
@@ -97,7 +99,8 @@ def differing_elements(a: Path, b: Path) -> tuple[int, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="scratch folder (needs about 12 GB free)")
-    p.add_argument("--mergekit", type=Path, required=True, help="mergekit-yaml of a mergekit 0.1.5 install")
+    p.add_argument("--mergekit", type=Path, help="mergekit-yaml of a mergekit 0.1.5 install (default: not run)")
+    p.add_argument("--model", default="small", choices=["small", "llama31_8b"], help="model shape (default: 0.95B)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--keep-models", action="store_true", help="keep the two input models for another run")
@@ -105,11 +108,14 @@ def main() -> None:
     args = p.parse_args()
     work = args.work / "merge_bench"
     base, adapted = work / "base", work / "adapted"
-    cfg = dataclasses.replace(load_model_config("llama31_8b"), **SMALL_LLAMA)
+    cfg = load_model_config("llama31_8b")
+    shard_bytes = None  # Hugging Face's 5 GB
+    if args.model == "small":
+        cfg, shard_bytes = dataclasses.replace(cfg, **SMALL_LLAMA), 500 * 10**6
     if not (base / "config.json").is_file():
         shutil.rmtree(work, ignore_errors=True)
-        nbytes = write_random_llama(base, cfg, seed=0, shard_bytes=500 * 10**6)
-        write_random_llama(adapted, cfg, seed=1, shard_bytes=500 * 10**6)
+        nbytes = write_random_llama(base, cfg, seed=0, shard_bytes=shard_bytes)
+        write_random_llama(adapted, cfg, seed=1, shard_bytes=shard_bytes)
     else:
         nbytes = sum(e.nbytes for _, e in HFFolder.open(base).tensors.values())
     runs: dict[str, list] = {}
@@ -121,10 +127,10 @@ def main() -> None:
             for method in args.methods:
                 cfg_file = work / f"{method}.yaml"
                 cfg_file.write_text(mergekit_config(method, base, adapted))
-                pair = [
-                    (f"ours {method}", ours_command(method, base, adapted, work / "out_ours"), work / "out_ours"),
-                    (f"mergekit {method}", [str(args.mergekit), str(cfg_file), str(work / "out_mk")], work / "out_mk"),
-                ]
+                pair = [(f"ours {method}", ours_command(method, base, adapted, work / "out_ours"), work / "out_ours")]
+                if args.mergekit:
+                    mergekit = [str(args.mergekit), str(cfg_file), str(work / "out_mk")]
+                    pair.append((f"mergekit {method}", mergekit, work / "out_mk"))
                 if args.before:  # the other version between ours and mergekit's, alternating too
                     cmd = ours_command(method, base, adapted, work / "out_before", args.before)
                     pair.insert(1, (f"before {method}", cmd, work / "out_before"))
@@ -137,7 +143,7 @@ def main() -> None:
                     f"round {r + 1} {name}: {t.wall_s:.1f} s, CPU {t.cpu_s:.1f} s, {t.peak_rss_mib:.0f} MiB", flush=True
                 )
                 method = name.split()[-1]
-                if r == 0 and name.startswith("ours"):  # round 1 runs ours first: kept for the comparison
+                if r == 0 and name.startswith("ours") and (args.mergekit or args.before):  # kept for the comparison
                     out.rename(work / f"kept_{method}")
                     continue
                 if r == 0 and name.startswith("before"):
@@ -152,7 +158,8 @@ def main() -> None:
     cp = median([t.wall_s for t in runs["cp"]])
     lines = [
         machine_line(
-            f"python benchmarks/merge_speed.py --work {args.work} --mergekit {args.mergekit} --rounds {args.rounds}"
+            f"python benchmarks/merge_speed.py --work {args.work} --rounds {args.rounds} --model {args.model}"
+            + (f" --mergekit {args.mergekit}" if args.mergekit else "")
             + (f" --methods {' '.join(args.methods)}" if args.methods != list(METHODS) else "")
             + (f" --before {args.before}" if args.before else ""),
             loads,
@@ -167,7 +174,7 @@ def main() -> None:
     for name, ts in runs.items():
         wall = median([t.wall_s for t in ts])
         method = name.split()[1] if " " in name else None
-        mk = median([t.wall_s for t in runs[f"mergekit {method}"]]) if method else None
+        mk = median([t.wall_s for t in runs[f"mergekit {method}"]]) if method and args.mergekit else None
         same = ""
         key = f"before {method}" if name.startswith("before") else method
         if not name.startswith("mergekit") and key in identity:
