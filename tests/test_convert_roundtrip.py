@@ -221,6 +221,19 @@ def test_a_truncated_source_range_is_named(tmp_path):
         copy_ranges([FileRange(tmp_path / "src", 50, 100)], f.fileno())
 
 
+def test_a_filesystem_whose_copy_file_range_answers_nothing_gets_the_bytes(tmp_path, monkeypatch):
+    """Some filesystems (FUSE, /proc) answer 0 bytes where they cannot copy, not an error: that is
+    not taken for the end of the file."""
+    from ellama_megatron.formats.file_ranges import FileRange, copy_ranges
+
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
+    data = bytes(range(256)) * 40
+    (tmp_path / "src").write_bytes(data)
+    with open(tmp_path / "dst", "wb") as f:
+        copy_ranges([FileRange(tmp_path / "src", 1000, 5000), FileRange(tmp_path / "src", 3, 7)], f.fileno())
+    assert (tmp_path / "dst").read_bytes() == data[1000:6000] + data[3:10]
+
+
 def test_exported_config_reads_the_same_in_transformers_4_and_5(imported, tmp_path):
     from transformers import AutoConfig
 

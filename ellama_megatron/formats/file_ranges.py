@@ -40,17 +40,21 @@ def copy_ranges(ranges: list[FileRange], dst_fd: int) -> int:
         try:
             done = 0
             while done < length:
-                n = 0
                 if kernel:
                     try:
                         n = os.copy_file_range(src, dst_fd, length - done, offset + done)
                     except OSError as e:
                         if e.errno not in _UNSUPPORTED:
                             raise
-                        kernel = False
-                if not kernel:
-                    buffer = buffer or memoryview(bytearray(_BUFFER_BYTES))
-                    n = _buffered_copy(src, dst_fd, offset + done, length - done, buffer)
+                        n = 0
+                    if n:
+                        done += n
+                        continue
+                    # Refused, or 0 bytes: the end of the file, or a filesystem (FUSE, /proc) that
+                    # answers 0 where it cannot copy. The buffered copy tells the two apart.
+                    kernel = False
+                buffer = buffer or memoryview(bytearray(_BUFFER_BYTES))
+                n = _buffered_copy(src, dst_fd, offset + done, length - done, buffer)
                 if n == 0:
                     raise ValueError(
                         f"{path}: ends before byte {offset + length} (read up to {offset + done}); "
