@@ -8,7 +8,9 @@ with a planner whose items are produced on demand (on worker threads, at most ``
 ahead of the writer), so one process writes the whole (global, TP=1) model holding a few tensors
 at a time; Megatron's loader cuts global tensors into any TP/PP layout, so such a checkpoint starts
 runs of any parallel layout. Reading asks the same reader for one layer's slice of a stacked key,
-whatever TP/PP wrote it (one reader per thread, so slices can be read on several at once).
+whatever TP/PP wrote it (one reader per thread, so slices can be read on several at once), or
+where rows of it lie in the ``.distcp`` files as plain bytes (``CheckpointReader.byte_ranges``:
+what reads land in place through, and what the export copies from file to file).
 """
 
 from __future__ import annotations

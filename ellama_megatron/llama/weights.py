@@ -1,8 +1,10 @@
 """The weight table between Hugging Face Llama and Megatron GPTModel: one row per Megatron tensor,
 naming its Hugging Face tensors by role (``QKVMapping(q=, k=, v=)``, ``GatedMLPMapping(gate=, up=)``),
-and each row's kind says how the tensors map. Everything else is derived from the table: the
-Hugging Face names and shapes a config implies (``hf_shapes``) and the order the exporter writes
-them in (``hf_order``).
+and each row's kind says how the tensors map: which rows of the Megatron tensor each Hugging Face
+tensor is (``hf_rows``; the export direction and the shapes follow from it) and how they are put
+together on import (``to_megatron``). Everything else is derived from the table: the Hugging Face
+names and shapes a config implies (``hf_shapes``) and the order the exporter writes them in
+(``hf_order``).
 
 Megatron names are the keys of GPTModel.sharded_state_dict() at TP=1 PP=1: per-layer weights are
 one key stacked on a leading layer axis (the layer number is the offset on that axis, global also
