@@ -313,6 +313,11 @@ def test_children_forked_inside_the_block_are_named_and_die_with_their_parent():
     parent = subprocess.Popen([sys.executable, "-c", FORKING], stdout=subprocess.PIPE, text=True)
     inside, outside = (psutil.Process(int(pid)) for pid in parent.stdout.readline().split())
     try:
+        # The child names itself (after arming the signal) once it first runs, which on a loaded
+        # machine can be after the parent has printed its pid.
+        deadline = time.monotonic() + 10
+        while inside.name() != "test-helper" and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert inside.name() == "test-helper" and outside.name() != "test-helper"
         parent.kill()
         parent.wait()
