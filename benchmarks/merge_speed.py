@@ -148,6 +148,8 @@ def main() -> None:
                     continue
                 if r == 0 and name.startswith("before"):
                     identity[f"before {method}"] = differing_elements(work / f"kept_{method}", out)
+                    if not args.mergekit:  # nothing else compares with it: the disk space back
+                        shutil.rmtree(work / f"kept_{method}")
                 if r == 0 and name.startswith("mergekit"):
                     identity[method] = differing_elements(work / f"kept_{method}", out)
                     shutil.rmtree(work / f"kept_{method}")

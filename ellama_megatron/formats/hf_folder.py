@@ -123,6 +123,13 @@ class HFFolder:
         path, entry = self.tensors[name]
         return read_tensor(path, entry, rows)
 
+    def will_read(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Start reading a tensor (or its rows) from the disk in the background (safetensors.will_read)."""
+        from ellama_megatron.formats.safetensors import will_read
+
+        path, entry = self.tensors[name]
+        will_read(path, entry, rows)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1].shape
 

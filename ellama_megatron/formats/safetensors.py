@@ -105,14 +105,32 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """The whole tensor, or only its rows ``rows`` = (start, stop) of dim 0 (the merges work on
-    row chunks of big tensors)."""
+def _span(entry: TensorEntry, rows: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+    """(shape, file offset, bytes) of the tensor, or of its rows ``rows``."""
     shape, start, nbytes = entry.shape, entry.start, entry.nbytes
     if rows is not None and shape:
         row_bytes = entry.nbytes // shape[0] if shape[0] else 0
         shape = (rows[1] - rows[0],) + shape[1:]
         start, nbytes = entry.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+    return shape, start, nbytes
+
+
+def will_read(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = None) -> None:
+    """Tell the kernel that the tensor (or its rows) will be read soon: it reads them from the disk
+    in the background (posix_fadvise WILLNEED), so the read finds them in the page cache."""
+    if hasattr(os, "posix_fadvise"):
+        _, start, nbytes = _span(entry, rows)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def read_tensor(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The whole tensor, or only its rows ``rows`` = (start, stop) of dim 0 (the merges work on
+    row chunks of big tensors)."""
+    shape, start, nbytes = _span(entry, rows)
     out = torch.empty(shape, dtype=entry.dtype)  # not zero-filled: the read fills it
     if nbytes == 0:
         return out

@@ -31,6 +31,12 @@ from ellama_megatron.merge.request import (
     output_dirs,
 )
 
+# Row chunks (up to DEFAULT_CHUNK_BYTES / 2 of each bf16 input) whose reading from the disk is
+# started ahead of the one being merged: two 8B inputs do not fit a 24 GiB page cache beside the
+# output, and the merge waits on the disk otherwise (measured with cold caches: 40.7-40.9 s without,
+# 36.1-36.5 s with 16, 37.2-37.4 s with 64; docs/benchmarks.md, "Merging").
+READ_AHEAD_CHUNKS = 16
+
 
 def merge_hf_folders(
     base: str | Path,
@@ -73,12 +79,18 @@ def merge_hf_folders(
                     stats.setdefault(entry.name, TensorStatistics())
                     stats[entry.name] += part
 
-            def merge(item, stats=stats):
+            def merge(numbered, stats=stats, work=work):
+                i, item = numbered
+                # The disk reads the chunks READ_AHEAD_CHUNKS ahead in the background while this
+                # one is merged (at the start: all of them up to there).
+                for entry, rows in work[i + 1 if i == 0 else i + READ_AHEAD_CHUNKS : i + READ_AHEAD_CHUNKS + 1]:
+                    for m in inputs:
+                        m.will_read(entry.name, rows)
                 chunks = read(item)
                 return [merge_chunk(method, alpha, chunks, weights, stats.get(item[0].name)) for alpha in alphas]
 
             writers = [StreamingWriter(t / shard, layout, metadata=b.shard_metadata(shard)) for t in tmps]
-            for (entry, _), merged in zip(work, ordered_map(merge, work)):
+            for (entry, _), merged in zip(work, ordered_map(merge, list(enumerate(work)))):
                 for w, t in zip(writers, merged):
                     w.write(entry.name, t)
                 bar.update(merged[0].numel() * merged[0].element_size())
