@@ -80,7 +80,7 @@ def write_hf_folder(
     every Hugging Face tensor whose rows (``Mapping.hf_rows``) lie on disk as plain bytes is copied
     from file to file in the kernel, as ``cp`` copies (formats/file_ranges.py), instead of read into
     memory and written out: an export of an importer or engine checkpoint at TP=1 copies all of them."""
-    rows = {}  # Megatron name -> (dtype, Hugging Face shapes)
+    rows = {}  # Megatron name -> (dtype, Hugging Face shapes, its shape: one layer's for per-layer rows)
     for m in W.mappings(cfg):
         md = tensor_metadata(m.megatron)
         shape = tuple(md.size)[1:] if m.per_layer else tuple(md.size)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ellama_megatron.formats.file_ranges import FileRange, copy_ranges
+from ellama_megatron.formats.file_ranges import FileRange, copy_ranges, read_ranges
 
 DTYPES = {  # the format's dtype codes
     "F64": torch.float64,
@@ -134,15 +134,9 @@ def read_tensor(path: Path, entry: TensorEntry, rows: tuple[int, int] | None = N
     out = torch.empty(shape, dtype=entry.dtype)  # not zero-filled: the read fills it
     if nbytes == 0:
         return out
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
-    with open(path, "rb", buffering=0) as f:  # unbuffered: straight into the tensor, no second copy
-        f.seek(start)
-        done = 0
-        while done < nbytes:  # one read(2) returns at most about 2 GiB
-            got = f.readinto(view[done:])
-            if not got:
-                raise SafetensorsError(f"{path}: short read of tensor {entry.name!r} (file changed while reading?)")
-            done += got
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())  # read straight into the tensor
+    if read_ranges([FileRange(path, start, nbytes)], view) < nbytes:
+        raise SafetensorsError(f"{path}: short read of tensor {entry.name!r} (file changed while reading?)")
     return out
 
 

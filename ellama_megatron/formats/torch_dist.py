@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import pickle
 import struct
 import threading
@@ -45,7 +44,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from ellama_megatron.formats.file_ranges import FileRange
+from ellama_megatron.formats.file_ranges import FileRange, read_ranges
 from ellama_megatron.formats.hf_folder import carry_hf_files
 from ellama_megatron.formats.megatron_checkpoint import HF_FILES_DIR, megatron_layout, write_record
 from ellama_megatron.formats.prefetch import AHEAD_BYTES, ordered_map, parallel_work
@@ -489,20 +488,8 @@ class CheckpointReader:
         if ranges is None:
             return False
         buffer = memoryview(dest.view(-1).view(torch.uint8).numpy())
-        at = 0
-        for path, offset, length in ranges:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                done = 0
-                while done < length:
-                    n = os.preadv(fd, [buffer[at + done : at + length]], offset + done)
-                    if n == 0:
-                        return False  # truncated: torch's reader names the file (_read_error)
-                    done += n
-            finally:
-                os.close(fd)
-            at += length
-        return True
+        # Short (a truncated file): False, and torch's reader names the file (_read_error).
+        return read_ranges(ranges, buffer) == len(buffer)
 
     def _read_error(self, key: str, error: BaseException) -> Exception:
         """A short error naming the data file that failed: a truncated ``.distcp`` (an interrupted

@@ -83,7 +83,8 @@ def merge_hf_folders(
                 i, item = numbered
                 # The disk reads the chunks READ_AHEAD_CHUNKS ahead in the background while this
                 # one is merged (at the start: all of them up to there).
-                for entry, rows in work[i + 1 if i == 0 else i + READ_AHEAD_CHUNKS : i + READ_AHEAD_CHUNKS + 1]:
+                first = 1 if i == 0 else i + READ_AHEAD_CHUNKS
+                for entry, rows in work[first : i + READ_AHEAD_CHUNKS + 1]:
                     for m in inputs:
                         m.will_read(entry.name, rows)
                 chunks = read(item)
